@@ -1,0 +1,49 @@
+# make demo: set up .venv and run the whole mission on the embedded lab model (CPU, no network).
+# make test: set up .venv and run the tests.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-slow stress lint format bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=24" "setuptools>=77.0.3,<81" wheel
+	# torch first: the CPU wheel; everything after is constrained to it.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q --no-deps --ignore-requires-python promptsource==0.2.3
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/multipromot run configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check multipromot tests benchmarks
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+stress: test-slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check multipromot tests benchmarks
+	$(BIN)/ruff format --check multipromot tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format multipromot tests benchmarks
+	$(BIN)/ruff check --fix multipromot tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache

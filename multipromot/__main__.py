@@ -1,0 +1,5 @@
+import sys
+
+from multipromot.cli import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""User-facing errors: one line naming the file and the key or entry, exit status 2."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["UserError", "BankError"]
+
+
+class UserError(Exception):
+    """Bad input from the user: a config, mixture, template, data file, bank entry or argument.
+
+    The CLI prints ``error: <file>: <key>: <message>`` on one line and exits with status 2.
+
+    Args:
+        message: what is wrong and, where it helps, what to do.
+        file: the file the bad input came from, if any.
+        key: the key, task, or bank entry (``task@v0002``) inside that file, if any.
+    """
+
+    def __init__(
+        self, message: str, *, file: str | os.PathLike | None = None, key: str | None = None
+    ):
+        self.message = " ".join(str(message).split())  # always one line
+        self.file = os.fspath(file) if file is not None else None
+        self.key = key
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.file, self.key) if p]
+        return ": ".join([*parts, self.message])
+
+
+class BankError(UserError):
+    """A prompt-bank entry that is missing, corrupt, or does not fit the model."""

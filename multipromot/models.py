@@ -1,0 +1,237 @@
+"""Loading models and tokenizers: hub ids, local directories, and built-in models built here.
+
+A built-in model (``tiny-t5``, ``tiny-gpt2``, ``tiny-llama``, and ``lab`` once the lab module
+registers it) is built from a config with a fixed seed and saved as an ordinary
+``from_pretrained`` directory before anything trains on it, so every bank entry's
+``base_model.name`` points at something loadable.
+
+Lineage: a model directory written by multipromot carries ``multipromot.json`` with the model's
+own fingerprint and the fingerprints of the models it was fine-tuned from. The bank accepts a
+prompt trained on any model in that lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from multipromot.errors import UserError
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "register_builtin",
+    "build_builtin",
+    "load_model",
+    "save_model",
+    "model_fingerprint",
+    "read_lineage",
+    "is_encoder_decoder",
+    "default_cache_dir",
+]
+
+LINEAGE_FILE = "multipromot.json"
+
+# name -> builder(seed) -> (model, tokenizer)
+BUILTIN_MODELS: dict[str, Callable[[int], tuple[nn.Module, object]]] = {}
+
+
+def register_builtin(name: str):
+    """Decorator: register a builder ``fn(seed) -> (model, tokenizer)`` as a built-in model."""
+
+    def wrap(fn):
+        BUILTIN_MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _byte_tokenizer():
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()  # needs no files; len(tok) == 384
+
+
+@register_builtin("tiny-t5")
+def _tiny_t5(seed: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = _byte_tokenizer()
+    config = T5Config(
+        vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+        num_heads=4, dropout_rate=0.0, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config), tok
+
+
+@register_builtin("tiny-gpt2")
+def _tiny_gpt2(seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _byte_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config), tok
+
+
+@register_builtin("tiny-llama")
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tok
+
+
+def build_builtin(name: str, seed: int = 0):
+    """Build a built-in model and its tokenizer in memory (random init, fixed seed).
+
+    Raises:
+        UserError: the name is not a built-in model.
+    """
+    if name not in BUILTIN_MODELS:
+        if name == "lab":
+            import multipromot.lab  # noqa: F401  (registers the lab model)
+        if name not in BUILTIN_MODELS:
+            raise UserError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+    return BUILTIN_MODELS[name](seed)
+
+
+def default_cache_dir() -> Path:
+    """Where built-in models are saved: $MULTIPROMOT_CACHE or ~/.cache/multipromot."""
+    return Path(os.environ.get("MULTIPROMOT_CACHE", Path.home() / ".cache" / "multipromot"))
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's architecture and weights.
+
+    Every parameter contributes a strided sample of at most 65,536 values, so a 1B-parameter
+    model hashes in well under a second while any realistic change of weights, embedding size or
+    vocabulary changes the fingerprint.
+    """
+    h = hashlib.sha256()
+    cfg = model.config
+    for key in ("model_type", "vocab_size", "d_model", "hidden_size", "n_embd"):
+        h.update(f"{key}={getattr(cfg, key, None)};".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if hasattr(tensor, "full_tensor"):  # a DTensor under FSDP: hash the whole value
+            tensor = tensor.full_tensor()
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 65536)
+        sample = flat[::stride].to(torch.float32).cpu().contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)};".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_lineage(model_dir: str | os.PathLike) -> dict:
+    """The lineage record of a directory saved by :func:`save_model` ({} if there is none)."""
+    path = Path(model_dir) / LINEAGE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg})", file=path) from None
+
+
+def save_model(
+    model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, name: str, parents: list[str] = ()
+) -> str:
+    """Save weights + tokenizer + lineage so that ``from_pretrained(out_dir)`` loads them.
+
+    Written to a temporary sibling and renamed, so a kill leaves no half-written directory.
+
+    Returns:
+        the model's fingerprint.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    record = {"name": name, "fingerprint": fingerprint, "lineage": list(parents)}
+    (tmp / LINEAGE_FILE).write_text(json.dumps(record, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return fingerprint
+
+
+def _auto_load(path: str, dtype: torch.dtype | None = None):
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load model {path!r} ({first}); with the hub offline, use a local directory "
+            "or a built-in model (tiny-t5, tiny-gpt2, tiny-llama, lab)",
+            key="model",
+        ) from None
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = auto.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def load_model(
+    spec: str, *, cache_dir: str | os.PathLike | None = None, seed: int = 0, dtype=None
+) -> tuple[nn.Module, object, str]:
+    """Load ``spec``: a built-in model name, a local directory, or a hub id.
+
+    A built-in model is built once and saved under ``cache_dir`` (default
+    :func:`default_cache_dir`), then always loaded from there.
+
+    Returns:
+        (model, tokenizer, path) where ``path`` is what ``from_pretrained`` loads.
+
+    Raises:
+        UserError: the model cannot be found or loaded.
+    """
+    if spec in BUILTIN_MODELS or spec == "lab":
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = cache / "models" / f"{spec}-seed{seed}"
+        if not (path / LINEAGE_FILE).is_file():
+            if spec == "lab":
+                from multipromot.lab import ensure_lab_model
+
+                ensure_lab_model(path, seed=seed)
+            else:
+                model, tok = build_builtin(spec, seed)
+                save_model(model, tok, path, name=spec)
+        model, tok = _auto_load(str(path), dtype)
+        return model, tok, str(path)
+    model, tok = _auto_load(spec, dtype)
+    return model, tok, spec
