@@ -21,21 +21,65 @@ app = typer.Typer(
 )
 
 
+CONFIG_ARG = typer.Argument(..., help="Run config (YAML).")
+OVERRIDES_ARG = typer.Argument(None, help="key=value overrides, e.g. stage2.mode=standard.")
+
+
+@app.command()
+def stage1(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """Prompt-tune every task of stage1.mixture into the bank (the model stays frozen)."""
+    from multipromot.config import load_config
+    from multipromot.stage1 import train_prompts
+
+    cfg = load_config(config, overrides or [])
+    entries = train_prompts(cfg)
+    for entry in entries:
+        s1 = entry.meta.get("stage1", {})
+        print(
+            f"{entry.ref}  P={entry.meta['prompt_length']}  "
+            f"{s1.get('metric')}={s1.get('value', float('nan')):.4g} (step {s1.get('best_step')})"
+        )
+    print(f"bank: {cfg.bank.dir}")
+
+
+@app.command()
+def stage2(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """Fine-tune the model on stage2.mixture with frozen bank prompts (torchrun = FSDP2)."""
+    from multipromot.config import load_config
+    from multipromot.stage2 import finetune
+
+    cfg = load_config(config, overrides or [])
+    out = finetune(cfg)
+    print(f"stage 2 done: {out}")
+
+
+@app.command()
+def run(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """Stage 1 -> stage 2 per method -> evaluation -> report (re-run to resume)."""
+    from multipromot.config import load_config
+    from multipromot.experiment import run_experiment
+
+    run_experiment(load_config(config, overrides or []))
+
+
+_registered = False
+
+
 def _register_subcommands() -> None:
-    """Sub-apps live next to the concept they drive; import them lazily-tolerant."""
-    from multipromot import cli_bank
+    """Add the sub-apps once (each lives next to the concept it drives)."""
+    global _registered
+    if _registered:
+        return
+    from multipromot import cli_bank, cli_lab, cli_mixture
 
     app.add_typer(cli_bank.app, name="bank", help="Manage the prompt bank.")
-    try:
-        from multipromot import cli_mixture
-
-        app.add_typer(cli_mixture.app, name="mixture", help="Inspect mixtures.")
-    except ImportError:
-        pass
+    app.add_typer(cli_mixture.app, name="mixture", help="Inspect mixtures.")
+    app.add_typer(cli_lab.app, name="lab", help="The built-in lab tasks and lab model.")
+    _registered = True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad input)."""
+    """Entry point; returns the exit status (2 for bad input or usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
@@ -50,15 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except typer.Exit as e:
         return e.exit_code
-    except SystemExit as e:  # click usage errors
-        return e.code if isinstance(e.code, int) else 1
-    except Exception as e:  # click.ClickException and friends: usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return 2
-        if isinstance(e, click.exceptions.Abort):
-            return 130
-        raise
+    except typer.Abort:
+        return 130
+    except typer.TyperException as e:  # typer's bundled click: usage errors, bad options
+        e.show()
+        return 2
     return 0

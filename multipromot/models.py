@@ -157,6 +157,13 @@ def read_lineage(model_dir: str | os.PathLike) -> dict:
         raise UserError(f"not valid JSON ({e.msg})", file=path) from None
 
 
+def _quiet_transformers() -> None:
+    """Our own progress output is the one that matters; hide transformers' per-file bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def save_model(
     model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, name: str, parents: list[str] = ()
 ) -> str:
@@ -169,6 +176,7 @@ def save_model(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_transformers()
     fingerprint = model_fingerprint(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     model.save_pretrained(tmp)
@@ -199,6 +207,7 @@ def _auto_load(path: str, dtype: torch.dtype | None = None):
             "or a built-in model (tiny-t5, tiny-gpt2, tiny-llama, lab)",
             key="model",
         ) from None
+    _quiet_transformers()
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = auto.from_pretrained(path, **kwargs)

@@ -1,0 +1,207 @@
+"""Run configs: OmegaConf YAML + ``key=value`` overrides -> typed dataclasses.
+
+Every config key is declared here with its default, so a typo in a YAML file or an override is an
+error naming the file and the key, not a silently ignored setting. Values are validated where a
+wrong value would otherwise surface deep inside training.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from multipromot.errors import UserError
+
+__all__ = [
+    "BankConfig",
+    "Stage1Config",
+    "Stage2Config",
+    "EvalConfig",
+    "RunConfig",
+    "load_config",
+    "STAGE2_MODES",
+]
+
+STAGE2_MODES = ("promot", "standard", "random_prompt", "joint")
+OPTIMIZERS = ("adafactor", "adamw")
+
+
+@dataclass
+class BankConfig:
+    dir: str = "prompt_bank"
+
+
+@dataclass
+class Stage1Config:
+    """Prompt tuning: the model is frozen, one soft prompt per task of the mixture."""
+
+    mixture: str = ""
+    prompt_length: int = 100  # the paper: 100 (50 for decoder-only models)
+    init: str = "vocab"  # random | vocab | text
+    init_text: str = ""  # for init=text; empty = each task's answer choices
+    optimizer: str = "adafactor"
+    lr: float = 0.3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    steps: int = 5000
+    batch_size: int = 32
+    eval_every: int = 1000  # validation per task; the best step per task goes to the bank
+    eval_examples: int = 200
+    select_by: str = "metric"  # metric (the task's own) | loss
+    max_input_length: int = 512
+    max_target_length: int = 128
+    log_every: int = 10
+
+
+@dataclass
+class Stage2Config:
+    """Model tuning with frozen bank prompts (or one of the paper's baselines, by ``mode``)."""
+
+    mixture: str = ""
+    mode: str = "promot"  # promot | standard | random_prompt | joint
+    shots: int = -1  # k-shot exemplars per example; -1 = the mixture's own setting
+    optimizer: str = "adafactor"
+    lr: float = 1e-3
+    prompt_lr: float = 0.3  # joint mode: the prompt's learning rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | linear | cosine
+    steps: int = 1000
+    batch_size: int = 64  # global batch (split over ranks and accumulation steps)
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.1
+    bf16: str = "auto"  # auto (when the device supports it) | true | false
+    group_by_length: bool = False
+    max_input_length: int = 512
+    max_target_length: int = 128
+    save_every: int = 100
+    eval_every: int = 100
+    eval_examples: int = 200
+    keep_best_by: str = "metric"  # metric | loss | none (keep the last)
+    resume: str = ""  # "" (start fresh unless a checkpoint exists) | latest | a checkpoint dir
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    suite: str = ""  # eval/*.yaml
+    shots: list[int] = field(default_factory=lambda: [1, 4])
+    num_beams: int = 1
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    examples: int = 100  # per task
+    router: bool = True
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out_dir: str = "runs/default"
+    model: str = "tiny-t5"  # a hub id, a local directory, or a built-in model
+    bank: BankConfig = field(default_factory=BankConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: list[str] = field(default_factory=list)  # for `multipromot run` (experiment.py)
+    mixtures: dict[str, str] = field(
+        default_factory=dict
+    )  # stage-2 mixtures by alias: promot@multi
+    config_file: str = ""  # set by load_config: where relative paths are resolved from
+
+
+def _validate(cfg: RunConfig, file: str) -> None:
+    checks = [
+        ("stage1.init", cfg.stage1.init in ("random", "vocab", "text"), "random, vocab or text"),
+        ("stage1.optimizer", cfg.stage1.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
+        ("stage1.select_by", cfg.stage1.select_by in ("metric", "loss"), "metric or loss"),
+        ("stage2.mode", cfg.stage2.mode in STAGE2_MODES, ", ".join(STAGE2_MODES)),
+        ("stage2.optimizer", cfg.stage2.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
+        ("stage2.decay", cfg.stage2.decay in ("constant", "linear", "cosine"), "constant, linear or cosine"),
+        ("stage2.bf16", cfg.stage2.bf16 in ("auto", "true", "false"), "auto, true or false"),
+        ("stage2.keep_best_by", cfg.stage2.keep_best_by in ("metric", "loss", "none"), "metric, loss or none"),
+    ]  # fmt: skip
+    for key, ok, allowed in checks:
+        if not ok:
+            raise UserError(f"must be {allowed}", file=file, key=key)
+    positive = {
+        "stage1.prompt_length": cfg.stage1.prompt_length,
+        "stage1.steps": cfg.stage1.steps,
+        "stage1.batch_size": cfg.stage1.batch_size,
+        "stage1.lr": cfg.stage1.lr,
+        "stage2.steps": cfg.stage2.steps,
+        "stage2.batch_size": cfg.stage2.batch_size,
+        "stage2.grad_accum": cfg.stage2.grad_accum,
+        "stage2.lr": cfg.stage2.lr,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.num_beams": cfg.eval.num_beams,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise UserError(f"must be > 0, got {value}", file=file, key=key)
+    if cfg.stage2.batch_size % cfg.stage2.grad_accum:
+        raise UserError(
+            "must be a multiple of stage2.grad_accum", file=file, key="stage2.batch_size"
+        )
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a run config and apply ``key=value`` overrides.
+
+    Args:
+        path: a YAML file, or None for the defaults.
+        overrides: dotlist entries such as ``stage2.mode=standard``.
+
+    Returns:
+        A validated :class:`RunConfig`; ``config_file`` holds the resolved path.
+
+    Raises:
+        UserError: unreadable YAML, an unknown key, a value of the wrong type or range.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    file = os.fspath(path) if path is not None else "<defaults>"
+    layers = []  # (layer, where it came from), merged in order over the schema
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("no such config file", file=file)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}" if mark else None
+            raise UserError(
+                f"invalid YAML: {getattr(e, 'problem', e)}", file=file, key=where
+            ) from None
+        if not isinstance(data, dict):
+            raise UserError("a config must be a mapping of keys to values", file=file)
+        layers.append((data, file))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key=value", file="<command line>")
+        layers.append((OmegaConf.from_dotlist([item]), "<command line>"))
+    merged = schema
+    for layer, source in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or None
+            raise UserError(str(e).splitlines()[0], file=source, key=key) from None
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    cfg.config_file = str(Path(path).resolve()) if path is not None else ""
+    _validate(cfg, file)
+    return cfg
+
+
+def resolve_path(cfg: RunConfig, value: str) -> str:
+    """A path from the config: absolute, or relative to the current directory if it exists there,
+    else relative to the config file's directory."""
+    if not value or os.path.isabs(value) or os.path.exists(value) or not cfg.config_file:
+        return value
+    candidate = Path(cfg.config_file).parent / value
+    return str(candidate) if candidate.exists() else value

@@ -1,0 +1,121 @@
+"""Evaluation: batched generation over rows that mix tasks and prompts, then the paper's metrics.
+
+``predict`` is the one generation path (validation in both stages and the k-shot suites use it);
+``validate_tasks`` scores each fine-tuned task on its validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from multipromot.collate import Collator, Item
+from multipromot.metrics import postprocess, score
+
+__all__ = ["predict", "validate_tasks"]
+
+
+@torch.no_grad()
+def predict(
+    prompted,
+    tokenizer,
+    items: Sequence[Item],
+    collator: Collator,
+    *,
+    batch_size: int = 32,
+    num_beams: int = 1,
+    max_new_tokens: int = 32,
+) -> list[str]:
+    """Generate one output string per item; items may mix task ids (and -1 = no prompt).
+
+    Args:
+        prompted: a :class:`~multipromot.soft_prompt.PromptedModel`.
+        tokenizer: decodes the generated ids.
+        items: rows to complete (targets are ignored).
+        collator: a collator built with ``for_generation=True``.
+        batch_size: rows per generate call.
+        num_beams: 1 = greedy; the paper uses 4.
+        max_new_tokens: generation budget per row.
+
+    Returns:
+        The decoded outputs, special tokens removed, in item order.
+    """
+    was_training = prompted.training
+    prompted.eval()
+    outputs: list[str] = []
+    for start in range(0, len(items), batch_size):
+        batch = collator(list(items[start : start + batch_size]))
+        ids = prompted.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            task_ids=batch["task_ids"],
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        outputs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+    prompted.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def validate_tasks(
+    prompted,
+    tokenizer,
+    tasks: Sequence,
+    collator: Collator,
+    *,
+    examples: int = 200,
+    split: str = "validation",
+    with_metric: bool = True,
+    task_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+) -> dict[str, dict[str, float]]:
+    """Teacher-forced loss and (optionally) the task metric per task, 0-shot.
+
+    Args:
+        prompted: the model with its prompt table.
+        tokenizer: the model's tokenizer.
+        tasks: the tasks, in prompt-table order.
+        collator: the training collator (its settings are reused for generation).
+        examples: the first N examples of each task's split are used.
+        split: the split to score.
+        with_metric: also generate and compute the task's metric (0-100).
+        task_ids: prompt-table row per task (default: its position; -1 = no prompt).
+
+    Returns:
+        ``{task: {"loss": float, "score": float (if with_metric), "n": int}}``
+    """
+    was_training = prompted.training
+    prompted.eval()
+    decoder_only = collator.decoder_only
+    gen_collator = Collator(
+        tokenizer,
+        decoder_only=decoder_only,
+        max_input_length=collator.max_input_length,
+        max_target_length=collator.max_target_length,
+        for_generation=True,
+    )
+    results: dict[str, dict[str, float]] = {}
+    for i, task in enumerate(tasks):
+        row = i if task_ids is None else task_ids[i]
+        data = task.examples(split)[:examples]  # a slice: never reads a whole hub split
+        items = [Item(row, *task.render(ex)) for ex in data]
+        total, count = 0.0, 0
+        for start in range(0, len(items), batch_size):
+            batch = collator(items[start : start + batch_size])
+            n = (batch["labels"] != -100).sum()
+            total += prompted(**batch).loss.item() * int(n)
+            count += int(n)
+        result = {"loss": total / max(count, 1), "n": len(items)}
+        if with_metric:
+            raw = predict(prompted, tokenizer, items, gen_collator, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens)  # fmt: skip
+            preds = [postprocess(text, task.postprocess) for text in raw]
+            refs = [item.target for item in items]
+            result["score"] = score(task.metric, preds, refs)
+        results[task.name] = result
+    prompted.train(was_training)
+    return results

@@ -1,0 +1,244 @@
+"""`multipromot run`: stage 1 -> stage 2 per method -> evaluation -> report, resumable.
+
+A method names what the paper compares::
+
+    pretrained              the base model, no prompt
+    prompt_tuning           the base model with the bank prompts (stage 1 only)
+    standard                stage 2 without prompts
+    promot                  stage 2 with frozen bank prompts
+    joint                   stage 2 training prompt and model together
+    random_prompt           stage 2 with a fixed random prompt per task
+
+``+Kshot`` adds K exemplars to every stage-2 example (``promot+1shot``) and ``@name`` picks the
+stage-2 mixture from ``mixtures`` in the config (``standard@multi``); without it the method uses
+``stage2.mixture``.
+
+Every finished piece leaves a file behind (the bank entries, ``methods/<m>/final``,
+``methods/<m>/eval.json``), so running the same command again after a crash skips what is done
+and resumes stage 2 from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from multipromot.bank import PromptBank
+from multipromot.config import RunConfig, resolve_path
+from multipromot.errors import UserError
+from multipromot.mixtures import load_mixture
+from multipromot.models import is_encoder_decoder, load_model
+from multipromot.report import terminal_summary, write_report
+from multipromot.router import Router
+from multipromot.soft_prompt import PromptedModel
+from multipromot.suites import evaluate_finetuned, evaluate_suite, load_suite
+
+__all__ = ["Method", "parse_method", "run_experiment", "evaluate_method"]
+
+KINDS = ("pretrained", "prompt_tuning", "standard", "promot", "joint", "random_prompt")
+_METHOD = re.compile(
+    r"^(?P<kind>[a-z_]+)(?:\+(?P<shots>\d+)shot)?(?:@(?P<mixture>[A-Za-z0-9_.-]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    kind: str
+    shots: int
+    mixture: str  # path of the stage-2 mixture
+
+    @property
+    def trains(self) -> bool:
+        return self.kind not in ("pretrained", "prompt_tuning")
+
+    @property
+    def uses_prompts(self) -> bool:
+        return self.kind != "pretrained" and self.kind != "standard"
+
+
+def parse_method(label: str, cfg: RunConfig) -> Method:
+    """Parse ``kind[+Kshot][@mixture]`` (see the module docstring).
+
+    Raises:
+        UserError: an unknown kind or mixture alias.
+    """
+    m = _METHOD.match(label)
+    if not m or m["kind"] not in KINDS:
+        raise UserError(
+            f"unknown method {label!r}; use one of {', '.join(KINDS)}, optionally with +Kshot "
+            "and @mixture (e.g. promot+1shot@multi)",
+            file=cfg.config_file or None,
+            key="methods",
+        )
+    alias = m["mixture"]
+    if alias is None:
+        mixture = cfg.stage2.mixture
+    elif alias in cfg.mixtures:
+        mixture = cfg.mixtures[alias]
+    else:
+        raise UserError(
+            f"method {label!r} names mixture {alias!r}, which `mixtures` does not define",
+            file=cfg.config_file or None,
+            key="methods",
+        )
+    return Method(label, m["kind"], int(m["shots"] or 0), resolve_path(cfg, mixture))
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _stage1(cfg: RunConfig, out: Path) -> None:
+    """Prompt-tune the stage-1 mixture unless this run already did (its refs are recorded)."""
+    from multipromot.stage1 import train_prompts
+
+    done = out / "stage1.json"
+    if done.is_file():
+        refs = json.loads(done.read_text())["entries"]
+        bank = PromptBank(cfg.bank.dir)
+        if all(_exists(bank, ref) for ref in refs):
+            print(f"stage 1: reusing {', '.join(refs)}")
+            return
+    entries = train_prompts(cfg)
+    _write_json(done, {"entries": [e.ref for e in entries]})
+
+
+def _exists(bank: PromptBank, ref: str) -> bool:
+    try:
+        bank.get(ref)
+    except UserError:
+        return False
+    return True
+
+
+def _stage2(cfg: RunConfig, method: Method, method_dir: Path) -> Path:
+    """Fine-tune for one method (resuming a killed run); returns its final model directory."""
+    from multipromot.stage2 import finetune
+
+    final = method_dir / "final"
+    if (final / "multipromot.json").is_file():
+        return final
+    sub = copy.deepcopy(cfg)
+    sub.out_dir = str(method_dir)
+    sub.stage2.mode = method.kind  # the trained kinds are exactly the stage-2 modes
+    sub.stage2.mixture = method.mixture
+    sub.stage2.shots = method.shots
+    if not sub.stage2.resume:
+        sub.stage2.resume = "latest" if (method_dir / "checkpoints").is_dir() else ""
+    print(f"stage 2: {method.label}")
+    finetune(sub)
+    return final
+
+
+def _load_prompts(method: Method, model, model_dir: Path, bank: PromptBank, tasks: list[str]):
+    """The prompt table a method evaluates with, in ``tasks`` order (None: no prompts)."""
+    if not method.uses_prompts:
+        return None
+    saved = model_dir / "prompts.safetensors"
+    if method.trains and saved.is_file():  # joint / random_prompt keep their own table
+        from safetensors.torch import load_file
+
+        table = load_file(str(saved))["prompts"]
+        names = json.loads((model_dir / "prompts.json").read_text())["tasks"]
+        return table[[names.index(t) for t in tasks]]
+    return torch.stack([bank.load_prompt(task, model=model) for task in tasks])
+
+
+def evaluate_method(
+    cfg: RunConfig, method: Method, model_dir: str | Path, *, step: int
+) -> list[dict]:
+    """Score one method: fine-tuned tasks 0-shot with their prompt, the suite k-shot with routing.
+
+    Returns:
+        Flat records (see :mod:`multipromot.report`) tagged with the method and step.
+    """
+    ev = cfg.eval
+    model, tokenizer, _ = load_model(str(model_dir), seed=cfg.seed)
+    model.eval()
+    decoder_only = not is_encoder_decoder(model)
+    mixture = load_mixture(method.mixture)
+    tasks = [t.name for t in mixture.tasks]
+    bank = PromptBank(cfg.bank.dir)
+    table = _load_prompts(method, model, Path(model_dir), bank, tasks)
+    prompted = PromptedModel(model, table, tasks if table is not None else None)
+    rows = {t: i for i, t in enumerate(tasks)} if table is not None else {}
+    router = None
+    if table is not None and ev.router:
+        router = Router.from_bank(_BankView(bank, tasks))
+    # Format specialization: outputs that fall in a fine-tuned classification task's label set.
+    answers = sorted({a for t in mixture.tasks for a in (t.answers or [])})
+    common = dict(decoder_only=decoder_only, num_beams=ev.num_beams, batch_size=ev.batch_size,
+                  max_new_tokens=ev.max_new_tokens)  # fmt: skip
+    records = evaluate_finetuned(
+        prompted, tokenizer, mixture.tasks, rows, examples=ev.examples, **common
+    )
+    for r in records:
+        r["seen"] = True
+    suite = load_suite(resolve_path(cfg, ev.suite))
+    unseen = evaluate_suite(
+        prompted, tokenizer, suite, shots=ev.shots or None, examples=ev.examples, router=router,
+        prompt_rows=rows, specialization_answers=answers or None, seed=cfg.seed, **common,
+    )  # fmt: skip
+    for r in unseen:
+        r["seen"] = False
+    records += unseen
+    for r in records:
+        r.update(method=method.label, step=step)
+    return records
+
+
+class _BankView:
+    """The bank restricted to the tasks a model was fine-tuned on (the router's candidates)."""
+
+    def __init__(self, bank: PromptBank, tasks: list[str]):
+        self.bank, self.tasks = bank, set(tasks)
+
+    def entries(self):
+        return [e for e in self.bank.entries() if e.task in self.tasks]
+
+
+def run_experiment(cfg: RunConfig) -> Path:
+    """Run every method of ``cfg.methods`` and write the report; returns the report path."""
+    if not cfg.methods:
+        raise UserError("lists no methods to run", file=cfg.config_file or None, key="methods")
+    methods = [parse_method(label, cfg) for label in cfg.methods]
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(m.kind in ("prompt_tuning", "promot", "joint") for m in methods):
+        _stage1(cfg, out)
+    _, _, base_dir = load_model(cfg.model, seed=cfg.seed)
+
+    records: list[dict] = []
+    for method in methods:
+        method_dir = out / "methods" / method.label
+        method_dir.mkdir(parents=True, exist_ok=True)
+        done = method_dir / "eval.json"
+        if done.is_file():
+            records += json.loads(done.read_text())
+            continue
+        model_dir = _stage2(cfg, method, method_dir) if method.trains else Path(base_dir)
+        step = cfg.stage2.steps if method.trains else 0
+        result = evaluate_method(cfg, method, model_dir, step=step)
+        _write_json(done, result)
+        records += result
+
+    report = write_report(records, out, title=f"multipromot run: {Path(cfg.config_file).name}",
+                          config=_config_dict(cfg))  # fmt: skip
+    print(terminal_summary(records))
+    print(f"report: {report}")
+    return report
+
+
+def _config_dict(cfg: RunConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)

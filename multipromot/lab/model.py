@@ -1,0 +1,564 @@
+"""The lab model: a small T5 pretrained here on k-shot prompts of the lab families.
+
+ProMoT is about keeping a model's in-context ability while fine-tuning, so the embedded demo
+needs a model that has some. This module builds one on 2 CPU cores in minutes (STACK.md, "A lab
+model with in-context ability"):
+
+* a word-level sentencepiece (unigram) tokenizer over the rendered lab corpus, built from
+  ``(piece, score)`` pairs so it needs neither protobuf nor a ``.model`` file; single characters
+  are kept as low-score pieces so unseen text still tokenizes, and ``"\\n"`` is a token of its
+  own so the exemplar separator stays visible;
+* a T5 (d_model 128, 2+2 layers, 4 heads, d_ff 512; about 1M parameters);
+* one explicit training loop over a mixture of every lab family except ``lab_rte`` (kept out so
+  fine-tuning on it has something to learn), each row a k-shot prompt with k = 0..3 (weights
+  .35/.35/.2/.1) built by the framework's own exemplar and collator code, so the model sees
+  prompts exactly as the evaluation renders them;
+* Adafactor at a fixed lr of 1e-2 with 100 warmup steps and a cosine decay to 20% (AdamW never
+  learned the copy tasks in the prototype: the optimizer decided it).
+
+:func:`ensure_lab_model` builds it once into a ``from_pretrained`` directory (with
+``lab_pretrain.json``: the recipe, the wall time and the 1-shot scores it reached).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from multipromot.errors import UserError
+from multipromot.lab.tasks import FAMILIES, PRETRAIN_FAMILIES, SPLITS
+
+__all__ = [
+    "LAB_SIZES",
+    "LabConfig",
+    "PRETRAIN_RECORD",
+    "lab_tasks",
+    "lab_corpus",
+    "build_lab_tokenizer",
+    "build_lab_model",
+    "pretrain",
+    "evaluate_lab_model",
+    "train_lab_model",
+    "ensure_lab_model",
+    "read_pretrain_record",
+]
+
+PRETRAIN_RECORD = "lab_pretrain.json"
+
+# Architecture per size. "small" is the demo's model; "micro" is for tests (seconds, not minutes).
+LAB_SIZES: dict[str, dict[str, int]] = {
+    "small": {"d_model": 128, "d_kv": 32, "d_ff": 512, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
+    "micro": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4},
+}  # fmt: skip
+
+# Generation budget per family for the 1-shot check: labels are one or two tokens, sentences
+# at most ~12 words.
+_MAX_NEW_TOKENS = {"lab_qa": 6, "lab_sum": 16, "lab_trans_fr": 20, "lab_trans_de": 20, "lab_trans_ro": 20}
+_LABEL_TOKENS = 4
+
+
+@dataclass
+class LabConfig:
+    """The lab model's recipe; recorded in ``lab_pretrain.json`` next to the model.
+
+    Attributes:
+        seed: model init, batch order and the tasks' generator seed.
+        size: a key of :data:`LAB_SIZES`.
+        steps: optimizer steps.
+        batch_size: rows per step.
+        lr: Adafactor's fixed peak learning rate.
+        warmup_steps: linear warmup.
+        final_fraction: the cosine decay ends at this fraction of ``lr``.
+        shot_weights: probability of k = 0, 1, 2, ... exemplars in a row.
+        families: the lab tasks in the pretraining mixture (uniform over tasks).
+        max_input_length, max_target_length: collator budgets (tokens).
+        eval_examples: test items per family in the 1-shot check (0 skips it).
+        device: where to train ("cpu", "cuda"); the model is saved and checked on the CPU.
+    """
+
+    seed: int = 0
+    size: str = "small"
+    steps: int = 2400
+    batch_size: int = 48
+    lr: float = 1e-2
+    warmup_steps: int = 100
+    final_fraction: float = 0.2
+    shot_weights: tuple[float, ...] = (0.35, 0.35, 0.2, 0.1)
+    families: tuple[str, ...] = PRETRAIN_FAMILIES
+    max_input_length: int = 256
+    max_target_length: int = 32
+    eval_examples: int = 100
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` naming the first bad field."""
+        if self.size not in LAB_SIZES:
+            raise UserError(f"unknown lab model size {self.size!r}; known: {sorted(LAB_SIZES)}", key="size")
+        for key in ("steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"must be >= 1, got {getattr(self, key)}", key=key)
+        if not self.lr > 0:
+            raise UserError(f"must be > 0, got {self.lr}", key="lr")
+        weights = np.asarray(self.shot_weights, dtype=float)
+        if weights.ndim != 1 or len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
+            raise UserError(f"need non-negative weights, got {self.shot_weights}", key="shot_weights")
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise UserError(f"unknown or no lab families: {unknown}", key="families")
+
+
+# ---------------------------------------------------------------------------------------- data
+def lab_tasks(names: Sequence[str] = FAMILIES) -> list[Any]:
+    """The catalogue Tasks of the lab families (``multipromot/catalogue/lab.yaml``)."""
+    from multipromot.tasks import get_task
+
+    return [get_task(name) for name in names]
+
+
+def lab_corpus(tasks: Sequence[Any], examples_per_split: int = 200) -> list[str]:
+    """The tokenizer's corpus: rendered examples of ``tasks`` plus every word of the lab world.
+
+    Rendering the first ``examples_per_split`` examples of each split brings in every word the
+    templates add; the world's word lists (entities, attribute values, verbs, lexicons, ...)
+    bring in every word any example can contain, so the vocabulary is complete without
+    rendering all ~30,000 examples. RTE-like is included although pretraining leaves it out:
+    the vocabulary is the tokenizer's, not the model's knowledge (mT5's covers RTE too).
+
+    Args:
+        tasks: Tasks (``.examples(split)``, ``.render``).
+        examples_per_split: how many examples of each split to render.
+
+    Returns:
+        The texts.
+    """
+    from multipromot.lab.world import get_world
+
+    texts: list[str] = []
+    for task in tasks:
+        for split in SPLITS:
+            for example in task.examples(split)[:examples_per_split]:
+                texts.extend(task.render(example))
+    world = get_world()
+    texts.append(" ".join(world.source_words))
+    texts.extend(" ".join(lexicon.values()) for lexicon in world.lexicons.values())
+    texts.append(" ".join([*world.positive, *world.negative, *world.neutral, *world.polysemes]))
+    return texts
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+# A whitespace-separated token splits into a leading word and trailing punctuation pieces:
+# "zib." -> "▁zib" + "."; "Q:" -> "▁Q" + ":".
+_PIECE = re.compile(r"\w+|[^\w\s]")
+_SPECIALS = ("<pad>", "</s>", "<unk>")
+_CHAR_SCORE = -30.0  # far below any word: whole words always win, characters only as fallback
+
+
+def build_lab_tokenizer(texts: Iterable[str]):
+    """A word-level unigram tokenizer (T5Tokenizer) over ``texts``.
+
+    Every word of the corpus is one piece ``"▁word"`` scored by its log frequency; punctuation
+    and every printable character are extra low-score pieces, so any ASCII text tokenizes
+    (unknown words fall back to characters) and non-ASCII characters outside the corpus map to
+    ``<unk>``. Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``"\\n"`` 3.
+
+    Args:
+        texts: the corpus (see :func:`lab_corpus`).
+
+    Returns:
+        A ``transformers.T5Tokenizer`` that round-trips through ``save_pretrained`` and
+        ``AutoTokenizer.from_pretrained``.
+    """
+    from transformers import AddedToken, T5Tokenizer
+
+    words: Counter[str] = Counter()
+    chars: set[str] = set(string.printable) - set(string.whitespace)
+    for text in texts:
+        for token in text.split():
+            parts = _PIECE.findall(token)
+            if not parts:
+                continue
+            words["▁" + parts[0]] += 1
+            for part in parts[1:]:
+                words[part] += 1
+            chars.update(token)
+    total = sum(words.values())
+    vocab = [(s, 0.0) for s in _SPECIALS] + [("\n", 0.0)]
+    # Most frequent first: ties broken by the piece itself, so the vocabulary is deterministic.
+    for piece, count in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        vocab.append((piece, math.log(count / total)))
+    known = {piece for piece, _ in vocab}
+    for char in sorted(chars | {"▁"}):
+        if char not in known:
+            vocab.append((char, _CHAR_SCORE))
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    # The pre-tokenizer splits on whitespace and would drop newlines; an added token is matched
+    # before that, so "\n\n" between exemplars stays two visible tokens.
+    tokenizer.add_tokens([AddedToken("\n", normalized=False, special=False)])
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_lab_model(tokenizer, size: str = "small", seed: int = 0):
+    """A randomly initialised T5 of the given size for ``tokenizer`` (dropout 0: the lab data is
+    unlimited, and the stage configs set their own dropout)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    if size not in LAB_SIZES:
+        raise UserError(f"unknown lab model size {size!r}; known: {sorted(LAB_SIZES)}", key="size")
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **LAB_SIZES[size],
+    )
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config)
+
+
+# ------------------------------------------------------------------------------------- training
+class _Rendered:
+    """Rendered ``(input, target)`` of a task's train examples, each rendered on first use
+    (jinja costs more than the model at this size, so nothing is rendered twice or in vain)."""
+
+    def __init__(self, task: Any):
+        self.task = task
+        self.examples = task.examples("train")
+        self._cache: dict[int, tuple[str, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        if index not in self._cache:
+            self._cache[index] = self.task.render(self.examples[index])
+        return self._cache[index]
+
+
+def _kshot_items(
+    tasks: Sequence[Any],
+    rendered: list[_Rendered],
+    rng: np.random.Generator,
+    count: int,
+    shot_weights: np.ndarray,
+) -> list[Any]:
+    """``count`` random k-shot training rows: task uniform, example uniform, k by weight.
+
+    Exemplars come from :func:`multipromot.exemplars.choose_exemplars` (same task, train split,
+    never the row itself) with a fresh exemplar seed per row, so one example is shown with many
+    different exemplar sets over the run.
+    """
+    from multipromot.collate import Item
+    from multipromot.exemplars import TARGET_DELIMITER, choose_exemplars
+
+    items = []
+    for _ in range(count):
+        t = int(rng.integers(len(tasks)))
+        index = int(rng.integers(len(rendered[t])))
+        k = int(rng.choice(len(shot_weights), p=shot_weights))
+        picks = choose_exemplars(tasks[t], index, k, seed=int(rng.integers(2**31)), split="train")
+        exemplars = [TARGET_DELIMITER.join(rendered[t][j]) for j in picks]
+        source, target = rendered[t][index]
+        items.append(Item(task_id=-1, input=source, target=target, exemplars=exemplars))
+    return items
+
+
+def _batch_stream(
+    tasks: Sequence[Any],
+    rendered: list[_Rendered],
+    rng: np.random.Generator,
+    batch_size: int,
+    shot_weights: np.ndarray,
+    window: int = 16,
+) -> Iterator[list[Any]]:
+    """Endless batches of k-shot rows, grouped by length ``window`` batches at a time.
+
+    k = 0..3 makes row lengths vary four-fold; padding every row to the longest of a random
+    batch would double the cost, so rows of similar length share a batch
+    (:func:`~multipromot.collate.group_by_length`) and the batches of a window go out in random
+    order.
+    """
+    from multipromot.collate import group_by_length
+
+    while True:
+        items = _kshot_items(tasks, rendered, rng, window * batch_size, shot_weights)
+        grouped = group_by_length(items, batch_size, window=window * batch_size)
+        for i in rng.permutation(len(grouped)):
+            yield grouped[i]
+
+
+def pretrain(
+    model,
+    tokenizer,
+    tasks: Sequence[Any],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int,
+    final_fraction: float,
+    shot_weights: Sequence[float],
+    seed: int,
+    max_input_length: int = 256,
+    max_target_length: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """The lab pretraining loop: k-shot rows of ``tasks``, Adafactor, warmup + cosine.
+
+    Args:
+        model: a T5 (trained in place).
+        tokenizer: its tokenizer.
+        tasks: Tasks (``.examples("train")``, ``.render``) to mix uniformly.
+        steps, batch_size, lr, warmup_steps, final_fraction: the optimisation recipe.
+        shot_weights: probability of k = 0, 1, 2, ... exemplars.
+        seed: batch order and exemplar choice.
+        max_input_length, max_target_length: collator budgets.
+        device: where to train (default: where the model is); the model stays there.
+        progress: show a tqdm bar with the loss and tokens/s.
+
+    Returns:
+        The loss of every step.
+    """
+    from tqdm.auto import tqdm
+
+    from multipromot.collate import Collator
+    from multipromot.training import Throughput, build_optimizer, lr_schedule
+
+    rng = np.random.default_rng([seed, 0x1AB])
+    weights = np.asarray(shot_weights, dtype=float)
+    weights = weights / weights.sum()
+    rendered = [_Rendered(task) for task in tasks]
+    collator = Collator(
+        tokenizer, decoder_only=False, max_input_length=max_input_length,
+        max_target_length=max_target_length,
+    )  # fmt: skip
+    optimizer = build_optimizer(model.parameters(), "adafactor", lr)
+    scheduler = lr_schedule(
+        optimizer, warmup_steps=warmup_steps, total_steps=steps, decay="cosine",
+        final_fraction=final_fraction,
+    )  # fmt: skip
+    throughput = Throughput()
+    losses: list[float] = []
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    model.to(device)
+    model.train()
+    stream = _batch_stream(tasks, rendered, rng, batch_size, weights)
+    bar = tqdm(range(steps), desc="lab pretrain", disable=not progress, mininterval=2.0)
+    for step in bar:
+        batch = {k: v.to(device) for k, v in collator(next(stream)).items()}
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        )
+        out.loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+        rate = throughput.update(tokens)
+        if step % 10 == 0 or step == steps - 1:
+            recent = sum(losses[-50:]) / len(losses[-50:])
+            bar.set_postfix(loss=f"{recent:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_lab_model(
+    model,
+    tokenizer,
+    tasks: Sequence[Any],
+    *,
+    shots: int = 1,
+    examples: int = 100,
+    split: str = "test",
+    seed: int = 0,
+    batch_size: int = 50,
+) -> dict[str, float]:
+    """Quick k-shot scores: greedy generation on the first ``examples`` items of each task.
+
+    Each item gets ``shots`` exemplars from the task's train split
+    (:func:`~multipromot.exemplars.choose_exemplars` with ``seed``); outputs are post-processed by
+    the task's rule and scored by its metric (:func:`multipromot.metrics.score`), 0-100.
+
+    Args:
+        model: a seq2seq model.
+        tokenizer: its tokenizer.
+        tasks: catalogue Tasks (``.name``, ``.metric``, ``.postprocess``, ``.examples``).
+        shots: exemplars per item.
+        examples: items per task (fewer if the split is smaller).
+        split: the split to score.
+        seed: exemplar seed.
+        batch_size: rows per generate call.
+
+    Returns:
+        ``{task name: score}``.
+    """
+    from multipromot.collate import Collator, Item
+    from multipromot.evaluate import predict
+    from multipromot.exemplars import choose_exemplars, render_exemplar
+    from multipromot.metrics import postprocess, score
+    from multipromot.soft_prompt import PromptedModel
+
+    collator = Collator(tokenizer, decoder_only=False, max_input_length=512, for_generation=True)
+    bare = PromptedModel(model, None)  # no prompt rows: the framework's one generation path
+    scores: dict[str, float] = {}
+    for task in tasks:
+        data = task.examples(split)[:examples]
+        train = task.examples("train")
+        items, references = [], []
+        for i, example in enumerate(data):
+            source, target = task.render(example)
+            picks = choose_exemplars(task, i, shots, seed, split=split)
+            exemplars = [render_exemplar(task, train[j]) for j in picks]
+            items.append(Item(task_id=-1, input=source, target="", exemplars=exemplars))
+            references.append(target)
+        outputs = predict(
+            bare, tokenizer, items, collator, batch_size=batch_size,
+            max_new_tokens=_MAX_NEW_TOKENS.get(task.name, _LABEL_TOKENS),
+        )  # fmt: skip
+        predictions = [postprocess(o, task.postprocess) for o in outputs]
+        scores[task.name] = round(score(task.metric, predictions, references), 2)
+    return scores
+
+
+# ------------------------------------------------------------------------------------- building
+def train_lab_model(config: LabConfig, *, progress: bool = True) -> tuple[Any, Any, dict]:
+    """Build the tokenizer and model, pretrain them and take the 1-shot check.
+
+    Args:
+        config: the recipe.
+        progress: show progress bars and the scores.
+
+    Returns:
+        ``(model, tokenizer, record)`` with the record that :func:`ensure_lab_model` writes.
+    """
+    config.validate()
+    start = time.perf_counter()
+    all_tasks = lab_tasks(FAMILIES)
+    tokenizer = build_lab_tokenizer(lab_corpus(all_tasks))
+    model = build_lab_model(tokenizer, config.size, config.seed)
+    train_tasks = [t for t in all_tasks if t.name in config.families]
+    losses = pretrain(
+        model, tokenizer, train_tasks, steps=config.steps, batch_size=config.batch_size,
+        lr=config.lr, warmup_steps=config.warmup_steps, final_fraction=config.final_fraction,
+        shot_weights=config.shot_weights, seed=config.seed,
+        max_input_length=config.max_input_length, max_target_length=config.max_target_length,
+        device=config.device, progress=progress,
+    )  # fmt: skip
+    model.cpu()
+    train_seconds = time.perf_counter() - start
+    scores = {}
+    if config.eval_examples > 0:
+        scores = evaluate_lab_model(
+            model, tokenizer, all_tasks, shots=1, examples=config.eval_examples, seed=config.seed
+        )
+    head, tail = losses[: max(1, len(losses) // 20)], losses[-max(1, len(losses) // 20) :]
+    record = {
+        "config": asdict(config),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "loss_first": sum(head) / len(head),
+        "loss_last": sum(tail) / len(tail),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "torch_threads": torch.get_num_threads(),
+        "one_shot_test_scores": scores,
+        "unseen_in_pretraining": [t.name for t in all_tasks if t.name not in config.families],
+    }
+    return model, tokenizer, record
+
+
+def read_pretrain_record(model_dir: str | os.PathLike) -> dict:
+    """The ``lab_pretrain.json`` of a lab model directory ({} if there is none)."""
+    path = Path(model_dir) / PRETRAIN_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def ensure_lab_model(
+    path: str | os.PathLike,
+    seed: int = 0,
+    *,
+    steps: int | None = None,
+    size: str = "small",
+    rebuild: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> Path:
+    """The lab model directory at ``path``: built and saved once, then reused.
+
+    A file lock next to ``path`` makes concurrent callers (several ranks, two demos) wait for
+    one build instead of racing.
+
+    Args:
+        path: the model directory (``from_pretrained`` loads it).
+        seed: model init, batch order and the tasks' seed.
+        steps: optimizer steps (default: :class:`LabConfig`'s).
+        size: a key of :data:`LAB_SIZES` (``micro`` for tests).
+        rebuild: build even if ``path`` already holds a model (it is replaced atomically).
+        progress: show progress.
+        **overrides: any other :class:`LabConfig` field (``batch_size``, ``lr``, ...).
+
+    Returns:
+        ``path`` as a Path, holding weights, tokenizer, ``multipromot.json`` and
+        ``lab_pretrain.json``.
+
+    Raises:
+        UserError: an unknown or bad recipe field.
+    """
+    from filelock import FileLock
+
+    from multipromot.models import LINEAGE_FILE, save_model
+
+    path = Path(path)
+    if not rebuild and (path / LINEAGE_FILE).is_file():
+        return path
+    known = set(LabConfig.__dataclass_fields__) - {"seed", "size", "steps"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"unknown lab recipe field(s): {', '.join(unknown)}", key=unknown[0])
+    config = LabConfig(seed=seed, size=size, **overrides)
+    if steps is not None:
+        config.steps = steps
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        if not rebuild and (path / LINEAGE_FILE).is_file():  # built while we waited
+            return path
+        model, tokenizer, record = train_lab_model(config, progress=progress)
+        record["fingerprint"] = save_model(model, tokenizer, path, name="lab")
+        (path / PRETRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if progress:
+            print(f"lab model saved to {path}: 1-shot test scores {record['one_shot_test_scores']}")
+    return path
+
+
+def _register_builtin() -> None:
+    """Make ``lab`` a built-in of :mod:`multipromot.models`: the cached pretrained model."""
+    from multipromot.models import BUILTIN_MODELS, _auto_load, default_cache_dir
+
+    def build(seed: int):
+        path = ensure_lab_model(default_cache_dir() / "models" / f"lab-seed{seed}", seed=seed)
+        model, tokenizer = _auto_load(str(path))
+        return model, tokenizer
+
+    BUILTIN_MODELS.setdefault("lab", build)
+
+
+_register_builtin()

@@ -1,0 +1,402 @@
+"""Lab task families: generated tasks in the output formats of the paper's task types.
+
+Each family is a generator ``fn(split, seed, **sizes) -> list[dict]`` registered with
+:func:`multipromot.sources.register_generator`; ``multipromot/catalogue/lab.yaml`` pairs each
+one with its template, answer set and metric.
+
+=================  ====================================  ==================  ===========
+family             mirrors                               output              metric
+=================  ====================================  ==================  ===========
+lab_rte            RTE (comparatives, inverted or not)   True / False        accuracy
+lab_cb             CommitmentBank (stated facts)         True/False/Neither  accuracy
+lab_wic            WiC (sense = category of context)     no / yes            accuracy
+lab_sentiment      SST-2 (majority of polar adjectives)  negative/positive   accuracy
+lab_qa             closed-book TriviaQA (fact table)     one word            exact_match
+lab_trans_fr/de/ro WMT En-Fr/De/Ro (word lexicons)       a sentence          bleu
+lab_sum            XSum (headline of the main event)     a headline          rouge2
+=================  ====================================  ==================  ===========
+
+Splits are disjoint by construction: one stream of distinct examples per (family, seed) is cut
+into validation, test and train, in that order, so the held-out splits never change when the
+train size does. Classification families cycle through their labels, so every split is
+balanced. Closed-book QA is the exception to "distinct content": its facts must be learnt from
+train, so every fact is asked in train, and validation and test ask it in phrasings that train
+never uses for that fact.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from functools import lru_cache
+
+from multipromot.errors import UserError
+from multipromot.lab.world import COMPARATIVES, RELATIONS, World, get_world
+
+__all__ = [
+    "FAMILIES",
+    "PRETRAIN_FAMILIES",
+    "SPLITS",
+    "DEFAULT_SIZES",
+    "generate",
+    "lab_rte",
+    "lab_cb",
+    "lab_wic",
+    "lab_sentiment",
+    "lab_qa",
+    "lab_trans_fr",
+    "lab_trans_de",
+    "lab_trans_ro",
+    "lab_sum",
+]
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+DEFAULT_SIZES: dict[str, int] = {"n_train": 3000, "n_validation": 200, "n_test": 200}
+
+Example = dict[str, object]
+# A maker turns (rng, running index) into one example; the index picks the label so that
+# labels cycle and every split is balanced.
+Maker = Callable[[random.Random, World, int], Example]
+
+
+# ---------------------------------------------------------------------------- sentence pieces
+def _two(rng: random.Random, items: tuple[str, ...]) -> tuple[str, str]:
+    a, b = rng.sample(items, 2)
+    return a, b
+
+
+def _fact_sentence(entity: str, relation: str, value: str) -> str:
+    return RELATIONS[relation].format(e=entity, v=value)
+
+
+def _other_value(rng: random.Random, world: World, relation: str, value: str) -> str:
+    return rng.choice([v for v in world.values[relation] if v != value])
+
+
+def _event(rng: random.Random, world: World) -> tuple[str, str, str, str]:
+    """(entity, verb, food, home): "the E V the F in the H." is the event sentence."""
+    return (
+        rng.choice(world.entities),
+        rng.choice(world.verbs),
+        rng.choice(world.values["food"]),
+        rng.choice(world.values["home"]),
+    )
+
+
+# ---------------------------------------------------------------------------- the makers
+def _make_rte(rng: random.Random, world: World, i: int) -> Example:
+    """Comparatives: "the A is bigger than the B." entails "the B is smaller than the A."
+
+    label 0 (True) = entailed, 1 (False) = contradicted; half of each flips the order of the
+    entities, so neither the words nor the order alone decide the answer.
+    """
+    a, b = _two(rng, world.entities)
+    word, inverse = rng.choice(COMPARATIVES)
+    if rng.random() < 0.5:
+        word, inverse = inverse, word
+    premise = f"the {a} is {word} than the {b}."
+    c = rng.choice([e for e in world.entities if e not in (a, b)])
+    relation = rng.choice(list(RELATIONS))
+    distractor = _fact_sentence(c, relation, rng.choice(world.values[relation]))
+    premise = f"{premise} {distractor}" if rng.random() < 0.5 else f"{distractor} {premise}"
+    label = i % 2
+    swapped = rng.random() < 0.5  # state the hypothesis with the entities swapped
+    # Swapping the entities needs the inverse word to stay true.
+    if swapped:
+        x, y, w = b, a, (inverse if label == 0 else word)
+    else:
+        x, y, w = a, b, (word if label == 0 else inverse)
+    return {"premise": premise, "hypothesis": f"the {x} is {w} than the {y}.", "label": label}
+
+
+def _make_cb(rng: random.Random, world: World, i: int) -> Example:
+    """Two stated facts; the hypothesis restates one (True), contradicts one (False), or talks
+    about an entity or a relation the premise does not mention (Neither)."""
+    a, b = _two(rng, world.entities)
+    ra, rb = rng.sample(list(RELATIONS), 2)
+    va, vb = rng.choice(world.values[ra]), rng.choice(world.values[rb])
+    premise = f"{_fact_sentence(a, ra, va)} {_fact_sentence(b, rb, vb)}"
+    label = i % 3
+    if label == 0:
+        entity, relation, value = (a, ra, va) if rng.random() < 0.5 else (b, rb, vb)
+    elif label == 1:
+        entity, relation, value = (a, ra, va) if rng.random() < 0.5 else (b, rb, vb)
+        value = _other_value(rng, world, relation, value)
+    elif rng.random() < 0.5:  # an entity that is not mentioned
+        entity = rng.choice([e for e in world.entities if e not in (a, b)])
+        relation = rng.choice((ra, rb))
+        value = rng.choice(world.values[relation])
+    else:  # a mentioned entity, but a relation stated for neither of them
+        entity = rng.choice((a, b))
+        relation = rng.choice([r for r in RELATIONS if r not in (ra, rb)])
+        value = rng.choice(world.values[relation])
+    return {"premise": premise, "hypothesis": _fact_sentence(entity, relation, value), "label": label}
+
+
+def _wic_sentence(rng: random.Random, world: World, word: str, category: str) -> str:
+    entity = rng.choice(world.entities)
+    verb = rng.choice(world.verbs)
+    return f"the {entity} {verb} a {word} of the {rng.choice(world.values[category])}."
+
+
+def _make_wic(rng: random.Random, world: World, i: int) -> Example:
+    """A polyseme's sense is the category of the word that follows it ("a W of the <food>").
+
+    label 1 (yes) = both sentences use the same sense, 0 (no) = different senses.
+    """
+    word = rng.choice(sorted(world.polysemes))
+    senses = world.polysemes[word]
+    label = 1 - i % 2
+    first = rng.choice(senses)
+    second = first if label == 1 else senses[1 - senses.index(first)]
+    return {
+        "word": word,
+        "sentence1": _wic_sentence(rng, world, word, first),
+        "sentence2": _wic_sentence(rng, world, word, second),
+        "label": label,
+    }
+
+
+def _make_sentiment(rng: random.Random, world: World, i: int) -> Example:
+    """A review of three polar adjectives (majority decides) among neutral words.
+
+    label 1 = positive, 0 = negative.
+    """
+    label = 1 - i % 2
+    majority, minority = (
+        (world.positive, world.negative) if label == 1 else (world.negative, world.positive)
+    )
+    n_minority = rng.choice((0, 1))
+    adjectives = [rng.choice(majority) for _ in range(3 - n_minority)]
+    adjectives += [rng.choice(minority) for _ in range(n_minority)]
+    rng.shuffle(adjectives)
+    food, home = rng.choice(world.values["food"]), rng.choice(world.values["home"])
+    filler = rng.choice(world.neutral)
+    review = (
+        f"the {food} was {adjectives[0]} and {adjectives[1]}. "
+        f"the {home} was {filler} and {adjectives[2]}."
+    )
+    return {"review": review, "label": label}
+
+
+def _make_translation(language: str) -> Maker:
+    def make(rng: random.Random, world: World, i: int) -> Example:
+        """Word-by-word "translation" of a lab-English sentence through the language's lexicon."""
+        kind = i % 4
+        if kind == 0:
+            entity, verb, food, home = _event(rng, world)
+            source = f"the {entity} {verb} the {food} in the {home}."
+        elif kind == 1:
+            relation = rng.choice(list(RELATIONS))
+            source = _fact_sentence(
+                rng.choice(world.entities), relation, rng.choice(world.values[relation])
+            )
+        elif kind == 2:
+            a, b = _two(rng, world.entities)
+            source = f"the {a} is {rng.choice(rng.choice(COMPARATIVES))} than the {b}."
+        else:
+            a, b = _two(rng, world.entities)
+            food = rng.choice(world.values["food"])
+            source = f"the {a} and the {b} {rng.choice(world.verbs)} the {food}."
+        lexicon = world.lexicons[language]
+        words = source.rstrip(".").split()
+        target = " ".join(lexicon[w] for w in words) + "."
+        return {"source": source, "target": target}
+
+    return make
+
+
+def _make_sum(rng: random.Random, world: World, i: int) -> Example:
+    """A three-sentence article; the headline is its one event, without articles."""
+    entity, verb, food, home = _event(rng, world)
+    event = f"the {entity} {verb} the {food} in the {home}."
+    others = [e for e in world.entities if e != entity]
+    fillers = []
+    for _ in range(2):
+        relation = rng.choice(list(RELATIONS))
+        fillers.append(
+            _fact_sentence(rng.choice(others), relation, rng.choice(world.values[relation]))
+        )
+    sentences = [event, *fillers]
+    rng.shuffle(sentences)  # the event is not always first: the model has to find it
+    return {"article": " ".join(sentences), "summary": f"{entity} {verb} {food} in {home}"}
+
+
+# ---------------------------------------------------------------------------- splitting
+def _key(example: Example) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in example.items()))
+
+
+@lru_cache(maxsize=64)
+def _streamed_splits(
+    family: str, seed: int, n_train: int, n_validation: int, n_test: int
+) -> dict[str, tuple[Example, ...]]:
+    """Validation, test, then train: one stream of distinct examples cut in that order."""
+    maker = _MAKERS[family]
+    world = get_world()
+    rng = random.Random(f"{family}:{seed}")
+    seen: set[tuple] = set()
+    out: dict[str, list[Example]] = {}
+    for split, n in (("validation", n_validation), ("test", n_test), ("train", n_train)):
+        examples: list[Example] = []
+        index, misses = 0, 0
+        while len(examples) < n:
+            example = maker(rng, world, index)
+            key = _key(example)
+            if key in seen:
+                misses += 1
+                if misses > 50 * n + 1000:  # the family's space is smaller than asked for
+                    break
+                continue
+            seen.add(key)
+            examples.append(example)
+            index += 1
+        out[split] = examples
+    return {split: tuple(examples) for split, examples in out.items()}
+
+
+# Question phrasings per relation for closed-book QA.
+_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": (
+        "what color is the {e}?",
+        "which color does the {e} have?",
+        "the {e} has what color?",
+        "name the color of the {e}.",
+        "tell me the color of the {e}.",
+    ),
+    "food": (
+        "what does the {e} eat?",
+        "which food does the {e} eat?",
+        "the {e} eats what?",
+        "name the food of the {e}.",
+        "tell me what the {e} eats.",
+    ),
+    "home": (
+        "where does the {e} live?",
+        "which place does the {e} live in?",
+        "the {e} lives where?",
+        "name the home of the {e}.",
+        "tell me where the {e} lives.",
+    ),
+    "tool": (
+        "what does the {e} use?",
+        "which tool does the {e} use?",
+        "the {e} uses what?",
+        "name the tool of the {e}.",
+        "tell me what the {e} uses.",
+    ),
+}
+_QA_HELD_OUT = 2  # phrasings per fact kept out of train: one for validation, one for test
+
+
+@lru_cache(maxsize=16)
+def _qa_splits(
+    seed: int, n_train: int, n_validation: int, n_test: int
+) -> dict[str, tuple[Example, ...]]:
+    """Every fact in train (in 3 phrasings); validation and test ask it in the other two."""
+    world = get_world()
+    rng = random.Random(f"lab_qa:{seed}")
+    out: dict[str, list[Example]] = {split: [] for split in SPLITS}
+    for entity in world.entities:
+        for relation, phrasings in _QUESTIONS.items():
+            order = rng.sample(range(len(phrasings)), len(phrasings))
+            answer = world.facts[entity][relation]
+            for split, index in zip(("validation", "test"), order, strict=False):
+                out[split].append(
+                    {"question": phrasings[index].format(e=entity), "answer": answer}
+                )
+            for index in order[_QA_HELD_OUT:]:
+                out["train"].append({"question": phrasings[index].format(e=entity), "answer": answer})
+    sizes = {"train": n_train, "validation": n_validation, "test": n_test}
+    result = {}
+    for split, examples in out.items():
+        rng.shuffle(examples)
+        result[split] = tuple(examples[: sizes[split]])
+    return result
+
+
+_MAKERS: dict[str, Maker] = {
+    "lab_rte": _make_rte,
+    "lab_cb": _make_cb,
+    "lab_wic": _make_wic,
+    "lab_sentiment": _make_sentiment,
+    "lab_trans_fr": _make_translation("fr"),
+    "lab_trans_de": _make_translation("de"),
+    "lab_trans_ro": _make_translation("ro"),
+    "lab_sum": _make_sum,
+}
+
+FAMILIES: tuple[str, ...] = (
+    "lab_rte", "lab_cb", "lab_wic", "lab_sentiment", "lab_qa",
+    "lab_trans_fr", "lab_trans_de", "lab_trans_ro", "lab_sum",
+)  # fmt: skip
+# RTE-like stays out of pretraining, so fine-tuning on it has something to learn (the paper's
+# pretrained mT5 is at chance on RTE too).
+PRETRAIN_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f != "lab_rte")
+
+
+def generate(
+    family: str,
+    split: str,
+    seed: int = 0,
+    *,
+    n_train: int = DEFAULT_SIZES["n_train"],
+    n_validation: int = DEFAULT_SIZES["n_validation"],
+    n_test: int = DEFAULT_SIZES["n_test"],
+) -> list[dict]:
+    """Examples of one lab family and split; deterministic for ``(family, seed, sizes)``.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        split: ``train``, ``validation`` or ``test``.
+        seed: chooses the sentences and their split (not the world's words or facts).
+        n_train, n_validation, n_test: split sizes. Closed-book QA is capped by its fact table
+            (160 facts: 480 train questions, 160 each for validation and test).
+
+    Returns:
+        Fresh dicts (safe to mutate), each with the template's fields (and ``label`` for the
+        classification families) plus ``idx``, its position in the split.
+
+    Raises:
+        UserError: unknown family or split, or a negative size.
+    """
+    if family not in FAMILIES:
+        raise UserError(f"unknown lab family {family!r}; known: {', '.join(FAMILIES)}", key=family)
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; lab tasks have {', '.join(SPLITS)}", key=family)
+    sizes = (int(n_train), int(n_validation), int(n_test))
+    if min(sizes) < 0:
+        raise UserError(f"split sizes must be >= 0, got {sizes}", key=family)
+    if family == "lab_qa":
+        splits = _qa_splits(int(seed), *sizes)
+    else:
+        splits = _streamed_splits(family, int(seed), *sizes)
+    return [{**example, "idx": i} for i, example in enumerate(splits[split])]
+
+
+def _generator(family: str) -> Callable[..., list[dict]]:
+    def fn(split: str, seed: int = 0, **sizes: int) -> list[dict]:
+        unknown = sorted(set(sizes) - set(DEFAULT_SIZES))
+        if unknown:
+            raise UserError(
+                f"unknown option(s) {', '.join(unknown)}; lab generators take "
+                f"{', '.join(DEFAULT_SIZES)}",
+                key=family,
+            )
+        return generate(family, split, seed, **sizes)
+
+    fn.__name__ = family
+    fn.__qualname__ = family
+    fn.__doc__ = f"The {family} lab family (see :func:`generate`)."
+    return fn
+
+
+lab_rte = _generator("lab_rte")
+lab_cb = _generator("lab_cb")
+lab_wic = _generator("lab_wic")
+lab_sentiment = _generator("lab_sentiment")
+lab_qa = _generator("lab_qa")
+lab_trans_fr = _generator("lab_trans_fr")
+lab_trans_de = _generator("lab_trans_de")
+lab_trans_ro = _generator("lab_trans_ro")
+lab_sum = _generator("lab_sum")

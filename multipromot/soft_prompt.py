@@ -1,0 +1,427 @@
+"""PromptedModel: one per-row soft-prompt injection path for seq2seq and decoder-only models.
+
+Every batch row names its task through ``task_ids`` (a LongTensor [B]); row ``t >= 0`` gets
+``prompts[t]`` (P learned embeddings) in front of its input embeddings, row ``-1`` gets no
+prompt. The same code path serves T5/mT5 (prompt in front of the encoder input) and GPT-2/Llama
+(prompt between the left padding and the text), for ``forward`` and for ``generate``.
+
+Layouts (``.`` = masked position, ``p`` = prompt, ``t`` = text):
+
+- seq2seq, right padding: prompted row ``p p t t t .``; no-prompt row in a mixed batch
+  ``. . t t t .`` (P masked placeholders). T5's relative position bias depends only on the
+  distance between unmasked tokens, so the placeholders change nothing.
+- decoder-only, left padding: prompted row ``. p p t t t``; no-prompt row ``. . . t t t``.
+  Position ids are counted over unmasked positions only (as ``generate`` does), so a no-prompt
+  row sees exactly the positions of the bare model on its unpadded text.
+
+When no row of a batch has a prompt (``task_ids`` None or all ``-1``) no prompt positions are
+added at all. Returned logits are aligned with ``input_ids`` (decoder-only) or with ``labels``
+(seq2seq): callers never see the P prompt positions in logits. Other outputs (hidden states,
+attentions, ``past_key_values``, the seq2seq encoder states) keep them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["PromptedModel", "init_prompts", "TRAINABLE_MODES", "VOCAB_SAMPLE_SIZE"]
+
+TRAINABLE_MODES = ("prompt", "model", "both")
+
+# Lester et al. (2021) sample vocabulary initializations from the 5,000 most common tokens;
+# sentencepiece vocabularies are roughly frequency-ordered, so the first ids stand in for them.
+VOCAB_SAMPLE_SIZE = 5000
+
+IGNORE_INDEX = -100
+
+
+class PromptedModel(nn.Module):
+    """A transformers model with a table of soft prompts, one row per task.
+
+    Args:
+        model: a transformers seq2seq LM (T5, mT5) or causal LM (GPT-2, Llama).
+        prompts: the prompt table [T, P, d] (d = the model's embedding size), or None for no
+            prompts (the wrapper then behaves as the bare model). Copied into an
+            ``nn.Parameter``; its dtype is kept (a float32 table may train under a bf16 model).
+        task_names: one name per table row (default ``task0``, ``task1``, ...).
+
+    Raises:
+        ValueError: the table is not 3-D, its last dimension is not the embedding size, or the
+            names do not match its rows one to one.
+    """
+
+    def __init__(
+        self, model: nn.Module, prompts: Tensor | None = None, task_names: list[str] | None = None
+    ):
+        super().__init__()
+        self.model = model
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        embedding = model.get_input_embeddings()
+        dim = embedding.weight.shape[-1]
+        if prompts is None:
+            num_tasks = 0
+            self.register_parameter("prompts", None)
+        else:
+            if prompts.ndim != 3 or prompts.shape[-1] != dim:
+                raise ValueError(
+                    f"prompts must have shape [tasks, prompt_length, {dim}] for this model, "
+                    f"got {list(prompts.shape)}"
+                )
+            num_tasks = prompts.shape[0]
+            table = prompts.detach().clone().to(embedding.weight.device)
+            self.prompts = nn.Parameter(table)
+        if task_names is None:
+            task_names = [f"task{i}" for i in range(num_tasks)]
+        if len(task_names) != num_tasks:
+            raise ValueError(f"{len(task_names)} task names for a table of {num_tasks} prompts")
+        if len(set(task_names)) != len(task_names):
+            raise ValueError(f"task names must be unique, got {task_names}")
+        self.task_names = list(task_names)
+
+    @classmethod
+    def from_bank(
+        cls,
+        model: nn.Module,
+        bank,
+        tasks: list[str],
+        *,
+        refs: Mapping[str, str] | None = None,
+    ) -> PromptedModel:
+        """Wrap ``model`` with the bank's prompts for ``tasks`` (row i = ``tasks[i]``).
+
+        Args:
+            model: the model the prompts are loaded for (the bank checks its fingerprint).
+            bank: a :class:`~multipromot.bank.PromptBank` (anything with
+                ``load_prompt(ref, model=...) -> Tensor [P, d]``).
+            tasks: task names, in table order.
+            refs: optional task -> bank reference (e.g. ``{"rte": "rte@v0002"}``) to pin a
+                version; tasks not in it load their current prompt.
+
+        Returns:
+            The wrapper, with ``task_names == tasks``.
+
+        Raises:
+            ValueError: the prompts do not all have the same shape.
+            BankError: from the bank, for a missing, corrupt or foreign entry.
+        """
+        refs = dict(refs or {})
+        unknown = sorted(set(refs) - set(tasks))
+        if unknown:
+            raise ValueError(f"refs name tasks that are not loaded: {unknown}")
+        loaded = [bank.load_prompt(refs.get(task, task), model=model) for task in tasks]
+        shapes = {task: tuple(p.shape) for task, p in zip(tasks, loaded, strict=True)}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"bank prompts differ in shape and cannot share a table: {shapes}")
+        prompts = torch.stack([p.float() for p in loaded]) if loaded else None
+        return cls(model, prompts, list(tasks))
+
+    @property
+    def num_tasks(self) -> int:
+        return 0 if self.prompts is None else self.prompts.shape[0]
+
+    @property
+    def prompt_length(self) -> int:
+        return 0 if self.prompts is None else self.prompts.shape[1]
+
+    def task_ids(self, names: Sequence[str | None]) -> Tensor:
+        """Table rows for task names; None (no prompt) -> -1.
+
+        Returns:
+            LongTensor [len(names)] on the CPU (``forward`` moves it).
+
+        Raises:
+            ValueError: a name is not in ``task_names``.
+        """
+        index = {name: i for i, name in enumerate(self.task_names)}
+        ids = []
+        for name in names:
+            if name is not None and name not in index:
+                raise ValueError(f"unknown task {name!r}; the prompt table has {self.task_names}")
+            ids.append(-1 if name is None else index[name])
+        return torch.tensor(ids, dtype=torch.long)
+
+    def set_trainable(self, mode: str) -> None:
+        """Choose what trains: ``"prompt"`` (stage 1), ``"model"`` (stage 2) or ``"both"`` (joint).
+
+        Raises:
+            ValueError: an unknown mode, or ``"prompt"``/``"both"`` without a prompt table.
+        """
+        if mode not in TRAINABLE_MODES:
+            raise ValueError(f"unknown trainable mode {mode!r}; choose one of {TRAINABLE_MODES}")
+        if mode != "model" and self.prompts is None:
+            raise ValueError(f"mode {mode!r} trains the prompts, but there is no prompt table")
+        for param in self.model.parameters():
+            param.requires_grad_(mode != "prompt")
+        if self.prompts is not None:
+            self.prompts.requires_grad_(mode != "model")
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        task_ids: Tensor | None = None,
+        *,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ):
+        """Run the model with each row's soft prompt prepended.
+
+        Args:
+            input_ids: [B, L]; decoder-only inputs must be left-padded.
+            attention_mask: [B, L], 1 for real tokens.
+            labels: seq2seq: the target ids [B, Lt] (the model builds its decoder inputs from
+                them, as without a prompt); decoder-only: aligned with ``input_ids``, -100 where
+                no loss is wanted. Prompt positions never carry a loss.
+            task_ids: [B] table rows, -1 = no prompt; None = no prompt for any row.
+            label_smoothing: if > 0 (and labels given) the returned loss is the label-smoothed
+                cross-entropy over the same target tokens (transformers' loss has no smoothing).
+                Stage loops may instead compute their own loss from the returned logits.
+            **kwargs: passed to the model (e.g. ``decoder_input_ids``, ``num_items_in_batch``).
+
+        Returns:
+            The model's output; ``logits`` are aligned with ``input_ids`` (decoder-only) or the
+            labels / decoder inputs (seq2seq); ``loss`` is the mean token cross-entropy over
+            labels != -100 when labels are given.
+
+        Raises:
+            ValueError: bad task ids or right-padded decoder-only inputs.
+        """
+        inputs, num_prompt, order = self._model_inputs(input_ids, attention_mask, task_ids)
+        model_labels = labels
+        if labels is not None and not self.is_encoder_decoder:
+            model_labels = _with_prompt_labels(labels, num_prompt, order)
+        out = self.model(**inputs, labels=model_labels, **kwargs)
+        if labels is not None and label_smoothing > 0:
+            out.loss = _cross_entropy(
+                out.logits,
+                model_labels,
+                shift=not self.is_encoder_decoder,
+                label_smoothing=label_smoothing,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+        if num_prompt and not self.is_encoder_decoder:
+            # Left padding keeps every text token exactly num_prompt positions to the right.
+            out.logits = out.logits[:, num_prompt:]
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        task_ids: Tensor | None = None,
+        **gen_kwargs,
+    ):
+        """Generate with each row's soft prompt, through ``inputs_embeds``.
+
+        Stays a method of this module that calls ``self.model.generate`` so that FSDP2 can
+        register it with ``register_fsdp_forward_method(wrapper, "generate")``.
+
+        Args:
+            input_ids: [B, L]; decoder-only inputs must be left-padded.
+            attention_mask: [B, L].
+            task_ids: [B] table rows, -1 = no prompt; None = no prompt for any row.
+            **gen_kwargs: ``generate`` options (``max_new_tokens``, ``num_beams``, ...). Use
+                ``max_new_tokens`` rather than ``max_length``: with ``inputs_embeds``,
+                transformers reads ``max_length`` differently per family. Penalties that look
+                at the input ids (``repetition_penalty``, ``no_repeat_ngram_size``) only see
+                the generated tokens.
+
+        Returns:
+            The new tokens only, [B, N], for both families (the seq2seq decoder start token is
+            dropped), padded with the pad id after a row's EOS. With
+            ``return_dict_in_generate=True`` the output object with ``sequences`` trimmed alike.
+
+        Raises:
+            ValueError: bad task ids or right-padded decoder-only inputs.
+        """
+        inputs, _, _ = self._model_inputs(input_ids, attention_mask, task_ids)
+        out = self.model.generate(**inputs, **gen_kwargs)
+        # Decoder-only generate from inputs_embeds alone already returns only the new tokens.
+        start = 1 if self.is_encoder_decoder else 0
+        if isinstance(out, Tensor):
+            return out[:, start:]
+        out.sequences = out.sequences[:, start:]
+        return out
+
+    def _model_inputs(
+        self, input_ids: Tensor, attention_mask: Tensor, task_ids: Tensor | None
+    ) -> tuple[dict[str, Tensor], int, Tensor | None]:
+        """The model's keyword inputs with the prompts placed.
+
+        Returns:
+            (inputs, number of prompt positions added, the decoder-only reordering or None).
+        """
+        embeds = self.model.get_input_embeddings()(input_ids)
+        mask = attention_mask.long()
+        if not self.is_encoder_decoder and bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("decoder-only inputs must be left-padded (pad tokens first)")
+        block = self._prompt_block(task_ids, input_ids.shape[0], embeds)
+        order = None
+        num_prompt = 0
+        if block is not None:
+            prompt_embeds, prompt_mask = block
+            num_prompt = prompt_embeds.shape[1]
+            embeds = torch.cat([prompt_embeds, embeds], dim=1)
+            mask = torch.cat([prompt_mask, mask], dim=1)
+            if not self.is_encoder_decoder:
+                # [p][.][t] -> [.][p][t]: a stable sort on the mask moves every masked position
+                # (left padding and -1 placeholders) to the front and keeps the rest in order.
+                # With mask-counted positions both layouts give the same logits, but keeping
+                # each row's real tokens contiguous and last is the left padding that
+                # transformers assumes elsewhere (generation checks, attention unpadding).
+                order = torch.argsort(mask, dim=1, stable=True)
+                mask = mask.gather(1, order)
+                embeds = embeds.gather(1, order.unsqueeze(-1).expand_as(embeds))
+        inputs = {"inputs_embeds": embeds, "attention_mask": mask}
+        if not self.is_encoder_decoder:
+            # GPT-2 and Llama forward use arange positions when none are given, which would
+            # count left padding and placeholders; count real positions only, as generate does.
+            inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return inputs, num_prompt, order
+
+    def _prompt_block(
+        self, task_ids: Tensor | None, batch_size: int, embeds: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """Each row's prompt embeddings [B, P, d] and mask [B, P]; None if no row has one."""
+        if task_ids is None:
+            return None
+        if task_ids.shape != (batch_size,):
+            raise ValueError(f"task_ids must have shape [{batch_size}], got {list(task_ids.shape)}")
+        values = task_ids.tolist()
+        bad = [t for t in values if t < -1 or t >= self.num_tasks]
+        if bad:
+            raise ValueError(
+                f"task id {bad[0]} out of range: the prompt table has {self.num_tasks} rows "
+                "(-1 = no prompt)"
+            )
+        if all(t == -1 for t in values):
+            return None
+        ids = task_ids.to(self.prompts.device)
+        has_prompt = ids >= 0
+        rows = self.prompts[ids.clamp(min=0)].to(device=embeds.device, dtype=embeds.dtype)
+        # -1 rows get zero placeholders (masked out below); torch.where sends them no gradient.
+        rows = torch.where(
+            has_prompt.to(embeds.device)[:, None, None], rows, torch.zeros_like(rows)
+        )
+        mask = has_prompt.to(embeds.device).long()[:, None].expand(-1, rows.shape[1])
+        return rows, mask
+
+
+def _with_prompt_labels(labels: Tensor, num_prompt: int, order: Tensor | None) -> Tensor:
+    """Decoder-only labels in the model's layout: -100 over prompt positions and placeholders."""
+    if num_prompt == 0:
+        return labels
+    pad = labels.new_full((labels.shape[0], num_prompt), IGNORE_INDEX)
+    return torch.cat([pad, labels], dim=1).gather(1, order)
+
+
+def _cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    shift: bool,
+    label_smoothing: float,
+    num_items_in_batch: Tensor | int | None = None,
+) -> Tensor:
+    """Token cross-entropy over labels != -100, optionally label-smoothed.
+
+    Mean over target tokens, or their sum divided by ``num_items_in_batch`` when given (as
+    transformers does for gradient accumulation).
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def init_prompts(
+    model: nn.Module,
+    tokenizer,
+    num_tasks: int,
+    prompt_length: int,
+    method: str = "random",
+    texts: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """Initial prompt table [num_tasks, prompt_length, d], float32 on the CPU.
+
+    Methods:
+        ``random``: uniform in [-a, a] with a = sqrt(3) * std(embedding table), so the prompt
+            has the same spread as the model's token embeddings. Lester et al. (T5) use a fixed
+            [-0.5, 0.5]; no fixed range fits every family (GPT-2 and Llama embedding entries
+            are ~0.01-0.1, so 0.5 would drown the text), while matching the std does.
+        ``vocab``: embeddings of token ids sampled (without replacement while there are
+            enough) from the first 5,000 ids, or the whole vocabulary if smaller, special
+            tokens excluded (Lester et al.'s "sampled vocab").
+        ``text``: the embeddings of ``texts[t]`` (e.g. the task's class labels), tokenized
+            without special tokens, cycled or truncated to ``prompt_length``.
+
+    Args:
+        model: the model whose input embeddings set d and the values.
+        tokenizer: its tokenizer (``vocab`` and ``text``).
+        num_tasks: rows of the table.
+        prompt_length: P, positions per prompt.
+        method: ``random``, ``vocab`` or ``text``.
+        texts: one text per task, for ``text``.
+        seed: the sampling seed (the global RNG is left alone).
+
+    Returns:
+        The table, float32 on the CPU.
+
+    Raises:
+        ValueError: an unknown method, a non-positive size, ``texts`` missing or not one per
+            task, or a text with no tokens.
+    """
+    if num_tasks < 1 or prompt_length < 1:
+        raise ValueError(
+            f"num_tasks and prompt_length must be >= 1, got {num_tasks}, {prompt_length}"
+        )
+    weight = model.get_input_embeddings().weight.detach().float().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    if method == "random":
+        bound = 3**0.5 * weight.std().item()
+        shape = (num_tasks, prompt_length, weight.shape[1])
+        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+    if method == "vocab":
+        ids = [
+            _sample_vocab_ids(weight, tokenizer, prompt_length, generator) for _ in range(num_tasks)
+        ]
+        return weight[torch.stack(ids)]
+    if method == "text":
+        if texts is None or len(texts) != num_tasks:
+            got = "none" if texts is None else len(texts)
+            raise ValueError(f"method 'text' needs one text per task ({num_tasks}), got {got}")
+        ids = [_cycled_text_ids(tokenizer, text, prompt_length) for text in texts]
+        return weight[torch.stack(ids)]
+    raise ValueError(f"unknown prompt init {method!r}; choose random, vocab or text")
+
+
+def _sample_vocab_ids(weight: Tensor, tokenizer, count: int, generator: torch.Generator) -> Tensor:
+    size = min(VOCAB_SAMPLE_SIZE, weight.shape[0], len(tokenizer))
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    pool = torch.tensor([i for i in range(size) if i not in special], dtype=torch.long)
+    if count <= len(pool):
+        return pool[torch.randperm(len(pool), generator=generator)[:count]]
+    return pool[torch.randint(len(pool), (count,), generator=generator)]
+
+
+def _cycled_text_ids(tokenizer, text: str, length: int) -> Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt init text {text!r} has no tokens")
+    return torch.tensor(ids, dtype=torch.long).repeat(length // len(ids) + 1)[:length]

@@ -1,0 +1,67 @@
+"""Run ``multipromot stage2`` with a kill injected, for the checkpoint tests (not collected).
+
+    python tests/_stage2_driver.py CONFIG [key=value ...] [--die-in-save N] [--die-after-step N]
+
+``--die-in-save N``: rank 0 exits (``os._exit``, no cleanup) while saving step N, after every
+rank wrote its shards and the trainer state, before the checkpoint is published.
+``--die-after-step N``: every rank exits right after optimizer step N (a preemption).
+Works under torchrun like the real command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+KILLED = 17
+
+
+def main(argv: list[str]) -> int:
+    die_in_save = die_after = None
+    args = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--die-in-save":
+            die_in_save = int(next(it))
+        elif arg == "--die-after-step":
+            die_after = int(next(it))
+        else:
+            args.append(arg)
+
+    from multipromot import checkpoint, stage2
+    from multipromot.config import load_config
+
+    if die_in_save is not None:
+        publish = checkpoint._publish
+
+        def dying_publish(root, tmp, final):
+            if final.name == f"step_{die_in_save}":
+                os._exit(KILLED)
+            return publish(root, tmp, final)
+
+        checkpoint._publish = dying_publish
+
+    if die_after is not None:
+        build = stage2.build_optimizer
+
+        def dying_build(*a, **kw):
+            optimizer = build(*a, **kw)
+            count = [0]
+
+            def die(opt, args, kwargs):
+                count[0] += 1
+                if count[0] == die_after:
+                    os._exit(KILLED)
+
+            optimizer.register_step_post_hook(die)
+            return optimizer
+
+        stage2.build_optimizer = dying_build
+
+    cfg = load_config(args[0], args[1:])
+    stage2.finetune(cfg, progress=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,47 @@
+"""Config loading: defaults, YAML + overrides, and one-line errors naming file and key."""
+
+import pytest
+
+from multipromot.config import load_config
+from multipromot.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_merge_in_order(tmp_path):
+    path = write(tmp_path, "seed: 3\nstage2: {mode: standard, lr: 0.01}\n")
+    cfg = load_config(path, ["stage2.lr=0.5", "stage1.steps=7"])
+    assert (cfg.seed, cfg.stage2.mode, cfg.stage2.lr, cfg.stage1.steps) == (3, "standard", 0.5, 7)
+    assert cfg.stage1.lr == 0.3  # the documented default survives
+    assert cfg.config_file == str(path.resolve())
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "file_part", "key_part"),
+    [
+        ("stage2: {mod: standard}\n", [], "c.yaml", "stage2.mod"),
+        ("stage2: {mode: bogus}\n", [], "c.yaml", "stage2.mode"),
+        ("seed: 1\n", ["stage1.steps=abc"], "<command line>", "stage1.steps"),
+        ("stage2: {batch_size: -4}\n", [], "c.yaml", "stage2.batch_size"),
+        ("stage2: {batch_size: 6, grad_accum: 4}\n", [], "c.yaml", "stage2.batch_size"),
+        ("seed: [1\n", [], "c.yaml", "line"),
+        ("- just\n- a list\n", [], "c.yaml", ""),
+        ("seed: 1\n", ["no_equals_sign"], "<command line>", ""),
+    ],
+)
+def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, overrides, file_part, key_part):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    assert file_part in message and key_part in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")

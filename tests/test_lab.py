@@ -1,0 +1,253 @@
+"""The lab: generated task families, the lab tokenizer, a miniature lab pretraining, the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from multipromot.errors import UserError
+from multipromot.lab import FAMILIES, PRETRAIN_FAMILIES, SPLITS, generate, get_world
+from multipromot.lab.world import RELATIONS, TARGET_LANGUAGES
+
+CLASSIFICATION = {"lab_rte": 2, "lab_cb": 3, "lab_wic": 2, "lab_sentiment": 2}
+SMALL = {"n_train": 120, "n_validation": 30, "n_test": 30}
+
+
+def _content(example: dict) -> tuple:
+    """An example without its position: what must not repeat across splits."""
+    return tuple(sorted((k, str(v)) for k, v in example.items() if k != "idx"))
+
+
+# ------------------------------------------------------------------------------ generators
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generators_are_deterministic_for_a_seed(family):
+    for split in SPLITS:
+        assert generate(family, split, 0, **SMALL) == generate(family, split, 0, **SMALL)
+    # Another seed gives other examples (QA's facts stay; its phrasings and order move).
+    assert generate(family, "test", 0, **SMALL) != generate(family, "test", 1, **SMALL)
+
+
+def test_generator_output_is_a_fresh_copy():
+    first = generate("lab_rte", "train", 0, **SMALL)
+    first[0]["premise"] = "changed"
+    assert generate("lab_rte", "train", 0, **SMALL)[0]["premise"] != "changed"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_splits_are_disjoint(family):
+    splits = {split: {_content(e) for e in generate(family, split, 0)} for split in SPLITS}
+    assert not splits["train"] & splits["validation"]
+    assert not splits["train"] & splits["test"]
+    assert not splits["validation"] & splits["test"]
+    # Examples are distinct inside a split too, and every split has what it was asked for.
+    for split in SPLITS:
+        assert len(splits[split]) == len(generate(family, split, 0))
+
+
+def test_default_sizes_and_held_out_splits_do_not_move_with_train_size():
+    for family in FAMILIES:
+        sizes = {split: len(generate(family, split, 0)) for split in SPLITS}
+        expected = (480, 160, 160) if family == "lab_qa" else (3000, 200, 200)
+        assert (sizes["train"], sizes["validation"], sizes["test"]) == expected, family
+        small = generate(family, "test", 0, n_train=50)
+        assert small == generate(family, "test", 0), family
+
+
+def test_closed_book_qa_asks_only_facts_taught_in_train():
+    world = get_world()
+
+    def fact(example: dict) -> tuple[str, str]:
+        entity = next(w for w in example["question"].rstrip("?.").split() if w in world.facts)
+        return entity, example["answer"]
+
+    train = generate("lab_qa", "train", 0)
+    taught = {fact(e) for e in train}
+    for split in ("validation", "test"):
+        for example in generate("lab_qa", split, 0):
+            entity, answer = fact(example)
+            assert answer in world.facts[entity].values()
+            assert (entity, answer) in taught
+    assert len({e["question"] for e in train}) == 3 * len(world.entities) * len(RELATIONS)
+
+
+@pytest.mark.parametrize("family", sorted(CLASSIFICATION))
+def test_classification_labels_are_balanced(family):
+    for split in SPLITS:
+        labels = Counter(e["label"] for e in generate(family, split, 0))
+        assert set(labels) == set(range(CLASSIFICATION[family]))
+        assert max(labels.values()) - min(labels.values()) <= 1
+
+
+def test_labels_follow_the_generating_rule():
+    world = get_world()
+    inverse = {a: b for pair in [("bigger", "smaller"), ("older", "younger"), ("faster", "slower"),
+                                 ("taller", "shorter")] for a, b in (pair, pair[::-1])}  # fmt: skip
+    for e in generate("lab_rte", "test", 0):
+        _, x, _, w, _, _, y = e["hypothesis"].rstrip(".").split()
+        stated = {s.split()[1]: s for s in e["premise"].split(". ") if " than " in s}
+        a, b = next(iter(stated.values())).rstrip(".").split()[1::5]
+        word = next(iter(stated.values())).split()[3]
+        entailed = (x, w, y) in {(a, word, b), (b, inverse[word], a)}
+        assert entailed == (e["label"] == 0)
+    for e in generate("lab_cb", "test", 0):
+        facts = set(e["premise"].rstrip(".").split(". "))
+        hypothesis = e["hypothesis"].rstrip(".")
+        if e["label"] == 0:
+            assert hypothesis in facts
+        else:
+            assert hypothesis not in facts
+    for e in generate("lab_wic", "test", 0):
+        first, second = (world.category(e[k].rstrip(".").split()[-1]) for k in ("sentence1", "sentence2"))
+        assert (first == second) == (e["label"] == 1)
+    for e in generate("lab_sentiment", "test", 0):
+        words = e["review"].replace(".", "").split()
+        score = sum(w in world.positive for w in words) - sum(w in world.negative for w in words)
+        assert (score > 0) == (e["label"] == 1)
+
+
+def test_translation_lexicons_are_distinct_bijections():
+    world = get_world()
+    lexicons = [world.lexicons[lang] for lang in TARGET_LANGUAGES]
+    for lexicon in lexicons:
+        assert len(set(lexicon.values())) == len(lexicon)  # one target word per source word
+    targets = [set(lexicon.values()) for lexicon in lexicons]
+    assert not (targets[0] & targets[1] or targets[0] & targets[2] or targets[1] & targets[2])
+    for lang in TARGET_LANGUAGES:
+        for e in generate(f"lab_trans_{lang}", "test", 0, **SMALL):
+            words = e["source"].rstrip(".").split()
+            assert e["target"] == " ".join(world.lexicons[lang][w] for w in words) + "."
+
+
+def test_bad_arguments_are_user_errors():
+    from multipromot.lab.tasks import lab_rte
+
+    with pytest.raises(UserError, match="split"):
+        generate("lab_rte", "dev", 0)
+    with pytest.raises(UserError, match="n_tran"):
+        lab_rte("train", 0, n_tran=5)
+    with pytest.raises(UserError, match="unknown lab family"):
+        generate("lab_nope", "train", 0)
+
+
+# ------------------------------------------------------------------------------ catalogue
+def test_every_catalogue_lab_task_renders_with_its_answer_set():
+    from multipromot.tasks import get_task
+
+    for family in FAMILIES:
+        task = get_task(family)
+        assert task.source.describe().startswith(f"generator:{family}")
+        for split in SPLITS:
+            examples = task.examples(split)
+            for example in examples[:50]:
+                source, target = task.render(example)
+                assert source and target
+                assert "|||" not in source + target
+                if task.answers is not None:
+                    assert target == task.answers[example["label"]]
+        if family in CLASSIFICATION:
+            assert task.metric == "accuracy" and len(task.answers) == CLASSIFICATION[family]
+        else:
+            assert task.answers is None
+    metrics = {get_task(f).metric for f in FAMILIES}
+    assert metrics == {"accuracy", "exact_match", "bleu", "rouge2"}
+    assert "lab_rte" not in PRETRAIN_FAMILIES and len(PRETRAIN_FAMILIES) == len(FAMILIES) - 1
+
+
+def test_sources_find_the_lab_generators_after_a_registry_reset():
+    from multipromot import sources
+
+    sources.GENERATORS.clear()
+    assert sources.get_generator("lab_sum")("test", 0, **SMALL)[0]["summary"]
+    assert set(FAMILIES) <= set(sources.list_generators())
+
+
+# ------------------------------------------------------------------------------ model
+@pytest.fixture(scope="module")
+def lab_tokenizer():
+    from multipromot.lab.model import build_lab_tokenizer, lab_corpus, lab_tasks
+
+    return build_lab_tokenizer(lab_corpus(lab_tasks()))
+
+
+def test_lab_tokenizer_is_word_level_and_round_trips(lab_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from multipromot.exemplars import SEPARATOR
+    from multipromot.tasks import get_task
+
+    tok = lab_tokenizer
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    task = get_task("lab_trans_de")
+    source, target = task.render(task.examples("test")[0])
+    # Every corpus word is one token; the period is its own.
+    assert len(tok(target, add_special_tokens=False).input_ids) == len(target.split()) + 1
+    text = f"{source} {target}{SEPARATOR}Unseen words, still fine!"
+    ids = tok(text).input_ids
+    assert tok.unk_token_id not in ids
+    assert ids.count(tok.convert_tokens_to_ids("\n")) == 2  # the separator stays visible
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text).input_ids == ids and len(loaded) == len(tok)
+    assert loaded.decode(ids, skip_special_tokens=True).split() == text.split()
+
+
+def test_micro_pretrain_writes_a_loadable_model_whose_loss_went_down(tmp_path):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from multipromot.lab.model import ensure_lab_model, read_pretrain_record
+    from multipromot.models import read_lineage
+
+    path = ensure_lab_model(
+        tmp_path / "lab", seed=0, size="micro", steps=40, batch_size=16, eval_examples=4,
+        warmup_steps=5, progress=False,
+    )  # fmt: skip
+    record = read_pretrain_record(path)
+    assert record["config"]["size"] == "micro" and record["config"]["steps"] == 40
+    assert record["loss_last"] < record["loss_first"] - 0.5
+    assert set(record["one_shot_test_scores"]) == set(FAMILIES)
+    assert record["unseen_in_pretraining"] == ["lab_rte"]
+    assert read_lineage(path)["name"] == "lab"
+    assert read_lineage(path)["fingerprint"] == record["fingerprint"]
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert model.config.d_model == 32 and model.config.vocab_size == len(tokenizer)
+    batch = tokenizer(["Q: what does the nera eat? A:"], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 1
+
+    # A second call finds the model and does not train again.
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_lab_model(path, seed=0, size="micro", steps=40, progress=False) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_lab_recipe_is_validated(tmp_path):
+    from multipromot.lab.model import ensure_lab_model
+
+    with pytest.raises(UserError, match="batch_sise"):
+        ensure_lab_model(tmp_path / "x", batch_sise=4)
+    with pytest.raises(UserError, match="size"):
+        ensure_lab_model(tmp_path / "x", size="huge")
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_lab_tasks_lists_every_family():
+    from typer.testing import CliRunner
+
+    from multipromot.cli_lab import app
+
+    result = CliRunner().invoke(app, ["tasks", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["name"] for r in rows] == list(FAMILIES)
+    rte = rows[0]
+    assert rte["answers"] == ["True", "False"] and not rte["pretraining"]
+    assert rte["example"]["input"].endswith("Is it true or false? answer:")
+    text = CliRunner().invoke(app, ["tasks"]).output
+    assert "lab_trans_ro: 3000 train / 200 validation / 200 test; bleu" in text

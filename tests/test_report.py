@@ -1,0 +1,194 @@
+"""Report: Norm. Avg. and differences on hand-written records, the tables, files and plots.
+
+Records (unseen tasks cb and qa, fine-tuned task rte; steps 100 and 200 for the fine-tuned
+methods, 0 for pretrained). At each method's last step, 1-shot:
+
+    method      cb    qa    Norm. Avg.  diff    specialization (cb, qa)
+    pretrained  40    20    30.0         0.0    0, 0      -> 0.0
+    standard    15     0     7.5       -22.5    80, 100   -> 90.0
+    promot      45    25    35.0        +5.0    10, 20    -> 15.0
+
+4-shot adds 10 to every score (Norm. Avg. +10, same differences).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from matplotlib.image import imread
+
+from multipromot.report import (
+    final_records,
+    format_table,
+    summary,
+    terminal_summary,
+    write_plots,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rec(method, step, task, shots, score, spec=None, seen=False, metric="accuracy", random=0.0):
+    return {
+        "method": method, "step": step, "task": task, "shots": shots, "metric": metric,
+        "score": score, "specialization": spec, "prompt": None, "seen": seen, "random": random,
+    }  # fmt: skip
+
+
+def _records() -> list[dict]:
+    rows = []
+    # (method, step, cb, qa, spec cb, spec qa, rte)
+    table = [
+        ("pretrained", 0, 40, 20, 0, 0, 50),
+        ("standard", 100, 30, 10, 60, 70, 80),
+        ("standard", 200, 15, 0, 80, 100, 90),
+        ("promot", 100, 42, 22, 5, 5, 85),
+        ("promot", 200, 45, 25, 10, 20, 88),
+    ]
+    for method, step, cb, qa, s_cb, s_qa, rte in table:
+        for k, plus in ((1, 0), (4, 10)):
+            rows.append(_rec(method, step, "cb", k, cb + plus, s_cb, random=50.0))
+            rows.append(_rec(method, step, "qa", k, qa + plus, s_qa, metric="exact_match"))
+        rows.append(_rec(method, step, "rte", 0, rte, seen=True))
+    return rows
+
+
+def test_final_records_are_each_methods_last_step():
+    final = final_records(_records())
+    assert {(r["method"], r["step"]) for r in final} == {
+        ("pretrained", 0), ("standard", 200), ("promot", 200),
+    }  # fmt: skip
+    assert len(final) == 3 * 5
+
+
+def test_summary_norm_avg_differences_and_specialization():
+    s = summary(_records())
+    assert s["methods"] == ["pretrained", "standard", "promot"]
+    assert s["shots"] == [1, 4]
+    assert s["unseen_tasks"] == ["cb", "qa"] and s["seen_tasks"] == ["rte"]
+    got = {(u["method"], u["shots"]): (u["norm_avg"], u["diff"], u["specialization"]) for u in s["unseen"]}  # fmt: skip
+    assert got == {
+        ("pretrained", 1): (30.0, 0.0, 0.0),
+        ("pretrained", 4): (40.0, 0.0, 0.0),
+        ("standard", 1): (7.5, -22.5, 90.0),
+        ("standard", 4): (17.5, -22.5, 90.0),
+        ("promot", 1): (35.0, 5.0, 15.0),
+        ("promot", 4): (45.0, 5.0, 15.0),
+    }
+    # BIG-bench normalisation, cb random 50: promot 1-shot cb 45 -> -10, qa 25 -> 25: mean 7.5.
+    promot_1 = next(u for u in s["unseen"] if (u["method"], u["shots"]) == ("promot", 1))
+    assert promot_1["norm_avg_random"] == pytest.approx(7.5)
+    assert promot_1["step"] == 200 and promot_1["tasks"] == ["cb", "qa"]
+    assert [(f["method"], f["task"], f["shots"], f["score"]) for f in s["finetuned"]] == [
+        ("pretrained", "rte", 0, 50), ("standard", "rte", 0, 90), ("promot", "rte", 0, 88),
+    ]  # fmt: skip
+
+
+def test_summary_without_the_baseline_has_no_differences():
+    s = summary([r for r in _records() if r["method"] != "pretrained"])
+    assert {u["diff"] for u in s["unseen"]} == {None}
+    by_standard = summary(_records(), baseline="standard")
+    assert by_standard["methods"][0] == "standard"  # the baseline leads the columns
+    pretrained_1 = next(u for u in by_standard["unseen"] if u["method"] == "pretrained")
+    assert pretrained_1["diff"] == pytest.approx(22.5)
+
+
+def test_markdown_table_content():
+    lines = format_table(_records()).splitlines()
+    assert lines[0] == (
+        "| Task | pretrained 1-shot | pretrained 4-shot | standard 1-shot | standard 4-shot "
+        "| promot 1-shot | promot 4-shot |"
+    )
+    assert lines[1] == "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    assert lines[2:] == [
+        "| cb (accuracy) | 40.0 | 50.0 | 15.0 | 25.0 | 45.0 | 55.0 |",
+        "| qa (exact_match) | 20.0 | 30.0 | 0.0 | 10.0 | 25.0 | 35.0 |",
+        "| **Norm. Avg.** (+/- vs pretrained) | 30.0 | 40.0 | 7.5 (-22.5) | 17.5 (-22.5) "
+        "| 35.0 (+5.0) | 45.0 (+5.0) |",
+        # cb rescaled against random 50 (40 -> -20, 15 -> -70, 45 -> -10), qa unchanged.
+        "| Norm. Avg. above random | 0.0 | 15.0 | -35.0 | -20.0 | 7.5 | 22.5 |",
+        "| Specialization (% in fine-tuned answer set) | 0.0 | 0.0 | 90.0 | 90.0 | 15.0 | 15.0 |",
+        "| rte (accuracy, fine-tuned, 0-shot) | 50.0 | 50.0 | 90.0 | 90.0 | 88.0 | 88.0 |",
+    ]
+
+
+def test_table_marks_missing_cells_and_skips_the_random_row_without_baselines():
+    records = [r for r in _records() if not (r["method"] == "promot" and r["task"] == "qa")]
+    for r in records:
+        r["random"] = 0.0
+    table = format_table(records)
+    assert "| qa (exact_match) | 20.0 | 30.0 | 0.0 | 10.0 | — | — |" in table
+    assert "above random" not in table
+    # promot's Norm. Avg. now covers cb only: 45 (+15 vs pretrained's 30 over cb and qa).
+    assert "| 45.0 (+15.0) | 55.0 (+15.0) |" in table
+
+
+def test_terminal_summary():
+    lines = terminal_summary(_records()).splitlines()
+    assert lines[0].split() == ["method", "shots", "Norm.Avg", "vs", "pretrained", "spec.%", "rte"]
+    assert [line.split() for line in lines[2:]] == [
+        ["pretrained", "1", "30.0", "—", "0.0", "50.0"],
+        ["pretrained", "4", "40.0", "—", "0.0", "50.0"],
+        ["standard", "1", "7.5", "-22.5", "90.0", "90.0"],
+        ["standard", "4", "17.5", "-22.5", "90.0", "90.0"],
+        ["promot", "1", "35.0", "+5.0", "15.0", "88.0"],
+        ["promot", "4", "45.0", "+5.0", "15.0", "88.0"],
+    ]
+
+
+def test_bad_records_are_refused():
+    with pytest.raises(ValueError, match="lacks"):
+        summary([{"method": "m", "task": "t", "shots": 1}])
+    with pytest.raises(ValueError, match="two records"):
+        summary([_rec("m", 1, "t", 1, 5.0), _rec("m", 1, "t", 1, 6.0)])
+
+
+def test_write_report_files_and_round_trip(tmp_path):
+    records = _records()
+    config = {"config_file": "configs/tiny.yaml", "model": "tiny-t5", "seed": 0,
+              "eval": {"suite": "eval/tiny.yaml", "shots": [1, 4]}}  # fmt: skip
+    path = write_report(records, tmp_path, title="Tiny run", config=config)
+    assert path == tmp_path / "report.md"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "norm_avg.png",
+        "report.md",
+        "results.json",
+        "specialization.png",
+    ]  # fmt: skip  (no temp files left behind)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["records"] == records
+    assert results["summary"] == summary(records)
+    assert results["config"] == config and results["title"] == "Tiny run"
+
+    text = path.read_text()
+    assert text.startswith("# Tiny run\n")
+    assert format_table(records) in text
+    assert "![norm_avg](norm_avg.png)" in text and "![specialization](specialization.png)" in text
+    assert "`multipromot run configs/tiny.yaml`" in text and "- model: `tiny-t5`" in text
+
+    for name in ("norm_avg.png", "specialization.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        image = imread(tmp_path / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300  # 2 subplots
+
+
+def test_single_step_writes_no_plots(tmp_path):
+    records = [r for r in _records() if r["step"] in (0, 200)]
+    for r in records:
+        r["step"] = 0
+    assert write_plots(records, tmp_path) == []
+    write_report(records, tmp_path, title="One step")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.json"]
+    text = (tmp_path / "report.md").read_text()
+    assert ".png" not in text and "No run config was recorded." in text
+
+
+def test_no_specialization_plot_without_measurements(tmp_path):
+    records = _records()
+    for r in records:
+        r["specialization"] = None
+    assert write_plots(records, tmp_path) == ["norm_avg.png"]
