@@ -29,7 +29,7 @@ from multipromot.training import (
     lr_schedule,
 )
 
-__all__ = ["train_prompts"]
+__all__ = ["train_prompts", "format_record"]
 
 
 @dataclass
@@ -91,6 +91,22 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     logger = MetricsLogger(out_dir)
     speed = Throughput()
     best: dict[str, _Best] = {}
+    select = "score" if s1.select_by == "metric" else "loss"
+
+    def validate(step: int) -> None:
+        """Score every task; keep each task's best prompt so far (step 0 = the initial prompt)."""
+        results = validate_tasks(
+            prompted, tokenizer, tasks, collator, examples=s1.eval_examples,
+            with_metric=select == "score",
+        )  # fmt: skip
+        logger.log({"stage": 1, "step": step, "validation": results})
+        for i, task in enumerate(tasks):
+            value = results[task.name][select]
+            if task.name not in best or _better(value, best[task.name].value, select == "score"):
+                name = task.metric if select == "score" else "loss"
+                best[task.name] = _Best(value, step, name, prompted.prompts[i].detach().clone())
+
+    validate(0)
     bar = tqdm(range(1, s1.steps + 1), desc="stage 1", disable=not progress, dynamic_ncols=True)
     for step in bar:
         batch = next(batches)
@@ -105,23 +121,20 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
             logger.log({"stage": 1, "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
-
         if step % s1.eval_every == 0 or step == s1.steps:
-            results = validate_tasks(
-                prompted, tokenizer, tasks, collator, examples=s1.eval_examples,
-                with_metric=s1.select_by == "metric",
-            )  # fmt: skip
-            logger.log({"stage": 1, "step": step, "validation": results}, step=None)
-            for i, task in enumerate(tasks):
-                r = results[task.name]
-                key, higher = ("score", True) if s1.select_by == "metric" else ("loss", False)
-                if task.name not in best or _better(r[key], best[task.name].value, higher):
-                    name = task.metric if key == "score" else "loss"
-                    best[task.name] = _Best(
-                        r[key], step, name, prompted.prompts[i].detach().clone()
-                    )
+            validate(step)
     logger.close()
     return _write_to_bank(cfg, tasks, best, model, model_path, s1)
+
+
+def format_record(task) -> dict:
+    """The bank entry's ``format``: what the router matches inputs against."""
+    sig = task.template.signature
+    return {
+        "template": task.template.id,
+        "answer_choices": task.answers,
+        "signature": {"pieces": list(sig.pieces), "answers": sig.answers and list(sig.answers)},
+    }
 
 
 def _write_to_bank(cfg, tasks, best, model, model_path, s1) -> list[BankEntry]:
@@ -130,21 +143,13 @@ def _write_to_bank(cfg, tasks, best, model, model_path, s1) -> list[BankEntry]:
     entries = []
     for task in tasks:
         b = best[task.name]
-        sig = task.template.signature
         entries.append(
             bank.add(
                 task.name,
                 b.prompt,
                 base_model=base,
                 init=s1.init,
-                format={
-                    "template": task.template.id,
-                    "answer_choices": task.answers,
-                    "signature": {
-                        "pieces": list(sig.pieces),
-                        "answers": sig.answers and list(sig.answers),
-                    },
-                },
+                format=format_record(task),
                 stage1={
                     "steps": s1.steps,
                     "best_step": b.step,

@@ -41,6 +41,7 @@ __all__ = [
     "build_items",
     "evaluate_suite",
     "evaluate_finetuned",
+    "routing_sets",
 ]
 
 DEFAULT_SHOTS: tuple[int, ...] = (1, 4)  # the paper evaluates unseen tasks 1- and 4-shot
@@ -269,6 +270,35 @@ def build_items(task: Any, shots: int, *, examples: int, split: str, seed: int) 
         exemplars = [render_exemplar(task, train[i]) for i in chosen]
         items.append(Item(task_id=-1, input=source, target=target, exemplars=exemplars))
     return items
+
+
+def routing_sets(
+    bank_tasks: Sequence[Any],
+    other_tasks: Sequence[Any],
+    *,
+    examples: int = 100,
+    shots: Sequence[int] = (0, 1, 4),
+    split: str = "test",
+    seed: int = 0,
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Held-out router inputs: each bank task's own inputs (0- and k-shot) as positives, every
+    other task's inputs and k-shot prompts as negatives, rendered exactly as evaluation does.
+
+    Returns:
+        ``({bank task: inputs}, negative inputs)``
+    """
+    from multipromot.exemplars import SEPARATOR
+
+    def texts(task: Any) -> list[str]:
+        out = []
+        for k in shots:
+            for item in build_items(task, k, examples=examples, split=split, seed=seed):
+                out.append(SEPARATOR.join([*item.exemplars, item.input]))
+        return out
+
+    positives = {t.name: texts(t) for t in map(_resolve, bank_tasks)}
+    negatives = [text for t in map(_resolve, other_tasks) for text in texts(t)]
+    return positives, negatives
 
 
 def _route_rows(
