@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from multipromot.bank import BankEntry, PromptBank, describe_model
 from multipromot.collate import Collator
 from multipromot.config import RunConfig, resolve_path
-from multipromot.evaluate import validate_tasks
+from multipromot.generation import validate_tasks
 from multipromot.mixtures import load_mixture
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.sampler import MixtureSampler

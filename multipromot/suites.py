@@ -16,7 +16,7 @@ Splits are framework names; a catalogue task maps them to its source's (SuperGLU
 is its ``validation``: the test labels are hidden).
 
 :func:`evaluate_suite` turns a suite into flat records, one per (task, shots): every k-shot
-input of every task goes through **one** batched :func:`~multipromot.evaluate.predict` call per
+input of every task goes through **one** batched :func:`~multipromot.generation.predict` call per
 shots setting, so batches mix tasks and (with a router) prompted and bare rows, as at inference.
 :func:`evaluate_finetuned` scores the fine-tuned tasks 0-shot with their own prompts.
 """
@@ -376,7 +376,7 @@ def _run(
 ) -> list[list[str]]:
     """One batched predict over all groups' items; returns the outputs split back per group."""
     from multipromot.collate import Collator
-    from multipromot.evaluate import predict
+    from multipromot.generation import predict
 
     collator = Collator(
         tokenizer,

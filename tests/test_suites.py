@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multipromot import evaluate
+from multipromot import generation
 from multipromot.errors import UserError
 from multipromot.exemplars import SEPARATOR, render_exemplar
 from multipromot.router import Route, Router, RouterEntry
@@ -165,7 +165,7 @@ def fixed_predict(monkeypatch):
             seen[task] += 1
         return out
 
-    monkeypatch.setattr(evaluate, "predict", fake)
+    monkeypatch.setattr(generation, "predict", fake)
     return calls
 
 
@@ -239,7 +239,7 @@ def test_finetuned_tasks_use_their_own_prompt(tiny_t5, monkeypatch):
         calls.append(list(items))
         return [item.target for item in items]  # a perfect model
 
-    monkeypatch.setattr(evaluate, "predict", gold)
+    monkeypatch.setattr(generation, "predict", gold)
     records = evaluate_finetuned(
         prompted, tok, ["lab_rte", "lab_trans_fr"], {"lab_rte": 1}, decoder_only=False,
         examples=3,
@@ -267,7 +267,7 @@ def test_real_router_prompts_only_inputs_in_a_bank_format(tiny_t5, monkeypatch):
         calls.append(list(items))
         return [item.target for item in items]
 
-    monkeypatch.setattr(evaluate, "predict", gold)
+    monkeypatch.setattr(generation, "predict", gold)
     bank = ["lab_trans_fr", "lab_rte"]  # rows 0 and 1 of the prompt table
     router = Router([RouterEntry(name, get_task(name).signature) for name in bank])
     # Unseen formats, k-shot (cb looks like rte: premise, "question:", True/False answers).

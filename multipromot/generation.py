@@ -1,4 +1,4 @@
-"""Evaluation: batched generation over rows that mix tasks and prompts, then the paper's metrics.
+"""Generation: batched generation over rows that mix tasks and prompts, then the paper's metrics.
 
 ``predict`` is the one generation path (validation in both stages and the k-shot suites use it);
 ``validate_tasks`` scores each fine-tuned task on its validation split.
