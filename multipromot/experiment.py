@@ -145,10 +145,11 @@ def _load_prompts(method: Method, model, model_dir: Path, bank: PromptBank, task
         return None
     saved = model_dir / "prompts.safetensors"
     if method.trains and saved.is_file():  # joint / random_prompt keep their own table
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        table = load_file(str(saved))["prompts"]
-        names = json.loads((model_dir / "prompts.json").read_text())["tasks"]
+        with safe_open(str(saved), framework="pt") as f:
+            names = json.loads(f.metadata()["tasks"])
+            table = f.get_tensor("prompts")
         return table[[names.index(t) for t in tasks]]
     return torch.stack([bank.load_prompt(task, model=model) for task in tasks])
 

@@ -1,0 +1,107 @@
+"""`multipromot run`: one command from stage 1 to the report, and a re-run finishes the rest."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from multipromot import experiment
+from multipromot.bank import PromptBank
+from multipromot.cli import main
+from multipromot.config import load_config
+from multipromot.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["pretrained", "prompt_tuning", "standard", "promot", "promot+1shot"]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """configs/tiny.yaml, made smaller still and pointed at a temp dir."""
+    for sub in ("configs", "mixtures", "eval"):
+        shutil.copytree(ROOT / sub, tmp_path / sub, ignore=shutil.ignore_patterns("data"))
+    return tmp_path / "configs" / "tiny.yaml", [
+        f"out_dir={tmp_path / 'run'}",
+        f"bank.dir={tmp_path / 'bank'}",
+        "stage1.steps=4",
+        "stage1.eval_every=4",
+        "stage1.eval_examples=4",
+        "stage2.steps=4",
+        "stage2.save_every=2",
+        "stage2.eval_every=2",
+        "stage2.eval_examples=4",
+        "eval.examples=3",
+        "eval.max_new_tokens=4",
+    ]
+
+
+def test_run_writes_report_results_and_resumes_after_a_crash(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
+    path, overrides = tiny_config
+    cfg = load_config(path, overrides)
+    assert cfg.methods == METHODS
+
+    # First attempt: stage 2 "crashes" on its second method.
+    from multipromot import stage2
+
+    real = stage2.finetune
+    calls = []
+
+    def crash_on_second(sub_cfg, **kw):
+        calls.append(sub_cfg.stage2.mode)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("pre-empted")
+        return real(sub_cfg, **kw)
+
+    monkeypatch.setattr(stage2, "finetune", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(cfg)
+    run = tmp_path / "run"
+    done_first = run / "methods" / "standard" / "eval.json"
+    assert done_first.is_file() and not (run / "report.md").exists()
+    stamp = done_first.stat().st_mtime_ns
+
+    # Second attempt: nothing finished is redone; the rest completes.
+    monkeypatch.setattr(stage2, "finetune", real)
+    report = experiment.run_experiment(cfg)
+    assert done_first.stat().st_mtime_ns == stamp
+    assert PromptBank(tmp_path / "bank").versions("lab_rte") == [1]  # stage 1 ran once
+    assert report == run / "report.md"
+
+    results = json.loads((run / "results.json").read_text())
+    methods = {r["method"] for r in results["records"]}
+    assert methods == set(METHODS)
+    seen = {(r["method"], r["task"]) for r in results["records"] if r["seen"]}
+    assert ("promot", "lab_rte") in seen and ("standard", "lab_trans_fr") in seen
+    unseen = {r["task"] for r in results["records"] if not r["seen"]}
+    assert unseen == {"lab_cb", "lab_qa"}  # eval/tiny.yaml
+    text = report.read_text()
+    assert "Norm. Avg." in text and "promot+1shot" in text
+    out = capsys.readouterr().out
+    assert f"report: {report}" in out
+    # Prompted methods routed fine-tuned inputs to their own prompt; unseen k-shot inputs got none.
+    promot = [r for r in results["records"] if r["method"] == "promot"]
+    assert {r["prompt"] for r in promot if r["seen"]} == {"lab_rte", "lab_trans_fr"}
+    assert {r["prompt"] for r in promot if not r["seen"]} == {None}
+
+
+def test_unknown_method_is_a_one_line_error(tiny_config, capsys):
+    path, overrides = tiny_config
+    assert main(["run", str(path), *overrides, "methods=[promot,magic]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path.resolve()}: methods: unknown method 'magic'")
+    cfg = load_config(path, overrides)
+    with pytest.raises(UserError, match="names mixture 'multi'"):
+        experiment.parse_method("promot@multi", cfg)
+
+
+def test_parse_method_grammar(tiny_config):
+    path, overrides = tiny_config
+    cfg = load_config(path, [*overrides, "mixtures={multi: mixtures/lab_rte_fr.yaml}"])
+    m = experiment.parse_method("promot+1shot@multi", cfg)
+    assert (m.kind, m.shots, m.trains, m.uses_prompts) == ("promot", 1, True, True)
+    assert m.mixture.endswith("mixtures/lab_rte_fr.yaml")
+    assert experiment.parse_method("standard", cfg).uses_prompts is False
+    assert experiment.parse_method("prompt_tuning", cfg).trains is False
