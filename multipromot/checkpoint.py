@@ -16,10 +16,11 @@ kill at any moment leaves the previous checkpoint complete and ``latest`` naming
 checkpoint (or, between the rename and the pointer update, the previous one); leftover ``.tmp``
 directories are never read and are removed by the next save.
 
-Loading never runs code from the checkpoint: JSON and safetensors are data, dcp loads its
-tensor files with ``torch.load(weights_only=True)``, and dcp's ``.metadata`` (a pickle) is read
-with an unpickler that only builds dcp's own metadata classes. Still, treat a checkpoint
-directory from someone else like any other input you did not make.
+Loading never runs code from the checkpoint: JSON and safetensors are data; dcp loads its tensor
+files with ``torch.load(weights_only=True)`` and, here, its non-tensor values too (dcp's default
+planner would unpickle them in full); dcp's ``.metadata`` is a pickle, read here with an
+unpickler that only builds dcp's own metadata classes. Still, treat a checkpoint directory from
+someone else like any other input you did not make.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from multipromot import distributed as dist_utils
 from multipromot.errors import UserError
@@ -209,7 +211,7 @@ def _quiet_single_process():
 def _fresh_tmp_dir(root: Path, tmp: Path) -> None:
     # Leftovers of killed saves are never read; clear them so they cannot pile up.
     if root.is_dir():
-        for stale in root.glob("step_*.tmp"):
+        for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
             shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
 
@@ -341,8 +343,15 @@ def load_checkpoint(
     tensors: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         tensors["optim"] = get_optimizer_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.load(tensors, storage_reader=_SafeReader(path), no_dist=_no_dist())
+    try:
+        with _quiet_single_process():
+            dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner(),
+                     no_dist=_no_dist())  # fmt: skip
+    except CheckpointException as e:  # dcp gathers every rank's failure into one of these
+        exc = next(iter(e.failures.values()))[0]
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot load the checkpoint ({type(exc).__name__}: {first})",
+                        file=path) from None  # fmt: skip
     set_model_state_dict(model, tensors["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, tensors["optim"])
@@ -411,6 +420,20 @@ def _check_metadata(path: Path) -> None:
         _read_metadata(file)
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
         raise UserError(f"unreadable checkpoint metadata ({e})", file=file) from None
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """dcp's load planner, reading the non-tensor values (optimizer step counts, param groups)
+    with ``torch.load(weights_only=True)``; dcp's own planner unpickles them in full."""
+
+    def load_bytes(self, read_item, value) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 class _SafeReader(FileSystemReader):

@@ -45,12 +45,15 @@ def stage1(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> No
 @app.command()
 def stage2(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
     """Fine-tune the model on stage2.mixture with frozen bank prompts (torchrun = FSDP2)."""
+    import os
+
     from multipromot.config import load_config
     from multipromot.stage2 import finetune
 
     cfg = load_config(config, overrides or [])
     out = finetune(cfg)
-    print(f"stage 2 done: {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per rank
+        print(f"stage 2 done: {out}")
 
 
 @app.command()

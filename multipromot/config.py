@@ -11,11 +11,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from multipromot.errors import UserError
+from multipromot.mixtures import read_yaml
 
 __all__ = [
     "BankConfig",
@@ -116,6 +116,8 @@ class RunConfig:
 
 
 def _validate(cfg: RunConfig, file: str) -> None:
+    # `stage2.bf16=true` on the command line arrives as a bool rendered "True".
+    cfg.stage2.bf16 = str(cfg.stage2.bf16).lower()
     checks = [
         ("stage1.init", cfg.stage1.init in ("random", "vocab", "text"), "random, vocab or text"),
         ("stage1.optimizer", cfg.stage1.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
@@ -170,14 +172,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         p = Path(path)
         if not p.is_file():
             raise UserError("no such config file", file=file)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}" if mark else None
-            raise UserError(
-                f"invalid YAML: {getattr(e, 'problem', e)}", file=file, key=where
-            ) from None
+        # the mixtures' reader: safe tags only, and bounded, so that an alias bomb ("billion
+        # laughs") is refused instead of being expanded by OmegaConf until memory runs out
+        data = read_yaml(p)
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise UserError("a config must be a mapping of keys to values", file=file)
         layers.append((data, file))

@@ -331,11 +331,16 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     Returns:
         ``optimizer``.
     """
+    from torch.distributed.tensor import DTensor
+
     if type(optimizer).__name__ != "Adafactor" or not hasattr(optimizer, "_approx_sq_grad"):
+        return optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, DTensor) for p in params):
         return optimizer
 
     def init_dtensor_state(opt, args, kwargs) -> None:
-        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.tensor import Replicate
 
         for group in opt.param_groups:
             for p in group["params"]:

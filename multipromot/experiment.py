@@ -131,9 +131,7 @@ def _stage2(cfg: RunConfig, method: Method, method_dir: Path) -> Path:
     sub.out_dir = str(method_dir)
     sub.stage2.mode = method.kind  # the trained kinds are exactly the stage-2 modes
     sub.stage2.mixture = method.mixture
-    sub.stage2.shots = method.shots
-    if not sub.stage2.resume:
-        sub.stage2.resume = "latest" if (method_dir / "checkpoints").is_dir() else ""
+    sub.stage2.shots = method.shots  # resume="" continues from this method's latest checkpoint
     print(f"stage 2: {method.label}")
     finetune(sub)
     return final

@@ -16,6 +16,14 @@ from multipromot.metrics import postprocess, score
 __all__ = ["predict", "validate_tasks"]
 
 
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def predict(
     prompted,
@@ -43,9 +51,10 @@ def predict(
     """
     was_training = prompted.training
     prompted.eval()
+    device = _device(prompted)
     outputs: list[str] = []
     for start in range(0, len(items), batch_size):
-        batch = collator(list(items[start : start + batch_size]))
+        batch = _to(collator(list(items[start : start + batch_size])), device)
         ids = prompted.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -98,6 +107,7 @@ def validate_tasks(
         max_target_length=collator.max_target_length,
         for_generation=True,
     )
+    device = _device(prompted)
     results: dict[str, dict[str, float]] = {}
     for i, task in enumerate(tasks):
         row = i if task_ids is None else task_ids[i]
@@ -105,7 +115,7 @@ def validate_tasks(
         items = [Item(row, *task.render(ex)) for ex in data]
         total, count = 0.0, 0
         for start in range(0, len(items), batch_size):
-            batch = collator(items[start : start + batch_size])
+            batch = _to(collator(items[start : start + batch_size]), device)
             n = (batch["labels"] != -100).sum()
             total += prompted(**batch).loss.item() * int(n)
             count += int(n)

@@ -46,8 +46,8 @@ from multipromot.checkpoint import (
 from multipromot.collate import Collator, group_by_length
 from multipromot.config import RunConfig, resolve_path
 from multipromot.errors import UserError
-from multipromot.evaluate import validate_tasks
 from multipromot.exemplars import make_item
+from multipromot.generation import validate_tasks
 from multipromot.mixtures import Mixture, load_mixture
 from multipromot.models import load_model, model_fingerprint, read_lineage, save_model
 from multipromot.sampler import MixtureSampler
@@ -142,12 +142,12 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
 
         tokens_per_s = speed.update(tokens)
         bar.update(1)
-        if step % s2.log_every == 0 or step == s2.steps:
+        if _due(step, s2.log_every, s2.steps):
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             logger.log({"stage": 2, "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
 
-        if s2.eval_every > 0 and (step % s2.eval_every == 0 or step == s2.steps):
+        if s2.eval_every > 0 and _due(step, s2.eval_every, s2.steps):
             record = _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device)
             logger.log({"stage": 2, "step": step, **record}, step=step)
             if _improved(best, record):
@@ -155,7 +155,7 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
                 _export(prompted, build, tokenizer, out / "best", info={**info, "step": step,
                         "selected_by": best["by"], "value": best["value"]})  # fmt: skip
 
-        if step % s2.save_every == 0 or step == s2.steps:
+        if _due(step, s2.save_every, s2.steps):
             save_checkpoint(out / "checkpoints", step, model=prompted, optimizer=optimizer,
                             scheduler=scheduler, sampler=sampler, state={"mode": s2.mode,
                             "bank_refs": info["bank_refs"], "losses": losses, "best": best})  # fmt: skip
@@ -178,6 +178,10 @@ def _load_prompted(cfg: RunConfig, mixture: Mixture, refs: dict | None):
         (prompted model on its device, tokenizer, a function that builds the same structure
         unsharded (for exports), the run's provenance: base model, lineage, bank refs).
     """
+    import transformers.modeling_utils  # noqa: F401
+
+    # Imported above on every rank at once: the other ranks would otherwise import the
+    # modeling machinery only after rank 0's load (they wait for its result), in series.
     s2 = cfg.stage2
     names = mixture.task_names
     loaded: dict = {}
@@ -328,6 +332,11 @@ def _forward_backward(
         tokens += int(batch["attention_mask"].sum()) + (0 if decoder_only else local[i])
     loss_total, tokens_total = D.sum_across_ranks([loss_sum, tokens])
     return loss_total / max(total, 1.0), int(tokens_total)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """Every ``every`` steps (never if ``every`` <= 0), and always at the last step."""
+    return step == last or (every > 0 and step % every == 0)
 
 
 def _target_count(labels: torch.Tensor, decoder_only: bool) -> int:

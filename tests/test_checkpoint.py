@@ -141,6 +141,37 @@ def test_metadata_pickle_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
+def test_non_tensor_values_cannot_run_code(tmp_path):
+    """dcp stores non-tensor values (optimizer step counts, param groups) as pickles and its
+    default planner loads them with weights_only=False; ours loads them weights_only."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    model, optimizer, scheduler, sampler = _trainer()
+    _train(model, optimizer, scheduler, sampler, 1)
+    good = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    tensors = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    tensors["optim"]["param_groups"][0]["lr"] = Exploit()
+    bad = tmp_path / "step_2"
+    dcp.save(tensors, checkpoint_id=bad, no_dist=True)
+    (bad / "trainer_state.json").write_text((good / "trainer_state.json").read_text())
+    with pytest.raises(UserError, match="cannot load the checkpoint"):
+        load_checkpoint(bad, model=model, optimizer=optimizer, restore_rng=False)
+    assert not marker.exists()
+
+
 def test_world_size_must_match_for_sampler_and_rng(tmp_path):
     model, optimizer, _, sampler = _trainer()
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, sampler=sampler)

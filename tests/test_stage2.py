@@ -21,18 +21,12 @@ from _stage2_utils import (
     write_config,
     write_mixture,
 )
+from safetensors.torch import load_file
 
 from multipromot import checkpoint, stage2
-from multipromot.soft_prompt import PromptedModel
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on 2 shared cores: a second thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from multipromot.bank import PromptBank
+from multipromot.models import load_model, read_lineage
+from multipromot.soft_prompt import PromptedModel, init_prompts
 
 
 @pytest.fixture(scope="module")
@@ -61,24 +55,18 @@ def _straight(ws):
 
 
 def _base_weights(ws) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(f"{ws['model']}/model.safetensors")
 
 
 def _bank_table(ws) -> torch.Tensor:
-    from multipromot.bank import PromptBank
-
     bank = PromptBank(ws["bank"])
     return torch.stack([bank.load_prompt(t) for t in TASKS])
 
 
 def _checkpoint_prompts(out, step: int) -> torch.Tensor | None:
     """The prompt table a checkpoint holds (None in standard mode, which has none)."""
-    from multipromot.models import load_model
-
     path = out / "checkpoints" / f"step_{step}"
-    if checkpoint.read_trainer_state(path)["mode"] == "standard":
+    if "model.prompts" not in checkpoint._read_metadata(path / ".metadata").state_dict_metadata:
         return None
     model, _, _ = load_model(str(out / "final"))
     prompted = PromptedModel(model, torch.zeros(len(TASKS), 4, model.config.d_model), TASKS)
@@ -109,15 +97,15 @@ def _dying_optimizer(build, after: int):
 
 
 @pytest.mark.parametrize(
-    "mode, model_changes, prompt, task_ids",
+    "mode, prompt, task_ids",
     [
-        ("promot", True, "bank", {0, 1}),
-        ("joint", True, "trained", {0, 1}),
-        ("standard", True, None, {-1}),
-        ("random_prompt", True, "random", {0, 1}),
+        ("promot", "bank", {0, 1}),
+        ("joint", "trained", {0, 1}),
+        ("standard", None, {-1}),
+        ("random_prompt", "random", {0, 1}),
     ],
 )
-def test_one_step_per_mode(ws, monkeypatch, mode, model_changes, prompt, task_ids):
+def test_one_step_per_mode(ws, monkeypatch, mode, prompt, task_ids):
     """One stage-2 step: the model always trains; the prompt table stays bit-identical to the
     bank's in promot mode, moves in joint mode, is absent in standard mode (every row -1)."""
     seen: set[int] = set()
@@ -132,19 +120,17 @@ def test_one_step_per_mode(ws, monkeypatch, mode, model_changes, prompt, task_id
     out = run_in_process(_config(ws, f"mode-{mode}", mode=mode, steps=1, eval_every=0))
 
     assert seen == task_ids
-    trained, base = final_weights(out), _base_weights(ws)
-    assert (max_diff(trained, base) > 0) is model_changes
+    assert max_diff(final_weights(out), _base_weights(ws)) > 1e-4  # the model always trains
     table = _checkpoint_prompts(out, 1)
     bank = _bank_table(ws)
     if prompt == "bank":
         assert torch.equal(table, bank)
     elif prompt == "trained":
         assert (table - bank).abs().max() > 1e-4
-        from safetensors.torch import load_file
-
         assert torch.equal(load_file(str(out / "final" / "prompts.safetensors"))["prompts"], table)
-    elif prompt == "random":
-        assert table.shape == bank.shape and not torch.allclose(table, bank)
+    elif prompt == "random":  # the seeded draw, unchanged by training
+        model, tokenizer, _ = load_model(ws["model"])
+        assert torch.equal(table, init_prompts(model, tokenizer, 2, 4, "random", seed=0))
     else:
         assert table is None
     info = json.loads((out / "final" / "stage2.json").read_text())
@@ -153,17 +139,17 @@ def test_one_step_per_mode(ws, monkeypatch, mode, model_changes, prompt, task_id
 
 
 def test_resume_after_kill_is_exact(ws, monkeypatch):
-    """6 steps straight == 5 steps, killed, resumed from step 4 to 6: same losses (with
+    """4 steps straight == 3 steps, killed, resumed from step 2 to 4: same losses (with
     dropout on, so the RNG must continue too) and the same final weights."""
     straight = _straight(ws)
     config = _config(ws, "killed")
     with monkeypatch.context() as m:
-        m.setattr(stage2, "build_optimizer", _dying_optimizer(stage2.build_optimizer, 5))
+        m.setattr(stage2, "build_optimizer", _dying_optimizer(stage2.build_optimizer, 3))
         with pytest.raises(Killed):
             run_in_process(config)
     out = config.parent / "out"
-    assert checkpoint.latest_checkpoint(out / "checkpoints").name == "step_4"
-    assert max(train_losses(out)) == 4  # step 5 died before it was logged
+    assert checkpoint.latest_checkpoint(out / "checkpoints").name == "step_2"
+    assert max(train_losses(out)) == 2  # step 3 died before it was logged
 
     resumed = run_in_process(config)
     assert loss_diff(train_losses(resumed), train_losses(straight)) == 0.0
@@ -195,7 +181,7 @@ def test_kill_during_save_keeps_last_good_checkpoint(ws, monkeypatch):
 
     resumed = run_in_process(config)
     assert not (ckpts / "step_4.tmp").exists()
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_2", "step_4", "step_6"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_2", "step_4"]
     assert loss_diff(train_losses(resumed), train_losses(straight)) == 0.0
     assert max_diff(final_weights(resumed), final_weights(straight)) == 0.0
 
@@ -205,9 +191,7 @@ def test_export_loads_in_transformers_with_the_same_logits(ws):
     prompts, and it gives exactly the logits of the trained model (the last checkpoint)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from multipromot.bank import PromptBank
     from multipromot.collate import Collator, Item
-    from multipromot.models import load_model, read_lineage
 
     out = _straight(ws)
     final = out / "final"
@@ -218,7 +202,7 @@ def test_export_loads_in_transformers_with_the_same_logits(ws):
 
     base, _, _ = load_model(ws["model"])
     trained = PromptedModel(base, _bank_table(ws), TASKS)
-    checkpoint.load_checkpoint(out / "checkpoints" / "step_6", model=trained, restore_rng=False)
+    checkpoint.load_checkpoint(out / "checkpoints" / "step_4", model=trained, restore_rng=False)
     trained.eval()
 
     items = [Item(0, "alpha beta odd or even?", "odd"), Item(1, "shout: mu", "MU"),
@@ -231,7 +215,7 @@ def test_export_loads_in_transformers_with_the_same_logits(ws):
     assert read_lineage(final)["lineage"][0] == read_lineage(ws["model"])["fingerprint"]
     used = [e.ref for e in bank.entries() if any(s["checkpoint"] == str(final.resolve())
                                                  for s in e.stage2)]  # fmt: skip
-    assert sorted(used) == ["tcls@v0001", "tcopy@v0001"]
+    assert sorted(used) == ["lab_qa@v0001", "lab_rte@v0001"]
 
 
 def test_keep_best_by_loss_selects_the_lowest_validation_loss(ws):
