@@ -97,6 +97,7 @@ class EvalConfig:
     batch_size: int = 32
     examples: int = 100  # per task
     router: bool = True
+    curve: bool = False  # also evaluate every stage-2 checkpoint (curves over steps)
 
 
 @dataclass

@@ -153,9 +153,23 @@ def _load_prompts(method: Method, model, model_dir: Path, bank: PromptBank, task
 
 
 def evaluate_method(
-    cfg: RunConfig, method: Method, model_dir: str | Path, *, step: int
+    cfg: RunConfig,
+    method: Method,
+    model_dir: str | Path,
+    *,
+    step: int,
+    checkpoint: Path | None = None,
+    selected: bool = True,
 ) -> list[dict]:
     """Score one method: fine-tuned tasks 0-shot with their prompt, the suite k-shot with routing.
+
+    Args:
+        cfg: the run config (``eval.*``, ``bank.dir``).
+        method: what to evaluate.
+        model_dir: the model (and tokenizer) directory.
+        step: the stage-2 step these weights come from.
+        checkpoint: a stage-2 checkpoint whose weights (and prompts) replace ``model_dir``'s.
+        selected: these are the weights the method reports (best-on-target), not a curve point.
 
     Returns:
         Flat records (see :mod:`multipromot.report`) tagged with the method and step.
@@ -169,6 +183,10 @@ def evaluate_method(
     bank = PromptBank(cfg.bank.dir)
     table = _load_prompts(method, model, Path(model_dir), bank, tasks)
     prompted = PromptedModel(model, table, tasks if table is not None else None)
+    if checkpoint is not None:
+        from multipromot.checkpoint import load_checkpoint
+
+        load_checkpoint(checkpoint, model=prompted, restore_rng=False)
     rows = {t: i for i, t in enumerate(tasks)} if table is not None else {}
     router = None
     if table is not None and ev.router:
@@ -191,7 +209,28 @@ def evaluate_method(
         r["seen"] = False
     records += unseen
     for r in records:
-        r.update(method=method.label, step=step)
+        r.update(method=method.label, step=step, selected=selected)
+    return records
+
+
+def _final_step(final: Path, default: int) -> int:
+    """The step ``final/`` was taken at (stage 2 keeps the best validated step)."""
+    info = final / "stage2.json"
+    return int(json.loads(info.read_text()).get("step", default)) if info.is_file() else default
+
+
+def _curve(cfg: RunConfig, method: Method, method_dir: Path, final: Path, skip: int) -> list[dict]:
+    """Evaluate every complete stage-2 checkpoint: the curves over steps (paper Fig. 1/2)."""
+    from multipromot.checkpoint import is_complete
+
+    checkpoints = [p for p in (method_dir / "checkpoints").glob("step_*") if is_complete(p)]
+    records = []
+    for path in sorted(checkpoints, key=lambda p: int(p.name.split("_")[1])):
+        step = int(path.name.split("_")[1])
+        if step != skip:  # the selected model is evaluated already
+            records += evaluate_method(
+                cfg, method, final, step=step, checkpoint=path, selected=False
+            )
     return records
 
 
@@ -224,9 +263,14 @@ def run_experiment(cfg: RunConfig) -> Path:
         if done.is_file():
             records += json.loads(done.read_text())
             continue
-        model_dir = _stage2(cfg, method, method_dir) if method.trains else Path(base_dir)
-        step = cfg.stage2.steps if method.trains else 0
+        if method.trains:
+            model_dir = _stage2(cfg, method, method_dir)
+            step = _final_step(model_dir, cfg.stage2.steps)
+        else:
+            model_dir, step = Path(base_dir), 0
         result = evaluate_method(cfg, method, model_dir, step=step)
+        if method.trains and cfg.eval.curve:
+            result += _curve(cfg, method, method_dir, model_dir, skip=step)
         _write_json(done, result)
         records += result
 

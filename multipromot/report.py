@@ -94,22 +94,26 @@ def _methods(records: list[dict], baseline: str) -> list[str]:
 
 
 def final_records(records: Iterable[dict]) -> list[dict]:
-    """The records of each method's last stage-2 step (what the main table shows).
+    """The records each method reports (what the main table shows).
+
+    That is the records marked ``selected`` (the best-on-target model stage 2 kept) where a
+    method has them, else those of its last step.
 
     Args:
         records: flat records (see the module docstring).
 
     Returns:
-        The records whose ``step`` is the largest of their method, defaults filled in.
+        The reported records of every method, defaults filled in.
 
     Raises:
         ValueError: a record lacks a required key, or two records share a cell.
     """
     records = _normalize(records)
+    selected = {r["method"]: r["step"] for r in records if r.get("selected")}
     last: dict[str, int] = {}
     for r in records:
         last[r["method"]] = max(last.get(r["method"], r["step"]), r["step"])
-    return [r for r in records if r["step"] == last[r["method"]]]
+    return [r for r in records if r["step"] == selected.get(r["method"], last[r["method"]])]
 
 
 def _unseen_point(rows: list[dict]) -> dict:
@@ -488,7 +492,7 @@ def write_report(
     plots = write_plots(records, out)
     lines = [f"# {title}", ""]
     lines += [
-        "## Results (each method at its last stage-2 step)",
+        "## Results (each method at its selected stage-2 step: best on its fine-tuned tasks)",
         "",
         format_table(records, baseline),
         "",

@@ -33,6 +33,7 @@ def tiny_config(tmp_path):
         "stage2.eval_examples=4",
         "eval.examples=3",
         "eval.max_new_tokens=4",
+        "eval.curve=true",
     ]
 
 
@@ -75,6 +76,10 @@ def test_run_writes_report_results_and_resumes_after_a_crash(
     assert methods == set(METHODS)
     seen = {(r["method"], r["task"]) for r in results["records"] if r["seen"]}
     assert ("promot", "lab_rte") in seen and ("standard", "lab_trans_fr") in seen
+    # The curve: every checkpoint (steps 2 and 4) is evaluated; one step per method is selected.
+    steps = {(r["step"], r["selected"]) for r in results["records"] if r["method"] == "standard"}
+    assert {s for s, _ in steps} == {2, 4} and sum(sel for _, sel in steps) == 1
+    assert (run / "norm_avg.png").is_file() and (run / "specialization.png").is_file()
     unseen = {r["task"] for r in results["records"] if not r["seen"]}
     assert unseen == {"lab_cb", "lab_qa"}  # eval/tiny.yaml
     text = report.read_text()
