@@ -142,6 +142,15 @@ def _route_eval(router, examples: int, as_json: bool) -> str:
     )
 
 
+@app.command(name="eval")
+def eval_(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """k-shot evaluation of `model` (a base model or a stage-2 final/), router on or off."""
+    from multipromot.config import load_config
+    from multipromot.experiment import run_eval
+
+    run_eval(load_config(config, overrides or []))
+
+
 _registered = False
 
 

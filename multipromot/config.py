@@ -96,7 +96,8 @@ class EvalConfig:
     max_new_tokens: int = 32
     batch_size: int = 32
     examples: int = 100  # per task
-    router: bool = True
+    router: bool = True  # route each input to a bank prompt or none
+    prompts: bool = True  # `multipromot eval`: use the bank prompts of stage2.mixture's tasks
     curve: bool = False  # also evaluate every stage-2 checkpoint (curves over steps)
 
 

@@ -39,7 +39,7 @@ from multipromot.router import Router
 from multipromot.soft_prompt import PromptedModel
 from multipromot.suites import evaluate_finetuned, evaluate_suite, load_suite
 
-__all__ = ["Method", "parse_method", "run_experiment", "evaluate_method"]
+__all__ = ["Method", "parse_method", "run_experiment", "run_eval", "evaluate_method"]
 
 KINDS = ("pretrained", "prompt_tuning", "standard", "promot", "joint", "random_prompt")
 _METHOD = re.compile(
@@ -275,6 +275,29 @@ def run_experiment(cfg: RunConfig) -> Path:
         records += result
 
     report = write_report(records, out, title=f"multipromot run: {Path(cfg.config_file).name}",
+                          config=_config_dict(cfg))  # fmt: skip
+    print(terminal_summary(records))
+    print(f"report: {report}")
+    return report
+
+
+def run_eval(cfg: RunConfig) -> Path:
+    """`multipromot eval`: score ``cfg.model`` (a base model or a stage-2 ``final/``) on the
+    fine-tuned tasks of ``stage2.mixture`` and the suite ``eval.suite``, with the bank prompts of
+    those tasks when ``eval.prompts`` is on and the router when ``eval.router`` is on.
+
+    Returns:
+        The report path (``<out_dir>/eval/report.md``).
+    """
+    kind = "prompt_tuning" if cfg.eval.prompts else "pretrained"  # base weights, bank prompts
+    method = Method(label=Path(cfg.model).name or cfg.model, kind=kind, shots=0,
+                    mixture=resolve_path(cfg, cfg.stage2.mixture))  # fmt: skip
+    _, _, model_dir = load_model(cfg.model, seed=cfg.seed)
+    info = Path(model_dir) / "stage2.json"
+    step = int(json.loads(info.read_text()).get("step", 0)) if info.is_file() else 0
+    records = evaluate_method(cfg, method, model_dir, step=step)
+    out = Path(cfg.out_dir) / "eval"
+    report = write_report(records, out, title=f"multipromot eval: {cfg.model}",
                           config=_config_dict(cfg))  # fmt: skip
     print(terminal_summary(records))
     print(f"report: {report}")

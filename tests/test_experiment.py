@@ -110,3 +110,19 @@ def test_parse_method_grammar(tiny_config):
     assert m.mixture.endswith("mixtures/lab_rte_fr.yaml")
     assert experiment.parse_method("standard", cfg).uses_prompts is False
     assert experiment.parse_method("prompt_tuning", cfg).trains is False
+
+
+def test_eval_command_scores_a_model_without_training(tiny_config, tmp_path, capsys):
+    path, overrides = tiny_config
+    assert main(["eval", str(path), *overrides, "eval.prompts=false", "eval.curve=false"]) == 0
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    records = results["records"]
+    assert {r["method"] for r in records} == {"tiny-t5"}
+    assert {(r["task"], r["seen"]) for r in records} == {
+        ("lab_rte", True),
+        ("lab_trans_fr", True),
+        ("lab_cb", False),
+        ("lab_qa", False),
+    }
+    assert all(r["prompt"] is None for r in records)  # no prompts asked for, none used
+    assert "report:" in capsys.readouterr().out
