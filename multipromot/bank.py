@@ -19,6 +19,9 @@ Why it is built this way:
   and a removed one is renamed out before it is deleted: a kill leaves a complete entry or
   nothing. ``index.json`` is rebuilt from disk on every write, so the only state it holds that
   disk does not is ``current`` and the version high-water mark.
+- ``index.json`` and ``meta.json`` each carry the sha256 of the rest of their content, so a
+  corrupted byte is an error naming the file rather than a silently different ``current``
+  version, format signature or score (the tensor's own sha256 lives in ``meta.json``).
 - Loading never unpickles (safetensors + JSON only), checks the tensor's sha256 and the
   model's fingerprint (the model's own, or one in its recorded lineage, so a prompt trained on
   a base model is accepted by the base's fine-tuned descendants and refused by unrelated
@@ -75,6 +78,10 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_META_FILE = "multipromot_meta.json"  # provenance next to a PEFT export; PEFT ignores it
 PEFT_TENSOR_KEY = "prompt_embeddings"
+# each JSON file carries the sha256 of the rest of its content: a flipped byte anywhere is an
+# error naming the file, never a silently different current version, format or score
+INDEX_CHECKSUM_KEY = "checksum"
+META_CHECKSUM_KEY = "meta_sha256"
 
 _TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VERSION_DIR_RE = re.compile(r"^v(\d{4,})$")
@@ -289,7 +296,23 @@ def _replace_file_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def _content_sha256(data: dict, skip: str) -> str:
+    """sha256 of a JSON object's content without the key ``skip`` (canonical form, so it does
+    not depend on indentation or key order)."""
+    body = {k: v for k, v in data.items() if k != skip}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _checksum_problem(data: dict, key: str) -> str | None:
+    """Why ``data`` fails its embedded checksum, or None. Files written before checksums were
+    added have none; they are accepted (a flip inside the key's name leaves the rest intact)."""
+    if key not in data or data[key] == _content_sha256(data, key):
+        return None
+    return "checksum mismatch: the file was modified or is corrupt"
+
+
 def _meta_bytes(meta: dict) -> bytes:
+    meta = {**meta, META_CHECKSUM_KEY: _content_sha256(meta, META_CHECKSUM_KEY)}
     return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -424,12 +447,23 @@ class PromptBank:
         return self._task_dir(task) / _version_dir(version)
 
     def _cleanup_interrupted(self) -> None:
-        """Remove temp and trash dirs left by a killed writer (only called under the lock)."""
+        """Remove what a killed writer left (only called under the lock): temp and trash dirs,
+        and the temp files of an interrupted ``index.json`` or ``meta.json`` replacement (they
+        would otherwise pile up, one per kill)."""
         if not self.root.is_dir():
             return
         for child in self.root.iterdir():
-            if child.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and not child.is_symlink():
+            if child.is_symlink():
+                continue
+            if child.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
                 shutil.rmtree(child, ignore_errors=True)
+            elif child.name.startswith(f".{INDEX_FILE}.") and child.is_file():
+                child.unlink(missing_ok=True)
+        for task, versions in self._disk_versions().items():
+            for version in versions:
+                for stale in self._entry_dir(task, version).glob(f".{META_FILE}.*"):
+                    if stale.is_file() and not stale.is_symlink():
+                        stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ disk and index
 
@@ -459,8 +493,21 @@ class PromptBank:
         """The parsed ``index.json`` ({} when the bank has none yet).
 
         Raises:
-            BankError: the file is not valid JSON or has an unknown schema version.
+            BankError: the file is not valid JSON, fails its checksum, or has an unknown schema
+                version.
         """
+        index = self._read_index_unchecked()
+        problem = _checksum_problem(index, INDEX_CHECKSUM_KEY)
+        if problem:
+            raise BankError(
+                f"{problem}; `multipromot bank verify --fix` rebuilds it from disk (every "
+                "task's current version becomes its newest)",
+                file=self.root / INDEX_FILE,
+            )
+        return index
+
+    def _read_index_unchecked(self) -> dict:
+        """``index.json`` parsed and schema-checked, its checksum not checked ({} if none)."""
         path = self.root / INDEX_FILE
         if not path.is_file():
             return {}
@@ -479,15 +526,18 @@ class PromptBank:
             )
         return index
 
-    def _state(self) -> tuple[dict[str, list[int]], dict[str, int], dict[str, int]]:
+    def _state(
+        self, index: dict | None = None
+    ) -> tuple[dict[str, list[int]], dict[str, int], dict[str, int]]:
         """(versions on disk, current version per task, highest version ever given per task).
 
-        Disk is the truth for which entries exist; the index adds ``current`` and the
-        high-water mark. A task the index does not know (e.g. after a kill between renaming a
-        new entry into place and rewriting the index) is current at its newest version.
+        Disk is the truth for which entries exist; the index (read here unless given) adds
+        ``current`` and the high-water mark. A task the index does not know (e.g. after a kill
+        between renaming a new entry into place and rewriting the index) is current at its
+        newest version.
         """
         disk = self._disk_versions()
-        index = self.read_index()
+        index = self.read_index() if index is None else index
         tasks = index.get("tasks") or {}
         current: dict[str, int] = {}
         last: dict[str, int] = {}
@@ -525,10 +575,9 @@ class PromptBank:
             {t: {"current": None, "last_version": v} for t, v in last.items() if t not in disk}
         )
         # one line per entry keeps the file readable and diffs small; still plain JSON
-        head = json.dumps(
-            {"schema_version": INDEX_SCHEMA_VERSION, "updated": _now(), "tasks": tasks},
-            sort_keys=True,
-        )
+        head = {"schema_version": INDEX_SCHEMA_VERSION, "updated": _now(), "tasks": tasks}
+        checksum = _content_sha256({**head, "entries": summaries}, INDEX_CHECKSUM_KEY)
+        head = json.dumps({**head, INDEX_CHECKSUM_KEY: checksum}, sort_keys=True)
         lines = [json.dumps(s, sort_keys=True) for s in summaries]
         body = head[:-1] + ', "entries": [\n' + ",\n".join(lines) + ("\n" if lines else "") + "]}\n"
         _replace_file_atomically(self.root / INDEX_FILE, body.encode())
@@ -559,6 +608,9 @@ class PromptBank:
             )
         if not isinstance(meta["base_model"], dict) or "fingerprint" not in meta["base_model"]:
             raise BankError("meta.json base_model lacks a fingerprint", file=meta_path, key=ref)
+        problem = _checksum_problem(meta, META_CHECKSUM_KEY)
+        if problem:
+            raise BankError(problem, file=meta_path, key=ref)
         return BankEntry(task=task, version=version, path=path, meta=meta, current=current)
 
     # ------------------------------------------------------------------ reading
@@ -605,11 +657,17 @@ class PromptBank:
         disk, current, _ = self._state()
         if task is not None:
             disk = {validate_task_name(task): disk.get(task, [])}
-        return [
-            self._read_entry(t, v, current=current.get(t) == v)
-            for t, versions in sorted(disk.items())
-            for v in versions
-        ]
+        found = []
+        for t, versions in sorted(disk.items()):
+            for v in versions:
+                try:
+                    found.append(self._read_entry(t, v, current=current.get(t) == v))
+                except BankError:
+                    # readers take no lock: a writer may have removed it since the listing
+                    # (renamed out whole), which is not an error of the listing
+                    if self._entry_dir(t, v).is_dir():
+                        raise
+        return found
 
     def _read_prompt_bytes(self, entry: BankEntry) -> bytes:
         path = self._inside(entry.prompt_path, key=entry.ref)
@@ -959,12 +1017,13 @@ class PromptBank:
     ) -> list[BankProblem]:
         """Check the whole bank; returns the problems found ([] when all is well).
 
-        Checked for every entry: meta.json readable and consistent with its directory, the
-        tensor's sha256, name, dtype and shape; the index lists exactly what is on disk with
-        matching summaries and valid ``current`` versions; no symlinks inside the bank; when the
-        base model is a local directory saved by multipromot, its recorded fingerprint (or
-        lineage) still includes the entry's fingerprint; with ``model``/``accept``, every entry's
-        fingerprint is accepted for that model.
+        Checked for every entry: meta.json readable, intact (its own checksum) and consistent
+        with its directory, the tensor's sha256, name, dtype and shape; the index is intact and
+        lists exactly what is on disk with matching summaries and valid ``current`` versions; no
+        symlinks inside the bank; when the base model is a local directory saved by
+        multipromot, its recorded fingerprint (or lineage) still includes the entry's
+        fingerprint; with ``model``/``accept``, every entry's fingerprint is accepted for that
+        model.
         """
         problems: list[BankProblem] = []
         root = os.fspath(self.root)
@@ -973,12 +1032,12 @@ class PromptBank:
         index_path = os.fspath(self.root / INDEX_FILE)
         index_readable = True
         try:
-            index = self.read_index()
+            index = self._read_index_unchecked()
         except BankError as e:
             problems.append(BankProblem(None, index_path, e.message))
             index, index_readable = {}, False
         problems += self._verify_layout()
-        disk, current, _ = self._state() if index else (self._disk_versions(), {}, {})
+        disk, current, _ = self._state(index) if index else (self._disk_versions(), {}, {})
         checking = model is not None or accept is not None
         accepted = self.accepted_fingerprints(model, accept) if checking else None
         entries: dict[str, BankEntry] = {}
@@ -994,7 +1053,17 @@ class PromptBank:
                 entries[ref] = entry
                 problems += self._verify_fingerprint(entry, accepted, model)
         if index:
-            problems += self._verify_index(index, disk, entries, index_path)
+            drift = self._verify_index(index, disk, entries, index_path)
+            problems += drift
+            checksum = _checksum_problem(index, INDEX_CHECKSUM_KEY)
+            if checksum and not drift:  # the drift lines already say what differs
+                problems.append(
+                    BankProblem(
+                        None,
+                        index_path,
+                        f"{checksum}; `multipromot bank verify --fix` rebuilds it from disk",
+                    )
+                )
         elif disk and index_readable:
             problems.append(
                 BankProblem(

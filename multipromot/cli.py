@@ -186,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         return 130
     except typer.TyperException as e:  # typer's bundled click: usage errors, bad options
-        e.show()
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        print(f"error: {' '.join(message.split())} (see multipromot --help)", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. disk full while writing: not bad input, but no traceback either
+        if debug:
+            raise
+        print(
+            f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

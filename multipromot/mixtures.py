@@ -559,6 +559,12 @@ def load_mixture(path: str | os.PathLike) -> Mixture:
             an unknown task or template, a bad rate, a zero total rate, a nesting cycle or
             missing nested file, an unsupported version, or a task defined twice.
     """
+    if not os.fspath(path):  # Path("") would be "." and fail as "is a directory"
+        raise UserError(
+            "no mixture file given: set the stage's mixture in the run config "
+            "(stage1.mixture, stage2.mixture)",
+            key="mixture",
+        )
     file = Path(path)
     header, entries = _load(file, (file.resolve(),))
     entries = _merge(file, entries)

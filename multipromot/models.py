@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -210,7 +211,12 @@ def _auto_load(path: str, dtype: torch.dtype | None = None):
     _quiet_transformers()
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = auto.from_pretrained(path, **kwargs)
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as e:  # weights_only=True refused a pickled payload
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
+        raise UserError(f"refusing to load pickled weights ({first}); use safetensors",
+                        file=path, key="model") from None  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

@@ -21,8 +21,10 @@ fields; examples for which it is false are dropped (SNLI marks unlabeled pairs w
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
+import logging
 import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -335,14 +337,15 @@ class FileSource:
             )
         builder, options = FILE_FORMATS[self.format]
         try:
-            dataset = datasets.load_dataset(
-                builder, data_files={split: self.files[split]}, split=split, **options
-            )
+            with _quiet_datasets_errors():
+                dataset = datasets.load_dataset(
+                    builder, data_files={split: self.files[split]}, split=split, **options
+                )
         except Exception as exc:  # parse errors arrive as several exception types
             raise UserError(
                 f"cannot read {self.format} files for split {split!r} "
                 f"({self.files[split][0]}{' ...' if len(self.files[split]) > 1 else ''}): "
-                f"{_first_line(exc)}",
+                f"{_parse_reason(exc)}",
                 file=self.file,
                 key=self.key,
             ) from exc
@@ -350,6 +353,31 @@ class FileSource:
 
     def __repr__(self) -> str:
         return f"FileSource({self.describe()!r})"
+
+
+@contextlib.contextmanager
+def _quiet_datasets_errors() -> Iterator[None]:
+    """datasets logs a parse error itself before raising it; the UserError says it once."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _parse_reason(exc: BaseException) -> str:
+    """The first line of the most telling exception in the chain: datasets wraps the parser's
+    error ("JSON parse error: ... in row 8") in a generic DatasetGenerationError."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ != "DatasetGenerationError":
+            return _first_line(current)
+        current = current.__cause__ or current.__context__
+    return _first_line(exc)
 
 
 # -- generators --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from multipromot.bank import BankEntry, PromptBank, describe_model
 from multipromot.collate import Collator
 from multipromot.config import RunConfig, resolve_path
+from multipromot.errors import UserError
 from multipromot.generation import validate_tasks
 from multipromot.mixtures import load_mixture
 from multipromot.models import is_encoder_decoder, load_model
@@ -111,6 +112,12 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     for step in bar:
         batch = next(batches)
         loss = prompted(**batch).loss
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"non-finite loss ({loss.item()}) at step {step}; no prompt of this run was "
+                "written to the bank (lower stage1.lr or check the data)",
+                key="stage1",
+            )
         loss.backward()
         optimizer.step()
         scheduler.step()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from multipromot import distributed as D
 from multipromot.bank import PromptBank
 from multipromot.checkpoint import (
+    latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
     resolve_resume,
@@ -135,6 +137,15 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
                                          label_smoothing=s2.label_smoothing, bf16=s2.bf16)  # fmt: skip
         max_norm = s2.max_grad_norm if s2.max_grad_norm > 0 else float("inf")
         grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Stop before the optimizer step: the weights and every checkpoint stay finite.
+            last = latest_checkpoint(out / "checkpoints")
+            raise UserError(
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
+                f"stopped before updating the weights; last good checkpoint: {last or 'none'} "
+                "(lower stage2.lr or check the data, then resume)",
+                key="stage2",
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

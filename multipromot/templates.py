@@ -59,6 +59,9 @@ _PIPE_MARK = "\ue000pipe\ue000"
 # Bounds on what a template may build with "*" and "**" (Jinja's sandbox bounds only range()).
 _MAX_SEQUENCE = 1_000_000
 _MAX_EXPONENT = 1_000
+# and on the integers they may build: a bounded exponent alone does not stop ((9**999)**999)**999
+# or a namespace squared in a loop, which would compute for hours
+_MAX_INT_BITS = 1 << 16
 _MAX_CATALOGUE_DEPTH = 4
 
 
@@ -83,6 +86,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
 
     def call_binop(self, context, operator, left, right):  # noqa: D102 (Jinja hook)
+        ints = isinstance(left, int) and isinstance(right, int)
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if (
@@ -91,8 +95,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                     and len(seq) * times > _MAX_SEQUENCE
                 ):
                     raise SecurityError(f"'*' would build more than {_MAX_SEQUENCE} items")
-        if operator == "**" and isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
-            raise SecurityError(f"exponent above {_MAX_EXPONENT}")
+            if ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+                raise SecurityError(f"'*' would build an integer of more than {_MAX_INT_BITS} bits")
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
+                raise SecurityError(f"exponent above {_MAX_EXPONENT}")
+            if ints and right > 0 and left.bit_length() * right > _MAX_INT_BITS:
+                raise SecurityError(
+                    f"'**' would build an integer of more than {_MAX_INT_BITS} bits"
+                )
         return super().call_binop(context, operator, left, right)
 
 

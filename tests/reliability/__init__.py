@@ -1,0 +1,1 @@
+"""Helpers of the reliability tests (fault injection, checkers, the report generator)."""
