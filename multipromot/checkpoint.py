@@ -26,6 +26,7 @@ someone else like any other input you did not make.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -56,11 +57,13 @@ __all__ = [
     "latest_checkpoint",
     "resolve_resume",
     "is_complete",
+    "verify_checkpoint",
 ]
 
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
+CHECKSUMS_FILE = "checksums.json"  # sha256 of every other file, plus its own
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -75,6 +78,7 @@ def is_complete(path: str | os.PathLike) -> bool:
         _STEP_DIR.match(path.name) is not None
         and (path / ".metadata").is_file()
         and (path / TRAINER_STATE_FILE).is_file()
+        and (path / CHECKSUMS_FILE).is_file()
     )
 
 
@@ -86,7 +90,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     root = Path(root)
     pointer = root / LATEST_FILE
     if pointer.is_file():
-        name = pointer.read_text().strip()
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
         if _STEP_DIR.match(name) and is_complete(root / name):  # a bare name: no path escapes
             return root / name
     steps = [p for p in root.glob("step_*") if is_complete(p)] if root.is_dir() else []
@@ -251,6 +255,51 @@ def _write_trainer_files(tmp: Path, trainer: dict, ranks: list[dict]) -> None:
     trainer = {**trainer, "sampler": [local["sampler"] for local in ranks], "rng": rng}
     save_file(tensors, str(tmp / RNG_FILE))
     _write_durably(tmp / TRAINER_STATE_FILE, json.dumps(trainer, indent=1).encode())
+    _write_checksums(tmp)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(tmp: Path) -> None:
+    """Hash every file of the checkpoint (all ranks' shards are written by now: dcp.save is a
+    collective), so a flipped byte anywhere is caught before it is loaded."""
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name != CHECKSUMS_FILE}
+    body = json.dumps(files, sort_keys=True)
+    record = {"files": files, "sha256": hashlib.sha256(body.encode()).hexdigest()}
+    _write_durably(tmp / CHECKSUMS_FILE, json.dumps(record, indent=1).encode())
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every file of a checkpoint against its recorded sha256.
+
+    Raises:
+        UserError: a missing, extra-damaged or altered file, named in one line.
+    """
+    path = Path(path)
+    record_file = path / CHECKSUMS_FILE
+    try:
+        record = json.loads(record_file.read_bytes().decode())
+        files = record["files"]
+        body = json.dumps(files, sort_keys=True)
+        intact = hashlib.sha256(body.encode()).hexdigest() == record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"unreadable checksum record ({type(e).__name__})", file=record_file
+        ) from None
+    if not intact:
+        raise UserError("checksum record does not match its own content", file=record_file)
+    for name, expected in files.items():
+        file = path / name
+        if "/" in name or name.startswith("..") or not file.is_file():
+            raise UserError("missing from the checkpoint", file=file)
+        if _sha256(file) != expected:
+            raise UserError("checksum mismatch: the file changed after it was saved", file=file)
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
@@ -329,6 +378,7 @@ def load_checkpoint(
     )
 
     path = Path(path)
+    verify_checkpoint(path)
     trainer = read_trainer_state(path)
     saved_world = int(trainer["world_size"])
     if (sampler is not None or restore_rng) and saved_world != dist_utils.world_size():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from multipromot import checkpoint
 from multipromot.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -89,7 +90,13 @@ def test_checkpoint_layout_and_latest_pointer(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_2", "step_4"]
     assert (tmp_path / "latest").read_text() == "step_4\n"
     files = sorted(p.name for p in (tmp_path / "step_4").iterdir())
-    assert files == [".metadata", "__0_0.distcp", "rng.safetensors", "trainer_state.json"]
+    assert files == [
+        ".metadata",
+        "__0_0.distcp",
+        "checksums.json",
+        "rng.safetensors",
+        "trainer_state.json",
+    ]
     state = json.loads((tmp_path / "step_4" / "trainer_state.json").read_text())
     assert state["sampler"] == [{"position": 0}] and len(state["rng"]) == 1
 
@@ -136,6 +143,9 @@ def test_metadata_pickle_cannot_run_code(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     (path / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(UserError, match="checksum mismatch"):  # first line of defence
+        load_checkpoint(path, model=model, restore_rng=False)
+    checkpoint._write_checksums(path)  # an attacker can re-seal: the unpickler must still refuse
     with pytest.raises(UserError, match="refusing to load"):
         load_checkpoint(path, model=model, restore_rng=False)
     assert not marker.exists()
@@ -167,6 +177,7 @@ def test_non_tensor_values_cannot_run_code(tmp_path):
     bad = tmp_path / "step_2"
     dcp.save(tensors, checkpoint_id=bad, no_dist=True)
     (bad / "trainer_state.json").write_text((good / "trainer_state.json").read_text())
+    checkpoint._write_checksums(bad)  # sealed like a real one: the planner must still refuse
     with pytest.raises(UserError, match="cannot load the checkpoint"):
         load_checkpoint(bad, model=model, optimizer=optimizer, restore_rng=False)
     assert not marker.exists()
@@ -178,6 +189,7 @@ def test_world_size_must_match_for_sampler_and_rng(tmp_path):
     state = json.loads((path / "trainer_state.json").read_text())
     state["world_size"] = 2
     (path / "trainer_state.json").write_text(json.dumps(state))
+    checkpoint._write_checksums(path)
     with pytest.raises(UserError, match="written by 2 processes"):
         load_checkpoint(path, model=model, sampler=sampler)
     load_checkpoint(path, model=model, restore_rng=False)  # weights alone load anywhere
