@@ -147,7 +147,8 @@ def pretrain_cmd(
 @app.command("eval")
 def eval_cmd(
     model: Annotated[
-        Path | None, typer.Option("--model", help="Model directory (default: the cached lab model).")
+        Path | None,
+        typer.Option("--model", help="Model directory (default: the cached lab model)."),
     ] = None,
     shots: Annotated[int, typer.Option("--shots", help="Exemplars per item.")] = 1,
     examples: Annotated[int, typer.Option("--examples", help="Test items per family.")] = 100,

@@ -99,7 +99,9 @@ def test_labels_follow_the_generating_rule():
         else:
             assert hypothesis not in facts
     for e in generate("lab_wic", "test", 0):
-        first, second = (world.category(e[k].rstrip(".").split()[-1]) for k in ("sentence1", "sentence2"))
+        first, second = (
+            world.category(e[k].rstrip(".").split()[-1]) for k in ("sentence1", "sentence2")
+        )
         assert (first == second) == (e["label"] == 1)
     for e in generate("lab_sentiment", "test", 0):
         words = e["review"].replace(".", "").split()
@@ -201,11 +203,11 @@ def test_micro_pretrain_writes_a_loadable_model_whose_loss_went_down(tmp_path):
     from multipromot.models import read_lineage
 
     path = ensure_lab_model(
-        tmp_path / "lab", seed=0, size="micro", steps=40, batch_size=16, eval_examples=4,
+        tmp_path / "lab", seed=0, size="micro", steps=25, batch_size=8, eval_examples=4,
         warmup_steps=5, progress=False,
     )  # fmt: skip
     record = read_pretrain_record(path)
-    assert record["config"]["size"] == "micro" and record["config"]["steps"] == 40
+    assert record["config"]["size"] == "micro" and record["config"]["steps"] == 25
     assert record["loss_last"] < record["loss_first"] - 0.5
     assert set(record["one_shot_test_scores"]) == set(FAMILIES)
     assert record["unseen_in_pretraining"] == ["lab_rte"]
@@ -222,7 +224,7 @@ def test_micro_pretrain_writes_a_loadable_model_whose_loss_went_down(tmp_path):
 
     # A second call finds the model and does not train again.
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert ensure_lab_model(path, seed=0, size="micro", steps=40, progress=False) == path
+    assert ensure_lab_model(path, seed=0, size="micro", steps=25, progress=False) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -251,3 +253,17 @@ def test_cli_lab_tasks_lists_every_family():
     assert rte["example"]["input"].endswith("Is it true or false? answer:")
     text = CliRunner().invoke(app, ["tasks"]).output
     assert "lab_trans_ro: 3000 train / 200 validation / 200 test; bleu" in text
+
+
+def test_lab_import_is_light_and_registers_generators_and_the_builtin_model():
+    import subprocess
+    import sys
+
+    # sources.py imports multipromot.lab to find an unknown generator: that must not pull in
+    # transformers (seconds), and must leave `lab` a built-in model of multipromot.models.
+    code = (
+        "import sys, multipromot.lab, multipromot.sources as s, multipromot.models as m; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'; "
+        "assert 'lab_qa' in s.GENERATORS and 'lab' in m.BUILTIN_MODELS"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

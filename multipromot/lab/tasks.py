@@ -130,7 +130,11 @@ def _make_cb(rng: random.Random, world: World, i: int) -> Example:
         entity = rng.choice((a, b))
         relation = rng.choice([r for r in RELATIONS if r not in (ra, rb)])
         value = rng.choice(world.values[relation])
-    return {"premise": premise, "hypothesis": _fact_sentence(entity, relation, value), "label": label}
+    return {
+        "premise": premise,
+        "hypothesis": _fact_sentence(entity, relation, value),
+        "label": label,
+    }
 
 
 def _wic_sentence(rng: random.Random, world: World, word: str, category: str) -> str:
@@ -302,11 +306,11 @@ def _qa_splits(
             order = rng.sample(range(len(phrasings)), len(phrasings))
             answer = world.facts[entity][relation]
             for split, index in zip(("validation", "test"), order, strict=False):
-                out[split].append(
+                out[split].append({"question": phrasings[index].format(e=entity), "answer": answer})
+            for index in order[_QA_HELD_OUT:]:
+                out["train"].append(
                     {"question": phrasings[index].format(e=entity), "answer": answer}
                 )
-            for index in order[_QA_HELD_OUT:]:
-                out["train"].append({"question": phrasings[index].format(e=entity), "answer": answer})
     sizes = {"train": n_train, "validation": n_validation, "test": n_test}
     result = {}
     for split, examples in out.items():
