@@ -2,7 +2,8 @@
 
 multipromot: `stage2.finetune(cfg)` in ProMoT mode (bank prompts frozen, P = 100 per row), one
 process, on the paper's stage-2 mixture (RTE + WMT14 En-Fr formats, realistic lengths), batch
-8, Adafactor lr 1e-3, label smoothing 0.1, grad-norm clipping 1.0, dropout 0.1. Each step's time
+8, Adafactor lr 1e-3 (scaled by each weight's RMS), label smoothing 0.1, grad-norm clipping
+1.0, dropout 0.1. Each step's time
 is taken where the loop reports its throughput, so it covers everything the loop does per step:
 sampling, exemplars, collation, prompt gathering, forward, loss, backward, clipping, optimizer,
 scheduler, logging.
@@ -96,7 +97,8 @@ def plain_loop(model_dir: Path, batches: list[dict]):
 
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     model.train()
-    opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=False,
+    # stage 2's Adafactor: steps scaled by each weight's RMS (T5 fine-tuning)
+    opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True,
                     warmup_init=False)  # fmt: skip
     pending = iter(batches)
 
@@ -163,7 +165,8 @@ def main() -> None:
         f"~4x slower per step, too slow for this shared 2-core machine), dropout 0.1, batch "
         f"{BATCH} of the RTE + WMT14 En-Fr formats, P = {P} prompt positions per row "
         f"({positions:.0f} encoder + decoder positions per batch on average), Adafactor "
-        f"lr 1e-3, label smoothing 0.1, clipping 1.0, fp32. The loops run in lockstep, one "
+        f"lr 1e-3 scaled by each weight's RMS, label smoothing 0.1, clipping 1.0, fp32. The "
+        f"loops run in lockstep, one "
         f"plain step after every multipromot step (a hook in the stage-2 loop's throughput "
         f"meter); {STEPS - 1} step pairs (warm-up step dropped). CPU time (one thread) is "
         f"the work each loop does; wall time also counts waiting for a core held by other "

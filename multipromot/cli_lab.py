@@ -113,23 +113,25 @@ def pretrain_cmd(
     """Pretrain the lab model (about 10 minutes on 2 cores) and print its 1-shot scores."""
     import torch
 
-    from multipromot.lab.model import ensure_lab_model, read_pretrain_record
+    from multipromot.lab.model import PRETRAIN_RECORD, ensure_lab_model, read_pretrain_record
 
     if threads is not None:
         if threads < 1:
             raise UserError(f"must be >= 1, got {threads}", key="--threads")
         torch.set_num_threads(threads)
     path = Path(out) if out is not None else default_lab_path(seed)
-    existed = (path / "multipromot.json").is_file()
+    record_file = path / PRETRAIN_RECORD
+    before = record_file.stat().st_mtime_ns if record_file.is_file() else None
     ensure_lab_model(
         path, seed=seed, steps=steps, size=size, device=device, rebuild=rebuild,
         progress=not as_json,
     )  # fmt: skip
+    reused = before is not None and record_file.stat().st_mtime_ns == before
     record = read_pretrain_record(path)
     if as_json:
         _print_json({"path": str(path), **record})
         return
-    if existed and not rebuild:
+    if reused:
         typer.echo(f"{path} already holds a lab model (pass --rebuild to build it again)")
     scores = record.get("one_shot_test_scores", {})
     typer.echo(f"lab model: {path}")

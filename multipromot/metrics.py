@@ -306,7 +306,9 @@ def bleu(predictions: Sequence[str], references: Sequence[Reference]) -> float:
     streams = max(len(r) for r in refs)
     # sacrebleu wants one stream per reference index; None marks "no reference here".
     ref_streams = [[r[i] if i < len(r) else None for r in refs] for i in range(streams)]
-    return float(sacrebleu.corpus_bleu(list(predictions), ref_streams).score)
+    value = float(sacrebleu.corpus_bleu(list(predictions), ref_streams).score)
+    # exp(mean log precision) of a perfect corpus can round to 100.00000000000004
+    return min(value, 100.0)
 
 
 _ROUGE2: rouge_scorer.RougeScorer | None = None

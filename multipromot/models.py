@@ -238,14 +238,13 @@ def load_model(
     if spec in BUILTIN_MODELS or spec == "lab":
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache / "models" / f"{spec}-seed{seed}"
-        if not (path / LINEAGE_FILE).is_file():
-            if spec == "lab":
-                from multipromot.lab import ensure_lab_model
+        if spec == "lab":  # rebuilt when the cached one is of another lab version
+            from multipromot.lab import ensure_lab_model
 
-                ensure_lab_model(path, seed=seed)
-            else:
-                model, tok = build_builtin(spec, seed)
-                save_model(model, tok, path, name=spec)
+            ensure_lab_model(path, seed=seed)
+        elif not (path / LINEAGE_FILE).is_file():
+            model, tok = build_builtin(spec, seed)
+            save_model(model, tok, path, name=spec)
         model, tok = _auto_load(str(path), dtype)
         return model, tok, str(path)
     model, tok = _auto_load(spec, dtype)

@@ -273,10 +273,15 @@ def _prompt_table(cfg: RunConfig, mixture: Mixture, model, tokenizer, refs: dict
 
 
 def _optimizer(prompted: PromptedModel, s2) -> torch.optim.Optimizer:
-    """The model's parameters at ``lr``; in joint mode the prompt table at ``prompt_lr``."""
-    groups = [{"params": [p for p in prompted.model.parameters() if p.requires_grad], "lr": s2.lr}]
+    """The model's parameters at ``lr``; in joint mode the prompt table at ``prompt_lr``.
+
+    With Adafactor the model's steps scale with each weight's RMS (T5 fine-tuning) and the
+    prompt's do not (prompt tuning); AdamW ignores the flag.
+    """
+    model_params = [p for p in prompted.model.parameters() if p.requires_grad]
+    groups = [{"params": model_params, "lr": s2.lr, "scale_parameter": True}]
     if s2.mode == "joint":
-        groups.append({"params": [prompted.prompts], "lr": s2.prompt_lr})
+        groups.append({"params": [prompted.prompts], "lr": s2.prompt_lr, "scale_parameter": False})
     optimizer = build_optimizer(groups, s2.optimizer, s2.lr, s2.weight_decay)
     return D.prepare_optimizer(optimizer)
 

@@ -26,19 +26,28 @@ __all__ = [
 
 
 def build_optimizer(
-    params: Iterable, name: str, lr: float, weight_decay: float = 0.0
+    params: Iterable,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    scale_parameter: bool = False,
 ) -> torch.optim.Optimizer:
-    """Adafactor (the paper's choice; STACK.md: the only one that trained the lab model) or AdamW.
+    """Adafactor (the paper's choice) or AdamW.
 
-    Adafactor runs with a fixed learning rate (``relative_step`` and ``scale_parameter`` off), as
-    in the paper's prompt-tuning and fine-tuning setups.
+    Adafactor runs with a fixed learning rate (``relative_step`` off), as in the paper's setups.
+    ``scale_parameter`` multiplies each step by the parameter's RMS: T5's own recipe for
+    training model weights (a weight initialised at RMS 0.02 moves by 2% of ``lr``, not by
+    ``lr``), off for soft prompts (prompt tuning's recipe). A param group may set it too.
+    Without it a 1M-parameter lab T5 at lr 1e-2 stalled at loss 1.3; with it, it learned
+    (multipromot/lab/model.py).
     """
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(
-            params, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False,
-            weight_decay=weight_decay,
+            params, lr=lr, relative_step=False, scale_parameter=scale_parameter,
+            warmup_init=False, weight_decay=weight_decay,
         )  # fmt: skip
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -165,12 +174,14 @@ def batch_stream(
     exemplar_seed: int | None = None,
     split: str = "train",
     task_ids: list[int] | None = None,
+    group_by_task: bool = False,
+    window: int = 32,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless model batches: sampler draws -> rendered strings (+ k-shot exemplars) -> collator.
 
     Args:
         mixture: the :class:`~multipromot.mixtures.Mixture` the sampler draws from.
-        sampler: an iterator of ``Draw(task_index, example_index)``.
+        sampler: a :class:`~multipromot.sampler.MixtureSampler` (``take(n)`` draws).
         collator: turns a list of ``Item`` into tensors.
         batch_size: rows per batch (per rank).
         shots: exemplars per row (same task's train split, never the row itself); None = the
@@ -179,15 +190,28 @@ def batch_stream(
         split: the split the sampler draws from.
         task_ids: the prompt-table row of each mixture task (default: its index); ``-1`` trains
             that task without a prompt (standard fine-tuning).
+        group_by_task: draw ``window`` batches' worth of rows at a time and cut them into
+            batches sorted by task, then length: each batch holds (almost always) one task,
+            padded to similar lengths. Only for a frozen model (stage 1), where a prompt's
+            gradient comes from its own rows whatever else shares the batch; the rows and the
+            mixture's rates are the same, only their order inside a window moves.
+        window: batches per grouping window.
     """
+    from multipromot.collate import group_by_length, item_chars
     from multipromot.exemplars import make_item
 
+    def item(draw):
+        row = None if task_ids is None else task_ids[draw.task_index]
+        return make_item(mixture, draw, split=split, shots=shots, seed=exemplar_seed, task_id=row)
+
+    rows = window * batch_size if group_by_task else batch_size
     while True:
-        items = []
-        for _ in range(batch_size):
-            draw = next(sampler)
-            row = None if task_ids is None else task_ids[draw.task_index]
-            items.append(
-                make_item(mixture, draw, split=split, shots=shots, seed=exemplar_seed, task_id=row)
-            )
-        yield collator(items)
+        items = [item(draw) for draw in sampler.take(rows)]
+        if not group_by_task:
+            yield collator(items)
+            continue
+        by_task = group_by_length(
+            items, batch_size, window=rows, key=lambda it: (it.task_id, item_chars(it))
+        )
+        for chunk in by_task:
+            yield collator(chunk)

@@ -9,7 +9,7 @@ import pytest
 
 from multipromot.errors import UserError
 from multipromot.lab import FAMILIES, PRETRAIN_FAMILIES, SPLITS, generate, get_world
-from multipromot.lab.world import RELATIONS, TARGET_LANGUAGES
+from multipromot.lab.world import COMMITMENT, RELATIONS, TARGET_LANGUAGES
 
 CLASSIFICATION = {"lab_rte": 2, "lab_cb": 3, "lab_wic": 2, "lab_sentiment": 2}
 SMALL = {"n_train": 120, "n_validation": 30, "n_test": 30}
@@ -85,24 +85,35 @@ def test_labels_follow_the_generating_rule():
     inverse = {a: b for pair in [("bigger", "smaller"), ("older", "younger"), ("faster", "slower"),
                                  ("taller", "shorter")] for a, b in (pair, pair[::-1])}  # fmt: skip
     for e in generate("lab_rte", "test", 0):
-        _, x, _, w, _, _, y = e["hypothesis"].rstrip(".").split()
-        stated = {s.split()[1]: s for s in e["premise"].split(". ") if " than " in s}
-        a, b = next(iter(stated.values())).rstrip(".").split()[1::5]
-        word = next(iter(stated.values())).split()[3]
-        entailed = (x, w, y) in {(a, word, b), (b, inverse[word], a)}
-        assert entailed == (e["label"] == 0)
+        words = e["hypothesis"].rstrip(".").split()
+        negated = "not" in words
+        if negated:
+            words.remove("not")
+        _, x, _, w, _, _, y = words
+        comparative = next(s for s in e["premise"].rstrip(".").split(". ") if " than " in s)
+        _, a, _, word, _, _, b = comparative.split()
+        assert (x, w, y) in {(a, word, b), (b, inverse[word], a)}  # restated or paraphrased
+        assert negated == (e["label"] == 1)
     for e in generate("lab_cb", "test", 0):
-        facts = set(e["premise"].rstrip(".").split(". "))
-        hypothesis = e["hypothesis"].rstrip(".")
-        if e["label"] == 0:
-            assert hypothesis in facts
-        else:
-            assert hypothesis not in facts
+        # The clause the speaker embeds is the hypothesis; the embedding phrase is the label's.
+        premise = f" {e['premise']} "
+        said = [p for p in COMMITMENT[("True", "False", "Neither")[e["label"]]]
+                if f" {p} " in premise]  # fmt: skip
+        assert len(said) == 1
+        assert f" {said[0]} {e['hypothesis']}" in premise
+        others = [p for phrases in COMMITMENT.values() for p in phrases if p != said[0]]
+        assert not any(f" {p} " in premise for p in others)
     for e in generate("lab_wic", "test", 0):
-        first, second = (
-            world.category(e[k].rstrip(".").split()[-1]) for k in ("sentence1", "sentence2")
-        )
-        assert (first == second) == (e["label"] == 1)
+        assert e["word"] in world.polysemes
+        # noun sense: "the E V a W of the X."; verb sense: "the E W the X."
+        senses = [
+            "noun" if f" a {e['word']} of " in e[k] else "verb" for k in ("sentence1", "sentence2")
+        ]
+        for k, sense in zip(("sentence1", "sentence2"), senses, strict=True):
+            if sense == "verb":
+                assert e[k].split()[2] == e["word"]
+        assert (senses == ["noun", "noun"]) == (e["label"] == 1)
+        assert "verb" in senses or e["label"] == 1
     for e in generate("lab_sentiment", "test", 0):
         words = e["review"].replace(".", "").split()
         score = sum(w in world.positive for w in words) - sum(w in world.negative for w in words)
@@ -199,13 +210,11 @@ def test_micro_pretrain_writes_a_loadable_model_whose_loss_went_down(tmp_path):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from multipromot.lab.model import ensure_lab_model, read_pretrain_record
+    from multipromot.lab.model import LAB_VERSION, ensure_lab_model, read_pretrain_record
     from multipromot.models import read_lineage
 
-    path = ensure_lab_model(
-        tmp_path / "lab", seed=0, size="micro", steps=25, batch_size=8, eval_examples=4,
-        warmup_steps=5, progress=False,
-    )  # fmt: skip
+    recipe = dict(seed=0, size="micro", steps=25, batch_size=8, warmup_steps=5, progress=False)
+    path = ensure_lab_model(tmp_path / "lab", eval_examples=4, **recipe)
     record = read_pretrain_record(path)
     assert record["config"]["size"] == "micro" and record["config"]["steps"] == 25
     assert record["loss_last"] < record["loss_first"] - 0.5
@@ -222,10 +231,53 @@ def test_micro_pretrain_writes_a_loadable_model_whose_loss_went_down(tmp_path):
         out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 1
 
-    # A second call finds the model and does not train again.
+    # A second call with the same recipe finds the model and does not train again (how many
+    # test items the 1-shot check scores is not part of the recipe).
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert ensure_lab_model(path, seed=0, size="micro", steps=25, progress=False) == path
+    assert ensure_lab_model(path, eval_examples=0, **recipe) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    # Another recipe, or a model cached by another lab version, is built again.
+    ensure_lab_model(path, eval_examples=0, **{**recipe, "steps": 5})
+    assert read_pretrain_record(path)["config"]["steps"] == 5
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    stale = {**read_pretrain_record(path), "lab_version": LAB_VERSION - 1}
+    (path / "lab_pretrain.json").write_text(json.dumps(stale))
+    ensure_lab_model(path, eval_examples=0, **{**recipe, "steps": 5})
+    assert (path / "model.safetensors").stat().st_mtime_ns != stamp
+    assert read_pretrain_record(path)["lab_version"] == LAB_VERSION
+
+
+def test_micro_lab_model_runs_the_demo_config_end_to_end(tmp_path, capsys):
+    """`make demo` in miniature: a micro lab model, then configs/demo.yaml (the file itself, so
+    its keys stay valid) with every stage cut to a few steps: stage 1, stage 2 single- and
+    multi-task, the router, the lab suite and the report."""
+    from pathlib import Path
+
+    from multipromot.cli import main
+    from multipromot.lab.model import ensure_lab_model
+
+    root = Path(__file__).resolve().parents[1]
+    model = ensure_lab_model(
+        tmp_path / "lab", seed=0, size="micro", steps=10, batch_size=8, warmup_steps=2,
+        eval_examples=0, progress=False,
+    )  # fmt: skip
+    overrides = [
+        f"model={model}", f"out_dir={tmp_path / 'run'}", f"bank.dir={tmp_path / 'bank'}",
+        "methods=[pretrained,standard,promot+1shot,promot@multi]",
+        "stage1.steps=2", "stage1.eval_every=2", "stage1.eval_examples=2",
+        "stage2.steps=2", "stage2.save_every=2", "stage2.eval_every=2",
+        "stage2.eval_examples=2", "stage2.batch_size=4",
+        "eval.examples=2", "eval.max_new_tokens=3", "eval.shots=[1]",
+    ]  # fmt: skip
+    assert main(["run", str(root / "configs" / "demo.yaml"), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'run' / 'report.md'}" in out
+    assert "promot@multi" in out and "Norm.Avg" in out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    unseen = {r["task"] for r in results["records"] if not r["seen"]}
+    assert unseen == {"lab_cb", "lab_wic", "lab_qa", "lab_trans_de", "lab_trans_ro", "lab_sum"}
+    methods = {r["method"] for r in results["records"]}
+    assert methods == {"pretrained", "standard", "promot+1shot", "promot@multi"}
 
 
 def test_lab_recipe_is_validated(tmp_path):

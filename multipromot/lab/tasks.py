@@ -7,9 +7,9 @@ one with its template, answer set and metric.
 =================  ====================================  ==================  ===========
 family             mirrors                               output              metric
 =================  ====================================  ==================  ===========
-lab_rte            RTE (comparatives, inverted or not)   True / False        accuracy
-lab_cb             CommitmentBank (stated facts)         True/False/Neither  accuracy
-lab_wic            WiC (sense = category of context)     no / yes            accuracy
+lab_rte            RTE (comparatives, negated or not)    True / False        accuracy
+lab_cb             CommitmentBank (speaker commitment)   True/False/Neither  accuracy
+lab_wic            WiC (noun sense or verb sense)        no / yes            accuracy
 lab_sentiment      SST-2 (majority of polar adjectives)  negative/positive   accuracy
 lab_qa             closed-book TriviaQA (fact table)     one word            exact_match
 lab_trans_fr/de/ro WMT En-Fr/De/Ro (word lexicons)       a sentence          bleu
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from multipromot.errors import UserError
-from multipromot.lab.world import COMPARATIVES, RELATIONS, World, get_world
+from multipromot.lab.world import COMMITMENT, COMPARATIVES, RELATIONS, World, get_world
 
 __all__ = [
     "FAMILIES",
@@ -85,78 +85,77 @@ def _event(rng: random.Random, world: World) -> tuple[str, str, str, str]:
 
 # ---------------------------------------------------------------------------- the makers
 def _make_rte(rng: random.Random, world: World, i: int) -> Example:
-    """Comparatives: "the A is bigger than the B." entails "the B is smaller than the A."
+    """A comparative and a hypothesis about it: "the A is bigger than the B." entails "the A is
+    bigger than the B." and its paraphrase "the B is smaller than the A."; their negations
+    ("the A is not bigger than the B.") are contradicted. Half the premises carry an unrelated
+    fact before or after the comparative.
 
-    label 0 (True) = entailed, 1 (False) = contradicted; half of each flips the order of the
-    entities, so neither the words nor the order alone decide the answer.
+    label 0 (True) = entailed, 1 (False) = contradicted. The negation decides, as lexical cues
+    decide much of real RTE: the version where the label turned on whether an inverse word
+    and swapped entities cancel out (an XOR) was still at chance after 200 fine-tuning steps.
     """
     a, b = _two(rng, world.entities)
     word, inverse = rng.choice(COMPARATIVES)
     if rng.random() < 0.5:
         word, inverse = inverse, word
     premise = f"the {a} is {word} than the {b}."
-    c = rng.choice([e for e in world.entities if e not in (a, b)])
-    relation = rng.choice(list(RELATIONS))
-    distractor = _fact_sentence(c, relation, rng.choice(world.values[relation]))
-    premise = f"{premise} {distractor}" if rng.random() < 0.5 else f"{distractor} {premise}"
+    if rng.random() < 0.5:
+        c = rng.choice([e for e in world.entities if e not in (a, b)])
+        relation = rng.choice(list(RELATIONS))
+        distractor = _fact_sentence(c, relation, rng.choice(world.values[relation]))
+        premise = f"{premise} {distractor}" if rng.random() < 0.5 else f"{distractor} {premise}"
     label = i % 2
-    swapped = rng.random() < 0.5  # state the hypothesis with the entities swapped
-    # Swapping the entities needs the inverse word to stay true.
-    if swapped:
-        x, y, w = b, a, (inverse if label == 0 else word)
-    else:
-        x, y, w = a, b, (word if label == 0 else inverse)
-    return {"premise": premise, "hypothesis": f"the {x} is {w} than the {y}.", "label": label}
+    x, y, w = (b, a, inverse) if rng.random() < 0.5 else (a, b, word)  # paraphrase or restate
+    negation = "not " if label == 1 else ""
+    return {"premise": premise, "hypothesis": f"the {x} is {negation}{w} than the {y}.", "label": label}
 
 
 def _make_cb(rng: random.Random, world: World, i: int) -> Example:
-    """Two stated facts; the hypothesis restates one (True), contradicts one (False), or talks
-    about an entity or a relation the premise does not mention (Neither)."""
-    a, b = _two(rng, world.entities)
-    ra, rb = rng.sample(list(RELATIONS), 2)
-    va, vb = rng.choice(world.values[ra]), rng.choice(world.values[rb])
-    premise = f"{_fact_sentence(a, ra, va)} {_fact_sentence(b, rb, vb)}"
+    """A speaker embeds a fact; is the speaker committed to it (True), to its negation (False),
+    or to neither? "the A knows that the B is red." -> "the B is red." True; "... denies
+    that ..." False; "... wonders whether ..." Neither. As in CommitmentBank, the embedding verb
+    decides, and half the premises carry an unrelated fact before or after."""
     label = i % 3
-    if label == 0:
-        entity, relation, value = (a, ra, va) if rng.random() < 0.5 else (b, rb, vb)
-    elif label == 1:
-        entity, relation, value = (a, ra, va) if rng.random() < 0.5 else (b, rb, vb)
-        value = _other_value(rng, world, relation, value)
-    elif rng.random() < 0.5:  # an entity that is not mentioned
-        entity = rng.choice([e for e in world.entities if e not in (a, b)])
-        relation = rng.choice((ra, rb))
-        value = rng.choice(world.values[relation])
-    else:  # a mentioned entity, but a relation stated for neither of them
-        entity = rng.choice((a, b))
-        relation = rng.choice([r for r in RELATIONS if r not in (ra, rb)])
-        value = rng.choice(world.values[relation])
-    return {
-        "premise": premise,
-        "hypothesis": _fact_sentence(entity, relation, value),
-        "label": label,
-    }
+    a, b = _two(rng, world.entities)
+    relation = rng.choice(list(RELATIONS))
+    clause = _fact_sentence(b, relation, rng.choice(world.values[relation]))
+    embedding = rng.choice(COMMITMENT[("True", "False", "Neither")[label]])
+    premise = f"the {a} {embedding} {clause}"
+    if rng.random() < 0.5:
+        c = rng.choice([e for e in world.entities if e not in (a, b)])
+        other = rng.choice(list(RELATIONS))
+        distractor = _fact_sentence(c, other, rng.choice(world.values[other]))
+        premise = f"{premise} {distractor}" if rng.random() < 0.5 else f"{distractor} {premise}"
+    return {"premise": premise, "hypothesis": clause, "label": label}
 
 
-def _wic_sentence(rng: random.Random, world: World, word: str, category: str) -> str:
+def _wic_sentence(rng: random.Random, world: World, word: str, sense: str) -> str:
+    """``word`` in its noun sense ("the E V a W of the X.") or its verb sense ("the E W the X.")."""
     entity = rng.choice(world.entities)
-    verb = rng.choice(world.verbs)
-    return f"the {entity} {verb} a {word} of the {rng.choice(world.values[category])}."
+    relation = rng.choice(("food", "home"))
+    thing = rng.choice(world.values[relation])
+    if sense == "noun":
+        return f"the {entity} {rng.choice(world.verbs)} a {word} of the {thing}."
+    return f"the {entity} {word} the {thing}."
 
 
 def _make_wic(rng: random.Random, world: World, i: int) -> Example:
-    """A polyseme's sense is the category of the word that follows it ("a W of the <food>").
+    """Is a polyseme used in the same sense in two sentences? Each polyseme has a noun sense
+    and a verb sense (as "watch" or "park"): label 1 (yes) = both sentences use the noun
+    sense, 0 (no) = one uses the noun sense and the other the verb sense, in either order.
 
-    label 1 (yes) = both sentences use the same sense, 0 (no) = different senses.
+    Why not senses that must be compared (two categories of the next word, "same" = equal
+    categories): that is an XOR of two features, and the 1M-parameter lab model stayed at
+    chance on it after 2,400 pretraining steps (1,200 at 3x its share), while this version
+    reaches 100 within 1,800 steps.
     """
-    word = rng.choice(sorted(world.polysemes))
-    senses = world.polysemes[word]
+    word = rng.choice(world.polysemes)
     label = 1 - i % 2
-    first = rng.choice(senses)
-    second = first if label == 1 else senses[1 - senses.index(first)]
+    senses = ["noun", "noun"] if label == 1 else rng.sample(["noun", "verb"], 2)
     return {
         "word": word,
-        "sentence1": _wic_sentence(rng, world, word, first),
-        "sentence2": _wic_sentence(rng, world, word, second),
+        "sentence1": _wic_sentence(rng, world, word, senses[0]),
+        "sentence2": _wic_sentence(rng, world, word, senses[1]),
         "label": label,
     }
 

@@ -16,7 +16,15 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["WORLD_SEED", "World", "get_world", "RELATIONS", "COMPARATIVES", "TARGET_LANGUAGES"]
+__all__ = [
+    "WORLD_SEED",
+    "World",
+    "get_world",
+    "RELATIONS",
+    "COMPARATIVES",
+    "COMMITMENT",
+    "TARGET_LANGUAGES",
+]
 
 # Changing this changes every lab task and invalidates cached lab models.
 WORLD_SEED = 20240517
@@ -36,6 +44,16 @@ COMPARATIVES: list[tuple[str, str]] = [
     ("faster", "slower"),
     ("taller", "shorter"),
 ]
+
+# How a speaker embeds a clause, by CommitmentBank label: committed to it (True), to its negation
+# (False), or to neither. The CB-like family turns on these words, as CB turns on the speaker's
+# commitment.
+COMMITMENT: dict[str, tuple[str, ...]] = {
+    "True": ("knows that", "saw that", "proved that"),
+    "False": ("denies that", "disproved that", "refuted that"),
+    "Neither": ("wonders whether", "asks whether", "guesses that"),
+}
+
 
 TARGET_LANGUAGES: tuple[str, ...] = ("fr", "de", "ro")
 
@@ -62,7 +80,7 @@ class World:
         facts: the fact table, ``facts[entity][relation] -> value`` (closed-book QA asks it).
         verbs: action verbs of events (summaries, translation).
         positive, negative: sentiment adjectives; ``neutral``: words that carry no sentiment.
-        polysemes: word -> (category of sense 1, category of sense 2) for the WiC-like family.
+        polysemes: words with a noun sense and a verb sense (the WiC-like family).
         lexicons: target language -> source word -> target word (one word each, a bijection).
     """
 
@@ -73,7 +91,7 @@ class World:
     positive: tuple[str, ...]
     negative: tuple[str, ...]
     neutral: tuple[str, ...]
-    polysemes: dict[str, tuple[str, str]]
+    polysemes: tuple[str, ...]
     lexicons: dict[str, dict[str, str]]
 
     def category(self, word: str) -> str | None:
@@ -124,6 +142,8 @@ def get_world(seed: int = WORLD_SEED) -> World:
     # can collide with them.
     used: set[str] = set(FUNCTION_WORDS) | {w for pair in COMPARATIVES for w in pair}
     used |= {"true", "false", "neither", "yes", "no", "question", "answer", "review", "article"}
+    used.add("not")  # the RTE-like family's negation
+    used |= {word for phrases in COMMITMENT.values() for p in phrases for word in p.split()}
     entities = _fresh(rng, "src", 40, used)
     values = {
         "color": _fresh(rng, "src", 8, used),
@@ -135,10 +155,7 @@ def get_world(seed: int = WORLD_SEED) -> World:
     positive = _fresh(rng, "src", 10, used)
     negative = _fresh(rng, "src", 10, used)
     neutral = _fresh(rng, "src", 10, used)
-    polysemes: dict[str, tuple[str, str]] = {}
-    for word in _fresh(rng, "src", 8, used):
-        first, second = rng.sample(list(RELATIONS), 2)
-        polysemes[word] = (first, second)
+    polysemes = _fresh(rng, "src", 8, used)
     facts = {e: {r: rng.choice(values[r]) for r in RELATIONS} for e in entities}
     world = World(
         entities=entities, values=values, facts=facts, verbs=verbs, positive=positive,
