@@ -4,8 +4,10 @@ The same 8 bank prompts drive both sides: multipromot's `PromptedModel.from_bank
 gathers its own prompt, so a batch can mix tasks) and PEFT 0.21.2 with the bank exported as
 prompt-tuning adapters (`PromptBank.export_peft`, loaded with `PeftModel.from_pretrained` /
 `load_adapter`; one adapter is active at a time, so its batches hold one task each). The
-requests arrive shuffled across tasks; PEFT has to split them by task, multipromot batches them
-as they come, or sorted by input length (the input only: targets are unknown at inference).
+requests arrive shuffled across tasks; PEFT has to split them by task; multipromot's
+`generation.predict` sorts them by length (`collate.item_chars`: input and exemplars, targets
+are empty at inference) and cuts batches that mix tasks. A third arm keeps them in arrival order
+(what `predict` did before it sorted), to show what the sorting buys.
 
 The arms run batch by batch in turn (PEFT batch 1, mixed batch 1, sorted batch 1, PEFT batch
 2, ...), so they share the machine's load. Greedy decoding of exactly 16 new tokens per row
@@ -39,7 +41,7 @@ def main() -> None:
     from transformers import AutoModelForSeq2SeqLM
 
     from multipromot.bank import PromptBank, describe_model
-    from multipromot.collate import Collator, Item
+    from multipromot.collate import Collator, Item, item_chars
     from multipromot.models import load_model
     from multipromot.soft_prompt import PromptedModel, init_prompts
 
@@ -96,7 +98,8 @@ def main() -> None:
             return ids[:, 1:].tolist()  # drop the decoder start token, as PromptedModel does
 
         arrival = [list(range(i, i + BATCH)) for i in range(0, len(items), BATCH)]
-        by_len = sorted(range(len(items)), key=lambda i: len(items[i].input), reverse=True)
+        # generation.predict's own order
+        by_len = sorted(range(len(items)), key=lambda i: item_chars(items[i]), reverse=True)
         per_task = [
             [i for i in range(len(items)) if items[i].task_id == t][s : s + BATCH]
             for t in range(len(names))
@@ -147,8 +150,8 @@ def main() -> None:
     rows = []
     for name, label in (
         ("peft", "PEFT, one adapter at a time (per-task batches)"),
-        ("mixed", "multipromot, mixed batches in arrival order"),
-        ("mixed+sorted", "multipromot, mixed batches sorted by input length"),
+        ("mixed+sorted", "multipromot `predict`: mixed batches sorted by length"),
+        ("mixed", "multipromot, mixed batches in arrival order (before `predict` sorted)"),
     ):
         rate, cpu = C.med(runs[name], "ex_per_s"), C.med(runs[name], "ex_per_cpu_s")
         total, real = padding[name]

@@ -9,11 +9,11 @@ per prompt (PEFT: exactly E per task; multipromot: E per task on average, drawn 
 mixture sampler). Both validate each prompt on the same 8 examples per task (loss only; stage 1
 also validates the initial prompts) and write their prompts (bank / adapter directories).
 
-Two more arms run the same `train_prompts` with its batches grouped inside windows of 32
-batches (`collate.group_by_length`), to show what stage 1 would gain: by length (the default
-key, as stage 2 does), and by task, then length. Stage 1 (`training.batch_stream`) does not
-group today. In stage 1 the model is frozen and each prompt's gradient comes from its own rows
-only, so batches of one task lose nothing; the mixture's rates are unchanged.
+multipromot runs twice: with its default `stage1.batching=task` (rows cut into batches of one
+task, sorted by length inside windows of 32 batches) and with `stage1.batching=mixed` (rows in
+drawn order, every batch mixing tasks). In stage 1 the model is frozen and each prompt's
+gradient comes from its own rows only, so batches of one task lose nothing; the mixture's
+rates are unchanged.
 
 Reported: steady-state loop examples/s (training steps only) and total wall time per arm (model
 loading, setup, training, validation, saving: what a user pays), medians over interleaved
@@ -41,7 +41,7 @@ SHAPE = "t5-tiny"
 REPEATS = 2
 
 
-def run_multipromot(model_dir: Path, mixture: Path, work: Path, *, group: str | None) -> dict:
+def run_multipromot(model_dir: Path, mixture: Path, work: Path, *, batching: str) -> dict:
     import multipromot.stage1 as stage1
     from multipromot.config import load_config
 
@@ -54,18 +54,17 @@ model: {model_dir}
 bank: {{dir: {work}/bank}}
 stage1: {{mixture: {mixture}, prompt_length: {P}, init: random, optimizer: adafactor, lr: {LR},
   steps: {steps}, batch_size: {BATCH}, eval_every: {steps}, eval_examples: {VAL},
-  select_by: loss, max_input_length: {MAX_IN}, max_target_length: {MAX_TGT}, log_every: 10}}
+  select_by: loss, max_input_length: {MAX_IN}, max_target_length: {MAX_TGT}, log_every: 10,
+  batching: {batching}}}
 """)
-    saved = stage1.Throughput, stage1.batch_stream
+    saved = stage1.Throughput
     stage1.Throughput = C.StepClock
-    if group:
-        stage1.batch_stream = _grouped_stream(GROUP_KEYS[group])
     try:
         with C.Clock() as total:
             cfg = load_config(str(config), [])
             entries = stage1.train_prompts(cfg, progress=False)
     finally:
-        stage1.Throughput, stage1.batch_stream = saved
+        stage1.Throughput = saved
     assert len(entries) == N_TASKS
     # steady state: steps 2..n (the meter starts before the step-0 validation)
     clock = C.StepClock.last
@@ -73,31 +72,6 @@ stage1: {{mixture: {mixture}, prompt_length: {P}, init: random, optimizer: adafa
     n = (steps - 1) * BATCH
     return {"total_s": total.s, "total_cpu": total.cpu, "loop_s": loop, "ex_per_s": n / loop,
             "ex_per_cpu_s": n / loop_cpu}  # fmt: skip
-
-
-def _item_chars(item) -> int:
-    return len(item.input) + len(item.target) + sum(map(len, item.exemplars))
-
-
-GROUP_KEYS = {
-    "length": _item_chars,  # collate.group_by_length's own default
-    "task+length": lambda item: (item.task_id, _item_chars(item)),
-}
-
-
-def _grouped_stream(key):
-    """``training.batch_stream`` with batches grouped inside windows of 32 batches."""
-
-    def stream(mixture, sampler, collator, batch_size, **kw):
-        from multipromot.collate import group_by_length
-        from multipromot.exemplars import make_item
-
-        while True:
-            items = [make_item(mixture, d, shots=0) for d in sampler.take(32 * batch_size)]
-            for chunk in group_by_length(items, batch_size, key=key):
-                yield collator(chunk)
-
-    return stream
 
 
 def run_peft(model_dir: Path, mixture: Path, work: Path) -> dict:
@@ -152,31 +126,27 @@ def padding(mix, steps: int) -> dict[str, float]:
     """Share of padded positions in the batches each arm trains on (encoder incl. P, decoder)."""
     import numpy as np
 
-    from multipromot.collate import Collator, Item, group_by_length
-    from multipromot.exemplars import make_item
+    from multipromot.collate import Collator, Item
     from multipromot.sampler import MixtureSampler
+    from multipromot.training import batch_stream
 
     collate = Collator(C.tokenizer(), decoder_only=False, max_input_length=MAX_IN,
                        max_target_length=MAX_TGT)  # fmt: skip
-    drawn = [make_item(mix, d, shots=0) for d in MixtureSampler(mix, seed=0).take(32 * BATCH)]
     per_task = []
     for t, task in enumerate(mix.tasks):
         train = task.examples("train")
         order = np.random.default_rng(t).permutation(len(train))[:PER_PROMPT]
         items = [Item(-1, *task.render(train[int(i)])) for i in order]
-        per_task += [items[s : s + BATCH] for s in range(0, PER_PROMPT, BATCH)]
-    arms = {
-        "multipromot": [drawn[i : i + BATCH] for i in range(0, len(drawn), BATCH)][:steps],
-        "multipromot+length": group_by_length(drawn, BATCH, key=GROUP_KEYS["length"])[:steps],
-        "multipromot+task+length": group_by_length(drawn, BATCH, key=GROUP_KEYS["task+length"])[
-            :steps
-        ],
-        "peft": per_task,
-    }
+        per_task += [collate(items[s : s + BATCH]) for s in range(0, PER_PROMPT, BATCH)]
+    arms = {"peft": per_task}
+    for batching in ("task", "mixed"):  # stage 1's own stream, as train_prompts builds it
+        stream = batch_stream(mix, MixtureSampler(mix, seed=0), collate, BATCH, shots=0,
+                              group_by_task=batching == "task")  # fmt: skip
+        arms[f"multipromot:{batching}"] = [next(stream) for _ in range(steps)]
     out = {}
     for name, batches in arms.items():
         total = real = 0
-        for b in map(collate, batches):
+        for b in batches:
             total += b["attention_mask"].numel() + P * len(b["input_ids"]) + b["labels"].numel()
             real += int(b["attention_mask"].sum()) + P * len(b["input_ids"])
             real += int((b["labels"] != -100).sum())
@@ -230,10 +200,9 @@ def main() -> None:
         torch.manual_seed(0)
         runs = C.interleaved(
             {
-                "multipromot": arm(run_multipromot, group=None),
+                "multipromot:task": arm(run_multipromot, batching="task"),
                 "peft": arm(run_peft),
-                "multipromot+length": arm(run_multipromot, group="length"),
-                "multipromot+task+length": arm(run_multipromot, group="task+length"),
+                "multipromot:mixed": arm(run_multipromot, batching="mixed"),
             },
             REPEATS,
         )
@@ -247,12 +216,8 @@ def main() -> None:
     rows = []
     for name, label in (
         ("peft", "PEFT, task by task"),
-        ("multipromot", "multipromot, one mixed run"),
-        ("multipromot+length", "multipromot, grouped by length (not in stage 1 yet)"),
-        (
-            "multipromot+task+length",
-            "multipromot, grouped by task, then length (not in stage 1 yet)",
-        ),
+        ("multipromot:task", "multipromot, one run, stage1.batching=task (default)"),
+        ("multipromot:mixed", "multipromot, one run, stage1.batching=mixed"),
     ):
         m = {k: C.med(runs[name], k) for k in ("ex_per_s", "ex_per_cpu_s", "total_s")}
         rows.append([label, f"{padded[name]:.0%}", m["ex_per_s"], m["ex_per_s"] / peft["ex_per_s"],

@@ -45,7 +45,7 @@ from multipromot.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IGNORE_INDEX", "Item", "Collator", "group_by_length"]
+__all__ = ["IGNORE_INDEX", "Item", "Collator", "group_by_length", "item_chars"]
 
 # The label value torch's cross entropy (and every HF model) ignores.
 IGNORE_INDEX = -100
@@ -210,7 +210,9 @@ def _tensor(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _item_chars(item: Item) -> int:
+def item_chars(item: Item) -> int:
+    """A row's length in characters (input, target and exemplars): a length proxy for grouping
+    that costs no tokenization."""
     return len(item.input) + len(item.target) + sum(map(len, item.exemplars))
 
 
@@ -219,7 +221,7 @@ def group_by_length(
     batch_size: int,
     *,
     window: int | None = None,
-    key: Callable[[Item], int] = _item_chars,
+    key: Callable[[Item], Any] = item_chars,
 ) -> list[list[Item]]:
     """Batches of similar length, to cut padding without giving up the mixture's randomness.
 

@@ -53,6 +53,9 @@ class Stage1Config:
     eval_every: int = 1000  # validation per task; the best step per task goes to the bank
     eval_examples: int = 200
     select_by: str = "metric"  # metric (the task's own) | loss
+    # task: each batch holds one task's rows, sorted by length inside windows of 32 batches
+    # (little padding, as prompt tuning task by task); mixed: rows in drawn order
+    batching: str = "task"
     max_input_length: int = 512
     max_target_length: int = 128
     log_every: int = 10
@@ -124,6 +127,7 @@ def _validate(cfg: RunConfig, file: str) -> None:
         ("stage1.init", cfg.stage1.init in ("random", "vocab", "text"), "random, vocab or text"),
         ("stage1.optimizer", cfg.stage1.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("stage1.select_by", cfg.stage1.select_by in ("metric", "loss"), "metric or loss"),
+        ("stage1.batching", cfg.stage1.batching in ("task", "mixed"), "task or mixed"),
         ("stage2.mode", cfg.stage2.mode in STAGE2_MODES, ", ".join(STAGE2_MODES)),
         ("stage2.optimizer", cfg.stage2.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("stage2.decay", cfg.stage2.decay in ("constant", "linear", "cosine"), "constant, linear or cosine"),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from multipromot.collate import Collator, Item
+from multipromot.collate import Collator, Item, item_chars
 from multipromot.metrics import postprocess, score
 
 __all__ = ["predict", "validate_tasks"]
@@ -52,9 +52,14 @@ def predict(
     was_training = prompted.training
     prompted.eval()
     device = _device(prompted)
-    outputs: list[str] = []
-    for start in range(0, len(items), batch_size):
-        batch = _to(collator(list(items[start : start + batch_size])), device)
+    # Rows of similar length share a batch: a mixed-task request stream padded in arrival
+    # order is half padding (benchmarks/RESULTS.md, item 3). Each row's output does not depend
+    # on its batch mates, and the outputs go back in item order.
+    order = sorted(range(len(items)), key=lambda i: item_chars(items[i]), reverse=True)
+    outputs: list[str] = [""] * len(items)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = _to(collator([items[i] for i in rows]), device)
         ids = prompted.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -63,7 +68,9 @@ def predict(
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )
-        outputs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        for i, text in zip(rows, texts, strict=True):
+            outputs[i] = text
     prompted.train(was_training)
     return outputs
 

@@ -1,7 +1,9 @@
 """Stage 1: prompt tuning. The model is frozen; one soft prompt per task of the mixture.
 
-All tasks train in one run: every batch mixes tasks and each row gathers its own task's prompt,
-so a prompt's gradient comes only from its own rows. Each task is validated on its own metric
+All tasks train in one run, each row gathering its own task's prompt, so a prompt's gradient
+comes only from its own rows. By default (``stage1.batching=task``) the rows are cut into
+batches of one task and similar length: a mixture of short and long formats padded together
+wastes about half of every batch (benchmarks/RESULTS.md, item 2). Each task is validated on its own metric
 every ``eval_every`` steps and the best step's prompt (per task) goes to the bank.
 """
 
@@ -86,7 +88,8 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
         max_target_length=s1.max_target_length,
     )
     sampler = MixtureSampler(mixture, seed=cfg.seed)
-    batches = batch_stream(mixture, sampler, collator, s1.batch_size, shots=0)
+    batches = batch_stream(mixture, sampler, collator, s1.batch_size, shots=0,
+                           group_by_task=s1.batching == "task")  # fmt: skip
 
     out_dir = Path(cfg.out_dir) / "stage1"
     logger = MetricsLogger(out_dir)

@@ -12,7 +12,9 @@ from multipromot.training import build_optimizer, lr_schedule, token_loss
 def factors(decay, warmup=2, total=6, final=0.0):
     param = torch.nn.Parameter(torch.zeros(1))
     opt = build_optimizer([param], "adamw", lr=1.0)
-    sched = lr_schedule(opt, warmup_steps=warmup, total_steps=total, decay=decay, final_fraction=final)
+    sched = lr_schedule(
+        opt, warmup_steps=warmup, total_steps=total, decay=decay, final_fraction=final
+    )
     out = []
     for _ in range(total):
         out.append(sched.get_last_lr()[0])
@@ -60,3 +62,100 @@ def test_label_smoothing_raises_loss_of_confident_predictions():
     plain, _ = token_loss(logits, labels)
     smooth, _ = token_loss(logits, labels, label_smoothing=0.1)
     assert smooth > plain + 0.5
+
+
+def test_adafactor_scale_parameter_moves_weights_relative_to_their_size():
+    """T5's recipe for model weights: a step is lr x the weight's RMS, not lr (prompts: off)."""
+    moved = {}
+    for scale in (False, True):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(8, 8) * 0.01)  # RMS ~0.01, like a T5 projection
+        before = param.detach().clone()
+        opt = build_optimizer([param], "adafactor", lr=1e-2, scale_parameter=scale)
+        param.grad = torch.randn(8, 8)
+        opt.step()
+        moved[scale] = (param.detach() - before).pow(2).mean().sqrt().item()
+    assert moved[False] == pytest.approx(1e-2, rel=0.05)
+    assert moved[True] == pytest.approx(1e-2 * 0.01, rel=0.2)
+
+
+def _two_task_mixture(tmp_path):
+    from multipromot.mixtures import load_mixture
+
+    path = tmp_path / "mix.yaml"
+    path.write_text("name: two\nversion: 1\ntasks:\n  - task: lab_qa\n  - task: lab_sum\n")
+    return load_mixture(path)
+
+
+def test_batch_stream_grouped_by_task_keeps_the_rows_and_separates_tasks(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    from multipromot.collate import Collator
+    from multipromot.sampler import MixtureSampler
+    from multipromot.training import batch_stream
+
+    mixture = _two_task_mixture(tmp_path)
+    collator = Collator(ByT5Tokenizer(), decoder_only=False, max_input_length=400)
+
+    def rows(group: bool) -> list[list[tuple[int, tuple[int, ...]]]]:
+        stream = batch_stream(mixture, MixtureSampler(mixture, seed=3), collator, 4, shots=0,
+                              group_by_task=group, window=8)  # fmt: skip
+        batches = [next(stream) for _ in range(8)]  # one window
+        return [
+            [(int(t), tuple(ids[m.bool()].tolist())) for t, ids, m in
+             zip(b["task_ids"], b["input_ids"], b["attention_mask"], strict=True)]
+            for b in batches
+        ]  # fmt: skip
+
+    drawn, grouped = rows(False), rows(True)
+    # The same rows (the same draws), only their order inside the window moved.
+    assert sorted(r for b in grouped for r in b) == sorted(r for b in drawn for r in b)
+    mixed = [b for b in drawn if len({t for t, _ in b}) > 1]
+    assert mixed, "the drawn order should mix the two tasks in some batch"
+    # Grouped: at most one batch straddles the boundary between the two tasks.
+    assert sum(len({t for t, _ in b}) > 1 for b in grouped) <= 1
+
+    # Sorted by length inside each task: far less padding than the drawn order.
+    def padding(batches) -> int:
+        return sum(max(len(ids) for _, ids in b) * len(b) - sum(len(ids) for _, ids in b)
+                   for b in batches)  # fmt: skip
+
+    assert padding(grouped) < padding(drawn) / 2
+
+
+def test_predict_sorts_by_length_and_returns_outputs_in_item_order(tmp_path):
+    """Batches are cut from rows sorted by length; each output still lands on its own item, and
+    equals what the row gives alone."""
+    from multipromot.collate import Collator, Item
+    from multipromot.generation import predict
+    from multipromot.models import build_builtin
+    from multipromot.soft_prompt import PromptedModel, init_prompts
+
+    model, tok = build_builtin("tiny-t5", 0)
+    model.eval()
+    with torch.no_grad():  # a random-init T5 ends at once; keep eos and pad from winning
+        model.shared.weight[[tok.eos_token_id, tok.pad_token_id]] = 0.0
+    prompts = init_prompts(model, tok, 2, 3, method="random", seed=0)
+    prompted = PromptedModel(model, prompts, ["a", "b"])
+    lengths = [3, 40, 7, 25, 1, 60, 12, 33, 5]
+    items = [Item(i % 3 - 1, "x" * n + str(i), "") for i, n in enumerate(lengths)]
+    collator = Collator(tok, decoder_only=False, max_input_length=128, for_generation=True)
+
+    class Recorder:
+        """Wraps the collator to see the batches predict builds."""
+
+        def __init__(self):
+            self.batches = []
+
+        def __call__(self, batch):
+            self.batches.append([len(item.input) for item in batch])
+            return collator(batch)
+
+    recorder = Recorder()
+    together = predict(prompted, tok, items, recorder, batch_size=4, max_new_tokens=5)
+    alone = [predict(prompted, tok, [item], collator, max_new_tokens=5)[0] for item in items]
+    assert together == alone
+    assert len(set(together)) > 1  # rows differ, so a mix-up of the order would show
+    assert recorder.batches[0] == sorted(recorder.batches[0], reverse=True)
+    flat = [n for batch in recorder.batches for n in batch]
+    assert flat == sorted(flat, reverse=True)
