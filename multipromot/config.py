@@ -54,7 +54,8 @@ class Stage1Config:
     eval_examples: int = 200
     select_by: str = "metric"  # metric (the task's own) | loss
     # task: each batch holds one task's rows, sorted by length inside windows of 32 batches
-    # (little padding, as prompt tuning task by task); mixed: rows in drawn order
+    # (little padding; each prompt gets fewer, larger updates, as in prompt tuning task by
+    # task); mixed: rows in drawn order, every prompt updated at every step
     batching: str = "task"
     max_input_length: int = 512
     max_target_length: int = 128
