@@ -3,8 +3,9 @@
 All tasks train in one run, each row gathering its own task's prompt, so a prompt's gradient
 comes only from its own rows. By default (``stage1.batching=task``) the rows are cut into
 batches of one task and similar length: a mixture of short and long formats padded together
-wastes about half of every batch (benchmarks/RESULTS.md, item 2). Each task is validated on its own metric
-every ``eval_every`` steps and the best step's prompt (per task) goes to the bank.
+wastes about half of every batch (benchmarks/RESULTS.md, item 2). Each task is validated on
+its own metric every ``eval_every`` steps and the best step's prompt (per task) goes to the
+bank.
 """
 
 from __future__ import annotations

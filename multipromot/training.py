@@ -39,7 +39,7 @@ def build_optimizer(
     ``scale_parameter`` multiplies each step by the parameter's RMS: T5's own recipe for
     training model weights (a weight initialised at RMS 0.02 moves by 2% of ``lr``, not by
     ``lr``), off for soft prompts (prompt tuning's recipe). A param group may set it too.
-    Without it a 1M-parameter lab T5 at lr 1e-2 stalled at loss 1.3; with it, it learned
+    Without it a 1M-parameter lab T5 at lr 1e-2 stalled at loss 1.2; with it, it learned
     (multipromot/lab/model.py).
     """
     if name == "adafactor":

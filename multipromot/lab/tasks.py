@@ -69,10 +69,6 @@ def _fact_sentence(entity: str, relation: str, value: str) -> str:
     return RELATIONS[relation].format(e=entity, v=value)
 
 
-def _other_value(rng: random.Random, world: World, relation: str, value: str) -> str:
-    return rng.choice([v for v in world.values[relation] if v != value])
-
-
 def _event(rng: random.Random, world: World) -> tuple[str, str, str, str]:
     """(entity, verb, food, home): "the E V the F in the H." is the event sentence."""
     return (
@@ -107,7 +103,11 @@ def _make_rte(rng: random.Random, world: World, i: int) -> Example:
     label = i % 2
     x, y, w = (b, a, inverse) if rng.random() < 0.5 else (a, b, word)  # paraphrase or restate
     negation = "not " if label == 1 else ""
-    return {"premise": premise, "hypothesis": f"the {x} is {negation}{w} than the {y}.", "label": label}
+    return {
+        "premise": premise,
+        "hypothesis": f"the {x} is {negation}{w} than the {y}.",
+        "label": label,
+    }
 
 
 def _make_cb(rng: random.Random, world: World, i: int) -> Example:

@@ -54,7 +54,6 @@ COMMITMENT: dict[str, tuple[str, ...]] = {
     "Neither": ("wonders whether", "asks whether", "guesses that"),
 }
 
-
 TARGET_LANGUAGES: tuple[str, ...] = ("fr", "de", "ro")
 
 # Function words of lab English; every one has a translation in each target language.
@@ -93,13 +92,6 @@ class World:
     neutral: tuple[str, ...]
     polysemes: tuple[str, ...]
     lexicons: dict[str, dict[str, str]]
-
-    def category(self, word: str) -> str | None:
-        """The relation whose values contain ``word`` ("color", "food", ...), or None."""
-        for relation, words in self.values.items():
-            if word in words:
-                return relation
-        return None
 
     @property
     def source_words(self) -> tuple[str, ...]:
