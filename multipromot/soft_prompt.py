@@ -304,7 +304,13 @@ class PromptedModel(nn.Module):
             return None
         ids = task_ids.to(self.prompts.device)
         has_prompt = ids >= 0
-        rows = self.prompts[ids.clamp(min=0)].to(device=embeds.device, dtype=embeds.dtype)
+        # A one-hot product, not self.prompts[ids]: the backward of advanced indexing
+        # accumulates with multiple CPU threads in a varying order, and at stage 1's learning
+        # rates that float noise made two identical runs end with different prompts (lab_rte
+        # 100 vs 59 after 300 steps). A matmul's backward sums in a fixed order.
+        pick = F.one_hot(ids.clamp(min=0), self.num_tasks).to(self.prompts.dtype)
+        rows = torch.einsum("bt,tpd->bpd", pick, self.prompts)
+        rows = rows.to(device=embeds.device, dtype=embeds.dtype)
         # -1 rows get zero placeholders (masked out below); torch.where sends them no gradient.
         rows = torch.where(
             has_prompt.to(embeds.device)[:, None, None], rows, torch.zeros_like(rows)

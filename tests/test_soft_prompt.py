@@ -205,6 +205,31 @@ def test_stage1_step_changes_only_prompts_of_batch_tasks(tiny):
     assert not torch.equal(pm.prompts[2], before_prompts[2])
 
 
+def test_prompt_gradient_is_bit_identical_across_runs_with_threads():
+    """Stage 1 on two CPU threads must repeat itself: the prompt table's gradient from a batch
+    of 32 rows of one task is the same, bit for bit, every time (the backward of
+    ``prompts[ids]`` accumulated in a varying order and made two demo runs diverge)."""
+    model, tok = build_tiny("tiny-t5")
+    prompts = init_prompts(model, tok, 2, 20, method="random", seed=1)
+    pm = PromptedModel(model, prompts, ["t0", "t1"])
+    pm.set_trainable("prompt")
+    rows = [(f"input number {i} " * (1 + i % 4), f"out {i}") for i in range(32)]
+    batch = make_batch(tok, rows, decoder_only=False)
+    task_ids = torch.zeros(32, dtype=torch.long)  # a stage-1 batch of one task
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            pm.prompts.grad = None
+            pm(**batch, task_ids=task_ids).loss.backward()
+            grads.append(pm.prompts.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].abs().sum() > 0
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 @pytest.mark.parametrize("mode", ["model", "both"])
 def test_trainable_modes_route_gradients(tiny, mode):
     name, model, tok = tiny
