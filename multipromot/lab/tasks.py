@@ -69,6 +69,19 @@ def _fact_sentence(entity: str, relation: str, value: str) -> str:
     return RELATIONS[relation].format(e=entity, v=value)
 
 
+def _maybe_distracted(
+    rng: random.Random, world: World, sentence: str, mentioned: tuple[str, ...]
+) -> str:
+    """``sentence``, half the time with an unrelated fact about another entity before or after
+    it, so that the answer's position in the premise varies."""
+    if rng.random() >= 0.5:
+        return sentence
+    entity = rng.choice([e for e in world.entities if e not in mentioned])
+    relation = rng.choice(list(RELATIONS))
+    fact = _fact_sentence(entity, relation, rng.choice(world.values[relation]))
+    return f"{sentence} {fact}" if rng.random() < 0.5 else f"{fact} {sentence}"
+
+
 def _event(rng: random.Random, world: World) -> tuple[str, str, str, str]:
     """(entity, verb, food, home): "the E V the F in the H." is the event sentence."""
     return (
@@ -94,12 +107,7 @@ def _make_rte(rng: random.Random, world: World, i: int) -> Example:
     word, inverse = rng.choice(COMPARATIVES)
     if rng.random() < 0.5:
         word, inverse = inverse, word
-    premise = f"the {a} is {word} than the {b}."
-    if rng.random() < 0.5:
-        c = rng.choice([e for e in world.entities if e not in (a, b)])
-        relation = rng.choice(list(RELATIONS))
-        distractor = _fact_sentence(c, relation, rng.choice(world.values[relation]))
-        premise = f"{premise} {distractor}" if rng.random() < 0.5 else f"{distractor} {premise}"
+    premise = _maybe_distracted(rng, world, f"the {a} is {word} than the {b}.", (a, b))
     label = i % 2
     x, y, w = (b, a, inverse) if rng.random() < 0.5 else (a, b, word)  # paraphrase or restate
     negation = "not " if label == 1 else ""
@@ -120,12 +128,7 @@ def _make_cb(rng: random.Random, world: World, i: int) -> Example:
     relation = rng.choice(list(RELATIONS))
     clause = _fact_sentence(b, relation, rng.choice(world.values[relation]))
     embedding = rng.choice(COMMITMENT[("True", "False", "Neither")[label]])
-    premise = f"the {a} {embedding} {clause}"
-    if rng.random() < 0.5:
-        c = rng.choice([e for e in world.entities if e not in (a, b)])
-        other = rng.choice(list(RELATIONS))
-        distractor = _fact_sentence(c, other, rng.choice(world.values[other]))
-        premise = f"{premise} {distractor}" if rng.random() < 0.5 else f"{distractor} {premise}"
+    premise = _maybe_distracted(rng, world, f"the {a} {embedding} {clause}", (a, b))
     return {"premise": premise, "hypothesis": clause, "label": label}
 
 
