@@ -123,7 +123,7 @@ def test_batch_stream_grouped_by_task_keeps_the_rows_and_separates_tasks(tmp_pat
     assert padding(grouped) < padding(drawn) / 2
 
 
-def test_predict_sorts_by_length_and_returns_outputs_in_item_order(tmp_path):
+def test_predict_sorts_by_length_and_returns_outputs_in_item_order():
     """Batches are cut from rows sorted by length; each output still lands on its own item, and
     equals what the row gives alone."""
     from multipromot.collate import Collator, Item
@@ -156,6 +156,5 @@ def test_predict_sorts_by_length_and_returns_outputs_in_item_order(tmp_path):
     alone = [predict(prompted, tok, [item], collator, max_new_tokens=5)[0] for item in items]
     assert together == alone
     assert len(set(together)) > 1  # rows differ, so a mix-up of the order would show
-    assert recorder.batches[0] == sorted(recorder.batches[0], reverse=True)
     flat = [n for batch in recorder.batches for n in batch]
     assert flat == sorted(flat, reverse=True)
