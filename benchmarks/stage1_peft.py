@@ -12,8 +12,8 @@ also validates the initial prompts) and write their prompts (bank / adapter dire
 multipromot runs twice: with its default `stage1.batching=task` (rows cut into batches of one
 task, sorted by length inside windows of 32 batches) and with `stage1.batching=mixed` (rows in
 drawn order, every batch mixing tasks). In stage 1 the model is frozen and each prompt's
-gradient comes from its own rows only, so batches of one task lose nothing; the mixture's
-rates are unchanged.
+gradient comes from its own rows only; with batches of one task each prompt gets fewer, larger
+updates (as PEFT's task-by-task runs do); the mixture's rates are unchanged.
 
 Reported: steady-state loop examples/s (training steps only) and total wall time per arm (model
 loading, setup, training, validation, saving: what a user pays), medians over interleaved
