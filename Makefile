@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check multipromot tests benchmarks
+	$(BIN)/ruff format --check multipromot tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

@@ -173,7 +173,7 @@ def write_mixture(
 
 
 def load_tasks(mixture_yaml: Path):
-    from multipromot.mixtures import load_mixture
+    from multipromot.data.mixtures import load_mixture
 
     return load_mixture(mixture_yaml)
 

@@ -1,6 +1,6 @@
 """Data path: sampler + exemplars + collator against what a stage-2 step consumes.
 
-The data path is `training.batch_stream` (MixtureSampler -> make_item with 1-shot exemplars of
+The data path is `data.batches.batches_from_draws` (MixtureSampler -> build_item with 1-shot exemplars of
 the same task -> Collator), over the paper's 8 task formats with realistic lengths. The
 consumer is a stage-2 step of a t5-small-shaped model (PromptedModel, P = 100 frozen prompts,
 fwd + bwd + Adafactor on the model, label smoothing 0.1). Both run in this one process, on one
@@ -27,10 +27,11 @@ REPEATS = 3
 
 
 def main() -> None:
-    from multipromot.collate import Collator
-    from multipromot.sampler import MixtureSampler
+    from multipromot.data.batches import batches_from_draws
+    from multipromot.data.collate import Collator
+    from multipromot.data.sampler import MixtureSampler
     from multipromot.soft_prompt import PromptedModel, init_prompts
-    from multipromot.training import batch_stream, build_optimizer, token_loss
+    from multipromot.train.common import build_optimizer, token_loss
 
     machine = C.machine()
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
@@ -42,7 +43,14 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     tok = C.tokenizer()
     collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, max_target_length=MAX_TGT)
-    stream = batch_stream(mix, MixtureSampler(mix, seed=0), collate, BATCH)
+    sampler = MixtureSampler(mix, seed=0)
+
+    def batches():  # what stage 2 builds each step: the mixture's 1-shot rows, collated
+        while True:
+            yield from batches_from_draws(mix.tasks, sampler.take(BATCH), collate, batch_size=BATCH,
+                                          shots=mix.shots, seed=mix.exemplar_seed)  # fmt: skip
+
+    stream = batches()
     next(stream)  # first batch: lazy imports
 
     model = C.t5_model(SHAPE, tok)

@@ -5,7 +5,7 @@ gathers its own prompt, so a batch can mix tasks) and PEFT 0.21.2 with the bank 
 prompt-tuning adapters (`PromptBank.export_peft`, loaded with `PeftModel.from_pretrained` /
 `load_adapter`; one adapter is active at a time, so its batches hold one task each). The
 requests arrive shuffled across tasks; PEFT has to split them by task; multipromot's
-`generation.predict` sorts them by length (`collate.item_chars`: input and exemplars, targets
+`generation.predict` sorts them by length (`features.item_chars`: input and exemplars, targets
 are empty at inference) and cuts batches that mix tasks. A third arm keeps them in arrival order
 (what `predict` did before it sorted), to show what the sorting buys.
 
@@ -41,7 +41,8 @@ def main() -> None:
     from transformers import AutoModelForSeq2SeqLM
 
     from multipromot.bank import PromptBank, describe_model
-    from multipromot.collate import Collator, Item, item_chars
+    from multipromot.data.collate import Collator
+    from multipromot.features import Item, item_chars
     from multipromot.models import load_model
     from multipromot.soft_prompt import PromptedModel, init_prompts
 

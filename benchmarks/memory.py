@@ -37,7 +37,7 @@ def worker(config: str, out: str) -> None:
 
     import torch
 
-    import multipromot.stage2 as stage2
+    import multipromot.train.stage2 as stage2
     from multipromot.config import load_config
 
     captured = {}

@@ -5,7 +5,7 @@ stage-2 step (PromptedModel with frozen prompts, fwd + bwd + Adafactor on the mo
 micro-batches two ways:
 
 - drawn order (no grouping);
-- `collate.group_by_length` (key: characters), which is what `stage2.group_by_length=true`
+- `batches.group_by_length` (key: characters), which is what `stage2.group_by_length=true`
   does: it sorts each step's rows (here the paper's global batch of 64, micro-batches of 8)
   before cutting them into micro-batches.
 
@@ -38,11 +38,12 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from multipromot.collate import Collator, group_by_length
-    from multipromot.exemplars import make_item
-    from multipromot.sampler import MixtureSampler
+    from multipromot.data.batches import group_by_length
+    from multipromot.data.collate import Collator
+    from multipromot.data.exemplars import build_item
+    from multipromot.data.sampler import MixtureSampler
     from multipromot.soft_prompt import PromptedModel, init_prompts
-    from multipromot.training import build_optimizer, token_loss
+    from multipromot.train.common import build_optimizer, token_loss
 
     machine = C.machine()
     tmp = Path(tempfile.mkdtemp(prefix="bench-padding-"))
@@ -58,7 +59,9 @@ def main() -> None:
     prompted = PromptedModel(model, prompts, mix.task_names)
     prompted.set_trainable("model")
     collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, max_target_length=MAX_TGT)
-    items = [make_item(mix, d, shots=0) for d in MixtureSampler(mix, seed=0).take(STEPS * STEP)]
+    draws = MixtureSampler(mix, seed=0).take(STEPS * STEP)
+    items = [build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index)
+             for d in draws]  # fmt: skip
 
     def cut(window: int | None):
         if window is None:

@@ -59,7 +59,7 @@ def templates(n: int, seed: int) -> list:
 
     import numpy as np
 
-    from multipromot.templates import Template
+    from multipromot.data.templates import Template
 
     rng = np.random.default_rng(seed)
     seen, out = set(), []
@@ -95,7 +95,7 @@ def templates(n: int, seed: int) -> list:
 def main() -> None:
     import numpy as np
 
-    from multipromot.exemplars import SEPARATOR
+    from multipromot.features import SEPARATOR
     from multipromot.router import Router, RouterEntry
 
     machine = C.machine()

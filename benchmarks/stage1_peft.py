@@ -42,7 +42,7 @@ REPEATS = 2
 
 
 def run_multipromot(model_dir: Path, mixture: Path, work: Path, *, batching: str) -> dict:
-    import multipromot.stage1 as stage1
+    import multipromot.train.stage1 as stage1
     from multipromot.config import load_config
 
     steps = N_TASKS * PER_PROMPT // BATCH
@@ -81,7 +81,8 @@ def run_peft(model_dir: Path, mixture: Path, work: Path) -> dict:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.optimization import Adafactor
 
-    from multipromot.collate import Collator, Item
+    from multipromot.data.collate import Collator
+    from multipromot.features import Item
 
     loop, loop_cpu, counted = 0.0, 0.0, 0
     with C.Clock() as total:
@@ -126,9 +127,10 @@ def padding(mix, steps: int) -> dict[str, float]:
     """Share of padded positions in the batches each arm trains on (encoder incl. P, decoder)."""
     import numpy as np
 
-    from multipromot.collate import Collator, Item
-    from multipromot.sampler import MixtureSampler
-    from multipromot.training import batch_stream
+    from multipromot.data.collate import Collator
+    from multipromot.data.sampler import MixtureSampler
+    from multipromot.features import Item
+    from multipromot.train.stage1 import batch_stream
 
     collate = Collator(C.tokenizer(), decoder_only=False, max_input_length=MAX_IN,
                        max_target_length=MAX_TGT)  # fmt: skip
@@ -140,8 +142,8 @@ def padding(mix, steps: int) -> dict[str, float]:
         per_task += [collate(items[s : s + BATCH]) for s in range(0, PER_PROMPT, BATCH)]
     arms = {"peft": per_task}
     for batching in ("task", "mixed"):  # stage 1's own stream, as train_prompts builds it
-        stream = batch_stream(mix, MixtureSampler(mix, seed=0), collate, BATCH, shots=0,
-                              group_by_task=batching == "task")  # fmt: skip
+        stream = batch_stream(mix.tasks, MixtureSampler(mix, seed=0), collate, BATCH,
+                              by_task=batching == "task")  # fmt: skip
         arms[f"multipromot:{batching}"] = [next(stream) for _ in range(steps)]
     out = {}
     for name, batches in arms.items():
@@ -170,7 +172,7 @@ def load_seconds(shape: str, root: Path) -> float:
 def main() -> None:
     import torch
 
-    from multipromot.sampler import MixtureSampler
+    from multipromot.data.sampler import MixtureSampler
 
     machine = C.machine()
     tmp = Path(tempfile.mkdtemp(prefix="bench-stage1-"))

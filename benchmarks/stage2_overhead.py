@@ -66,16 +66,17 @@ def plain_batches(mixture: Path, tok) -> list[dict]:
     standing in for the soft prompt."""
     import torch
 
-    from multipromot.collate import Collator
-    from multipromot.exemplars import make_item
-    from multipromot.sampler import MixtureSampler
+    from multipromot.data.collate import Collator
+    from multipromot.data.exemplars import build_item
+    from multipromot.data.sampler import MixtureSampler
 
     mix = C.load_tasks(mixture)
     sampler = MixtureSampler(mix, seed=0)
     collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, max_target_length=MAX_TGT)
     batches = []
     for _ in range(STEPS):
-        b = collate([make_item(mix, d, shots=0) for d in sampler.take(BATCH)])
+        b = collate([build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index)
+                     for d in sampler.take(BATCH)])  # fmt: skip
         prompt = torch.arange(3, 3 + P).expand(BATCH, P)
         b["input_ids"] = torch.cat([prompt, b["input_ids"]], 1)
         b["attention_mask"] = torch.cat(
@@ -120,7 +121,7 @@ def plain_loop(model_dir: Path, batches: list[dict]):
 
 
 def main() -> None:
-    import multipromot.stage2 as stage2
+    import multipromot.train.stage2 as stage2
     from multipromot.config import load_config
     from multipromot.models import save_model
 

@@ -4,17 +4,21 @@ The names research code needs (USER-STORIES story 3)::
 
     from multipromot import (PromptBank, PromptedModel, Router, load_mixture, MixtureSampler,
                              evaluate, normalized_average)
+
+Importing the package also registers the lab (its generated tasks and the ``lab`` model) with
+the public registries; the library itself never imports the lab.
 """
 
+import multipromot.lab  # noqa: F401  (registers the lab's tasks and model)
 from multipromot.bank import PromptBank
+from multipromot.data.metrics import normalized_average, specialization_rate
+from multipromot.data.mixtures import load_mixture
+from multipromot.data.sampler import MixtureSampler
+from multipromot.data.tasks import get_task
 from multipromot.errors import BankError, UserError
-from multipromot.metrics import normalized_average, specialization_rate
-from multipromot.mixtures import load_mixture
+from multipromot.eval.suites import evaluate_suite, load_suite
 from multipromot.router import Router
-from multipromot.sampler import MixtureSampler
 from multipromot.soft_prompt import PromptedModel
-from multipromot.suites import evaluate_suite, load_suite
-from multipromot.tasks import get_task
 
 evaluate = evaluate_suite  # the k-shot suite evaluation (DESIGN's `evaluate`)
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from multipromot.errors import UserError
-from multipromot.mixtures import read_yaml
+from multipromot.yamlio import read_yaml
 
 __all__ = [
     "BankConfig",

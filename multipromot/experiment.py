@@ -11,7 +11,13 @@ A method names what the paper compares::
 
 ``+Kshot`` adds K exemplars to every stage-2 example (``promot+1shot``) and ``@name`` picks the
 stage-2 mixture from ``mixtures`` in the config (``standard@multi``); without it the method uses
-``stage2.mixture``.
+``stage2.mixture``. Shots precedence (:func:`multipromot.train.stage2.resolve_shots`): the
+label's ``+Kshot``, else ``stage2.shots``, else the mixture header's ``exemplars.shots``.
+
+Every method is evaluated with the prompts it was made with, never "the bank's current": the
+bank versions stage 1 of this run wrote (``prompt_tuning``), the versions stage 2 recorded in
+``final/stage2.json`` (``promot``, ``joint``'s starting point), or the table stage 2 stored next
+to the weights (``joint``, ``random_prompt``); results.json names them per record.
 
 Every finished piece leaves a file behind (the bank entries, ``methods/<m>/final``,
 ``methods/<m>/eval.json``), so running the same command again after a crash skips what is done
@@ -22,22 +28,25 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from multipromot.bank import PromptBank
+from multipromot.bank.entry import parse_ref
 from multipromot.config import RunConfig, resolve_path
+from multipromot.data.mixtures import load_mixture
+from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
-from multipromot.mixtures import load_mixture
+from multipromot.eval.report import terminal_summary, write_report
+from multipromot.eval.suites import evaluate_finetuned, evaluate_suite, load_suite
+from multipromot.fsio import write_json
 from multipromot.models import is_encoder_decoder, load_model
-from multipromot.report import terminal_summary, write_report
-from multipromot.router import Router
+from multipromot.router import calibrated_router
 from multipromot.soft_prompt import PromptedModel
-from multipromot.suites import evaluate_finetuned, evaluate_suite, load_suite
+from multipromot.train import stage2
+from multipromot.train.checkpoint import is_complete, load_checkpoint
+from multipromot.train.stage1 import train_prompts
 
 __all__ = ["Method", "parse_method", "run_experiment", "run_eval", "evaluate_method"]
 
@@ -51,7 +60,7 @@ _METHOD = re.compile(
 class Method:
     label: str
     kind: str
-    shots: int
+    shots: int | None  # +Kshot of the label; None = stage2.shots, else the mixture's header
     mixture: str  # path of the stage-2 mixture
 
     @property
@@ -88,28 +97,23 @@ def parse_method(label: str, cfg: RunConfig) -> Method:
             file=cfg.config_file or None,
             key="methods",
         )
-    return Method(label, m["kind"], int(m["shots"] or 0), resolve_path(cfg, mixture))
+    shots = int(m["shots"]) if m["shots"] is not None else None
+    return Method(label, m["kind"], shots, resolve_path(cfg, mixture))
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
-
-
-def _stage1(cfg: RunConfig, out: Path) -> None:
-    """Prompt-tune the stage-1 mixture unless this run already did (its refs are recorded)."""
-    from multipromot.stage1 import train_prompts
-
+def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
+    """Prompt-tune the stage-1 mixture unless this run already did; returns task -> bank ref of
+    this run's stage-1 prompts."""
     done = out / "stage1.json"
     if done.is_file():
         refs = json.loads(done.read_text())["entries"]
         bank = PromptBank(cfg.bank.dir)
         if all(_exists(bank, ref) for ref in refs):
             print(f"stage 1: reusing {', '.join(refs)}")
-            return
+            return {parse_ref(ref)[0]: ref for ref in refs}
     entries = train_prompts(cfg)
-    _write_json(done, {"entries": [e.ref for e in entries]})
+    write_json(done, {"entries": [e.ref for e in entries]})
+    return {e.task: e.ref for e in entries}
 
 
 def _exists(bank: PromptBank, ref: str) -> bool:
@@ -122,8 +126,6 @@ def _exists(bank: PromptBank, ref: str) -> bool:
 
 def _stage2(cfg: RunConfig, method: Method, method_dir: Path) -> Path:
     """Fine-tune for one method (resuming a killed run); returns its final model directory."""
-    from multipromot.stage2 import finetune
-
     final = method_dir / "final"
     if (final / "multipromot.json").is_file():
         return final
@@ -131,25 +133,52 @@ def _stage2(cfg: RunConfig, method: Method, method_dir: Path) -> Path:
     sub.out_dir = str(method_dir)
     sub.stage2.mode = method.kind  # the trained kinds are exactly the stage-2 modes
     sub.stage2.mixture = method.mixture
-    sub.stage2.shots = method.shots  # resume="" continues from this method's latest checkpoint
+    if method.shots is not None:  # the label's +Kshot wins over stage2.shots and the mixture
+        sub.stage2.shots = method.shots
     print(f"stage 2: {method.label}")
-    finetune(sub)
+    stage2.finetune(sub)
     return final
 
 
-def _load_prompts(method: Method, model, model_dir: Path, bank: PromptBank, tasks: list[str]):
-    """The prompt table a method evaluates with, in ``tasks`` order (None: no prompts)."""
+def prompt_refs(
+    method: Method, model_dir: Path, cfg: RunConfig, tasks: list[str], stage1_refs: dict
+) -> tuple[str, dict[str, str]] | None:
+    """Where a method's prompts come from: (bank directory, task -> ref), or None (no prompts).
+
+    A stage-2 model says itself (``stage2.json``: the refs it trained with, or the bank stored
+    next to its weights); prompt tuning uses this run's stage-1 refs, or the current entries
+    when evaluating a model without a record (``multipromot eval`` of a base model).
+    """
     if not method.uses_prompts:
         return None
-    saved = model_dir / "prompts.safetensors"
-    if method.trains and saved.is_file():  # joint / random_prompt keep their own table
-        from safetensors import safe_open
+    info_path = model_dir / "stage2.json"
+    info = _read_record(info_path) if method.trains or info_path.is_file() else {}
+    if info.get("bank_refs") or method.trains:
+        if (model_dir / "prompts.safetensors").is_file():
+            raise UserError(
+                "holds prompts.safetensors, the unchecksummed prompt table of an older "
+                "multipromot; run stage 2 of this method again to store it as a bank",
+                file=model_dir,
+            )
+        bank_dir = Path(info.get("bank_dir") or cfg.bank.dir)
+        if not bank_dir.is_absolute():
+            bank_dir = model_dir / bank_dir
+        refs = info.get("bank_refs") or {}
+        missing = sorted(set(tasks) - set(refs))
+        if missing:
+            raise UserError(f"records no prompt for {', '.join(missing)}", file=info_path)
+        return str(bank_dir), {t: refs[t] for t in tasks}
+    bank = PromptBank(cfg.bank.dir)
+    return cfg.bank.dir, {t: stage1_refs.get(t) or bank.get(t).ref for t in tasks}
 
-        with safe_open(str(saved), framework="pt") as f:
-            names = json.loads(f.metadata()["tasks"])
-            table = f.get_tensor("prompts")
-        return table[[names.index(t) for t in tasks]]
-    return torch.stack([bank.load_prompt(task, model=model) for task in tasks])
+
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError("missing: not a stage-2 model directory", file=path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid JSON ({e})", file=path) from None
 
 
 def evaluate_method(
@@ -160,6 +189,7 @@ def evaluate_method(
     step: int,
     checkpoint: Path | None = None,
     selected: bool = True,
+    stage1_refs: dict | None = None,
 ) -> list[dict]:
     """Score one method: fine-tuned tasks 0-shot with their prompt, the suite k-shot with routing.
 
@@ -170,9 +200,10 @@ def evaluate_method(
         step: the stage-2 step these weights come from.
         checkpoint: a stage-2 checkpoint whose weights (and prompts) replace ``model_dir``'s.
         selected: these are the weights the method reports (best-on-target), not a curve point.
+        stage1_refs: task -> ref of this run's stage-1 prompts (``prompt_tuning``).
 
     Returns:
-        Flat records (see :mod:`multipromot.report`) tagged with the method and step.
+        Flat records (see :mod:`multipromot.eval.report`) tagged with the method and step.
     """
     ev = cfg.eval
     model, tokenizer, _ = load_model(str(model_dir), seed=cfg.seed)
@@ -180,17 +211,26 @@ def evaluate_method(
     decoder_only = not is_encoder_decoder(model)
     mixture = load_mixture(method.mixture)
     tasks = [t.name for t in mixture.tasks]
-    bank = PromptBank(cfg.bank.dir)
-    table = _load_prompts(method, model, Path(model_dir), bank, tasks)
-    prompted = PromptedModel(model, table, tasks if table is not None else None)
+    suite = load_suite(resolve_path(cfg, ev.suite))
+    source = prompt_refs(method, Path(model_dir), cfg, tasks, stage1_refs or {})
+    refs: dict[str, str] = {}
+    if source is None:
+        prompted = PromptedModel(model)
+    else:
+        bank = PromptBank(source[0])
+        refs = source[1]
+        try:
+            prompted = PromptedModel.from_bank(model, bank, tasks, refs=refs)
+        except ValueError as e:  # prompts of different lengths cannot share one table
+            raise UserError(str(e), file=bank.root, key="stage2.mixture") from None
     if checkpoint is not None:
-        from multipromot.checkpoint import load_checkpoint
-
         load_checkpoint(checkpoint, model=prompted, restore_rng=False)
-    rows = {t: i for i, t in enumerate(tasks)} if table is not None else {}
+    rows = {t: i for i, t in enumerate(tasks)} if source is not None else {}
     router = None
-    if table is not None and ev.router:
-        router = Router.from_bank(_BankView(bank, tasks))
+    if source is not None and ev.router:
+        others = [get_task(t.name) for t in suite.tasks]
+        router = calibrated_router(bank, mixture.tasks, refs=refs, negatives=others,
+                                   seed=cfg.seed)  # fmt: skip
     # Format specialization: outputs that fall in a fine-tuned classification task's label set.
     answers = sorted({a for t in mixture.tasks for a in (t.answers or [])})
     common = dict(decoder_only=decoder_only, num_beams=ev.num_beams, batch_size=ev.batch_size,
@@ -200,7 +240,6 @@ def evaluate_method(
     )
     for r in records:
         r["seen"] = True
-    suite = load_suite(resolve_path(cfg, ev.suite))
     unseen = evaluate_suite(
         prompted, tokenizer, suite, shots=ev.shots or None, examples=ev.examples, router=router,
         prompt_rows=rows, specialization_answers=answers or None, seed=cfg.seed, **common,
@@ -208,8 +247,10 @@ def evaluate_method(
     for r in unseen:
         r["seen"] = False
     records += unseen
+    shots = _read_record(Path(model_dir) / "stage2.json").get("shots") if method.trains else 0
     for r in records:
-        r.update(method=method.label, step=step, selected=selected)
+        r.update(method=method.label, step=step, selected=selected, bank_refs=refs,
+                 train_shots=shots)  # fmt: skip
     return records
 
 
@@ -221,8 +262,6 @@ def _final_step(final: Path, default: int) -> int:
 
 def _curve(cfg: RunConfig, method: Method, method_dir: Path, final: Path, skip: int) -> list[dict]:
     """Evaluate every complete stage-2 checkpoint: the curves over steps (paper Fig. 1/2)."""
-    from multipromot.checkpoint import is_complete
-
     checkpoints = [p for p in (method_dir / "checkpoints").glob("step_*") if is_complete(p)]
     records = []
     for path in sorted(checkpoints, key=lambda p: int(p.name.split("_")[1])):
@@ -234,16 +273,6 @@ def _curve(cfg: RunConfig, method: Method, method_dir: Path, final: Path, skip: 
     return records
 
 
-class _BankView:
-    """The bank restricted to the tasks a model was fine-tuned on (the router's candidates)."""
-
-    def __init__(self, bank: PromptBank, tasks: list[str]):
-        self.bank, self.tasks = bank, set(tasks)
-
-    def entries(self):
-        return [e for e in self.bank.entries() if e.task in self.tasks]
-
-
 def run_experiment(cfg: RunConfig) -> Path:
     """Run every method of ``cfg.methods`` and write the report; returns the report path."""
     if not cfg.methods:
@@ -251,8 +280,9 @@ def run_experiment(cfg: RunConfig) -> Path:
     methods = [parse_method(label, cfg) for label in cfg.methods]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stage1_refs: dict[str, str] = {}
     if any(m.kind in ("prompt_tuning", "promot", "joint") for m in methods):
-        _stage1(cfg, out)
+        stage1_refs = _stage1(cfg, out)
     _, _, base_dir = load_model(cfg.model, seed=cfg.seed)
 
     records: list[dict] = []
@@ -268,10 +298,10 @@ def run_experiment(cfg: RunConfig) -> Path:
             step = _final_step(model_dir, cfg.stage2.steps)
         else:
             model_dir, step = Path(base_dir), 0
-        result = evaluate_method(cfg, method, model_dir, step=step)
+        result = evaluate_method(cfg, method, model_dir, step=step, stage1_refs=stage1_refs)
         if method.trains and cfg.eval.curve:
             result += _curve(cfg, method, method_dir, model_dir, skip=step)
-        _write_json(done, result)
+        write_json(done, result)
         records += result
 
     report = write_report(records, out, title=f"multipromot run: {Path(cfg.config_file).name}",
@@ -290,7 +320,7 @@ def run_eval(cfg: RunConfig) -> Path:
         The report path (``<out_dir>/eval/report.md``).
     """
     kind = "prompt_tuning" if cfg.eval.prompts else "pretrained"  # base weights, bank prompts
-    method = Method(label=Path(cfg.model).name or cfg.model, kind=kind, shots=0,
+    method = Method(label=Path(cfg.model).name or cfg.model, kind=kind, shots=None,
                     mixture=resolve_path(cfg, cfg.stage2.mixture))  # fmt: skip
     _, _, model_dir = load_model(cfg.model, seed=cfg.seed)
     info = Path(model_dir) / "stage2.json"

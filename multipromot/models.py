@@ -1,8 +1,8 @@
 """Loading models and tokenizers: hub ids, local directories, and built-in models built here.
 
-A built-in model (``tiny-t5``, ``tiny-gpt2``, ``tiny-llama``, and ``lab`` once the lab module
-registers it) is built from a config with a fixed seed and saved as an ordinary
-``from_pretrained`` directory before anything trains on it, so every bank entry's
+A built-in model (``tiny-t5``, ``tiny-gpt2``, ``tiny-llama``, and ``lab``, which
+:mod:`multipromot.lab` registers) is built with a fixed seed and saved as an ordinary
+``from_pretrained`` directory in the cache before anything trains on it, so every bank entry's
 ``base_model.name`` points at something loadable.
 
 Lineage: a model directory written by multipromot carries ``multipromot.json`` with the model's
@@ -29,6 +29,7 @@ from multipromot.errors import UserError
 __all__ = [
     "BUILTIN_MODELS",
     "register_builtin",
+    "register_builtin_dir",
     "build_builtin",
     "load_model",
     "save_model",
@@ -40,18 +41,33 @@ __all__ = [
 
 LINEAGE_FILE = "multipromot.json"
 
-# name -> builder(seed) -> (model, tokenizer)
-BUILTIN_MODELS: dict[str, Callable[[int], tuple[nn.Module, object]]] = {}
+# name -> ensure(path, seed): makes ``path`` hold that built-in model (building it if needed)
+BUILTIN_MODELS: dict[str, Callable[[Path, int], object]] = {}
+# name -> builder(seed) -> (model, tokenizer), for the built-ins that are built in memory
+_BUILDERS: dict[str, Callable[[int], tuple[nn.Module, object]]] = {}
 
 
 def register_builtin(name: str):
-    """Decorator: register a builder ``fn(seed) -> (model, tokenizer)`` as a built-in model."""
+    """Decorator: ``fn(seed) -> (model, tokenizer)`` becomes the built-in model ``name``, built in
+    memory with a fixed seed and saved into the cache the first time it is loaded."""
 
     def wrap(fn):
-        BUILTIN_MODELS[name] = fn
+        def ensure(path: Path, seed: int) -> None:
+            if not (path / LINEAGE_FILE).is_file():
+                model, tok = fn(seed)
+                save_model(model, tok, path, name=name)
+
+        _BUILDERS[name] = fn
+        BUILTIN_MODELS[name] = ensure
         return fn
 
     return wrap
+
+
+def register_builtin_dir(name: str, ensure: Callable[[Path, int], object]) -> None:
+    """Register a built-in model that manages its own cache directory: ``ensure(path, seed)``
+    makes ``path`` hold the model (e.g. the lab model, rebuilt when its recipe changes)."""
+    BUILTIN_MODELS[name] = ensure
 
 
 def _byte_tokenizer():
@@ -108,12 +124,9 @@ def build_builtin(name: str, seed: int = 0):
     Raises:
         UserError: the name is not a built-in model.
     """
-    if name not in BUILTIN_MODELS:
-        if name == "lab":
-            import multipromot.lab  # noqa: F401  (registers the lab model)
-        if name not in BUILTIN_MODELS:
-            raise UserError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
-    return BUILTIN_MODELS[name](seed)
+    if name not in _BUILDERS:
+        raise UserError(f"unknown built-in model {name!r}; known: {sorted(_BUILDERS)}")
+    return _BUILDERS[name](seed)
 
 
 def default_cache_dir() -> Path:
@@ -191,7 +204,7 @@ def save_model(
     return fingerprint
 
 
-def _auto_load(path: str, dtype: torch.dtype | None = None):
+def load_pretrained(path: str, dtype: torch.dtype | None = None):
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -235,17 +248,11 @@ def load_model(
     Raises:
         UserError: the model cannot be found or loaded.
     """
-    if spec in BUILTIN_MODELS or spec == "lab":
+    if spec in BUILTIN_MODELS:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache / "models" / f"{spec}-seed{seed}"
-        if spec == "lab":  # rebuilt when the cached one is of another lab version
-            from multipromot.lab import ensure_lab_model
-
-            ensure_lab_model(path, seed=seed)
-        elif not (path / LINEAGE_FILE).is_file():
-            model, tok = build_builtin(spec, seed)
-            save_model(model, tok, path, name=spec)
-        model, tok = _auto_load(str(path), dtype)
+        BUILTIN_MODELS[spec](path, seed)
+        model, tok = load_pretrained(str(path), dtype)
         return model, tok, str(path)
-    model, tok = _auto_load(spec, dtype)
+    model, tok = load_pretrained(spec, dtype)
     return model, tok, spec

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from multipromot.features import IGNORE_INDEX
+
 __all__ = ["PromptedModel", "init_prompts", "TRAINABLE_MODES", "VOCAB_SAMPLE_SIZE"]
 
 TRAINABLE_MODES = ("prompt", "model", "both")
@@ -35,8 +37,6 @@ TRAINABLE_MODES = ("prompt", "model", "both")
 # Lester et al. (2021) sample vocabulary initializations from the 5,000 most common tokens;
 # sentencepiece vocabularies are roughly frequency-ordered, so the first ids stand in for them.
 VOCAB_SAMPLE_SIZE = 5000
-
-IGNORE_INDEX = -100
 
 
 class PromptedModel(nn.Module):
@@ -165,8 +165,6 @@ class PromptedModel(nn.Module):
         attention_mask: Tensor,
         labels: Tensor | None = None,
         task_ids: Tensor | None = None,
-        *,
-        label_smoothing: float = 0.0,
         **kwargs,
     ):
         """Run the model with each row's soft prompt prepended.
@@ -178,9 +176,6 @@ class PromptedModel(nn.Module):
                 them, as without a prompt); decoder-only: aligned with ``input_ids``, -100 where
                 no loss is wanted. Prompt positions never carry a loss.
             task_ids: [B] table rows, -1 = no prompt; None = no prompt for any row.
-            label_smoothing: if > 0 (and labels given) the returned loss is the label-smoothed
-                cross-entropy over the same target tokens (transformers' loss has no smoothing).
-                Stage loops may instead compute their own loss from the returned logits.
             **kwargs: passed to the model (e.g. ``decoder_input_ids``, ``num_items_in_batch``).
 
         Returns:
@@ -196,14 +191,6 @@ class PromptedModel(nn.Module):
         if labels is not None and not self.is_encoder_decoder:
             model_labels = _with_prompt_labels(labels, num_prompt, order)
         out = self.model(**inputs, labels=model_labels, **kwargs)
-        if labels is not None and label_smoothing > 0:
-            out.loss = _cross_entropy(
-                out.logits,
-                model_labels,
-                shift=not self.is_encoder_decoder,
-                label_smoothing=label_smoothing,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
-            )
         if num_prompt and not self.is_encoder_decoder:
             # Left padding keeps every text token exactly num_prompt positions to the right.
             out.logits = out.logits[:, num_prompt:]
@@ -325,34 +312,6 @@ def _with_prompt_labels(labels: Tensor, num_prompt: int, order: Tensor | None) -
         return labels
     pad = labels.new_full((labels.shape[0], num_prompt), IGNORE_INDEX)
     return torch.cat([pad, labels], dim=1).gather(1, order)
-
-
-def _cross_entropy(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    shift: bool,
-    label_smoothing: float,
-    num_items_in_batch: Tensor | int | None = None,
-) -> Tensor:
-    """Token cross-entropy over labels != -100, optionally label-smoothed.
-
-    Mean over target tokens, or their sum divided by ``num_items_in_batch`` when given (as
-    transformers does for gradient accumulation).
-    """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1).to(logits.device),
-        ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing,
-        reduction=reduction,
-    )
-    if num_items_in_batch is not None:
-        loss = loss / num_items_in_batch
-    return loss
 
 
 def init_prompts(

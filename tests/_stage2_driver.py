@@ -28,8 +28,8 @@ def main(argv: list[str]) -> int:
         else:
             args.append(arg)
 
-    from multipromot import checkpoint, stage2
     from multipromot.config import load_config
+    from multipromot.train import checkpoint, stage2
 
     if die_in_save is not None:
         publish = checkpoint._publish

@@ -106,7 +106,7 @@ def write_config(path: Path, *, model: str, out_dir: Path, bank: Path, mixture: 
 
 def run_in_process(config: Path, overrides: list[str] = ()) -> Path:
     from multipromot.config import load_config
-    from multipromot.stage2 import finetune
+    from multipromot.train.stage2 import finetune
 
     return finetune(load_config(config, list(overrides)), progress=False)
 

@@ -14,7 +14,6 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
-from multipromot import bank as bank_module
 from multipromot.bank import (
     BankEntry,
     PromptBank,
@@ -23,6 +22,7 @@ from multipromot.bank import (
     parse_ref,
     validate_task_name,
 )
+from multipromot.bank import store as bank_module
 from multipromot.errors import BankError, UserError
 from multipromot.models import load_model, model_fingerprint, read_lineage, save_model
 from tests.conftest import build_tiny
@@ -325,14 +325,14 @@ def test_index_is_replaced_atomically(bank, monkeypatch):
 def test_killed_while_writing_an_entry_leaves_nothing(bank, monkeypatch):
     bank.add("rte", _prompt(0), base_model=BASE)
     index_before = (bank.root / "index.json").read_text()
-    real_write = bank_module._write_bytes_durably
+    real_write = bank_module.write_durably
 
     def killed(path, data):
         if path.name == "meta.json":
             raise KeyboardInterrupt  # the kill arrives between the tensor and the meta
         real_write(path, data)
 
-    monkeypatch.setattr(bank_module, "_write_bytes_durably", killed)
+    monkeypatch.setattr(bank_module, "write_durably", killed)
     with pytest.raises(KeyboardInterrupt):
         bank.add("rte", _prompt(1), base_model=BASE)
     monkeypatch.undo()

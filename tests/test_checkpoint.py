@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from multipromot import checkpoint
-from multipromot.checkpoint import (
+from multipromot.errors import UserError
+from multipromot.train import checkpoint
+from multipromot.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
-from multipromot.errors import UserError
-from multipromot.training import build_optimizer, lr_schedule
+from multipromot.train.common import build_optimizer, lr_schedule
 
 
 class Counter:

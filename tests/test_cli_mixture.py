@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from test_mixtures import ERRORS, error_file, inline, write  # shared cases, one definition
 
-from multipromot import sources, tasks
 from multipromot.cli import main
-from multipromot.exemplars import SEPARATOR, choose_exemplars, kshot_input
+from multipromot.data import sources, tasks
+from multipromot.data.exemplars import choose_exemplars, render_exemplar
+from multipromot.features import SEPARATOR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,8 +92,8 @@ def test_sample_json_is_the_k_shot_input_the_model_gets(capsys, mixture_file):
             train = alpha.examples("train")
             i = row["example_index"]
             assert row["exemplar_indices"] == choose_exemplars(alpha, i, 1, seed=3)
-            picked = [train[j] for j in row["exemplar_indices"]]
-            assert row["input"] == kshot_input(alpha, train[i], picked)
+            picked = [render_exemplar(alpha, train[j]) for j in row["exemplar_indices"]]
+            assert row["input"] == SEPARATOR.join([*picked, alpha.render(train[i])[0]])
             assert row["target"] == f"A{i % 2}"
     again = json.loads(run(capsys, "mixture", "sample", mixture_file, "-n", "6", "--json")[1])
     other = json.loads(

@@ -7,8 +7,8 @@ import torch
 
 from multipromot.bank import PromptBank
 from multipromot.cli import main
-from multipromot.stage1 import format_record
-from multipromot.tasks import get_task
+from multipromot.data.tasks import get_task
+from multipromot.train.stage1 import format_record
 
 BASE = {"name": "base", "fingerprint": "0123456789abcdef"}
 
@@ -45,7 +45,9 @@ def test_route_explains_each_input(bank_dir, capsys):
 
 def test_route_errors_are_one_line(bank_dir, tmp_path, capsys):
     assert main(["route", "--bank", bank_dir]) == 2
-    assert capsys.readouterr().err.strip() == "error: route: give inputs to route, --file F, or --eval"
+    assert (
+        capsys.readouterr().err.strip() == "error: route: give inputs to route, --file F, or --eval"
+    )
     missing = str(tmp_path / "nope.txt")
     assert main(["route", "--bank", bank_dir, "--file", missing]) == 2
     assert capsys.readouterr().err.strip() == f"error: {missing}: no such file"

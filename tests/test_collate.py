@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import ByT5Tokenizer
 
-from multipromot.collate import IGNORE_INDEX, Collator, Item, group_by_length
+from multipromot.data.batches import group_by_length
+from multipromot.data.collate import Collator
 from multipromot.errors import UserError
-from multipromot.exemplars import SEPARATOR
+from multipromot.features import IGNORE_INDEX, SEPARATOR, Item
 
 EOS, PAD = 1, 0  # ByT5: byte b is id b + 3
 

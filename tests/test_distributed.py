@@ -27,9 +27,9 @@ from _stage2_utils import (
     write_mixture,
 )
 
-from multipromot import distributed as D
-from multipromot.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
 from multipromot.errors import UserError
+from multipromot.train import distributed as D
+from multipromot.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
 
 # One process and two must agree to float rounding (DESIGN: max abs diff < 1e-5).
 PARITY = 1e-5

@@ -7,16 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from multipromot.collate import Item
-from multipromot.exemplars import (
-    SEPARATOR,
+from multipromot.data.exemplars import (
+    build_item,
     choose_exemplars,
-    kshot_input,
-    make_item,
     render_exemplar,
 )
-from multipromot.mixtures import Mixture
-from multipromot.sampler import Draw
+from multipromot.features import SEPARATOR, Item, kshot_text
 
 
 @dataclass
@@ -66,19 +62,20 @@ def test_self_is_never_chosen_on_a_larger_split():
     assert all(i not in choose_exemplars(task, i, 5, seed=s) for i in range(30) for s in range(5))
 
 
-def test_rendering_and_kshot_input():
+def test_rendering_and_kshot_text():
     task = ToyTask("t", 5)
     train = task.examples("train")
     assert render_exemplar(task, train[2]) == "Q2 (train) A2"
-    text = kshot_input(task, train[0], [train[3], train[1]])
-    assert text == "Q3 (train) A3\n\nQ1 (train) A1\n\nQ0 (train)"
-    assert kshot_input(task, train[0], []) == "Q0 (train)"
+    item = Item(
+        0, "Q0 (train)", "A0", [render_exemplar(task, train[3]), render_exemplar(task, train[1])]
+    )
+    assert kshot_text(item) == "Q3 (train) A3\n\nQ1 (train) A1\n\nQ0 (train)"
+    assert kshot_text(Item(0, "Q0 (train)", "A0")) == "Q0 (train)"
 
 
-def test_make_item_uses_the_mixture_shots_and_seed():
+def test_build_item_renders_the_row_and_its_exemplars():
     task = ToyTask("t", 6, n_validation=3)
-    mixture = Mixture("m", [ToyTask("other", 2), task], [1, 1], shots=2, exemplar_seed=9)
-    item = make_item(mixture, Draw(1, 4))
+    item = build_item(task, 4, shots=2, seed=9, task_id=1)
     picks = choose_exemplars(task, 4, 2, seed=9)
     assert 4 not in picks
     assert item == Item(
@@ -87,7 +84,7 @@ def test_make_item_uses_the_mixture_shots_and_seed():
         target="A4",
         exemplars=[f"Q{i} (train) A{i}" for i in picks],
     )
-    evaluation = make_item(mixture, Draw(1, 2), split="validation", shots=1, task_id=-1)
+    evaluation = build_item(task, 2, split="validation", shots=1, seed=9)
     assert evaluation.task_id == -1
     assert evaluation.input == "Q2 (validation)"
     assert len(evaluation.exemplars) == 1
@@ -96,5 +93,4 @@ def test_make_item_uses_the_mixture_shots_and_seed():
 
 @pytest.mark.parametrize("shots", [0, 1])
 def test_zero_shot_items_have_no_exemplars(shots):
-    mixture = Mixture("m", [ToyTask("t", 3)], [1], shots=shots)
-    assert len(make_item(mixture, Draw(0, 0)).exemplars) == shots
+    assert len(build_item(ToyTask("t", 3), 0, shots=shots).exemplars) == shots

@@ -45,7 +45,7 @@ def test_run_writes_report_results_and_resumes_after_a_crash(
     assert cfg.methods == METHODS
 
     # First attempt: stage 2 "crashes" on its second method.
-    from multipromot import stage2
+    from multipromot.train import stage2
 
     real = stage2.finetune
     calls = []
@@ -90,6 +90,9 @@ def test_run_writes_report_results_and_resumes_after_a_crash(
     promot = [r for r in results["records"] if r["method"] == "promot"]
     assert {r["prompt"] for r in promot if r["seen"]} == {"lab_rte", "lab_trans_fr"}
     assert {r["prompt"] for r in promot if not r["seen"]} == {None}
+    # The shots stage 2 trained with, as resolved (label, stage2.shots, mixture header).
+    shots = {r["method"]: r["train_shots"] for r in results["records"]}
+    assert (shots["promot"], shots["promot+1shot"], shots["pretrained"]) == (0, 1, 0)
 
 
 def test_unknown_method_is_a_one_line_error(tiny_config, capsys):
@@ -107,6 +110,7 @@ def test_parse_method_grammar(tiny_config):
     cfg = load_config(path, [*overrides, "mixtures={multi: mixtures/lab_rte_fr.yaml}"])
     m = experiment.parse_method("promot+1shot@multi", cfg)
     assert (m.kind, m.shots, m.trains, m.uses_prompts) == ("promot", 1, True, True)
+    assert experiment.parse_method("promot", cfg).shots is None  # stage2.shots / mixture decide
     assert m.mixture.endswith("mixtures/lab_rte_fr.yaml")
     assert experiment.parse_method("standard", cfg).uses_prompts is False
     assert experiment.parse_method("prompt_tuning", cfg).trains is False
@@ -126,3 +130,61 @@ def test_eval_command_scores_a_model_without_training(tiny_config, tmp_path, cap
     }
     assert all(r["prompt"] is None for r in records)  # no prompts asked for, none used
     assert "report:" in capsys.readouterr().out
+
+
+def test_evaluation_uses_the_prompt_versions_stage_2_trained_with(tiny_config, tmp_path):
+    """A prompt version added to the bank after stage 2 changes nothing `run` or `eval` score."""
+    path, overrides = tiny_config
+    cfg = load_config(path, [*overrides, "methods=[prompt_tuning,promot]", "eval.curve=false"])
+    experiment.run_experiment(cfg)
+    bank = PromptBank(tmp_path / "bank")
+    pinned = {"lab_rte": "lab_rte@v0001", "lab_trans_fr": "lab_trans_fr@v0001"}
+    first = json.loads((tmp_path / "run" / "results.json").read_text())["records"]
+    assert all(r["bank_refs"] == pinned for r in first)
+
+    # A newer version of lab_rte, trained on the same base model, becomes current.
+    old = bank.get("lab_rte")
+    newer = bank.add("lab_rte", bank.load_prompt(old) * -1.0, base_model=old.meta["base_model"])
+    assert newer.ref == "lab_rte@v0002" and bank.get("lab_rte").current
+
+    # `run` evaluates again (its finished evaluations removed) with the pinned versions ...
+    for method in ("prompt_tuning", "promot"):
+        (tmp_path / "run" / "methods" / method / "eval.json").unlink()
+    experiment.run_experiment(cfg)
+    again = json.loads((tmp_path / "run" / "results.json").read_text())["records"]
+    assert all(r["bank_refs"] == pinned for r in again)
+    assert [r["score"] for r in again] == [r["score"] for r in first]
+    # ... and so does `multipromot eval` of the stage-2 model.
+    final = tmp_path / "run" / "methods" / "promot" / "final"
+    assert main(["eval", str(path), *overrides, f"model={final}", "eval.curve=false"]) == 0
+    evaluated = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["records"]
+    assert all(r["bank_refs"] == pinned for r in evaluated)
+
+
+def test_shots_precedence_label_then_stage2_shots_then_mixture(tiny_config, tmp_path, monkeypatch):
+    """`+Kshot` in the label wins over stage2.shots, which wins over the mixture header."""
+    from multipromot.data.mixtures import load_mixture
+    from multipromot.train import stage2
+
+    path, overrides = tiny_config
+    header = tmp_path / "mixtures" / "one_shot.yaml"
+    header.write_text("name: one_shot\nexemplars: {shots: 1, seed: 0}\ntasks:\n  - task: lab_rte\n")
+    mixture = load_mixture(header)
+    assert stage2.resolve_shots(-1, mixture) == (1, "exemplars.shots of mixture 'one_shot'")
+    assert stage2.resolve_shots(0, mixture) == (0, "stage2.shots")
+
+    seen = {}
+
+    def fake_finetune(sub, **kw):
+        seen[sub.out_dir] = stage2.resolve_shots(sub.stage2.shots, load_mixture(sub.stage2.mixture))
+
+    monkeypatch.setattr(stage2, "finetune", fake_finetune)
+    for label, extra, want in [
+        ("promot", [], 1),  # the mixture header decides
+        ("promot", ["stage2.shots=0"], 0),  # stage2.shots over the header
+        ("promot+3shot", ["stage2.shots=0"], 3),  # the label over both
+    ]:
+        cfg = load_config(path, [*overrides, f"stage2.mixture={header}", *extra])
+        method_dir = tmp_path / f"{label}-{len(extra)}"
+        experiment._stage2(cfg, experiment.parse_method(label, cfg), method_dir)
+        assert seen[str(method_dir)][0] == want, (label, extra)

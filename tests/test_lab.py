@@ -146,7 +146,7 @@ def test_bad_arguments_are_user_errors():
 
 # ------------------------------------------------------------------------------ catalogue
 def test_every_catalogue_lab_task_renders_with_its_answer_set():
-    from multipromot.tasks import get_task
+    from multipromot.data.tasks import get_task
 
     for family in FAMILIES:
         task = get_task(family)
@@ -169,9 +169,11 @@ def test_every_catalogue_lab_task_renders_with_its_answer_set():
 
 
 def test_sources_find_the_lab_generators_after_a_registry_reset():
-    from multipromot import sources
+    import multipromot.lab
+    from multipromot.data import sources
 
     sources.GENERATORS.clear()
+    multipromot.lab.register()  # registries reset in tests are filled again by register()
     assert sources.get_generator("lab_sum")("test", 0, **SMALL)[0]["summary"]
     assert set(FAMILIES) <= set(sources.list_generators())
 
@@ -187,8 +189,8 @@ def lab_tokenizer():
 def test_lab_tokenizer_is_word_level_and_round_trips(lab_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    from multipromot.exemplars import SEPARATOR
-    from multipromot.tasks import get_task
+    from multipromot.data.tasks import get_task
+    from multipromot.features import SEPARATOR
 
     tok = lab_tokenizer
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
@@ -294,7 +296,7 @@ def test_lab_recipe_is_validated(tmp_path):
 def test_cli_lab_tasks_lists_every_family():
     from typer.testing import CliRunner
 
-    from multipromot.cli_lab import app
+    from multipromot.cli.lab import app
 
     result = CliRunner().invoke(app, ["tasks", "--json"])
     assert result.exit_code == 0, result.output
@@ -314,7 +316,7 @@ def test_lab_import_is_light_and_registers_generators_and_the_builtin_model():
     # sources.py imports multipromot.lab to find an unknown generator: that must not pull in
     # transformers (seconds), and must leave `lab` a built-in model of multipromot.models.
     code = (
-        "import sys, multipromot.lab, multipromot.sources as s, multipromot.models as m; "
+        "import sys, multipromot.lab, multipromot.data.sources as s, multipromot.models as m; "
         "assert 'transformers' not in sys.modules, 'transformers imported'; "
         "assert 'lab_qa' in s.GENERATORS and 'lab' in m.BUILTIN_MODELS"
     )

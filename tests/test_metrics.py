@@ -6,10 +6,8 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from multipromot import metrics
-from multipromot.errors import UserError
-from multipromot.metrics import (
-    DEFAULT_SEPARATOR,
+from multipromot.data import metrics
+from multipromot.data.metrics import (
     accuracy,
     bleu,
     cut_at_prefix,
@@ -27,6 +25,7 @@ from multipromot.metrics import (
     score,
     specialization_rate,
 )
+from multipromot.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -89,11 +88,6 @@ def test_registered_postprocessor_is_used_until_reset():
     reset_registries()
     with pytest.raises(UserError):
         postprocess("x", "upper")
-
-
-def test_separator_matches_exemplars_module():
-    exemplars = pytest.importorskip("multipromot.exemplars")
-    assert exemplars.SEPARATOR == DEFAULT_SEPARATOR
 
 
 # ------------------------------------------------------------------------- metrics

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multipromot import sources, tasks
-from multipromot.errors import UserError
-from multipromot.mixtures import (
-    MAX_EXPANDED_NODES,
+from multipromot.data import sources, tasks
+from multipromot.data.mixtures import (
     Mixture,
     load_mixture,
     rate_examples_proportional,
 )
-from multipromot.sampler import MixtureSampler
+from multipromot.data.sampler import MixtureSampler
+from multipromot.errors import UserError
+from multipromot.yamlio import MAX_EXPANDED_NODES
 
 REPO = Path(__file__).resolve().parents[1]
 

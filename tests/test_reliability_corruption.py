@@ -20,7 +20,8 @@ import pytest
 import torch
 from reliability import tally
 
-from multipromot.bank import INDEX_CHECKSUM_KEY, META_CHECKSUM_KEY, PromptBank
+from multipromot.bank import PromptBank
+from multipromot.bank.entry import INDEX_CHECKSUM_KEY, META_CHECKSUM_KEY
 from multipromot.cli import main
 from multipromot.errors import UserError
 
@@ -188,7 +189,7 @@ def test_flipped_current_version_is_not_used_silently(pristine, tmp_path):
 def pristine_checkpoint(tmp_path_factory) -> Path:
     from test_checkpoint import _train, _trainer
 
-    from multipromot.checkpoint import save_checkpoint
+    from multipromot.train.checkpoint import save_checkpoint
 
     model, optimizer, scheduler, sampler = _trainer()
     _train(model, optimizer, scheduler, sampler, 3)
@@ -204,7 +205,7 @@ def _load_checkpoint_everything(path: Path) -> dict:
     import numpy as np
     from test_checkpoint import _trainer
 
-    from multipromot.checkpoint import load_checkpoint
+    from multipromot.train.checkpoint import load_checkpoint
 
     model, optimizer, scheduler, sampler = _trainer(seed=1)
     trainer = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -258,7 +259,7 @@ def _weight_flip(path: Path) -> None:
     """Flip a byte inside the stored bytes of the model's first weight matrix."""
     from test_checkpoint import _trainer
 
-    from multipromot.checkpoint import load_checkpoint
+    from multipromot.train.checkpoint import load_checkpoint
 
     model, *_ = _trainer(seed=1)
     load_checkpoint(path.parent, model=model, restore_rng=False)
@@ -301,7 +302,7 @@ def test_checkpoint_file_damage_is_one_line_naming_the_file(pristine_checkpoint,
 def test_a_bad_latest_pointer_falls_back_to_a_complete_checkpoint(
     pristine_checkpoint, tmp_path, garbage
 ):
-    from multipromot.checkpoint import latest_checkpoint
+    from multipromot.train.checkpoint import latest_checkpoint
 
     root = tmp_path / "ckpts"
     shutil.copytree(pristine_checkpoint.parent, root)

@@ -18,9 +18,9 @@ import torch
 from reliability import tally
 from test_checkpoint import _train, _trainer  # the tiny trainer of those tests
 
-from multipromot import checkpoint as checkpoint_module
 from multipromot.bank import PromptBank
-from multipromot.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from multipromot.train import checkpoint as checkpoint_module
+from multipromot.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 BASE = {"name": "models/base", "fingerprint": "f00dfeedf00dfeed"}
 
@@ -195,8 +195,8 @@ def test_nan_loss_stops_stage2_and_keeps_the_last_good_checkpoint(
 ):
     from _stage2_utils import run_in_process
 
-    from multipromot import stage2
     from multipromot.errors import UserError
+    from multipromot.train import stage2
 
     config = _stage2_config(tmp_path_factory, f"nan-{bad}", eval_every=0)
     real, calls = stage2.token_loss, []

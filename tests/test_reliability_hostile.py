@@ -18,9 +18,11 @@ import pytest
 import torch
 import yaml
 
-from multipromot.bank import PromptBank, _content_sha256, _sha256
+from multipromot.bank import PromptBank
 from multipromot.cli import main
 from multipromot.errors import BankError, UserError
+from multipromot.fsio import content_sha256 as _content_sha256
+from multipromot.fsio import sha256_bytes as _sha256
 
 BASE = {"name": "models/base", "fingerprint": "f00dfeedf00dfeed"}
 
@@ -117,7 +119,7 @@ def test_pickle_disguised_as_a_peft_adapter_never_runs(tmp_path, capsys, kind):
 
 
 def _tiny_checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
-    from multipromot.checkpoint import save_checkpoint
+    from multipromot.train.checkpoint import save_checkpoint
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     return save_checkpoint(tmp_path / "ckpts", 1, model=model), model
@@ -128,7 +130,7 @@ def test_pickle_disguised_as_a_checkpoint_file_never_runs(tmp_path, name):
     """dcp's .metadata goes through an allow-list unpickler, its tensor files through
     ``torch.load(weights_only=True)``, the RNG file through safetensors: the payload is
     refused wherever it is put."""
-    from multipromot.checkpoint import load_checkpoint
+    from multipromot.train.checkpoint import load_checkpoint
 
     path, model = _tiny_checkpoint(tmp_path)
     marker = tmp_path / "pwned"
@@ -232,7 +234,7 @@ UNSAFE_TAGS = [
 
 @pytest.mark.parametrize("tag", UNSAFE_TAGS)
 def test_unsafe_yaml_tags_are_refused_in_mixtures_configs_and_suites(tmp_path, capsys, tag):
-    from multipromot.suites import load_suite
+    from multipromot.eval.suites import load_suite
 
     marker = tmp_path / "pwned"
     value = tag.replace("MARKER", str(marker))

@@ -36,9 +36,9 @@ from _stage2_utils import (
 )
 from reliability import tally
 
-from multipromot import checkpoint
-from multipromot.checkpoint import is_complete, latest_checkpoint
 from multipromot.soft_prompt import PromptedModel
+from multipromot.train import checkpoint
+from multipromot.train.checkpoint import is_complete, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = Path(__file__).with_name("reliability") / "stage2_killer.py"
@@ -198,7 +198,7 @@ def _fail_in_second_save(m, stage2, fail_at: int) -> dict:
 def test_disk_full_in_a_stage2_save_then_resume_is_exact(ws, monkeypatch):
     """ENOSPC at every durable write of the second checkpoint save of a real run: the run
     stops with the error, the first checkpoint stays whole, and resuming is exact."""
-    from multipromot import stage2
+    from multipromot.train import stage2
 
     straight = _straight(ws)
     with monkeypatch.context() as m:  # how many fsyncs does the second save make?

@@ -18,7 +18,7 @@ import json
 import pytest
 from matplotlib.image import imread
 
-from multipromot.report import (
+from multipromot.eval.report import (
     final_records,
     format_table,
     summary,

@@ -14,9 +14,10 @@ import time
 
 import pytest
 
+from multipromot.data.templates import FormatSignature, Template
 from multipromot.errors import BankError, UserError
+from multipromot.features import SEPARATOR
 from multipromot.router import (
-    DEFAULT_SEPARATOR,
     ExplicitTask,
     Route,
     Router,
@@ -25,11 +26,10 @@ from multipromot.router import (
     SignatureMatch,
     SimilarityFallback,
     evaluate_routing,
-    signature_from_dict,
 )
-from multipromot.templates import FormatSignature, Template
+from multipromot.router.base import signature_from_dict
 
-SEP = DEFAULT_SEPARATOR
+SEP = SEPARATOR
 # fmt: off
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "shi", "ben", "dar", "ost", "pel", "qui",
              "zan", "tor", "ila", "mon", "fer", "gal", "hu"]
@@ -218,11 +218,6 @@ def test_pieces_match_across_any_whitespace_but_literally_otherwise(router):
     assert [r.task for r in router.route(texts)] == ["rte", None, None]
 
 
-def test_separator_matches_exemplars_module():
-    exemplars = pytest.importorskip("multipromot.exemplars")
-    assert exemplars.SEPARATOR == DEFAULT_SEPARATOR
-
-
 def test_exemplar_with_an_answer_outside_the_answer_set_is_another_format(router):
     text = (
         f"Dogs bark. question: Dogs fly. Is it true or false? answer: Maybe{SEP}"
@@ -266,7 +261,7 @@ def test_route_to_json_is_what_route_json_prints(router):
 
 
 def _render(template: Template, rng: random.Random, n: int, shots: int = 0) -> list[str]:
-    """k-shot inputs as exemplars.kshot_input builds them, rendered by a real Template."""
+    """k-shot inputs as features.kshot_text joins them, rendered by a real Template."""
 
     def example() -> dict:
         return {

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from multipromot.data.mixtures import Mixture
+from multipromot.data.sampler import BLOCK, Draw, MixtureSampler
 from multipromot.errors import UserError
-from multipromot.mixtures import Mixture
-from multipromot.sampler import BLOCK, Draw, MixtureSampler, batches, materialize
 
 
 @dataclass
@@ -147,18 +146,6 @@ def test_100k_draws_are_fast():
     draws = sampler.take(100_000)
     assert time.process_time() - start < 1.0
     assert len(draws) == 100_000
-
-
-def test_materialize_and_batches():
-    mixture = Mixture("toy", [ToyTask("a", 3, n_validation=4), ToyTask("b", 2, 6)], [1, 1])
-    sampler = MixtureSampler(mixture, seed=0, split="validation")
-    first = list(zip(range(3), batches(sampler, 4), strict=False))
-    assert [len(b) for _, b in first] == [4, 4, 4]
-    task, example = materialize(mixture, first[0][1][0], "validation")
-    draw = first[0][1][0]
-    assert task.name == ("a", "b")[draw.task_index]
-    assert example == {"i": draw.example_index, "split": "validation"}
-    assert Counter(d.task_index for _, b in first for d in b).keys() <= {0, 1}
 
 
 def test_task_without_examples_in_split_is_an_error():

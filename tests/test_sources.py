@@ -8,8 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from multipromot.errors import UserError
-from multipromot.sources import (
+from multipromot.data.sources import (
     GENERATORS,
     FileSource,
     FilteredSource,
@@ -23,6 +22,7 @@ from multipromot.sources import (
     reset_generators,
     source_from_spec,
 )
+from multipromot.errors import UserError
 
 ROWS = [
     {"premise": "A cat sat.", "hypothesis": "An animal sat.", "label": 0},

@@ -8,7 +8,7 @@ import pytest
 from multipromot.bank import PromptBank
 from multipromot.cli import main
 from multipromot.config import load_config
-from multipromot.stage1 import train_prompts
+from multipromot.train.stage1 import train_prompts
 
 
 @pytest.fixture
@@ -17,10 +17,13 @@ def run_config(tmp_path):
     lab_rte (True/False), prompt-tuned together on tiny-t5."""
     data = tmp_path / "data"
     data.mkdir()
-    rows = [{"text": f"item {i} is {'big' if i % 2 else 'small'}", "label": i % 2} for i in range(40)]
+    rows = [
+        {"text": f"item {i} is {'big' if i % 2 else 'small'}", "label": i % 2} for i in range(40)
+    ]
     for split, part in (("train", rows[:32]), ("validation", rows[32:])):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    (tmp_path / "mix.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "mix.yaml").write_text(
+        textwrap.dedent("""\
         name: two_formats
         version: 1
         tasks:
@@ -29,8 +32,10 @@ def run_config(tmp_path):
             template: {jinja: "Size: {{text}} ||| {{answer_choices[label]}}", answer_choices: "no ||| yes"}
             metric: accuracy
           - task: lab_rte
-        """))
-    (tmp_path / "run.yaml").write_text(textwrap.dedent(f"""\
+        """)
+    )
+    (tmp_path / "run.yaml").write_text(
+        textwrap.dedent(f"""\
         seed: 0
         out_dir: {tmp_path / "run"}
         model: tiny-t5
@@ -46,7 +51,8 @@ def run_config(tmp_path):
           max_input_length: 160
           max_target_length: 8
           log_every: 10
-        """))
+        """)
+    )
     return tmp_path / "run.yaml"
 
 

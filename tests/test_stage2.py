@@ -23,10 +23,10 @@ from _stage2_utils import (
 )
 from safetensors.torch import load_file
 
-from multipromot import checkpoint, stage2
 from multipromot.bank import PromptBank
 from multipromot.models import load_model, read_lineage
 from multipromot.soft_prompt import PromptedModel, init_prompts
+from multipromot.train import checkpoint, stage2
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,11 @@ def test_one_step_per_mode(ws, monkeypatch, mode, prompt, task_ids):
         assert torch.equal(table, bank)
     elif prompt == "trained":
         assert (table - bank).abs().max() > 1e-4
-        assert torch.equal(load_file(str(out / "final" / "prompts.safetensors"))["prompts"], table)
+        # The trained table is stored next to the weights as checksummed bank entries.
+        own = PromptBank(out / "final" / "prompt_bank")
+        names = json.loads((out / "final" / "stage2.json").read_text())["tasks"]
+        stored = torch.stack([own.load_prompt(task) for task in names])
+        assert torch.equal(stored, table)
     elif prompt == "random":  # the seeded draw, unchanged by training
         model, tokenizer, _ = load_model(ws["model"])
         assert torch.equal(table, init_prompts(model, tokenizer, 2, 4, "random", seed=0))
@@ -135,7 +139,9 @@ def test_one_step_per_mode(ws, monkeypatch, mode, prompt, task_ids):
         assert table is None
     info = json.loads((out / "final" / "stage2.json").read_text())
     assert info["mode"] == mode and info["step"] == 1
-    assert bool(info["bank_refs"]) is (mode in ("promot", "joint"))
+    assert bool(info["bank_refs"]) is (mode != "standard")
+    # joint and random_prompt evaluate with their own table, never the bank's versions
+    assert (info.get("bank_dir") == "prompt_bank") is (mode in ("joint", "random_prompt"))
 
 
 def test_resume_after_kill_is_exact(ws, monkeypatch):
@@ -191,7 +197,8 @@ def test_export_loads_in_transformers_with_the_same_logits(ws):
     prompts, and it gives exactly the logits of the trained model (the last checkpoint)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from multipromot.collate import Collator, Item
+    from multipromot.data.collate import Collator
+    from multipromot.features import Item
 
     out = _straight(ws)
     final = out / "final"

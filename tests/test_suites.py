@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from multipromot import generation
+from multipromot.data.exemplars import render_exemplar
+from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
-from multipromot.exemplars import SEPARATOR, render_exemplar
-from multipromot.router import Route, Router, RouterEntry
-from multipromot.soft_prompt import PromptedModel
-from multipromot.suites import (
+from multipromot.eval import generation
+from multipromot.eval.suites import (
     DEFAULT_SHOTS,
     EvalSuite,
     SuiteTask,
@@ -26,7 +25,9 @@ from multipromot.suites import (
     evaluate_suite,
     load_suite,
 )
-from multipromot.tasks import get_task
+from multipromot.features import SEPARATOR
+from multipromot.router import Route, Router, RouterEntry
+from multipromot.soft_prompt import PromptedModel
 from tests.conftest import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,15 +7,14 @@ import json
 import pytest
 import yaml
 
-import multipromot.catalogue as catalogue
-from multipromot.errors import UserError
-from multipromot.sources import (
+import multipromot.data.catalogue as catalogue
+from multipromot.data.sources import (
     FilteredSource,
     HubSource,
     register_generator,
     reset_generators,
 )
-from multipromot.tasks import (
+from multipromot.data.tasks import (
     Task,
     get_task,
     list_tasks,
@@ -23,7 +22,8 @@ from multipromot.tasks import (
     reset_registry,
     task_from_spec,
 )
-from multipromot.templates import Template
+from multipromot.data.templates import Template
+from multipromot.errors import UserError
 
 RTE_JINJA = (
     "{{premise}} question: {{hypothesis}} Is it true or false? answer: ||| "
@@ -313,6 +313,7 @@ def test_registered_task_shadows_the_catalogue():
 
 def test_every_yaml_in_the_catalogue_dir_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(catalogue, "catalogue_dir", lambda: tmp_path)
+    monkeypatch.setattr(catalogue, "_EXTRA_FILES", [])  # the lab's file is registered too
     register_generator("test_rte")(lambda split, seed: list(TRAIN))
 
     def write(filename, *entries):

@@ -6,9 +6,8 @@ import pickle
 
 import pytest
 
-from multipromot.catalogue import catalogue_dir, read_catalogue
-from multipromot.errors import UserError
-from multipromot.templates import (
+from multipromot.data.catalogue import catalogue_dir, read_catalogue
+from multipromot.data.templates import (
     FormatSignature,
     Template,
     get_template,
@@ -17,6 +16,7 @@ from multipromot.templates import (
     register_template,
     reset_templates,
 )
+from multipromot.errors import UserError
 
 RTE_JINJA = (
     "{{premise}} question: {{hypothesis}} Is it true or false? answer: ||| "

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multipromot.training import build_optimizer, lr_schedule, token_loss
+from multipromot.train.common import build_optimizer, lr_schedule, token_loss
 
 
 def factors(decay, warmup=2, total=6, final=0.0):
@@ -80,27 +80,27 @@ def test_adafactor_scale_parameter_moves_weights_relative_to_their_size():
 
 
 def _two_task_mixture(tmp_path):
-    from multipromot.mixtures import load_mixture
+    from multipromot.data.mixtures import load_mixture
 
     path = tmp_path / "mix.yaml"
     path.write_text("name: two\nversion: 1\ntasks:\n  - task: lab_qa\n  - task: lab_sum\n")
     return load_mixture(path)
 
 
-def test_batch_stream_grouped_by_task_keeps_the_rows_and_separates_tasks(tmp_path):
+def test_batches_ordered_by_task_keep_the_rows_and_separate_tasks(tmp_path):
     from transformers import ByT5Tokenizer
 
-    from multipromot.collate import Collator
-    from multipromot.sampler import MixtureSampler
-    from multipromot.training import batch_stream
+    from multipromot.data.batches import batches_from_draws
+    from multipromot.data.collate import Collator
+    from multipromot.data.sampler import MixtureSampler
 
     mixture = _two_task_mixture(tmp_path)
     collator = Collator(ByT5Tokenizer(), decoder_only=False, max_input_length=400)
 
     def rows(group: bool) -> list[list[tuple[int, tuple[int, ...]]]]:
-        stream = batch_stream(mixture, MixtureSampler(mixture, seed=3), collator, 4, shots=0,
-                              group_by_task=group, window=8)  # fmt: skip
-        batches = [next(stream) for _ in range(8)]  # one window
+        draws = MixtureSampler(mixture, seed=3).take(32)  # one window of 8 batches
+        batches = batches_from_draws(mixture.tasks, draws, collator, batch_size=4,
+                                     order="task" if group else "drawn")  # fmt: skip
         return [
             [(int(t), tuple(ids[m.bool()].tolist())) for t, ids, m in
              zip(b["task_ids"], b["input_ids"], b["attention_mask"], strict=True)]
@@ -126,8 +126,9 @@ def test_batch_stream_grouped_by_task_keeps_the_rows_and_separates_tasks(tmp_pat
 def test_predict_sorts_by_length_and_returns_outputs_in_item_order():
     """Batches are cut from rows sorted by length; each output still lands on its own item, and
     equals what the row gives alone."""
-    from multipromot.collate import Collator, Item
-    from multipromot.generation import predict
+    from multipromot.data.collate import Collator
+    from multipromot.eval.generation import predict
+    from multipromot.features import Item
     from multipromot.models import build_builtin
     from multipromot.soft_prompt import PromptedModel, init_prompts
 

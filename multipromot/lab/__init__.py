@@ -1,18 +1,31 @@
 """The lab: generated task families and a small model pretrained on them (the embedded demo).
 
-Importing this package registers the lab generators with :mod:`multipromot.sources` and stays
-light (no torch): the model side (:mod:`multipromot.lab.model`) is imported on first use of
-one of its names, e.g. ``multipromot.lab.ensure_lab_model``.
+The lab sits on top of the library and plugs in through the public registries only: importing
+it (the package root does) registers its generators as data sources, its catalogue file
+(``catalogue.yaml``: one task per family) and the built-in model ``lab``. Nothing in the
+library imports the lab.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-from typing import Any
+from pathlib import Path
 
+from multipromot.data.catalogue import register_catalogue_file
+from multipromot.data.sources import GENERATORS, register_generator
+from multipromot.lab import tasks
+from multipromot.lab.model import (
+    LabConfig,
+    build_lab_model,
+    build_lab_tokenizer,
+    ensure_lab_model,
+    evaluate_lab_model,
+    lab_tasks,
+    read_pretrain_record,
+    train_lab_model,
+)
 from multipromot.lab.tasks import DEFAULT_SIZES, FAMILIES, PRETRAIN_FAMILIES, SPLITS, generate
 from multipromot.lab.world import WORLD_SEED, World, get_world
+from multipromot.models import register_builtin_dir
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -23,8 +36,7 @@ __all__ = [
     "World",
     "generate",
     "get_world",
-    "register_generators",
-    # from multipromot.lab.model, imported lazily
+    "register",
     "LabConfig",
     "ensure_lab_model",
     "evaluate_lab_model",
@@ -35,30 +47,16 @@ __all__ = [
     "read_pretrain_record",
 ]
 
-_MODEL_NAMES = {
-    "LabConfig", "ensure_lab_model", "evaluate_lab_model", "train_lab_model",
-    "build_lab_tokenizer", "build_lab_model", "lab_tasks", "read_pretrain_record",
-}  # fmt: skip
 
-
-def register_generators() -> None:
-    """Register every lab family as a source generator (idempotent)."""
-    from multipromot import sources
-    from multipromot.lab import tasks
-
+def register() -> None:
+    """Register the lab's generators, catalogue file and built-in model (idempotent; tests that
+    reset the registries call it again)."""
     for family in FAMILIES:
-        if family not in sources.GENERATORS:
-            sources.register_generator(family)(getattr(tasks, family))
+        if family not in GENERATORS:
+            register_generator(family)(getattr(tasks, family))
+    register_catalogue_file(Path(__file__).with_name("catalogue.yaml"))
+    # The cached lab model is rebuilt when its recorded lab version or recipe differs.
+    register_builtin_dir("lab", lambda path, seed: ensure_lab_model(path, seed=seed))
 
 
-def __getattr__(name: str) -> Any:
-    if name in _MODEL_NAMES:
-        return getattr(importlib.import_module("multipromot.lab.model"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-register_generators()
-# models.build_builtin("lab") imports this package and then looks the name up: register the
-# builtin when the models module is already loaded (importing it here would import torch).
-if "multipromot.models" in sys.modules:
-    importlib.import_module("multipromot.lab.model")
+register()

@@ -22,6 +22,9 @@ model with in-context ability"):
 
 :func:`ensure_lab_model` builds it once into a ``from_pretrained`` directory (with
 ``lab_pretrain.json``: the recipe, the wall time and the 1-shot scores it reached).
+
+Why one module of this size: the lab model's tokenizer, recipe, pretraining loop, quick
+evaluation and cache are one recipe; the cache key is the recipe, so they change together.
 """
 
 from __future__ import annotations
@@ -40,9 +43,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
 
+from multipromot.data.batches import group_by_length
+from multipromot.data.collate import Collator
+from multipromot.data.exemplars import build_item
+from multipromot.data.metrics import postprocess, score
+from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
+from multipromot.eval.generation import predict
+from multipromot.eval.suites import build_items
+from multipromot.features import IGNORE_INDEX
 from multipromot.lab.tasks import FAMILIES, PRETRAIN_FAMILIES, SPLITS
+from multipromot.lab.world import get_world
+from multipromot.models import LINEAGE_FILE, save_model
+from multipromot.soft_prompt import PromptedModel
+from multipromot.train.common import Throughput, build_optimizer, lr_schedule
 
 __all__ = [
     "LAB_SIZES",
@@ -139,9 +156,7 @@ class LabConfig:
 
 # ---------------------------------------------------------------------------------------- data
 def lab_tasks(names: Sequence[str] = FAMILIES) -> list[Any]:
-    """The catalogue Tasks of the lab families (``multipromot/catalogue/lab.yaml``)."""
-    from multipromot.tasks import get_task
-
+    """The catalogue Tasks of the lab families (``multipromot/lab/catalogue.yaml``)."""
     return [get_task(name) for name in names]
 
 
@@ -161,8 +176,6 @@ def lab_corpus(tasks: Sequence[Any], examples_per_split: int = 200) -> list[str]
     Returns:
         The texts.
     """
-    from multipromot.lab.world import get_world
-
     texts: list[str] = []
     for task in tasks:
         for split in SPLITS:
@@ -249,21 +262,26 @@ def build_lab_model(tokenizer, size: str = "small", seed: int = 0):
 
 # ------------------------------------------------------------------------------------- training
 class _Rendered:
-    """Rendered ``(input, target)`` of a task's train examples, each rendered on first use
-    (jinja costs more than the model at this size, so nothing is rendered twice or in vain)."""
+    """A task whose ``render`` remembers each example's rendering (jinja costs more than the
+    model at this size, so nothing is rendered twice); the item builder takes it as the task.
+
+    The lab's examples are plain lists kept alive by the task, so an example's ``id`` is a
+    stable key for as long as this object lives.
+    """
 
     def __init__(self, task: Any):
         self.task = task
-        self.examples = task.examples("train")
+        self.name = task.name
         self._cache: dict[int, tuple[str, str]] = {}
 
-    def __len__(self) -> int:
-        return len(self.examples)
+    def examples(self, split: str) -> Sequence[dict]:
+        return self.task.examples(split)
 
-    def __getitem__(self, index: int) -> tuple[str, str]:
-        if index not in self._cache:
-            self._cache[index] = self.task.render(self.examples[index])
-        return self._cache[index]
+    def render(self, example: dict) -> tuple[str, str]:
+        key = id(example)
+        if key not in self._cache:
+            self._cache[key] = self.task.render(example)
+        return self._cache[key]
 
 
 def _kshot_items(
@@ -275,22 +293,17 @@ def _kshot_items(
 ) -> list[Any]:
     """``count`` random k-shot training rows: task uniform, example uniform, k by weight.
 
-    Exemplars come from :func:`multipromot.exemplars.choose_exemplars` (same task, train split,
-    never the row itself) with a fresh exemplar seed per row, so one example is shown with many
-    different exemplar sets over the run.
+    Rows come from the framework's one item builder (same task, train split, never the row
+    itself) with a fresh exemplar seed per row, so one example is shown with many different
+    exemplar sets over the run.
     """
-    from multipromot.collate import Item
-    from multipromot.exemplars import TARGET_DELIMITER, choose_exemplars
-
     items = []
     for _ in range(count):
         t = int(rng.integers(len(tasks)))
-        index = int(rng.integers(len(rendered[t])))
+        index = int(rng.integers(len(rendered[t].examples("train"))))
         k = int(rng.choice(len(shot_weights), p=shot_weights))
-        picks = choose_exemplars(tasks[t], index, k, seed=int(rng.integers(2**31)), split="train")
-        exemplars = [TARGET_DELIMITER.join(rendered[t][j]) for j in picks]
-        source, target = rendered[t][index]
-        items.append(Item(task_id=-1, input=source, target=target, exemplars=exemplars))
+        seed = int(rng.integers(2**31))
+        items.append(build_item(rendered[t], index, split="train", shots=k, seed=seed))
     return items
 
 
@@ -306,11 +319,9 @@ def _batch_stream(
 
     k = 0..3 makes row lengths vary four-fold; padding every row to the longest of a random
     batch would double the cost, so rows of similar length share a batch
-    (:func:`~multipromot.collate.group_by_length`) and the batches of a window go out in random
+    (:func:`~multipromot.data.collate.group_by_length`) and the batches of a window go out in random
     order.
     """
-    from multipromot.collate import group_by_length
-
     while True:
         items = _kshot_items(tasks, rendered, rng, window * batch_size, shot_weights)
         grouped = group_by_length(items, batch_size, window=window * batch_size)
@@ -351,11 +362,6 @@ def pretrain(
     Returns:
         The loss of every step.
     """
-    from tqdm.auto import tqdm
-
-    from multipromot.collate import Collator
-    from multipromot.training import Throughput, build_optimizer, lr_schedule
-
     rng = np.random.default_rng([seed, 0x1AB])
     weights = np.asarray(shot_weights, dtype=float)
     weights = weights / weights.sum()
@@ -388,7 +394,7 @@ def pretrain(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
-        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
         rate = throughput.update(tokens)
         if step % 10 == 0 or step == steps - 1:
             recent = sum(losses[-50:]) / len(losses[-50:])
@@ -413,8 +419,8 @@ def evaluate_lab_model(
     """Quick k-shot scores: greedy generation on the first ``examples`` items of each task.
 
     Each item gets ``shots`` exemplars from the task's train split
-    (:func:`~multipromot.exemplars.choose_exemplars` with ``seed``); outputs are post-processed by
-    the task's rule and scored by its metric (:func:`multipromot.metrics.score`), 0-100.
+    (:func:`~multipromot.data.exemplars.choose_exemplars` with ``seed``); outputs are post-processed by
+    the task's rule and scored by its metric (:func:`multipromot.data.metrics.score`), 0-100.
 
     Args:
         model: a seq2seq model.
@@ -429,12 +435,6 @@ def evaluate_lab_model(
     Returns:
         ``{task name: score}``.
     """
-    from multipromot.collate import Collator
-    from multipromot.generation import predict
-    from multipromot.metrics import postprocess, score
-    from multipromot.soft_prompt import PromptedModel
-    from multipromot.suites import build_items
-
     collator = Collator(tokenizer, decoder_only=False, max_input_length=512, for_generation=True)
     bare = PromptedModel(model, None)  # no prompt rows: the framework's one generation path
     scores: dict[str, float] = {}
@@ -531,10 +531,6 @@ def ensure_lab_model(
     Raises:
         UserError: an unknown or bad recipe field.
     """
-    from filelock import FileLock
-
-    from multipromot.models import LINEAGE_FILE, save_model
-
     path = Path(path)
     known = set(LabConfig.__dataclass_fields__) - {"seed", "size", "steps"}
     unknown = sorted(set(overrides) - known)
@@ -582,18 +578,3 @@ def _recipe(config: dict) -> dict:
 
 def _write_record(path: Path, record: dict) -> None:
     (path / PRETRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _register_builtin() -> None:
-    """Make ``lab`` a built-in of :mod:`multipromot.models`: the cached pretrained model."""
-    from multipromot.models import BUILTIN_MODELS, _auto_load, default_cache_dir
-
-    def build(seed: int):
-        path = ensure_lab_model(default_cache_dir() / "models" / f"lab-seed{seed}", seed=seed)
-        model, tokenizer = _auto_load(str(path))
-        return model, tokenizer
-
-    BUILTIN_MODELS.setdefault("lab", build)
-
-
-_register_builtin()

@@ -1,7 +1,7 @@
 """Lab task families: generated tasks in the output formats of the paper's task types.
 
 Each family is a generator ``fn(split, seed, **sizes) -> list[dict]`` registered with
-:func:`multipromot.sources.register_generator`; ``multipromot/catalogue/lab.yaml`` pairs each
+:func:`multipromot.data.sources.register_generator`; ``multipromot/lab/catalogue.yaml`` pairs each
 one with its template, answer set and metric.
 
 =================  ====================================  ==================  ===========

@@ -43,8 +43,8 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from multipromot import checkpoint, stage2
     from multipromot.config import load_config
+    from multipromot.train import checkpoint, stage2
 
     torch.set_num_threads(1)
     state = {"events": 0, "saves": []}

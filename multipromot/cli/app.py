@@ -1,0 +1,59 @@
+"""The root ``multipromot`` command and its one error policy.
+
+Every command that reads user input lets :class:`~multipromot.errors.UserError` propagate to
+:func:`main`, which prints it on one line and exits with status 2 (a traceback only with
+``--debug``). The commands themselves live one module per group and register on :data:`app`
+when :mod:`multipromot.cli` is imported.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from multipromot.errors import UserError
+
+__all__ = ["app", "main", "CONFIG_ARG", "OVERRIDES_ARG"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Multi-task instruction tuning with a prompt bank (ProMoT).",
+)
+
+CONFIG_ARG = typer.Argument(..., help="Run config (YAML).")
+OVERRIDES_ARG = typer.Argument(None, help="key=value overrides, e.g. stage2.mode=standard.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input or usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    try:
+        app(args=argv, prog_name="multipromot", standalone_mode=False)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        return 130
+    except typer.TyperException as e:  # typer's bundled click: usage errors, bad options
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        print(f"error: {' '.join(message.split())} (see multipromot --help)", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. disk full while writing: not bad input, but no traceback either
+        if debug:
+            raise
+        print(
+            f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,83 @@
+"""``multipromot route``: which bank prompt (or none) each input gets, and why; ``--eval``
+measures the router on held-out inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from multipromot.bank import PromptBank
+from multipromot.cli.app import app
+from multipromot.data.tasks import get_task, list_tasks
+from multipromot.errors import UserError
+from multipromot.eval.suites import routing_sets
+from multipromot.models import load_model
+from multipromot.router import Router, evaluate_routing
+
+
+@app.command()
+def route(
+    texts: list[str] = typer.Argument(None, help="Inputs to route."),
+    bank_dir: str = typer.Option("prompt_bank", "--bank", help="Prompt bank directory."),
+    model: str = typer.Option(None, "--model", help="Only prompts this model accepts (lineage)."),
+    file: str = typer.Option(None, "--file", help="Route every line of this file."),
+    evaluate: bool = typer.Option(False, "--eval", help="Measure routing on held-out inputs."),
+    examples: int = typer.Option(100, help="--eval: inputs per task and shots setting."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Which bank prompt (or none) each input gets, and why."""
+
+    bank = PromptBank(bank_dir)
+    if model is not None:
+        bank = _accepted_view(bank, model)
+    router = Router.from_bank(bank)
+    if evaluate:
+        print(_route_eval(router, examples, as_json))
+        return
+    inputs = list(texts or [])
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise UserError("no such file", file=file)
+        inputs += [line for line in path.read_text().splitlines() if line.strip()]
+    if not inputs:
+        raise UserError("give inputs to route, --file F, or --eval", key="route")
+    routes = router.route(inputs)
+    if as_json:
+        print(json.dumps([r.to_json(t) for t, r in zip(inputs, routes, strict=True)], indent=1))
+        return
+    for text, r in zip(inputs, routes, strict=True):
+        short = text if len(text) <= 60 else text[:57] + "..."
+        print(f"{r.task or '(none)':<16} {r.score:6.3f}  {r.reason}  | {short!r}")
+
+
+def _accepted_view(bank, model: str):
+    """The bank's entries whose prompt the model accepts (its fingerprint or lineage)."""
+
+    loaded, _, _ = load_model(model)
+    accepted = bank.accepted_fingerprints(loaded)
+
+    class View:
+        def entries(self):
+            return [e for e in bank.entries() if e.fingerprint in accepted]
+
+    return View()
+
+
+def _route_eval(router, examples: int, as_json: bool) -> str:
+    """Route held-out inputs of the bank's tasks and of every other built-in task."""
+
+    bank_tasks = [get_task(t) for t in router.tasks]
+    others = [get_task(t) for t in list_tasks() if t.startswith("lab_") and t not in router.tasks]
+    positives, negatives = routing_sets(bank_tasks, others, examples=examples)
+    result = evaluate_routing(router, positives, negatives)
+    if as_json:
+        return json.dumps(result, indent=1)
+    return (
+        f"bank-task inputs routed to their task: {result['positive_rate']:.1f}% "
+        f"of {result['n_positives']}\n"
+        f"other-format inputs routed to none:    {result['negative_rate']:.1f}% "
+        f"of {result['n_negatives']} (incl. 1- and 4-shot prompts of other tasks)"
+    )

@@ -1,0 +1,518 @@
+"""The report of a run: the paper-style table, curves over stage-2 steps, and every number as JSON.
+
+Input is a list of flat records, one per (method, stage-2 step, task, shots)::
+
+    {"method": "promot", "step": 1000, "task": "lab_cb", "shots": 1, "metric": "accuracy",
+     "score": 41.0, "specialization": 12.0, "prompt": None, "seen": False}
+
+``seen`` marks a fine-tuned task (scored 0-shot with its own prompt); every other record is an
+unseen task scored in context. ``step`` is the stage-2 step the model was evaluated at (0 for the
+pretrained model); the main table uses each method's last step, the curves use all of them.
+Optional keys: ``random`` (the task's random-guess score, for the BIG-bench-normalized average)
+and whatever else the evaluation added (``n``, ``prompted``); they are kept in results.json.
+
+Files (:func:`write_report`), all written atomically (temp file + ``os.replace``, so a crash never
+leaves half a report)::
+
+    report.md            title, the table, the plots, how the run was produced
+    results.json         {"title", "summary", "records", "config"}
+    norm_avg.png         unseen-task Norm. Avg. vs stage-2 step, one line per method
+    specialization.png   mean specialization rate vs stage-2 step, one line per method
+
+The PNGs (the shape of the paper's Figures 1 and 2, one panel per shots setting) are written only
+when the records span more than one step.
+
+Why one module of this size: the table, the terminal summary, the plots and report.md all
+read the same flat records; splitting would spread one schema over several files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from multipromot.data.metrics import normalized_average
+
+__all__ = [
+    "REQUIRED_KEYS",
+    "final_records",
+    "summary",
+    "format_table",
+    "terminal_summary",
+    "write_plots",
+    "write_report",
+]
+
+REQUIRED_KEYS = ("method", "task", "shots", "score")
+_MISSING = "—"
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+def _normalize(records: Iterable[dict]) -> list[dict]:
+    """Records with defaults filled in (step 0, not seen, no specialization), duplicates refused."""
+    out, keys = [], set()
+    for i, record in enumerate(records):
+        missing = [k for k in REQUIRED_KEYS if k not in record]
+        if missing:
+            raise ValueError(f"record {i} lacks {missing}: {record}")
+        full = {
+            "step": 0,
+            "metric": "",
+            "specialization": None,
+            "prompt": None,
+            "seen": False,
+            "random": 0.0,
+            **record,
+        }
+        full["step"] = int(full["step"] or 0)
+        key = (full["method"], full["step"], full["task"], full["shots"])
+        if key in keys:
+            # Two scores for one cell would make every average ambiguous.
+            raise ValueError(f"two records for method, step, task, shots = {key}")
+        keys.add(key)
+        out.append(full)
+    return out
+
+
+def _ordered(values: Iterable[Any]) -> list[Any]:
+    """Distinct values in first-seen order."""
+    return list(dict.fromkeys(values))
+
+
+def _methods(records: list[dict], baseline: str) -> list[str]:
+    """Methods in first-seen order, the baseline first (it is the column the others compare to)."""
+    methods = _ordered(r["method"] for r in records)
+    if baseline in methods:
+        methods.remove(baseline)
+        methods.insert(0, baseline)
+    return methods
+
+
+def final_records(records: Iterable[dict]) -> list[dict]:
+    """The records each method reports (what the main table shows).
+
+    That is the records marked ``selected`` (the best-on-target model stage 2 kept) where a
+    method has them, else those of its last step.
+
+    Args:
+        records: flat records (see the module docstring).
+
+    Returns:
+        The reported records of every method, defaults filled in.
+
+    Raises:
+        ValueError: a record lacks a required key, or two records share a cell.
+    """
+    records = _normalize(records)
+    selected = {r["method"]: r["step"] for r in records if r.get("selected")}
+    last: dict[str, int] = {}
+    for r in records:
+        last[r["method"]] = max(last.get(r["method"], r["step"]), r["step"])
+    return [r for r in records if r["step"] == selected.get(r["method"], last[r["method"]])]
+
+
+def _unseen_point(rows: list[dict]) -> dict:
+    """Norm. Avg. and mean specialization of one (method, step, shots) group of unseen records."""
+    scores = {r["task"]: float(r["score"]) for r in rows}
+    random = {r["task"]: float(r["random"] or 0.0) for r in rows}
+    special = [float(r["specialization"]) for r in rows if r["specialization"] is not None]
+    return {
+        "norm_avg": normalized_average(scores),
+        "norm_avg_random": normalized_average(scores, random),
+        "specialization": sum(special) / len(special) if special else None,
+        "tasks": sorted(scores),
+    }
+
+
+def _unseen_points(records: list[dict]) -> dict[tuple[str, int, int], dict]:
+    """``{(method, step, shots): point}`` over the unseen records."""
+    groups: dict[tuple[str, int, int], list[dict]] = {}
+    for r in records:
+        if not r["seen"]:
+            groups.setdefault((r["method"], r["step"], r["shots"]), []).append(r)
+    return {key: _unseen_point(rows) for key, rows in groups.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+def summary(records: Iterable[dict], baseline: str = "pretrained") -> dict:
+    """The numbers of the main table, at each method's last step.
+
+    Args:
+        records: flat records (see the module docstring).
+        baseline: the method the others are compared to (the paper compares to pretrained).
+
+    Returns:
+        ``{"baseline", "methods", "shots", "unseen_tasks", "seen_tasks", "unseen", "finetuned"}``
+        where ``unseen`` has one row per method x shots::
+
+            {"method", "step", "shots", "norm_avg" (paper: plain mean of the 0-100 scores),
+             "diff" (norm_avg - the baseline's at the same shots; None without a baseline),
+             "norm_avg_random" (BIG-bench normalized against each task's random score),
+             "specialization" (mean over unseen tasks, None if not measured), "tasks"}
+
+        and ``finetuned`` one row per method x fine-tuned task x shots:
+        ``{"method", "step", "task", "shots", "metric", "score"}``.
+
+    Raises:
+        ValueError: a record lacks a required key, two records share a cell, or a score is
+            outside 0-100.
+    """
+    final = final_records(records)
+    methods = _methods(final, baseline)
+    points = _unseen_points(final)
+    base = {shots: p for (m, _, shots), p in points.items() if m == baseline}
+    unseen = []
+    for method in methods:
+        for (m, step, shots), p in sorted(points.items(), key=lambda kv: kv[0][2]):
+            if m != method:
+                continue
+            diff = p["norm_avg"] - base[shots]["norm_avg"] if shots in base else None
+            unseen.append({"method": m, "step": step, "shots": shots, **p, "diff": diff})
+    finetuned = [
+        {k: r[k] for k in ("method", "step", "task", "shots", "metric", "score")}
+        for method in methods
+        for r in final
+        if r["seen"] and r["method"] == method
+    ]
+    return {
+        "baseline": baseline,
+        "methods": methods,
+        "shots": sorted({r["shots"] for r in final if not r["seen"]}),
+        "unseen_tasks": _ordered(r["task"] for r in final if not r["seen"]),
+        "seen_tasks": _ordered(r["task"] for r in final if r["seen"]),
+        "unseen": unseen,
+        "finetuned": finetuned,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def _num(value: float | None) -> str:
+    return _MISSING if value is None else f"{value:.1f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.1f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)  # numbers right-aligned, labels left
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def _point_row(label: str, columns: list[tuple[str, int]], point: dict, key: str) -> list[str]:
+    """One summary row (``norm_avg_random``, ``specialization``) across the method x shots columns."""
+    return [label] + [_num(point[col][key]) if col in point else _MISSING for col in columns]
+
+
+def _avg_row(columns: list[tuple[str, int]], point: dict, baseline: str) -> list[str]:
+    """The Norm. Avg. row: each value with its difference to the baseline in brackets."""
+    cells = [f"**Norm. Avg.** (+/- vs {baseline})"]
+    for method, shots in columns:
+        p = point.get((method, shots))
+        if p is None:
+            cells.append(_MISSING)
+        elif method == baseline or p["diff"] is None:
+            cells.append(_num(p["norm_avg"]))
+        else:
+            cells.append(f"{_num(p['norm_avg'])} ({_signed(p['diff'])})")
+    return cells
+
+
+def _finetuned_rows(final: list[dict], columns: list[tuple[str, int]], shots: list[int]) -> list:
+    """One row per fine-tuned task and shot count it was scored at."""
+    seen = {(r["method"], r["task"], r["shots"]): r for r in final if r["seen"]}
+    rows = []
+    for task in _ordered(r["task"] for r in final if r["seen"]):
+        metric = next(r["metric"] for r in final if r["seen"] and r["task"] == task)
+        for k_seen in sorted({k for (_, t, k) in seen if t == task}):
+            cells = [f"{task} ({metric}, fine-tuned, {k_seen}-shot)"]
+            for method, k in columns:
+                r = seen.get((method, task, k_seen))
+                # A score at a shot count that has no column of its own (0-shot) is one number
+                # per model: it fills each shots column of its method.
+                fits = k_seen == k or k_seen not in shots
+                cells.append(_num(r["score"]) if r is not None and fits else _MISSING)
+            rows.append(cells)
+    return rows
+
+
+def format_table(records: Iterable[dict], baseline: str = "pretrained") -> str:
+    """The paper-style markdown table at each method's last step.
+
+    Rows: each unseen task (its metric in brackets); ``Norm. Avg.`` with the difference to the
+    baseline in brackets; ``Norm. Avg. above random`` when some task has a random baseline; the
+    mean specialization rate; then each fine-tuned task. Columns: method x shots. A fine-tuned
+    task scored 0-shot fills every shots column of its method (it is one number per model).
+
+    Args:
+        records: flat records (see the module docstring).
+        baseline: the method the differences refer to.
+
+    Returns:
+        The markdown table.
+    """
+    final = final_records(records)
+    s = summary(final, baseline)
+    shots = s["shots"] or sorted({r["shots"] for r in final})
+    columns = [(m, k) for m in s["methods"] for k in shots]
+    header = ["Task"] + [f"{m} {k}-shot" for m, k in columns]
+    unseen = {(r["method"], r["task"], r["shots"]): r for r in final if not r["seen"]}
+    point = {(u["method"], u["shots"]): u for u in s["unseen"]}
+
+    rows = []
+    for task in s["unseen_tasks"]:
+        metric = next(r["metric"] for r in final if r["task"] == task and not r["seen"])
+        values = [unseen.get((m, task, k)) for m, k in columns]
+        rows.append([f"{task} ({metric})"] + [_num(v and v["score"]) for v in values])
+    if s["unseen_tasks"]:
+        rows.append(_avg_row(columns, point, baseline))
+        if any(r["random"] for r in final if not r["seen"]):
+            rows.append(_point_row("Norm. Avg. above random", columns, point, "norm_avg_random"))
+        label = "Specialization (% in fine-tuned answer set)"
+        rows.append(_point_row(label, columns, point, "specialization"))
+    rows += _finetuned_rows(final, columns, shots)
+    return _markdown(header, rows)
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def terminal_summary(records: Iterable[dict], baseline: str = "pretrained") -> str:
+    """A compact plain-text table for the end of ``multipromot run``: one line per method x shots.
+
+    Columns: method, shots, unseen Norm. Avg., its difference to the baseline, mean
+    specialization rate, then each fine-tuned task's score (0-shot, with its prompt).
+
+    Args:
+        records: flat records (see the module docstring).
+        baseline: the method the differences refer to.
+
+    Returns:
+        The table as text (no colours, no box drawing).
+    """
+    s = summary(records, baseline)
+    seen = s["seen_tasks"]
+    header = ["method", "shots", "Norm.Avg", f"vs {baseline}", "spec.%", *seen]
+    ft: dict[tuple[str, str], float] = {}
+    for f in sorted(s["finetuned"], key=lambda f: f["shots"] != 0):  # the 0-shot score first
+        ft.setdefault((f["method"], f["task"]), f["score"])
+    rows = []
+    for method in s["methods"]:
+        own = [u for u in s["unseen"] if u["method"] == method]
+        tail = [_num(ft.get((method, t))) for t in seen]
+        if not own:  # scored on the fine-tuned tasks only
+            rows.append([method, _MISSING, _MISSING, _MISSING, _MISSING, *tail])
+        for u in own:
+            diff = _MISSING if u["diff"] is None or method == baseline else _signed(u["diff"])
+            avg, spec = _num(u["norm_avg"]), _num(u["specialization"])
+            rows.append([method, str(u["shots"]), avg, diff, spec, *tail])
+    return _text_table(header, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file next to ``path``, then rename over it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name opened with "x" (not mkstemp) so the file gets the umask's usual mode.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _plot(
+    points: dict[tuple[str, int, int], dict],
+    methods: list[str],
+    key: str,
+    ylabel: str,
+    title: str,
+) -> bytes | None:
+    """One PNG: ``key`` against stage-2 step, one subplot per shots, one line per method."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg on save
+
+    shots = sorted({k for (_, _, k), p in points.items() if p[key] is not None})
+    if not shots:
+        return None
+    steps = [step for (_, step, _) in points]
+    span = (min(steps), max(steps))
+    fig = Figure(figsize=(4.5 * len(shots), 3.4), layout="constrained")
+    for i, k in enumerate(shots):
+        ax = fig.add_subplot(1, len(shots), i + 1)
+        for method in methods:
+            line = sorted(
+                (step, p[key])
+                for (m, step, kk), p in points.items()
+                if m == method and kk == k and p[key] is not None
+            )
+            if not line:
+                continue
+            if len(line) == 1:  # one evaluation (the pretrained model): a reference level
+                ax.hlines(line[0][1], *span, linestyles="--", colors="gray", label=method)
+            else:
+                ax.plot(*zip(*line, strict=True), marker="o", markersize=3, label=method)
+        ax.set_title(f"{title}, {k}-shot")
+        ax.set_xlabel("stage-2 step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def write_plots(records: Iterable[dict], out_dir: str | os.PathLike) -> list[str]:
+    """The curves over stage-2 steps, when the records span more than one step.
+
+    Args:
+        records: flat records (see the module docstring).
+        out_dir: where the PNGs go.
+
+    Returns:
+        The file names written (``norm_avg.png``, ``specialization.png`` when specialization
+        was measured), relative to ``out_dir``; empty for a single step.
+    """
+    records = _normalize(records)
+    if len({r["step"] for r in records}) < 2:
+        return []
+    points = _unseen_points(records)
+    methods = _ordered(r["method"] for r in records)
+    plots = {
+        "norm_avg.png": ("norm_avg", "Norm. Avg. (0-100)", "Unseen tasks"),
+        "specialization.png": ("specialization", "% in fine-tuned answer set", "Specialization"),
+    }
+    written = []
+    for name, (key, ylabel, title) in plots.items():
+        png = _plot(points, methods, key, ylabel, title)
+        if png is not None:
+            _write_atomic(Path(out_dir) / name, png)
+            written.append(name)
+    return written
+
+
+# Config keys worth a line in "how this was produced" (dotted paths into the config dict).
+_CONFIG_LINES = (
+    ("model", "model"),
+    ("seed", "seed"),
+    ("methods", "methods"),
+    ("stage1.mixture", "stage 1 mixture"),
+    ("stage1.steps", "stage 1 steps"),
+    ("stage1.prompt_length", "prompt length"),
+    ("stage1.lr", "stage 1 lr"),
+    ("stage2.mixture", "stage 2 mixture"),
+    ("stage2.steps", "stage 2 steps"),
+    ("stage2.lr", "stage 2 lr"),
+    ("stage2.batch_size", "stage 2 batch size"),
+    ("eval.suite", "eval suite"),
+    ("eval.shots", "shots"),
+    ("eval.examples", "examples per task"),
+    ("eval.num_beams", "beam width"),
+    ("eval.router", "router"),
+    ("bank.dir", "prompt bank"),
+)
+
+
+def _lookup(config: dict, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _provenance(config: dict | None) -> list[str]:
+    lines = ["## How this was produced", ""]
+    if not config:
+        return [*lines, "No run config was recorded.", ""]
+    if config.get("config_file"):
+        lines += [f"`multipromot run {config['config_file']}`", ""]
+    for dotted, label in _CONFIG_LINES:
+        value = _lookup(config, dotted)
+        if value not in (None, "", []):
+            lines.append(f"- {label}: `{value}`")
+    lines += ["", "The full config and every record are in `results.json`.", ""]
+    return lines
+
+
+def write_report(
+    records: Iterable[dict],
+    out_dir: str | os.PathLike,
+    *,
+    title: str,
+    config: dict | None = None,
+    baseline: str = "pretrained",
+) -> Path:
+    """Write ``report.md``, ``results.json`` and (over several steps) the PNG curves.
+
+    Args:
+        records: flat records (see the module docstring).
+        out_dir: the run's output directory.
+        title: the report's heading.
+        config: the run config as a plain dict (for the provenance section and results.json).
+        baseline: the method the differences refer to.
+
+    Returns:
+        The path of ``report.md``.
+
+    Raises:
+        ValueError: malformed records (see :func:`summary`).
+    """
+    out = Path(out_dir)
+    records = [dict(r) for r in records]
+    s = summary(records, baseline)
+    plots = write_plots(records, out)
+    lines = [f"# {title}", ""]
+    lines += [
+        "## Results (each method at its selected stage-2 step: best on its fine-tuned tasks)",
+        "",
+        format_table(records, baseline),
+        "",
+        "Unseen tasks are scored in context (k-shot, exemplars from their train split); "
+        "Norm. Avg. is the mean of their 0-100 scores (the paper's), with the difference to "
+        f"{baseline} in brackets. Specialization is the share of unseen-task outputs that fall "
+        "in the fine-tuned task's answer set. Fine-tuned tasks are scored 0-shot with their "
+        "own prompt.",
+        "",
+    ]
+    if plots:
+        lines += ["## Over stage-2 steps", ""]
+        lines += [f"![{name[:-4]}]({name})" for name in plots]
+        lines.append("")
+    lines += _provenance(config)
+    results = {"title": title, "summary": s, "records": records, "config": config}
+    _write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    path = out / "report.md"
+    _write_atomic(path, "\n".join(lines).encode())
+    return path

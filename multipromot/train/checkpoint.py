@@ -1,0 +1,504 @@
+"""Sharded, atomic, exactly resumable training checkpoints.
+
+A checkpoint is a directory ``<root>/step_<N>/``:
+
+- ``.metadata`` + ``__<rank>_0.distcp``: model and optimizer state written by
+  ``torch.distributed.checkpoint`` (dcp), each rank its own shards; it loads into any world
+  size, sharded or not, because keys are the model's parameter names.
+- ``trainer_state.json``: step, world size, scheduler, the sampler state of every rank, the
+  Python and NumPy RNG states of every rank, and what the caller adds (loss history, best
+  metric, bank entries used).
+- ``rng.safetensors``: the torch (and CUDA) RNG state of every rank.
+
+Atomicity: everything is written into ``step_<N>.tmp``; only when every rank has finished does
+rank 0 rename it to ``step_<N>`` and then point ``<root>/latest`` at it with ``os.replace``. A
+kill at any moment leaves the previous checkpoint complete and ``latest`` naming a complete
+checkpoint (or, between the rename and the pointer update, the previous one); leftover ``.tmp``
+directories are never read and are removed by the next save.
+
+Loading never runs code from the checkpoint: JSON and safetensors are data; dcp loads its tensor
+files with ``torch.load(weights_only=True)`` and, here, its non-tensor values too (dcp's default
+planner would unpickle them in full); dcp's ``.metadata`` is a pickle, read here with an
+unpickler that only builds dcp's own metadata classes. Still, treat a checkpoint directory from
+someone else like any other input you did not make.
+
+Why one module of this size: writing and the safe reading of sharded checkpoints (checksums,
+restricted unpickler) must stay together: a format change touches both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+
+from multipromot.errors import UserError
+from multipromot.train import distributed as dist_utils
+
+__all__ = [
+    "LATEST_FILE",
+    "TRAINER_STATE_FILE",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_trainer_state",
+    "latest_checkpoint",
+    "resolve_resume",
+    "is_complete",
+    "verify_checkpoint",
+]
+
+LATEST_FILE = "latest"
+TRAINER_STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng.safetensors"
+CHECKSUMS_FILE = "checksums.json"  # sha256 of every other file, plus its own
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# -- finding checkpoints ---------------------------------------------------------------------
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """A published checkpoint: named ``step_<N>`` with dcp metadata and the trainer state."""
+    path = Path(path)
+    return (
+        _STEP_DIR.match(path.name) is not None
+        and (path / ".metadata").is_file()
+        and (path / TRAINER_STATE_FILE).is_file()
+        and (path / CHECKSUMS_FILE).is_file()
+    )
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint ``<root>/latest`` names, or else the highest complete ``step_<N>``.
+
+    The fallback covers a kill between publishing a re-saved step and updating the pointer.
+    """
+    root = Path(root)
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        if _STEP_DIR.match(name) and is_complete(root / name):  # a bare name: no path escapes
+            return root / name
+    steps = [p for p in root.glob("step_*") if is_complete(p)] if root.is_dir() else []
+    return max(steps, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def resolve_resume(root: str | os.PathLike, resume: str) -> Path | None:
+    """Which checkpoint a run continues from.
+
+    Args:
+        root: the run's checkpoint directory.
+        resume: ``""`` = the latest one if there is one, else start fresh; ``latest`` = the
+            latest one, which must exist; anything else = that checkpoint directory.
+
+    Returns:
+        The checkpoint directory, or None to start fresh.
+
+    Raises:
+        UserError: ``latest`` with no checkpoint, or a path that is not a complete checkpoint.
+    """
+    if resume == "":
+        return latest_checkpoint(root)
+    if resume == "latest":
+        found = latest_checkpoint(root)
+        if found is None:
+            raise UserError(f"no checkpoint to resume from in {root}", key="stage2.resume")
+        return found
+    path = Path(resume)
+    if not is_complete(path):
+        raise UserError(
+            f"{resume} is not a complete checkpoint (a step_<N> directory with .metadata and "
+            f"{TRAINER_STATE_FILE})",
+            key="stage2.resume",
+        )
+    return path
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The JSON trainer state of a checkpoint.
+
+    Raises:
+        UserError: missing or unreadable.
+    """
+    file = Path(path) / TRAINER_STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the trainer state ({e})", file=file) from None
+    if state.get("format") != FORMAT_VERSION:
+        raise UserError(f"unknown checkpoint format {state.get('format')!r}", file=file)
+    return state
+
+
+# -- saving ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    sampler=None,
+    state: dict | None = None,
+) -> Path:
+    """Write ``<root>/step_<step>`` atomically and point ``<root>/latest`` at it.
+
+    A collective: every rank calls it with its own (sharded) model, optimizer and sampler.
+
+    Args:
+        root: the run's checkpoint directory.
+        step: the number of optimizer steps taken.
+        model: the (possibly FSDP-sharded) model.
+        optimizer: its optimizer.
+        scheduler: an LR scheduler (its ``state_dict`` must be JSON-able, as LambdaLR's is).
+        sampler: anything with a JSON-able ``state_dict()``; every rank's is kept.
+        state: more JSON-able trainer state (loss history, best metric, bank entries, ...).
+
+    Returns:
+        The published checkpoint directory.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    root = Path(root)
+    final = root / f"step_{step}"
+    tmp = root / f"step_{step}.tmp"
+    dist_utils.on_rank0(_fresh_tmp_dir, root, tmp)
+    tensors: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        tensors["optim"] = get_optimizer_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp.save(tensors, storage_writer=FileSystemWriter(tmp), no_dist=_no_dist())
+    ranks = dist_utils.gather_object(_local_state(sampler))
+    trainer = {
+        **(state or {}),
+        "format": FORMAT_VERSION,
+        "step": int(step),
+        "world_size": dist_utils.world_size(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+    }
+    dist_utils.on_rank0(_write_trainer_files, tmp, trainer, ranks)
+    dist_utils.on_rank0(_publish, root, tmp, final)
+    return final
+
+
+def _no_dist() -> bool:
+    return not dist_utils.is_distributed()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # dcp warns on every call without a process group that it assumes one process: we know.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _fresh_tmp_dir(root: Path, tmp: Path) -> None:
+    # Leftovers of killed saves are never read; clear them so they cannot pile up.
+    if root.is_dir():
+        for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _local_state(sampler) -> dict:
+    """This rank's sampler position and RNG states (gathered to rank 0 for writing)."""
+    np_state = np.random.get_state()
+    return {
+        "sampler": sampler.state_dict() if sampler is not None else None,
+        "python": _jsonable_random_state(random.getstate()),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def _jsonable_random_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _write_trainer_files(tmp: Path, trainer: dict, ranks: list[dict]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    rng = []
+    for r, local in enumerate(ranks):
+        tensors[f"rank{r}.torch"] = local["torch"]
+        tensors[f"rank{r}.numpy_keys"] = local["numpy"]["keys"]
+        if local["cuda"] is not None:
+            tensors[f"rank{r}.cuda"] = local["cuda"]
+        numpy_rest = {k: v for k, v in local["numpy"].items() if k != "keys"}
+        rng.append({"python": local["python"], "numpy": numpy_rest})
+    trainer = {**trainer, "sampler": [local["sampler"] for local in ranks], "rng": rng}
+    save_file(tensors, str(tmp / RNG_FILE))
+    _write_durably(tmp / TRAINER_STATE_FILE, json.dumps(trainer, indent=1).encode())
+    _write_checksums(tmp)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(tmp: Path) -> None:
+    """Hash every file of the checkpoint (all ranks' shards are written by now: dcp.save is a
+    collective), so a flipped byte anywhere is caught before it is loaded."""
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name != CHECKSUMS_FILE}
+    body = json.dumps(files, sort_keys=True)
+    record = {"files": files, "sha256": hashlib.sha256(body.encode()).hexdigest()}
+    _write_durably(tmp / CHECKSUMS_FILE, json.dumps(record, indent=1).encode())
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every file of a checkpoint against its recorded sha256.
+
+    Raises:
+        UserError: a missing, extra-damaged or altered file, named in one line.
+    """
+    path = Path(path)
+    record_file = path / CHECKSUMS_FILE
+    try:
+        record = json.loads(record_file.read_bytes().decode())
+        files = record["files"]
+        body = json.dumps(files, sort_keys=True)
+        intact = hashlib.sha256(body.encode()).hexdigest() == record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"unreadable checksum record ({type(e).__name__})", file=record_file
+        ) from None
+    if not intact:
+        raise UserError("checksum record does not match its own content", file=record_file)
+    for name, expected in files.items():
+        file = path / name
+        if "/" in name or name.startswith("..") or not file.is_file():
+            raise UserError("missing from the checkpoint", file=file)
+        if _sha256(file) != expected:
+            raise UserError("checksum mismatch: the file changed after it was saved", file=file)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the finished ``.tmp`` into place, then move the ``latest`` pointer to it."""
+    old = None
+    if final.exists():  # the same step saved again after resuming from an earlier checkpoint
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_durably(root / LATEST_FILE, f"{final.name}\n".encode(), atomic=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_durably(path: Path, data: bytes, *, atomic: bool = False) -> None:
+    target = path.with_name(path.name + ".tmp") if atomic else path
+    with open(target, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if atomic:
+        os.replace(target, path)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    sampler=None,
+    restore_rng: bool = True,
+) -> dict:
+    """Load a checkpoint into freshly built objects; continue exactly where it was saved.
+
+    A collective: every rank calls it. The model and optimizer load into any world size
+    (sharded or not); the sampler and RNG states need the world size the checkpoint was saved
+    with. Pass only ``model`` (``restore_rng=False``) to read the weights alone.
+
+    Args:
+        path: a ``step_<N>`` directory.
+        model: the model, built like the one that was saved (sharded or not).
+        optimizer: its optimizer, freshly built (its state is created, then overwritten).
+        scheduler: its LR scheduler.
+        sampler: its sampler (this rank's state is restored).
+        restore_rng: restore this rank's torch, CUDA, Python and NumPy RNG states.
+
+    Returns:
+        The trainer state (``step``, and whatever was saved with ``state=``).
+
+    Raises:
+        UserError: an unreadable checkpoint, or a different world size where it matters.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    verify_checkpoint(path)
+    trainer = read_trainer_state(path)
+    saved_world = int(trainer["world_size"])
+    if (sampler is not None or restore_rng) and saved_world != dist_utils.world_size():
+        raise UserError(
+            f"the checkpoint was written by {saved_world} processes, this run has "
+            f"{dist_utils.world_size()}; resume with the same number (the data order and RNG "
+            "streams are per rank)",
+            file=path,
+            key="stage2.resume",
+        )
+    _check_metadata(path)
+    tensors: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        tensors["optim"] = get_optimizer_state_dict(model, optimizer)
+    try:
+        with _quiet_single_process():
+            dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner(),
+                     no_dist=_no_dist())  # fmt: skip
+    except CheckpointException as e:  # dcp gathers every rank's failure into one of these
+        exc = next(iter(e.failures.values()))[0]
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot load the checkpoint ({type(exc).__name__}: {first})",
+                        file=path) from None  # fmt: skip
+    set_model_state_dict(model, tensors["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, tensors["optim"])
+    if scheduler is not None and trainer.get("scheduler") is not None:
+        scheduler.load_state_dict(trainer["scheduler"])
+    if sampler is not None:
+        sampler.load_state_dict(trainer["sampler"][dist_utils.rank()])
+    if restore_rng:
+        _restore_rng(path, trainer, dist_utils.rank())
+    return trainer
+
+
+def _restore_rng(path: Path, trainer: dict, rank: int) -> None:
+    tensors = load_file(str(path / RNG_FILE))
+    torch.set_rng_state(tensors[f"rank{rank}.torch"])
+    if torch.cuda.is_available() and f"rank{rank}.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rank{rank}.cuda"])
+    saved = trainer["rng"][rank]
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys = tensors[f"rank{rank}.numpy_keys"].numpy().astype(np.uint32)
+    np_rest = saved["numpy"]
+    np.random.set_state(
+        ("MT19937", keys, np_rest["pos"], np_rest["has_gauss"], np_rest["cached_gaussian"])
+    )
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds dcp's metadata classes and nothing else (no functions, no arbitrary objects)."""
+
+    _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
+    _ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.distributed.checkpoint.planner", "LoadItemType"),
+        ("torch.distributed.checkpoint.planner", "WriteItemType"),
+        ("torch.serialization", "_get_layout"),  # maps "torch.strided" to the layout object
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            module in self._ALLOWED_MODULES
+            or (module, name) in self._ALLOWED
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_metadata(path: Path):
+    with open(path, "rb") as f:
+        return _MetadataUnpickler(f).load()
+
+
+def _check_metadata(path: Path) -> None:
+    """Read ``.metadata`` safely once up front, so a bad one is one clear error, not an
+    exception wrapped by dcp's collective machinery."""
+    file = path / ".metadata"
+    try:
+        _read_metadata(file)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise UserError(f"unreadable checkpoint metadata ({e})", file=file) from None
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """dcp's load planner, reading the non-tensor values (optimizer step counts, param groups)
+    with ``torch.load(weights_only=True)``; dcp's own planner unpickles them in full."""
+
+    def load_bytes(self, read_item, value) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class _SafeReader(FileSystemReader):
+    """dcp's file reader with the metadata pickle read by :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        metadata = _read_metadata(Path(self.path) / name)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

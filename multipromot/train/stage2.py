@@ -1,0 +1,491 @@
+"""Stage 2: fine-tune the model on a mixture while every row carries its task's frozen prompt.
+
+One config key, ``stage2.mode``, gives ProMoT and the paper's comparisons:
+
+- ``promot``: each row gets its task's bank prompt, frozen; only the model trains.
+- ``standard``: no prompt at all (task id -1 on every row); plain multi-task fine-tuning.
+- ``random_prompt``: a fixed random prompt per task (seeded, frozen): the paper's ablation.
+- ``joint``: the bank prompts train together with the model, at their own learning rate.
+
+Each works with k-shot exemplars. Their number has one owner, :func:`resolve_shots`: the
+method label's ``+Kshot`` (``run`` writes it into ``stage2.shots``), else ``stage2.shots``,
+else the mixture header's ``exemplars.shots``; stage 2 prints which one decided and records it
+in ``stage2.json``.
+
+One process trains unsharded; under ``torchrun --nproc_per_node N`` the model is sharded with
+FSDP2 and each rank draws its own positions of the one global sample stream, so the ranks
+together see exactly the batches one process would (``batch_size`` is the global batch). The
+loss is a sum over target tokens divided by the global token count, so N processes, or
+gradient accumulation, give the one-process result to float rounding.
+
+Outputs under ``out_dir``: ``checkpoints/step_<N>/`` (sharded, atomic, exact resume),
+``best/`` (the best validated weights so far, if ``keep_best_by`` selects), ``final/`` (the
+selected weights + tokenizer, loadable with ``from_pretrained``, with lineage to the base
+model so its bank prompts stay accepted), ``metrics.jsonl`` and ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from multipromot.bank import PromptBank
+from multipromot.config import RunConfig, resolve_path
+from multipromot.data.batches import batches_from_draws
+from multipromot.data.collate import Collator
+from multipromot.data.mixtures import Mixture, load_mixture
+from multipromot.data.sampler import MixtureSampler
+from multipromot.errors import UserError
+from multipromot.eval.generation import validate_tasks
+from multipromot.features import IGNORE_INDEX
+from multipromot.fsio import publish_dir, temp_dir_for, write_atomic, write_json
+from multipromot.models import load_model, model_fingerprint, read_lineage, save_model
+from multipromot.soft_prompt import PromptedModel, init_prompts
+from multipromot.train import distributed as D
+from multipromot.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from multipromot.train.common import (
+    MetricsLogger,
+    Throughput,
+    build_optimizer,
+    lr_schedule,
+    token_loss,
+)
+
+__all__ = ["finetune", "resolve_shots", "TRAINABLE", "PROMPT_BANK_DIR"]
+
+# What trains in each mode (PromptedModel.set_trainable).
+TRAINABLE = {"promot": "model", "standard": "model", "random_prompt": "model", "joint": "both"}
+# Inside an exported model directory: the prompts of the modes whose table is not the bank's
+# (joint trains it, random_prompt draws it), as a prompt bank of its own (checksummed entries).
+PROMPT_BANK_DIR = "prompt_bank"
+
+
+def resolve_shots(stage2_shots: int, mixture: Mixture) -> tuple[int, str]:
+    """Exemplars per stage-2 example and what decided it: ``stage2.shots`` when >= 0 (``run``
+    sets it from a method's ``+Kshot``), else the mixture header's ``exemplars.shots``."""
+    if stage2_shots >= 0:
+        return stage2_shots, "stage2.shots"
+    return mixture.shots, f"exemplars.shots of mixture {mixture.name!r}"
+
+
+def finetune(cfg: RunConfig, *, progress: bool = True) -> Path:
+    """Run stage 2 as ``cfg.stage2`` says; resume from a checkpoint if there is one.
+
+    Under torchrun every rank calls this; the process group is joined and left here.
+
+    Args:
+        cfg: the run config (``model``, ``seed``, ``out_dir``, ``bank.dir``, ``stage2.*``).
+        progress: show the progress bar (rank 0 only).
+
+    Returns:
+        The run's output directory (``final/`` inside holds the selected model).
+
+    Raises:
+        UserError: a bad mixture, model, bank entry, checkpoint or config value.
+    """
+    created = D.init_distributed()
+    try:
+        return _finetune(cfg, progress)
+    finally:
+        D.teardown(created)
+
+
+def _finetune(cfg: RunConfig, progress: bool) -> Path:
+    s2 = cfg.stage2
+    out = Path(cfg.out_dir)
+    rows, accum = _micro_batch(s2.batch_size, s2.grad_accum, D.world_size())
+    resume_from = D.on_rank0(resolve_resume, out / "checkpoints", s2.resume)
+    saved = read_trainer_state(resume_from) if resume_from else None
+    if saved is not None and saved.get("mode") != s2.mode:
+        raise UserError(f"the checkpoint was trained with mode {saved.get('mode')!r}, this run "
+                        f"asks for {s2.mode!r}", file=resume_from, key="stage2.mode")  # fmt: skip
+
+    torch.manual_seed(cfg.seed)
+    mixture = load_mixture(resolve_path(cfg, s2.mixture))
+    prompted, tokenizer, build, info = _load_prompted(cfg, mixture, saved and saved["bank_refs"])
+    decoder_only = not prompted.is_encoder_decoder
+    task_ids = (
+        [-1] * len(mixture.tasks) if s2.mode == "standard" else list(range(len(mixture.tasks)))
+    )
+    shots, shots_from = resolve_shots(s2.shots, mixture)
+    info.update(shots=shots, shots_from=shots_from)
+    if D.is_main() and progress:
+        print(f"stage 2 ({s2.mode}, {mixture.name}): {shots}-shot examples ({shots_from})")
+    device = D.device()
+
+    optimizer = _optimizer(prompted, s2)
+    scheduler = lr_schedule(optimizer, warmup_steps=s2.warmup_steps, total_steps=s2.steps,
+                            decay=s2.decay)  # fmt: skip
+    sampler = MixtureSampler(mixture, seed=cfg.seed, rank=D.rank(), world_size=D.world_size())
+    collator = Collator(tokenizer, decoder_only=decoder_only, max_input_length=s2.max_input_length,
+                        max_target_length=s2.max_target_length)  # fmt: skip
+
+    start, losses, best = 0, [], {"by": s2.keep_best_by, "step": None, "value": None}
+    if resume_from is not None:
+        trainer = load_checkpoint(resume_from, model=prompted, optimizer=optimizer,
+                                  scheduler=scheduler, sampler=sampler)  # fmt: skip
+        start, losses, best = trainer["step"], trainer["losses"], trainer["best"]
+    D.on_rank0(_trim_metrics, out / "metrics.jsonl", start)  # drop records a kill left behind
+
+    logger = MetricsLogger(out, enabled=D.is_main())
+    speed = Throughput()
+    bar = tqdm(total=s2.steps, initial=start, desc=f"stage 2 ({s2.mode})", dynamic_ncols=True,
+               disable=not (progress and D.is_main()))  # fmt: skip
+    trainable = [p for p in prompted.parameters() if p.requires_grad]
+    prompted.train()
+    for step in range(start + 1, s2.steps + 1):
+        # This rank's micro-batches: its next rows * accum draws of the one global stream.
+        batches = batches_from_draws(
+            mixture.tasks, sampler.take(rows * accum), collator, batch_size=rows, shots=shots,
+            seed=mixture.exemplar_seed, task_ids=task_ids,
+            order="length" if s2.group_by_length else "drawn",
+        )  # fmt: skip
+        loss, tokens = _forward_backward(prompted, batches, decoder_only=decoder_only,
+                                         label_smoothing=s2.label_smoothing, bf16=s2.bf16)  # fmt: skip
+        max_norm = s2.max_grad_norm if s2.max_grad_norm > 0 else float("inf")
+        grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Stop before the optimizer step: the weights and every checkpoint stay finite.
+            last = latest_checkpoint(out / "checkpoints")
+            raise UserError(
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
+                f"stopped before updating the weights; last good checkpoint: {last or 'none'} "
+                "(lower stage2.lr or check the data, then resume)",
+                key="stage2",
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append([step, loss])
+
+        tokens_per_s = speed.update(tokens)
+        bar.update(1)
+        if _due(step, s2.log_every, s2.steps):
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            logger.log({"stage": 2, "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
+
+        if s2.eval_every > 0 and _due(step, s2.eval_every, s2.steps):
+            record = _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device)
+            logger.log({"stage": 2, "step": step, **record}, step=step)
+            if _improved(best, record):
+                best.update(step=step, value=record[_best_key(best["by"])])
+                _export(prompted, build, tokenizer, out / "best", info={**info, "step": step,
+                        "selected_by": best["by"], "value": best["value"]})  # fmt: skip
+
+        if _due(step, s2.save_every, s2.steps):
+            save_checkpoint(out / "checkpoints", step, model=prompted, optimizer=optimizer,
+                            scheduler=scheduler, sampler=sampler, state={"mode": s2.mode,
+                            "bank_refs": info["bank_refs"], "losses": losses, "best": best})  # fmt: skip
+    bar.close()
+    logger.close()
+    _finish(prompted, build, tokenizer, out, best, info, step=max(start, s2.steps))
+    return out
+
+
+# -- model, prompts, optimizer ----------------------------------------------------------------
+
+
+def _load_prompted(cfg: RunConfig, mixture: Mixture, refs: dict | None):
+    """The PromptedModel for ``cfg.stage2.mode``, sharded when there are several ranks.
+
+    Rank 0 alone loads the model (and builds a built-in one into the cache, so ranks never
+    race on it) and reads the bank; the other ranks get the weights by broadcast.
+
+    Returns:
+        (prompted model on its device, tokenizer, a function that builds the same structure
+        unsharded (for exports), the run's provenance: base model, lineage, bank refs).
+    """
+    import transformers.modeling_utils  # noqa: F401
+
+    # Imported above on every rank at once: the other ranks would otherwise import the
+    # modeling machinery only after rank 0's load (they wait for its result), in series.
+    s2 = cfg.stage2
+    names = mixture.task_names
+    loaded: dict = {}
+
+    def load() -> dict:
+        model, tokenizer, path = load_model(cfg.model, seed=cfg.seed)
+        table, bank_refs = _prompt_table(cfg, mixture, model, tokenizer, refs)
+        loaded["model"] = _wrap(model, table, names, s2.mode)
+        loaded["tokenizer"] = tokenizer
+        lineage = read_lineage(path) if Path(path).is_dir() else {}
+        return {
+            "base_model": {
+                "name": str(path),
+                "fingerprint": lineage.get("fingerprint") or model_fingerprint(model),
+            },  # fmt: skip
+            "parents": list(lineage.get("lineage", [])),
+            "bank_refs": bank_refs,
+            "bank_dir": resolve_path(cfg, cfg.bank.dir),
+            "prompt_shape": None if table is None else list(table.shape),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "mode": s2.mode,
+            "mixture": mixture.name,
+            "tasks": names,
+        }
+
+    info = D.on_rank0(load)
+    path = info["base_model"]["name"]
+    if D.is_main():
+        tokenizer = loaded["tokenizer"]
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def build() -> PromptedModel:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        config = AutoConfig.from_pretrained(path)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_config(config, dtype=getattr(torch, info["dtype"]))
+        shape = info["prompt_shape"]
+        return _wrap(model, None if shape is None else torch.zeros(shape), names, s2.mode)
+
+    if D.is_distributed():
+        prompted = D.build_sharded(build, loaded.get("model"))
+    else:
+        prompted = loaded["model"].to(D.device())
+    loaded.clear()  # rank 0's full copy goes once the shards hold the weights
+    return prompted, tokenizer, build, info
+
+
+def _wrap(model, table: torch.Tensor | None, names: list[str], mode: str) -> PromptedModel:
+    prompted = PromptedModel(model, table, names if table is not None else None)
+    prompted.set_trainable(TRAINABLE[mode])
+    return prompted
+
+
+def _prompt_table(cfg: RunConfig, mixture: Mixture, model, tokenizer, refs: dict | None):
+    """The prompt table [T, P, d] for the mode (None for ``standard``) and the bank refs used.
+
+    A resumed run passes the refs its checkpoint recorded, so a newer bank version made
+    meanwhile does not change the prompts halfway through a run.
+    """
+    mode, names = cfg.stage2.mode, mixture.task_names
+    if mode == "standard":
+        return None, {}
+    if mode == "random_prompt":
+        table = init_prompts(model, tokenizer, len(names), cfg.stage1.prompt_length,
+                             method="random", seed=cfg.seed)  # fmt: skip
+        return table, {}
+    bank = PromptBank(resolve_path(cfg, cfg.bank.dir))
+    bank_refs = {name: bank.get((refs or {}).get(name, name)).ref for name in names}
+    try:
+        table = PromptedModel.from_bank(model, bank, names, refs=bank_refs).prompts.detach()
+    except ValueError as e:  # prompts of different lengths cannot share one table
+        raise UserError(str(e), file=bank.root, key="stage2.mixture") from None
+    return table, bank_refs
+
+
+def _optimizer(prompted: PromptedModel, s2) -> torch.optim.Optimizer:
+    """The model's parameters at ``lr``; in joint mode the prompt table at ``prompt_lr``.
+
+    With Adafactor the model's steps scale with each weight's RMS (T5 fine-tuning) and the
+    prompt's do not (prompt tuning); AdamW ignores the flag.
+    """
+    model_params = [p for p in prompted.model.parameters() if p.requires_grad]
+    groups = [{"params": model_params, "lr": s2.lr, "scale_parameter": True}]
+    if s2.mode == "joint":
+        groups.append({"params": [prompted.prompts], "lr": s2.prompt_lr, "scale_parameter": False})
+    optimizer = build_optimizer(groups, s2.optimizer, s2.lr, s2.weight_decay)
+    return D.prepare_optimizer(optimizer)
+
+
+# -- one step -------------------------------------------------------------------------------
+
+
+def _micro_batch(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
+    """Rows per micro-batch on each rank, and micro-batches per step."""
+    if batch_size % (grad_accum * world):
+        raise UserError(
+            f"the global batch {batch_size} must split evenly over grad_accum={grad_accum} "
+            f"x {world} process(es)",
+            key="stage2.batch_size",
+        )
+    return batch_size // (grad_accum * world), grad_accum
+
+
+def _forward_backward(
+    prompted, batches, *, decoder_only, label_smoothing, bf16
+) -> tuple[float, int]:
+    """Accumulate the gradient of the global token-mean loss over this rank's micro-batches.
+
+    Returns:
+        (the step's loss over all ranks' target tokens, tokens processed by all ranks).
+    """
+    device = D.device()
+    local = [_target_count(b["labels"], decoder_only) for b in batches]
+    (total,) = D.sum_across_ranks([sum(local)])
+    # Each micro-batch adds its token sum / the global count; FSDP then *averages* gradients
+    # over ranks, so multiply by the world size to keep the sum.
+    scale = D.world_size() / max(total, 1.0)
+    loss_sum, tokens = 0.0, 0
+    for i, batch in enumerate(batches):
+        D.set_gradient_sync(prompted, i == len(batches) - 1)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        extra = {}
+        if not decoder_only:  # decoder inputs from the labels, without the model's own loss
+            extra["decoder_input_ids"] = prompted.model.prepare_decoder_input_ids_from_labels(
+                labels=batch["labels"]
+            )
+        with _autocast(bf16, device):
+            out = prompted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           task_ids=batch["task_ids"], **extra)  # fmt: skip
+        loss, n = token_loss(out.logits, batch["labels"], label_smoothing=label_smoothing,
+                             shift=decoder_only)  # fmt: skip
+        (loss * n * scale).backward()
+        loss_sum += float(loss.detach() * n)
+        tokens += int(batch["attention_mask"].sum()) + (0 if decoder_only else local[i])
+    loss_total, tokens_total = D.sum_across_ranks([loss_sum, tokens])
+    return loss_total / max(total, 1.0), int(tokens_total)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """Every ``every`` steps (never if ``every`` <= 0), and always at the last step."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _target_count(labels: torch.Tensor, decoder_only: bool) -> int:
+    """Target tokens token_loss will count (decoder-only: after the one-position shift)."""
+    return int((labels[:, 1:] if decoder_only else labels).ne(IGNORE_INDEX).sum())
+
+
+def _autocast(bf16: str, device: torch.device):
+    """bf16 autocast when asked, or by default where the device has fast bf16 (not the CPU)."""
+    on = bf16 == "true" or (
+        bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def _scalar(value) -> float:
+    if hasattr(value, "full_tensor"):  # a DTensor under FSDP
+        value = value.full_tensor()
+    return float(value)
+
+
+# -- validation and selection -----------------------------------------------------------------
+
+
+def _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device) -> dict:
+    """Validation loss (and the task metric when selecting by it) on every fine-tuned task.
+
+    Every rank evaluates the same examples: FSDP needs all ranks in every forward, and the
+    ranks then agree on the best step without another collective.
+    """
+    with _autocast(s2.bf16, device):
+        results = validate_tasks(
+            prompted, tokenizer, mixture.tasks, collator, examples=s2.eval_examples,
+            with_metric=s2.keep_best_by == "metric", task_ids=task_ids,
+            max_new_tokens=s2.max_target_length,
+        )  # fmt: skip
+    record: dict = {"validation": results}
+    record["val_loss"] = sum(r["loss"] for r in results.values()) / len(results)
+    if all("score" in r for r in results.values()):
+        record["val_score"] = sum(r["score"] for r in results.values()) / len(results)
+    return record
+
+
+def _best_key(by: str) -> str:
+    return "val_score" if by == "metric" else "val_loss"
+
+
+def _improved(best: dict, record: dict) -> bool:
+    if best["by"] == "none":
+        return False
+    value = record[_best_key(best["by"])]
+    if best["value"] is None:
+        return True
+    return value > best["value"] if best["by"] == "metric" else value < best["value"]
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+def _export(prompted, build: Callable, tokenizer, dest: Path, *, info: dict) -> None:
+    """Write full weights + tokenizer (+ the prompt table when it is not the bank's) to
+    ``dest`` on rank 0; a collective under FSDP (the shards are gathered)."""
+    plain = D.gather_full_model(prompted, build) if D.is_distributed() else prompted
+
+    def write() -> None:
+        base = info["base_model"]
+        save_model(plain.model, tokenizer, dest, name=f"stage2:{info['mode']}:{info['mixture']}",
+                   parents=[base["fingerprint"], *info["parents"]])  # fmt: skip
+        record = dict(info)
+        if info["mode"] in ("joint", "random_prompt"):
+            # The rows were trained (joint) or drawn (random) here: inference needs them, as
+            # checksummed bank entries tied to these weights' fingerprint.
+            record["bank_dir"] = PROMPT_BANK_DIR
+            record["bank_refs"] = _own_prompt_bank(plain, tokenizer, dest, info)
+        write_json(dest / "stage2.json", record, indent=2)
+
+    D.on_rank0(write)
+
+
+def _own_prompt_bank(plain: PromptedModel, tokenizer, dest: Path, info: dict) -> dict:
+    """Store ``plain``'s prompt table in ``dest/prompt_bank`` (one entry per task, trained on
+    the weights in ``dest``); returns the task -> ref map."""
+    bank = PromptBank(dest / PROMPT_BANK_DIR)
+    base = {"name": str(dest.resolve()), "fingerprint": read_lineage(dest)["fingerprint"]}
+    refs = {}
+    for i, task in enumerate(info["tasks"]):
+        entry = bank.add(task, plain.prompts[i].detach(), base_model=base, init=info["mode"],
+                         extra={"stage2_mode": info["mode"], "mixture": info["mixture"]})  # fmt: skip
+        refs[task] = entry.ref
+    return refs
+
+
+def _finish(prompted, build, tokenizer, out: Path, best: dict, info: dict, *, step: int) -> None:
+    """``final/`` = the best validated weights (``keep_best_by``) or the last; then record the
+    bank entries' use."""
+    final = out / "final"
+    if best["by"] != "none" and best["step"] is not None and (out / "best").is_dir():
+        D.on_rank0(_copy_dir, out / "best", final)
+    else:
+        _export(prompted, build, tokenizer, final,
+                info={**info, "step": step, "selected_by": "last", "value": None})  # fmt: skip
+
+    def record() -> None:
+        bank = PromptBank(info["bank_dir"])
+        for ref in info["bank_refs"].values():
+            bank.record_stage2(ref, final.resolve())
+
+    if info["bank_refs"]:
+        D.on_rank0(record)
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    """Replace ``dst`` by a copy of ``src``; a kill leaves the old ``dst`` or the new one."""
+    tmp = temp_dir_for(dst)
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    publish_dir(tmp, dst)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep only stage-2 records up to ``step`` (a resumed run logs the later steps again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if record.get("stage") != 2 or record.get("step", 0) <= step:
+            kept.append(line)
+    write_atomic(path, "".join(f"{line}\n" for line in kept).encode())
