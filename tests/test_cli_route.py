@@ -51,3 +51,25 @@ def test_route_errors_are_one_line(bank_dir, tmp_path, capsys):
     missing = str(tmp_path / "nope.txt")
     assert main(["route", "--bank", bank_dir, "--file", missing]) == 2
     assert capsys.readouterr().err.strip() == f"error: {missing}: no such file"
+
+
+def test_a_bank_task_without_signature_is_routed_by_the_calibrated_similarity_fallback(
+    tmp_path, capsys
+):
+    """An entry with no format record (e.g. imported from PEFT) has no signature: `route`
+    calibrates the similarity fallback on its validation inputs against other formats."""
+    bank = PromptBank(tmp_path / "bank")
+    bank.add("lab_qa", torch.randn(4, 8), base_model=BASE)  # no format: no signature
+    qa, cb = get_task("lab_qa"), get_task("lab_cb")
+    qa_inputs = [qa.render(qa.examples("test")[i])[0] for i in range(5)]
+    cb_inputs = [cb.render(cb.examples("test")[i])[0] for i in range(5)]
+    assert main(["route", "--bank", str(bank.root), "--json", *qa_inputs, *cb_inputs]) == 0
+    routes = json.loads(capsys.readouterr().out)
+    assert [r["task"] for r in routes] == ["lab_qa"] * 5 + [None] * 5
+    assert all(r["reason"].startswith("similarity") for r in routes[:5])
+
+
+def test_route_refuses_a_bank_folder_that_does_not_exist(tmp_path, capsys):
+    assert main(["route", "--bank", str(tmp_path / "nope"), "some input"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'nope'}: --bank: no prompt bank here (not a directory)"

@@ -10,11 +10,12 @@ import typer
 
 from multipromot.bank import PromptBank
 from multipromot.cli.app import app
+from multipromot.data.sources import FilteredSource, HubSource
 from multipromot.data.tasks import get_task, list_tasks
 from multipromot.errors import UserError
 from multipromot.eval.suites import routing_sets
 from multipromot.models import load_model
-from multipromot.router import Router, evaluate_routing
+from multipromot.router import calibrated_router, evaluate_routing
 
 
 @app.command()
@@ -29,10 +30,14 @@ def route(
 ) -> None:
     """Which bank prompt (or none) each input gets, and why."""
 
+    if not Path(bank_dir).is_dir():
+        raise UserError("no prompt bank here (not a directory)", file=bank_dir, key="--bank")
     bank = PromptBank(bank_dir)
     if model is not None:
         bank = _accepted_view(bank, model)
-    router = Router.from_bank(bank)
+    names = sorted({e.task for e in bank.entries()})
+    known = [get_task(name) for name in names if name in list_tasks()]
+    router = calibrated_router(bank, known, negatives=_local_tasks(exclude=names))
     if evaluate:
         print(_route_eval(router, examples, as_json))
         return
@@ -66,12 +71,36 @@ def _accepted_view(bank, model: str):
     return View()
 
 
-def _route_eval(router, examples: int, as_json: bool) -> str:
-    """Route held-out inputs of the bank's tasks and of every other built-in task."""
+def _local_tasks(exclude: list[str]) -> list:
+    """Every registered or catalogue task whose examples are on this machine (generated or local
+    files), except ``exclude``: the other-format inputs. Hub tasks are left out, since they may
+    need the network."""
+    out = []
+    for name in list_tasks():
+        if name in exclude:
+            continue
+        task = get_task(name)
+        source = task.source
+        while isinstance(source, FilteredSource):
+            source = source.source
+        if not isinstance(source, HubSource):
+            out.append(task)
+    return out
 
+
+def _route_eval(router, examples: int, as_json: bool) -> str:
+    """Route held-out inputs of the bank's tasks and of every other local task."""
+    unknown = [t for t in router.tasks if t not in list_tasks()]
+    if unknown:
+        raise UserError(
+            f"bank task {unknown[0]!r} is not a catalogue or registered task, so its held-out "
+            "inputs cannot be rendered; --eval measures banks of known tasks",
+            key="--eval",
+        )
     bank_tasks = [get_task(t) for t in router.tasks]
-    others = [get_task(t) for t in list_tasks() if t.startswith("lab_") and t not in router.tasks]
-    positives, negatives = routing_sets(bank_tasks, others, examples=examples)
+    positives, negatives = routing_sets(
+        bank_tasks, _local_tasks(exclude=router.tasks), examples=examples
+    )
     result = evaluate_routing(router, positives, negatives)
     if as_json:
         return json.dumps(result, indent=1)
