@@ -188,3 +188,16 @@ def test_shots_precedence_label_then_stage2_shots_then_mixture(tiny_config, tmp_
         method_dir = tmp_path / f"{label}-{len(extra)}"
         experiment._stage2(cfg, experiment.parse_method(label, cfg), method_dir)
         assert seen[str(method_dir)][0] == want, (label, extra)
+
+
+def test_ctrl_c_exits_130_with_a_line_saying_how_to_continue(tiny_config, monkeypatch, capsys):
+    from multipromot.cli import stages
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "run_experiment", interrupted)
+    path, overrides = tiny_config
+    assert main(["run", str(path), *overrides]) == 130  # `stage1 && stage2` sees a failure
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted:") and "run the same command again" in err

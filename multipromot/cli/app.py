@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         argv.remove("--debug")
     try:
-        app(args=argv, prog_name="multipromot", standalone_mode=False)
+        # Without standalone mode typer turns Ctrl-C into a *returned* 130 (not an exception).
+        status = app(args=argv, prog_name="multipromot", standalone_mode=False)
+    except KeyboardInterrupt:
+        status = 130
     except UserError as e:
         if debug:
             raise
@@ -56,4 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if status == 130:
+        print(
+            "interrupted: finished stages, bank entries and stage-2 checkpoints are kept; run the "
+            "same command again to continue (an unfinished stage 1 starts over)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
