@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from multipromot.errors import UserError
+from multipromot.fsio import publish_dir, temp_dir_for, write_durably
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -192,15 +192,17 @@ def save_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _quiet_transformers()
     fingerprint = model_fingerprint(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    record = {"name": name, "fingerprint": fingerprint, "lineage": list(parents)}
-    (tmp / LINEAGE_FILE).write_text(json.dumps(record, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    tmp = temp_dir_for(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record = {"name": name, "fingerprint": fingerprint, "lineage": list(parents)}
+        write_durably(tmp / LINEAGE_FILE, json.dumps(record, indent=2).encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, out_dir)
     return fingerprint
 
 

@@ -31,12 +31,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from multipromot.data.metrics import normalized_average
+from multipromot.fsio import write_atomic
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -336,22 +336,6 @@ def terminal_summary(records: Iterable[dict], baseline: str = "pretrained") -> s
 # Files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file next to ``path``, then rename over it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "x" (not mkstemp) so the file gets the umask's usual mode.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _plot(
     points: dict[tuple[str, int, int], dict],
     methods: list[str],
@@ -416,7 +400,7 @@ def write_plots(records: Iterable[dict], out_dir: str | os.PathLike) -> list[str
     for name, (key, ylabel, title) in plots.items():
         png = _plot(points, methods, key, ylabel, title)
         if png is not None:
-            _write_atomic(Path(out_dir) / name, png)
+            write_atomic(Path(out_dir) / name, png)
             written.append(name)
     return written
 
@@ -512,7 +496,7 @@ def write_report(
         lines.append("")
     lines += _provenance(config)
     results = {"title": title, "summary": s, "records": records, "config": config}
-    _write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     path = out / "report.md"
-    _write_atomic(path, "\n".join(lines).encode())
+    write_atomic(path, "\n".join(lines).encode())
     return path

@@ -49,6 +49,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, F
 from torch.distributed.checkpoint.api import CheckpointException
 
 from multipromot.errors import UserError
+from multipromot.fsio import fsync_dir, sha256_file, write_atomic, write_durably
 from multipromot.train import distributed as dist_utils
 
 __all__ = [
@@ -257,25 +258,17 @@ def _write_trainer_files(tmp: Path, trainer: dict, ranks: list[dict]) -> None:
         rng.append({"python": local["python"], "numpy": numpy_rest})
     trainer = {**trainer, "sampler": [local["sampler"] for local in ranks], "rng": rng}
     save_file(tensors, str(tmp / RNG_FILE))
-    _write_durably(tmp / TRAINER_STATE_FILE, json.dumps(trainer, indent=1).encode())
+    write_durably(tmp / TRAINER_STATE_FILE, json.dumps(trainer, indent=1).encode())
     _write_checksums(tmp)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_checksums(tmp: Path) -> None:
     """Hash every file of the checkpoint (all ranks' shards are written by now: dcp.save is a
     collective), so a flipped byte anywhere is caught before it is loaded."""
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name != CHECKSUMS_FILE}
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != CHECKSUMS_FILE}
     body = json.dumps(files, sort_keys=True)
     record = {"files": files, "sha256": hashlib.sha256(body.encode()).hexdigest()}
-    _write_durably(tmp / CHECKSUMS_FILE, json.dumps(record, indent=1).encode())
+    write_atomic(tmp / CHECKSUMS_FILE, json.dumps(record, indent=1).encode())
 
 
 def verify_checkpoint(path: str | os.PathLike) -> None:
@@ -301,7 +294,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         file = path / name
         if "/" in name or name.startswith("..") or not file.is_file():
             raise UserError("missing from the checkpoint", file=file)
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise UserError("checksum mismatch: the file changed after it was saved", file=file)
 
 
@@ -313,32 +306,10 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_durably(root / LATEST_FILE, f"{final.name}\n".encode(), atomic=True)
+    fsync_dir(root)
+    write_atomic(root / LATEST_FILE, f"{final.name}\n".encode())
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_durably(path: Path, data: bytes, *, atomic: bool = False) -> None:
-    target = path.with_name(path.name + ".tmp") if atomic else path
-    with open(target, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if atomic:
-        os.replace(target, path)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- loading ---------------------------------------------------------------------------------
