@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from multipromot.data.mirror import set_mirror
 from multipromot.errors import UserError
 from multipromot.yamlio import read_yaml
 
@@ -23,6 +24,7 @@ __all__ = [
     "Stage2Config",
     "EvalConfig",
     "RunConfig",
+    "DataConfig",
     "load_config",
     "STAGE2_MODES",
 ]
@@ -106,6 +108,13 @@ class EvalConfig:
 
 
 @dataclass
+class DataConfig:
+    # A folder of hub dataset snapshots (`multipromot data pull`); hub sources load from
+    # <mirror>/<org>/<name> first. Empty: $MULTIPROMOT_DATA_MIRROR, else the hub or its cache.
+    mirror: str = ""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
@@ -119,6 +128,7 @@ class RunConfig:
         default_factory=dict
     )  # stage-2 mixtures by alias: promot@multi
     config_file: str = ""  # set by load_config: where relative paths are resolved from
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def _validate(cfg: RunConfig, file: str) -> None:
@@ -200,6 +210,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     cfg: RunConfig = OmegaConf.to_object(merged)
     cfg.config_file = str(Path(path).resolve()) if path is not None else ""
     _validate(cfg, file)
+    if cfg.data.mirror:
+        mirror = resolve_path(cfg, cfg.data.mirror)
+        if not Path(mirror).is_dir():
+            raise UserError("no such folder", file=file, key="data.mirror")
+        set_mirror(mirror)  # the config's mirror is the one in force for this process
     return cfg
 
 

@@ -34,6 +34,13 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from multipromot.data.mirror import (
+    DEFAULT_CONFIG,
+    current_mirror,
+    find_snapshot,
+    snapshot_dir,
+    snapshot_files,
+)
 from multipromot.data.templates import compile_condition
 from multipromot.errors import UserError
 
@@ -130,6 +137,17 @@ def _hub_offline() -> bool:
         return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _quiet_datasets() -> None:
+    """No "Generating ... split" bars or info lines from datasets: our progress is the one that
+    matters (``--verbose`` turns them back on through the environment's usual settings)."""
+    import datasets
+
+    if os.environ.get("MULTIPROMOT_VERBOSE"):
+        return
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -187,6 +205,10 @@ class HubSource:
         """
         import datasets
 
+        _quiet_datasets()
+        snapshot = find_snapshot(self.path)
+        if snapshot is not None:
+            return self._load_snapshot(snapshot, split)
         kwargs = {"revision": self.revision, "data_dir": self.data_dir}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         try:
@@ -194,6 +216,38 @@ class HubSource:
         except Exception as exc:  # datasets raises many types; all mean "cannot load this"
             raise UserError(self._explain(exc, split), file=self.file, key=self.key) from exc
         return Rows(dataset)
+
+    def _load_snapshot(self, snapshot: Path, split: str) -> Rows:
+        """One split from a mirror folder (see :mod:`multipromot.data.mirror`)."""
+        import datasets
+
+        what = f"{self.path!r} (config {self.name or DEFAULT_CONFIG!r}, split {split!r})"
+        try:
+            files = snapshot_files(snapshot, self.name)
+        except UserError as e:
+            raise UserError(f"cannot load {what}: {e}", file=self.file, key=self.key) from None
+        if split not in files:
+            raise UserError(
+                f"cannot load {what}: the mirror folder {snapshot} has no split {split!r} "
+                f"(it has: {', '.join(sorted(files)) or 'none'})",
+                file=self.file,
+                key=self.key,
+            )
+        try:
+            data_files = {split: [str(f) for f in files[split]]}
+            dataset = datasets.load_dataset("parquet", data_files=data_files, split=split)
+        except Exception as exc:
+            raise UserError(
+                f"cannot load {what} from the mirror folder {snapshot}: {_first_line(exc)}",
+                file=self.file,
+                key=self.key,
+            ) from exc
+        return Rows(dataset)
+
+    def where(self) -> str:
+        """Where :meth:`load` reads from: the mirror folder, or the hub (or its cache)."""
+        snapshot = find_snapshot(self.path)
+        return f"mirror {snapshot}" if snapshot is not None else "hub (or its local cache)"
 
     def _explain(self, exc: Exception, split: str) -> str:
         what = f"cannot load hub dataset {self.path!r}"
@@ -215,6 +269,9 @@ class HubSource:
             )
         else:
             hint = "check the dataset id, config and split names"
+        mirror = current_mirror()
+        if mirror is not None:  # name every place that was looked at
+            what += f" (the mirror {mirror} has no folder {snapshot_dir(mirror, self.path)})"
         return f"{what}: {reason}; {hint}"
 
     def __repr__(self) -> str:
@@ -339,6 +396,7 @@ class FileSource:
             )
         builder, options = FILE_FORMATS[self.format]
         try:
+            _quiet_datasets()
             with _quiet_datasets_errors():
                 dataset = datasets.load_dataset(
                     builder, data_files={split: self.files[split]}, split=split, **options
