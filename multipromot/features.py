@@ -48,12 +48,19 @@ class Item:
         input: the rendered input of the example.
         target: the rendered target (may be empty for generation).
         exemplars: rendered exemplars (``input + TARGET_DELIMITER + target``), in prompt order.
+        references: every acceptable answer, for scoring (empty: ``target`` is the one).
     """
 
     task_id: int
     input: str
     target: str
     exemplars: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+
+    @property
+    def gold(self) -> str | list[str]:
+        """What a metric compares an output with: every reference, or the target."""
+        return self.references or self.target
 
 
 def item_chars(item: Item) -> int:

@@ -188,7 +188,7 @@ def test_registered_metric_until_reset():
     assert "length_match" in list_metrics()
     assert score("length_match", ["ab", "c"], ["xy", "zz"]) == 50.0
     reset_registries()
-    assert list_metrics() == ["accuracy", "bleu", "exact_match", "rouge2"]
+    assert list_metrics() == ["accuracy", "bleu", "exact_match", "rouge2", "triviaqa_exact_match"]
 
 
 # ------------------------------------------------------------------------- summaries

@@ -56,7 +56,7 @@ def test_shipped_suites_name_the_expected_tasks():
     ]  # fmt: skip
     assert paper.random_baselines["cb"] == 33.33 and paper.random_baselines["wic"] == 50.0
     assert [get_task(n).metric for n in paper.task_names] == [
-        "accuracy", "accuracy", "exact_match", "exact_match", "bleu", "bleu", "rouge2", "rouge2",
+        "accuracy", "accuracy", "triviaqa_exact_match", "exact_match", "bleu", "bleu", "rouge2", "rouge2",
     ]  # fmt: skip
 
     tiny = load_suite(ROOT / "eval" / "tiny.yaml")

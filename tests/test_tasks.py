@@ -45,7 +45,7 @@ PAPER_TASKS = {
     "trivia_qa": (
         "mandarjoshi/trivia_qa",
         "rc.nocontext",
-        "exact_match",
+        "triviaqa_exact_match",
         "prefix",
         {"test": "validation"},
     ),  # fmt: skip
@@ -202,7 +202,7 @@ def test_mixture_keys_can_be_left_to_the_caller(rte_dir):
         (
             {"templat": "rte"},
             "mix.yaml: tasks[2].templat: unknown key 'templat' in a task (allowed: name, "
-            "source, template, metric, postprocess, splits, description)",
+            "source, template, metric, postprocess, splits, description, references)",
         ),
         (
             {"template": {"jinja": "{{premise} ||| {{label}}", "answer_choices": "A ||| B"}},

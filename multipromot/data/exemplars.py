@@ -78,7 +78,8 @@ def build_item(
     """The row for example ``index`` of ``task``'s ``split``, with ``shots`` exemplars.
 
     Args:
-        task: the task (``.name``, ``.examples(split)``, ``.render(example)``).
+        task: the task (``.name``, ``.examples(split)``, ``.render(example)`` and, to score
+            against several answers, ``.reference_list(example)``).
         index: the example's index in ``split``.
         split: the split ``index`` points into.
         shots: exemplars in front of the input (same task, train split, never the row itself).
@@ -88,11 +89,16 @@ def build_item(
     Returns:
         The :class:`~multipromot.features.Item`.
     """
-    source, target = task.render(task.examples(split)[index])
+    example = task.examples(split)[index]
+    source, target = task.render(example)
     picks = choose_exemplars(task, index, shots, seed, split)
     train = task.examples(EXEMPLAR_SPLIT) if picks else []
     exemplars = [render_exemplar(task, train[i]) for i in picks]
-    return Item(task_id=task_id, input=source, target=target, exemplars=exemplars)
+    # Tasks that name several acceptable answers give them for scoring (Task.reference_list);
+    # a task object without the method (a test double) has only its target.
+    reference_list = getattr(task, "reference_list", None)
+    references = reference_list(example) if reference_list is not None else []
+    return Item(task_id, source, target, exemplars, references)
 
 
 def kshot_inputs(

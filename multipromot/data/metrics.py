@@ -283,6 +283,36 @@ def exact_match(predictions: Sequence[str], references: Sequence[Reference]) -> 
     return 100.0 * hits / len(predictions)
 
 
+_TRIVIAQA_PUNCT = str.maketrans({c: " " for c in string.punctuation + "\u2018\u2019\u00b4`"})
+
+
+def normalize_triviaqa(text: str) -> str:
+    """TriviaQA's official answer normalisation: lowercase, punctuation (and ``_``, curly
+    quotes, accents) to spaces, articles dropped, whitespace collapsed.
+
+    Unlike :func:`normalize_answer` (SQuAD), punctuation becomes a space, so ``"well-known"``
+    matches ``"well known"``.
+    """
+    text = text.lower().translate(_TRIVIAQA_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def triviaqa_exact_match(predictions: Sequence[str], references: Sequence[Reference]) -> float:
+    """Exact match with TriviaQA's normalisation (:func:`normalize_triviaqa`) against any of an
+    example's answers (its aliases and normalised aliases), 0-100.
+
+    Raises:
+        ValueError: lengths differ or there is nothing to score.
+    """
+    _check_lengths(predictions, references)
+    hits = sum(
+        normalize_triviaqa(p) in {normalize_triviaqa(a) for a in _as_list(r)}
+        for p, r in zip(predictions, references, strict=True)
+    )
+    return 100.0 * hits / len(predictions)
+
+
 def bleu(predictions: Sequence[str], references: Sequence[Reference]) -> float:
     """Corpus BLEU from sacrebleu (13a tokenisation, exp smoothing: sacrebleu's defaults).
 
@@ -339,6 +369,7 @@ Metric = Callable[[Sequence[str], Sequence[Reference]], float]
 _BUILTIN_METRICS: dict[str, Metric] = {
     "accuracy": accuracy,
     "exact_match": exact_match,
+    "triviaqa_exact_match": triviaqa_exact_match,
     "bleu": bleu,
     "rouge2": rouge2,
 }

@@ -28,7 +28,7 @@ from typing import Any
 from multipromot.data.catalogue import catalogue_index
 from multipromot.data.metrics import list_metrics, postprocess
 from multipromot.data.sources import Source, source_from_spec
-from multipromot.data.templates import FormatSignature, Template, load_template
+from multipromot.data.templates import FormatSignature, Template, compile_value, load_template
 from multipromot.errors import UserError
 
 __all__ = [
@@ -46,9 +46,11 @@ __all__ = [
 
 # The paper's metrics and metrics.py's post-processing rules; both registries can grow
 # (metrics.register_metric / register_postprocessor), so other names are checked there.
-METRICS = ("accuracy", "exact_match", "bleu", "rouge2")
+METRICS = ("accuracy", "exact_match", "triviaqa_exact_match", "bleu", "rouge2")
 POSTPROCESSORS = ("none", "prefix", "first_line", "first_word")
-TASK_KEYS = ("name", "source", "template", "metric", "postprocess", "splits", "description")
+TASK_KEYS = (
+    "name", "source", "template", "metric", "postprocess", "splits", "description", "references",
+)  # fmt: skip
 
 # Task names become bank directories (prompt_bank/<task>/), so they must be safe path parts.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -80,6 +82,10 @@ class Task:
             ``multipromot.data.metrics``); default: :func:`default_postprocess`.
         splits: framework split name -> source split name (missing names map to themselves).
         description: free text for listings.
+        references: a Jinja expression over an example giving every acceptable answer (a
+            string or a list), e.g. ``answers`` (WebQuestions) or ``answer.aliases +
+            answer.normalized_aliases`` (TriviaQA); metrics then count a match with any of
+            them. None: the template's target is the one reference.
     """
 
     name: str
@@ -89,12 +95,40 @@ class Task:
     postprocess: str | None = None
     splits: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    references: str | None = None
     _cache: dict[str, Sequence[dict]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.postprocess is None:
             self.postprocess = default_postprocess(self.metric)
         self.splits = dict(self.splits)
+        self._reference_value = (
+            compile_value(self.references, key=f"{self.name}.references")
+            if self.references
+            else None
+        )
+
+    def reference_list(self, example: Mapping[str, Any]) -> list[str]:
+        """Every acceptable answer of ``example`` ([] when the task names no ``references``:
+        the rendered target is then the only one).
+
+        Raises:
+            UserError: the expression fails on the example or gives no strings.
+        """
+        if self._reference_value is None:
+            return []
+        value = self._reference_value(example)
+        answers = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(answers, list | tuple)
+            or not answers
+            or not all(isinstance(a, str) for a in answers)
+        ):
+            raise UserError(
+                f"references {self.references!r} must give strings, got {value!r}",
+                key=f"{self.name}.references",
+            )
+        return list(dict.fromkeys(answers))  # in order, without repeats
 
     def source_split(self, split: str) -> str:
         """The source's name for a framework split.
@@ -289,6 +323,15 @@ def task_from_spec(
     # The template first: it is the likelier typo, and checking it touches no file system.
     template = load_template(spec["template"], file=file, key=_sub(key, "template"), id=name)
     source = source_from_spec(source_spec, file=file, key=_sub(key, "source"))
+    references = spec.get("references")
+    if references is not None and (not isinstance(references, str) or not references.strip()):
+        raise UserError(
+            "'references' must be an expression over an example's fields (e.g. answers)",
+            file=file,
+            key=_sub(key, "references"),
+        )
+    if references is not None:  # parse now: a typo is an error before any data is read
+        compile_value(references, file=file, key=_sub(key, "references"))
     return Task(
         name=name,
         source=source,
@@ -297,6 +340,7 @@ def task_from_spec(
         postprocess=postprocess,
         splits=splits,
         description=description,
+        references=references,
     )
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "FormatSignature",
     "Template",
     "compile_condition",
+    "compile_value",
     "load_template",
     "register_template",
     "get_template",
@@ -388,6 +389,39 @@ class Template:
         return f"Template(id={self.id!r}, jinja={self.jinja!r}, answer_choices={self.answer_choices!r})"
 
 
+def compile_value(
+    expression: str, *, file: str | os.PathLike | None = None, key: str | None = None
+) -> Callable[[Mapping[str, Any]], Any]:
+    """Compile a Jinja expression over an example's fields (e.g. ``answers`` or
+    ``answer.aliases + answer.normalized_aliases``), sandboxed.
+
+    Returns:
+        ``value(example)``; it raises UserError when the expression fails on an example.
+
+    Raises:
+        UserError: the expression does not parse.
+    """
+    try:
+        compiled = _ENV.compile_expression(expression, undefined_to_none=False)
+    except TemplateSyntaxError as exc:
+        raise UserError(
+            f"{expression!r} is not a valid expression: {exc.message}", file=file, key=key
+        ) from None
+
+    def value(example: Mapping[str, Any]) -> Any:
+        try:
+            return compiled(**example)
+        except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as exc:
+            fields = ", ".join(sorted(example)) or "none"
+            raise UserError(
+                f"{expression!r} failed on an example with fields {fields}: {exc}",
+                file=file,
+                key=key,
+            ) from exc
+
+    return value
+
+
 def compile_condition(
     expression: str, *, file: str | os.PathLike | None = None, key: str | None = None
 ) -> Callable[[Mapping[str, Any]], bool]:
@@ -404,25 +438,8 @@ def compile_condition(
     Raises:
         UserError: the expression does not parse.
     """
-    try:
-        compiled = _ENV.compile_expression(expression, undefined_to_none=False)
-    except TemplateSyntaxError as exc:
-        raise UserError(
-            f"{expression!r} is not a valid expression: {exc.message}", file=file, key=key
-        ) from None
-
-    def test(example: Mapping[str, Any]) -> bool:
-        try:
-            return bool(compiled(**example))
-        except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as exc:
-            fields = ", ".join(sorted(example)) or "none"
-            raise UserError(
-                f"{expression!r} failed on an example with fields {fields}: {exc}",
-                file=file,
-                key=key,
-            ) from exc
-
-    return test
+    value = compile_value(expression, file=file, key=key)
+    return lambda example: bool(value(example))
 
 
 # -- registry and loading ----------------------------------------------------------------------

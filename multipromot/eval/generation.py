@@ -133,7 +133,7 @@ def validate_tasks(
             raw = predict(prompted, tokenizer, items, gen_collator, batch_size=batch_size,
                           max_new_tokens=max_new_tokens)  # fmt: skip
             preds = [postprocess(text, task.postprocess) for text in raw]
-            refs = [item.target for item in items]
+            refs = [item.gold for item in items]
             result["score"] = score(task.metric, preds, refs)
         results[task.name] = result
     prompted.train(was_training)

@@ -335,7 +335,7 @@ def _record(
         "task": task.name,
         "shots": shots,
         "metric": task.metric,
-        "score": score(task.metric, preds, [item.target for item in items]),
+        "score": score(task.metric, preds, [item.gold for item in items]),
         "n": len(items),
         "random": random,
         "specialization": special,

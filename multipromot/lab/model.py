@@ -277,6 +277,9 @@ class _Rendered:
     def examples(self, split: str) -> Sequence[dict]:
         return self.task.examples(split)
 
+    def reference_list(self, example: dict) -> list[str]:
+        return self.task.reference_list(example)
+
     def render(self, example: dict) -> tuple[str, str]:
         key = id(example)
         if key not in self._cache:
@@ -446,7 +449,7 @@ def evaluate_lab_model(
             max_new_tokens=_MAX_NEW_TOKENS.get(task.name, _LABEL_TOKENS),
         )  # fmt: skip
         predictions = [postprocess(o, task.postprocess) for o in outputs]
-        scores[task.name] = round(score(task.metric, predictions, [i.target for i in items]), 2)
+        scores[task.name] = round(score(task.metric, predictions, [i.gold for i in items]), 2)
     return scores
 
 
