@@ -31,7 +31,7 @@ from multipromot.soft_prompt import PromptedModel
 from tests.conftest import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORD_KEYS = {"task", "shots", "metric", "score", "n", "random", "specialization", "prompt", "prompted"}  # fmt: skip
+RECORD_KEYS = {"task", "shots", "metric", "score", "n", "random", "specialization", "prompt", "prompted", "split"}  # fmt: skip
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ class Rows(Sequence[dict]):
         return f"Rows({len(self)} rows, columns={self._dataset.column_names})"
 
 
-class _Subset(Sequence[dict]):
+class Subset(Sequence[dict]):
     """Some rows of another sequence, by index."""
 
     def __init__(self, rows: Sequence[dict], indices: list[int]):
@@ -635,7 +635,7 @@ class FilteredSource:
         """
         rows = self.source.load(split)
         keep = [i for i, row in enumerate(rows) if self._test(row)]
-        return _Subset(rows, keep)
+        return Subset(rows, keep)
 
     def __repr__(self) -> str:
         return f"FilteredSource({self.describe()!r})"

@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any
 
+import numpy as np
+
 from multipromot.data.catalogue import catalogue_index
 from multipromot.data.metrics import list_metrics, postprocess
-from multipromot.data.sources import Source, source_from_spec
+from multipromot.data.sources import FileSource, FilteredSource, Source, Subset, source_from_spec
 from multipromot.data.templates import FormatSignature, Template, compile_value, load_template
 from multipromot.errors import UserError
 
@@ -53,6 +57,12 @@ TASK_KEYS = (
 )  # fmt: skip
 
 # Task names become bank directories (prompt_bank/<task>/), so they must be safe path parts.
+# A split a local source lacks is held out from its train rows: this share, at most this many.
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_MAX = 1000
+HOLDOUT_MIN_TRAIN = 20  # below this a missing split stays an error: too few rows to spare
+HOLDOUT_SPLITS = ("validation", "test")  # carved in this order, disjoint from each other
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -82,6 +92,10 @@ class Task:
             ``multipromot.data.metrics``); default: :func:`default_postprocess`.
         splits: framework split name -> source split name (missing names map to themselves).
         description: free text for listings.
+        holdouts: split -> rows (an int) or share of train (a float < 1) held out from the
+            train split, seeded by the task name: ``train`` then leaves those rows out, so
+            training never sees them. Set for a local source that lacks the split, or by
+            ``splits: {validation: {from: train, size: N}}``.
         references: a Jinja expression over an example giving every acceptable answer (a
             string or a list), e.g. ``answers`` (WebQuestions) or ``answer.aliases +
             answer.normalized_aliases`` (TriviaQA); metrics then count a match with any of
@@ -96,17 +110,19 @@ class Task:
     splits: dict[str, str] = field(default_factory=dict)
     description: str = ""
     references: str | None = None
+    holdouts: dict[str, int | float] = field(default_factory=dict)
+    auto_holdouts: tuple[str, ...] = ()  # the holdouts added because the source lacks them
     _cache: dict[str, Sequence[dict]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.postprocess is None:
             self.postprocess = default_postprocess(self.metric)
         self.splits = dict(self.splits)
-        self._reference_value = (
-            compile_value(self.references, key=f"{self.name}.references")
-            if self.references
-            else None
-        )
+        self._reference_value = None
+        if self.references:
+            self._reference_value = compile_value(
+                self.references, convert=_as_answers, key=f"{self.name}.references"
+            )
 
     def reference_list(self, example: Mapping[str, Any]) -> list[str]:
         """Every acceptable answer of ``example`` ([] when the task names no ``references``:
@@ -117,15 +133,10 @@ class Task:
         """
         if self._reference_value is None:
             return []
-        value = self._reference_value(example)
-        answers = [value] if isinstance(value, str) else value
-        if (
-            not isinstance(answers, list | tuple)
-            or not answers
-            or not all(isinstance(a, str) for a in answers)
-        ):
+        answers = self._reference_value(example)
+        if not answers or not all(isinstance(a, str) for a in answers):
             raise UserError(
-                f"references {self.references!r} must give strings, got {value!r}",
+                f"references {self.references!r} must give strings, got {answers!r}",
                 key=f"{self.name}.references",
             )
         return list(dict.fromkeys(answers))  # in order, without repeats
@@ -155,12 +166,60 @@ class Task:
         """
         if split not in self._cache:
             try:
-                self._cache[split] = self.source.load(self.source_split(split))
+                if self.holdouts and split in ("train", *self.holdouts):
+                    self._cache.update(self._carve())
+                if split not in self._cache:  # (a hold-out dropped for a tiny train set too)
+                    self._cache[split] = self.source.load(self.source_split(split))
             except UserError as exc:
                 raise UserError(
                     f"task {self.name!r}: {exc.message}", file=exc.file, key=exc.key or self.name
                 ) from exc
         return self._cache[split]
+
+    def _carve(self) -> dict[str, Sequence[dict]]:
+        """Train and the held-out splits, disjoint, from the source's train rows.
+
+        A permutation seeded by the task name picks the held-out rows (the same on every run,
+        rank and machine); each split keeps the rows in file order.
+        """
+        rows = self.source.load(self.source_split("train"))
+        if len(rows) < HOLDOUT_MIN_TRAIN and self.auto_holdouts:
+            self.holdouts = {s: v for s, v in self.holdouts.items() if s not in self.auto_holdouts}
+            self.auto_holdouts = ()
+            if not self.holdouts:
+                return {"train": rows}
+        order = np.random.default_rng([zlib.crc32(self.name.encode()), 0x401D]).permutation(
+            len(rows)
+        )
+        out: dict[str, Sequence[dict]] = {}
+        start = 0
+        for split in sorted(self.holdouts, key=lambda s: (s not in HOLDOUT_SPLITS, s)):
+            size = self.holdouts[split]
+            count = int(size) if size >= 1 else min(HOLDOUT_MAX, max(1, round(size * len(rows))))
+            picked = sorted(int(i) for i in order[start : start + count])
+            start += count
+            out[split] = Subset(rows, picked)
+            print(
+                f"{self.name}: {split!r} = {len(picked)} of {len(rows)} train rows held out "
+                "(seeded; training never sees them)",
+                file=sys.stderr,
+            )
+        if start >= len(rows):
+            raise UserError(
+                f"holding out {start} rows leaves no train rows (train has {len(rows)})",
+                key=f"{self.name}.splits",
+            )
+        out["train"] = Subset(rows, sorted(int(i) for i in order[start:]))
+        return out
+
+    def split_origin(self, split: str) -> str:
+        """Where a split's rows come from, for records: ``train (held out: 10%)`` or the
+        source's split name."""
+        if split in self.holdouts:
+            size = self.holdouts[split]
+            share = f"{size:.0%}" if size < 1 else f"{int(size)} rows"
+            return f"held out from train ({share}, seeded)"
+        return self.source_split(split)
 
     def num_examples(self, split: str) -> int:
         """Number of examples in a split.
@@ -202,6 +261,13 @@ class Task:
         self._cache.clear()
 
 
+def _as_answers(value: Any) -> list:
+    """A references expression's result as a list (a string is one answer)."""
+    if isinstance(value, str):
+        return [value]
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
 # -- parsing -----------------------------------------------------------------------------------
 
 
@@ -238,17 +304,41 @@ def _check_postprocess(name: Any, *, file, key) -> str:
     return name
 
 
-def _check_splits(splits: Any, *, file, key) -> dict[str, str]:
-    valid = isinstance(splits, Mapping) and all(
-        isinstance(k, str) and k and isinstance(v, str) and v for k, v in splits.items()
-    )
-    if not valid:
+def _check_splits(splits: Any, *, file, key) -> tuple[dict[str, str], dict[str, int | float]]:
+    """``(renames, holdouts)``: a split maps to the source's split name, or to
+    ``{from: train, size: N}`` (N rows, or a share of train when below 1)."""
+    if not isinstance(splits, Mapping):
         raise UserError(
             "'splits' must map split names to the source's split names, e.g. {test: validation}",
             file=file,
             key=key,
         )
-    return dict(splits)
+    renames: dict[str, str] = {}
+    holdouts: dict[str, int | float] = {}
+    for name, value in splits.items():
+        where = _sub(key, str(name))
+        if not isinstance(name, str) or not name:
+            raise UserError("split names must be non-empty strings", file=file, key=key)
+        if isinstance(value, str) and value:
+            renames[name] = value
+            continue
+        if not isinstance(value, Mapping) or set(value) != {"from", "size"}:
+            raise UserError(
+                "must be the source's split name or {from: train, size: N}", file=file, key=where
+            )
+        size = value["size"]
+        if value["from"] != "train" or name == "train":
+            raise UserError("only splits other than train are held out, from train", file=file,
+                            key=f"{where}.from")  # fmt: skip
+        ok = isinstance(size, int | float) and not isinstance(size, bool)
+        if not ok or not (0 < size < 1 or (size >= 1 and float(size).is_integer())):
+            raise UserError(
+                f"must be a number of rows (>= 1) or a share of train in (0, 1), got {size!r}",
+                file=file,
+                key=f"{where}.size",
+            )
+        holdouts[name] = int(size) if size >= 1 else float(size)
+    return renames, holdouts
 
 
 def task_from_spec(
@@ -309,15 +399,16 @@ def task_from_spec(
 
     source_spec = spec["source"]
     splits: dict[str, str] = {}
+    holdouts: dict[str, int | float] = {}
     if "splits" in spec:
-        splits = _check_splits(spec["splits"], file=file, key=_sub(key, "splits"))
+        splits, holdouts = _check_splits(spec["splits"], file=file, key=_sub(key, "splits"))
     if isinstance(source_spec, Mapping) and "splits" in source_spec:
         source_key = _sub(_sub(key, "source"), "splits")
         if "splits" in spec:
             raise UserError(
                 "give 'splits' once: on the task or in its source", file=file, key=source_key
             )
-        splits = _check_splits(source_spec["splits"], file=file, key=source_key)
+        splits, holdouts = _check_splits(source_spec["splits"], file=file, key=source_key)
         source_spec = {k: v for k, v in source_spec.items() if k != "splits"}
 
     # The template first: it is the likelier typo, and checking it touches no file system.
@@ -332,6 +423,17 @@ def task_from_spec(
         )
     if references is not None:  # parse now: a typo is an error before any data is read
         compile_value(references, file=file, key=_sub(key, "references"))
+    local = source
+    while isinstance(local, FilteredSource):
+        local = local.source
+    auto: list[str] = []
+    if isinstance(local, FileSource) and "train" in local.files:
+        # Local data is often one file: a stage that needs validation (stage 1, best-on-
+        # target) or test (evaluation) gets a held-out share of train instead of an error.
+        for split in HOLDOUT_SPLITS:
+            if split not in local.files and split not in splits and split not in holdouts:
+                holdouts[split] = HOLDOUT_FRACTION
+                auto.append(split)
     return Task(
         name=name,
         source=source,
@@ -341,6 +443,8 @@ def task_from_spec(
         splits=splits,
         description=description,
         references=references,
+        holdouts=holdouts,
+        auto_holdouts=tuple(auto),
     )
 
 

@@ -390,10 +390,21 @@ class Template:
 
 
 def compile_value(
-    expression: str, *, file: str | os.PathLike | None = None, key: str | None = None
+    expression: str,
+    *,
+    convert: Callable[[Any], Any] | None = None,
+    file: str | os.PathLike | None = None,
+    key: str | None = None,
 ) -> Callable[[Mapping[str, Any]], Any]:
     """Compile a Jinja expression over an example's fields (e.g. ``answers`` or
     ``answer.aliases + answer.normalized_aliases``), sandboxed.
+
+    Args:
+        expression: the expression.
+        convert: applied to the result inside the error handling (the sandbox reports an
+            unsafe access only when its placeholder result is used, e.g. by ``bool``).
+        file: for error messages.
+        key: for error messages.
 
     Returns:
         ``value(example)``; it raises UserError when the expression fails on an example.
@@ -410,7 +421,8 @@ def compile_value(
 
     def value(example: Mapping[str, Any]) -> Any:
         try:
-            return compiled(**example)
+            result = compiled(**example)
+            return convert(result) if convert is not None else result
         except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as exc:
             fields = ", ".join(sorted(example)) or "none"
             raise UserError(
@@ -438,8 +450,7 @@ def compile_condition(
     Raises:
         UserError: the expression does not parse.
     """
-    value = compile_value(expression, file=file, key=key)
-    return lambda example: bool(value(example))
+    return compile_value(expression, convert=bool, file=file, key=key)
 
 
 # -- registry and loading ----------------------------------------------------------------------

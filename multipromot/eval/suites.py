@@ -323,6 +323,7 @@ def _record(
     *,
     random: float,
     specialization_answers: Sequence[str] | None,
+    split: str,
 ) -> dict:
     """Score one task's outputs and describe them as a flat record."""
     preds = [postprocess(text, task.postprocess) for text in outputs]
@@ -341,6 +342,8 @@ def _record(
         "specialization": special,
         "prompt": _majority(names),
         "prompted": 100.0 * sum(name is not None for name in names) / len(names),
+        # Where the scored rows come from (a split held out from train says so).
+        "split": task.split_origin(split) if hasattr(task, "split_origin") else split,
     }
 
 
@@ -422,7 +425,7 @@ def evaluate_suite(
 
             {"task", "shots", "metric", "score" (0-100), "n" (items), "random" (0-100),
              "specialization" (0-100 or None), "prompt" (majority routed task or None),
-             "prompted" (share of rows that got a prompt, 0-100)}
+             "prompted" (share of rows that got a prompt, 0-100), "split" (where the rows come from)}
 
     Raises:
         UserError: a task is unknown or its split is empty.
@@ -462,6 +465,7 @@ def evaluate_suite(
                     names,
                     random=random[task.name],
                     specialization_answers=specialization_answers,
+                    split=suite.split,
                 )  # fmt: skip
             )
     return records
@@ -520,6 +524,6 @@ def evaluate_finetuned(
         batch_size=batch_size, max_new_tokens=max_new_tokens, max_input_length=max_input_length,
     )  # fmt: skip
     return [
-        _record(task, 0, items, outs, names, random=0.0, specialization_answers=None)
+        _record(task, 0, items, outs, names, random=0.0, specialization_answers=None, split=split)
         for (task, items, names), outs in zip(groups, outputs, strict=True)
     ]
