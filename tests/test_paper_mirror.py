@@ -10,8 +10,9 @@ import datasets
 import pytest
 
 from multipromot.cli import main
+from multipromot.config import load_config
 from multipromot.data.mirror import set_mirror, write_snapshot
-from multipromot.data.tasks import get_task
+from multipromot.data.tasks import get_task, list_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 4
@@ -43,19 +44,31 @@ SNAPSHOTS = {  # hub id, config -> split -> row maker (field names as the datase
                                             "summary": f"Article {i}.", "id": str(i)},
     ("GEM/wiki_lingua", "en"): lambda i: {"gem_id": f"en-{i}", "source": f"How to cook {i}.",
                                           "target": f"Cook {i}.", "references": [f"Cook {i}."]},
+    # The fine-tuning tasks of the paper's configs (configs/paper_*.yaml).
+    ("aps/super_glue", "rte"): lambda i: {"premise": f"Cats sleep {i}.", "hypothesis": "Cats rest.",
+                                          "idx": i, "label": i % 2},
+    ("stanfordnlp/snli", None): lambda i: {"premise": "A dog runs.", "hypothesis": f"It moves {i}.",
+                                           "label": i % 3},
+    ("allenai/openbookqa", "main"): lambda i: {
+        "id": str(i), "question_stem": f"Which is {i}?", "answerKey": "ABCD"[i % 4],
+        "choices": {"text": ["w", "x", "y", "z"], "label": ["A", "B", "C", "D"]}},
+    ("wmt/wmt14", "fr-en"): lambda i: {"translation": {"fr": f"Bonjour {i}", "en": f"Hello {i}"}},
 }  # fmt: skip
+
+
+def write_paper_mirror(root: Path) -> Path:
+    """A mirror with a few rows of every hub dataset of the paper's tasks."""
+    for (hub_id, config), make in SNAPSHOTS.items():
+        splits = ("train", "validation", "test")
+        write_snapshot(root, hub_id, config, {split: _rows(make) for split in splits})
+    return root
 
 
 @pytest.fixture
 def mirror(tmp_path):
-    root = tmp_path / "mirror"
-    for (hub_id, config), make in SNAPSHOTS.items():
-        splits = ("train", "validation", "test")
-        write_snapshot(root, hub_id, config, {split: _rows(make) for split in splits})
-    yield root
+    yield write_paper_mirror(tmp_path / "mirror")
     set_mirror(None)
-    for name in ("cb", "wic", "trivia_qa", "web_questions", "wmt16_en_de", "wmt16_en_ro",
-                 "xsum", "wiki_lingua_en"):  # fmt: skip
+    for name in list_tasks():
         get_task(name).clear_cache()
 
 
@@ -75,3 +88,32 @@ def test_eval_scores_the_paper_suite_from_a_mirror(mirror, tmp_path, capfd):
     assert all(r["n"] == 2 and 0.0 <= r["score"] <= 100.0 for r in unseen.values())
     err = capfd.readouterr().err
     assert "Generating" not in err  # no datasets progress noise
+
+
+@pytest.mark.parametrize("name", ["rte", "enfr", "rte_enfr", "snli", "openbookqa"])
+def test_paper_configs_load_validate_and_resolve_every_task(mirror, name):
+    from multipromot.config import resolve_path
+    from multipromot.data.mixtures import load_mixture
+    from multipromot.eval.suites import load_suite
+    from multipromot.experiment import parse_method
+
+    cfg = load_config(ROOT / "configs" / f"paper_{name}.yaml", [f"data.mirror={mirror}"])
+    s1, s2, ev = cfg.stage1, cfg.stage2, cfg.eval
+    assert cfg.model == "google/mt5-xxl"
+    assert (s1.prompt_length, s1.optimizer, s1.lr, s1.steps, s1.eval_every) == (
+        100, "adafactor", 0.3, 5000, 1000)  # fmt: skip
+    assert (s2.optimizer, s2.lr, s2.steps, s2.save_every, s2.eval_every, s2.batch_size) == (
+        "adafactor", 1e-3, 1000, 100, 100, 64)  # fmt: skip
+    assert (s2.label_smoothing, s2.keep_best_by, ev.num_beams, ev.shots) == (
+        0.1,
+        "metric",
+        4,
+        [1, 4],
+    )
+    methods = [parse_method(label, cfg) for label in cfg.methods]
+    tasks = []
+    for path in {s1.mixture, s2.mixture, *(m.mixture for m in methods)}:
+        tasks += load_mixture(resolve_path(cfg, path)).tasks
+    tasks += [get_task(t) for t in load_suite(resolve_path(cfg, ev.suite)).task_names]
+    for task in tasks:  # every task loads offline from the mirror
+        assert len(task.examples("train")) == N, task.name
