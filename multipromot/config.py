@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -169,6 +170,36 @@ def _validate(cfg: RunConfig, file: str) -> None:
         )
 
 
+# Keys that hold paths (dotted; "mixtures.*" is every alias). `model` is a path only when it
+# names an existing directory next to the config (otherwise it is a hub id or a built-in).
+PATH_KEYS = ("out_dir", "bank.dir", "stage1.mixture", "stage2.mixture", "eval.suite", "data.mirror")
+
+
+def _anchor_paths(data: dict, folder: Path) -> dict:
+    """The config file's relative paths made absolute against its folder, so a config runs from
+    any working directory (as paths inside a mixture resolve against the mixture file).
+    Command-line overrides are not anchored: they are relative to the working directory."""
+
+    def anchor(value: Any) -> Any:
+        if not isinstance(value, str) or not value or "${" in value or os.path.isabs(value):
+            return value
+        return str(folder / value)
+
+    out = {**data}
+    for dotted in PATH_KEYS:
+        section, _, key = dotted.rpartition(".")
+        holder = out.get(section) if section else out
+        if isinstance(holder, dict) and key in holder:
+            holder = {**holder, key: anchor(holder[key])}
+            out = {**out, section: holder} if section else holder
+    if isinstance(out.get("mixtures"), dict):
+        out["mixtures"] = {alias: anchor(v) for alias, v in out["mixtures"].items()}
+    model = out.get("model")
+    if isinstance(model, str) and model and (folder / model).is_dir():
+        out["model"] = str(folder / model)
+    return out
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     """Read a run config and apply ``key=value`` overrides.
 
@@ -195,7 +226,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         data = {} if data is None else data
         if not isinstance(data, dict):
             raise UserError("a config must be a mapping of keys to values", file=file)
-        layers.append((data, file))
+        layers.append((_anchor_paths(data, p.resolve().parent), file))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like key=value", file="<command line>")
@@ -219,8 +250,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
 
 
 def resolve_path(cfg: RunConfig, value: str) -> str:
-    """A path from the config: absolute, or relative to the current directory if it exists there,
-    else relative to the config file's directory."""
+    """A path from the config. Paths written in a config file are absolute after
+    :func:`load_config` (anchored at the file's folder); a relative value set on the command line
+    or in Python is relative to the working directory, or else (if it exists there) to the
+    config file's folder."""
     if not value or os.path.isabs(value) or os.path.exists(value) or not cfg.config_file:
         return value
     candidate = Path(cfg.config_file).parent / value

@@ -45,3 +45,21 @@ def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, overrides, f
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_paths_in_a_config_resolve_against_its_folder_overrides_against_the_cwd(
+    tmp_path, monkeypatch
+):
+    """`multipromot eval /abs/configs/tiny.yaml` works from any folder (issue 14)."""
+    from pathlib import Path
+
+    from multipromot.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(root / "configs" / "tiny.yaml", ["stage2.mixture=mine.yaml"])
+    assert cfg.stage1.mixture == str(root / "configs" / ".." / "mixtures" / "lab_rte_fr.yaml")
+    assert Path(cfg.stage1.mixture).is_file() and Path(cfg.eval.suite).is_file()
+    assert Path(cfg.out_dir).resolve() == root / "runs" / "tiny"
+    assert cfg.stage2.mixture == "mine.yaml"  # the command line is relative to the cwd
+    assert cfg.model == "tiny-t5"  # not a path: a built-in model name stays as it is
