@@ -183,7 +183,7 @@ def _anchor_paths(data: dict, folder: Path) -> dict:
     def anchor(value: Any) -> Any:
         if not isinstance(value, str) or not value or "${" in value or os.path.isabs(value):
             return value
-        return str(folder / value)
+        return os.path.normpath(folder / value)
 
     out = {**data}
     for dotted in PATH_KEYS:
@@ -196,7 +196,7 @@ def _anchor_paths(data: dict, folder: Path) -> dict:
         out["mixtures"] = {alias: anchor(v) for alias, v in out["mixtures"].items()}
     model = out.get("model")
     if isinstance(model, str) and model and (folder / model).is_dir():
-        out["model"] = str(folder / model)
+        out["model"] = os.path.normpath(folder / model)
     return out
 
 

@@ -58,8 +58,8 @@ def test_paths_in_a_config_resolve_against_its_folder_overrides_against_the_cwd(
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
     cfg = load_config(root / "configs" / "tiny.yaml", ["stage2.mixture=mine.yaml"])
-    assert cfg.stage1.mixture == str(root / "configs" / ".." / "mixtures" / "lab_rte_fr.yaml")
+    assert cfg.stage1.mixture == str(root / "mixtures" / "lab_rte_fr.yaml")
     assert Path(cfg.stage1.mixture).is_file() and Path(cfg.eval.suite).is_file()
-    assert Path(cfg.out_dir).resolve() == root / "runs" / "tiny"
+    assert cfg.out_dir == str(root / "runs" / "tiny")
     assert cfg.stage2.mixture == "mine.yaml"  # the command line is relative to the cwd
     assert cfg.model == "tiny-t5"  # not a path: a built-in model name stays as it is
