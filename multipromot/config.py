@@ -22,6 +22,7 @@ __all__ = [
     "Stage1Config",
     "Stage2Config",
     "EvalConfig",
+    "LogConfig",
     "RunConfig",
     "load_config",
     "STAGE2_MODES",
@@ -106,6 +107,14 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where training metrics go besides ``metrics.jsonl`` (checked by
+    ``train.common.check_trackers``): tensorboard, wandb, trackio, mlflow."""
+
+    to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
@@ -119,6 +128,7 @@ class RunConfig:
         default_factory=dict
     )  # stage-2 mixtures by alias: promot@multi
     config_file: str = ""  # set by load_config: where relative paths are resolved from
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _validate(cfg: RunConfig, file: str) -> None:
