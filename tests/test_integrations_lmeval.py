@@ -254,3 +254,21 @@ def test_documented_command_runs_the_registered_model(tmp_path, monkeypatch, wit
     result = json.loads(written.read_text())
     assert result["results"]["mp_local"]["score,none"] == pytest.approx(50.0)
     assert result["config"]["model"] == "multipromot"
+
+
+@pytest.mark.slow  # ~9 s: calibration renders inputs of every local task
+def test_router_without_a_signature_tells_the_task_from_other_local_formats(tmp_path):
+    """A bank task with no format signature is routed by similarity, calibrated (as `route`
+    does) against the other local tasks: its inputs get its prompt, other formats none."""
+    from multipromot.data.exemplars import build_item
+    from multipromot.data.tasks import get_task
+    from multipromot.features import kshot_text
+
+    bank = _bank_with_prompt(tmp_path, "tiny-gpt2", task="lab_rte", fmt={"signature": None})
+    lm = MultiPromotLM(pretrained="tiny-gpt2", bank=str(bank.root), router=True)
+    texts = {
+        name: [kshot_text(build_item(get_task(name), i, split="test")) for i in range(5)]
+        for name in ("lab_rte", "lab_qa", "lab_sentiment")
+    }
+    assert lm.route(texts["lab_rte"]) == ["lab_rte"] * 5
+    assert lm.route(texts["lab_qa"] + texts["lab_sentiment"]) == [None] * 10

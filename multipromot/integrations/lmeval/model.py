@@ -46,6 +46,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from multipromot.bank import PromptBank
 from multipromot.config import BankConfig, RunConfig
 from multipromot.data.collate import Collator
+from multipromot.data.sources import FilteredSource, HubSource
 from multipromot.data.tasks import get_task, list_tasks
 from multipromot.errors import UserError
 from multipromot.eval.generation import predict
@@ -103,10 +104,12 @@ class MultiPromotLM(LM):
         if router and self.forced is None:
             if not self.task_names:
                 raise UserError("router=true needs prompts: give bank=DIR", key=f"{ARGS} router")
-            # Catalogue tasks give the similarity fallback their own inputs (tasks without a
-            # signature); every bank task is routed by its signature.
+            # As `multipromot route`: bank tasks without a signature get a similarity fallback
+            # calibrated on their own inputs against every local task of another format.
             known = [get_task(name) for name in self.task_names if name in list_tasks()]
-            self.router = calibrated_router(self.bank, known, refs=refs, seed=seed)
+            others = _local_tasks(exclude=self.task_names)
+            self.router = calibrated_router(self.bank, known, refs=refs, negatives=others,
+                                            seed=seed)  # fmt: skip
         self.collator = Collator(tokenizer, decoder_only=self.decoder_only,
                                  max_input_length=NO_LIMIT, for_generation=True)  # fmt: skip
         self.gen_collator = Collator(tokenizer, decoder_only=self.decoder_only,
@@ -336,6 +339,22 @@ def _prompted(model, model_dir: Path, bank_dir: str) -> tuple[PromptedModel, obj
     except ValueError as e:  # prompts of different lengths cannot share one table
         raise UserError(str(e), file=store.root, key=f"{ARGS} bank") from None
     return prompted, store, source[1]
+
+
+def _local_tasks(exclude: Sequence[str]) -> list:
+    """Registered and catalogue tasks whose examples are on this machine, but ``exclude``: the
+    other-format inputs that calibrate the router (hub tasks may need the network)."""
+    out = []
+    for name in list_tasks():
+        if name in exclude:
+            continue
+        task = get_task(name)
+        source = task.source
+        while isinstance(source, FilteredSource):
+            source = source.source
+        if not isinstance(source, HubSource):
+            out.append(task)
+    return out
 
 
 def _recorded_tasks(model_dir: Path) -> list[str] | None:
