@@ -24,6 +24,7 @@ from multipromot.experiment import run_eval  # noqa: E402
 from multipromot.features import Item  # noqa: E402
 from multipromot.integrations.lmeval import MultiPromotLM  # noqa: E402
 from multipromot.integrations.lmeval.__main__ import main as lmeval_main  # noqa: E402
+from multipromot.integrations.lmeval.model import _item  # noqa: E402
 from multipromot.models import load_model  # noqa: E402
 from multipromot.soft_prompt import PromptedModel  # noqa: E402
 from multipromot.train.stage1 import format_record  # noqa: E402
@@ -272,3 +273,22 @@ def test_router_without_a_signature_tells_the_task_from_other_local_formats(tmp_
     }
     assert lm.route(texts["lab_rte"]) == ["lab_rte"] * 5
     assert lm.route(texts["lab_qa"] + texts["lab_sentiment"]) == [None] * 10
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-gpt2"])
+def test_an_over_long_context_loses_whole_exemplars_first(name):
+    """Contexts are read in multipromot's k-shot layout, so the Collator's truncation applies:
+    the farthest exemplars go first, the input stays whole."""
+    exemplars = ["first example True", "second example False", "third example True"]
+    text = "the question answer:"
+    full = "\n\n".join([*exemplars, text])
+    kept = "\n\n".join([exemplars[-1], text])
+    short = MultiPromotLM(pretrained=name, max_length=48)  # room for one exemplar and the input
+    wide = MultiPromotLM(pretrained=name, max_length=512)
+    ask = {"until": ["\n\n"], "max_gen_toks": 6}
+    got = short.generate_until([Instance("generate_until", {}, (full, ask), 0)])
+    want = wide.generate_until([Instance("generate_until", {}, (kept, ask), 0)])
+    assert got == want
+    # and the input the model got is the last exemplar and the input, not the context's head
+    ids = short.gen_collator([_item(full, -1)])["input_ids"][0].tolist()
+    assert short.tokenizer.decode(ids, skip_special_tokens=True) == kept
