@@ -129,6 +129,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     sampled = Instance("generate_until", {}, ("x", {"do_sample": True}), 0)
     with pytest.raises(UserError, match="greedily"):
         lm.generate_until([sampled])
+    assert lm.loglikelihood([_ll("some context", "")]) == [(0.0, True)]
+    short = MultiPromotLM(pretrained="tiny-gpt2", max_length=4)
+    with pytest.raises(UserError, match="longer than max_length=4"):
+        short.loglikelihood([_ll("ctx", " a long continuation")])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -217,7 +217,13 @@ class MultiPromotLM(LM):
         self, encoded: list[tuple[list[int], list[int]]], rows: list[int]
     ) -> list[tuple[float, bool]]:
         """Log-prob sum and greediness of each continuation, batched by length."""
-        order = sorted(range(len(encoded)), key=lambda i: -sum(map(len, encoded[i])))
+        for _, cont in encoded:
+            if len(cont) > self.max_length:
+                raise UserError(f"a continuation of {len(cont)} tokens is longer than "
+                                f"max_length={self.max_length}", key=f"{ARGS} max_length")  # fmt: skip
+        # an empty continuation has log-prob 0 and is trivially greedy: no forward needed
+        scored = [i for i in range(len(encoded)) if encoded[i][1]]
+        order = sorted(scored, key=lambda i: -sum(map(len, encoded[i])))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(encoded)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
