@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade "pip>=24" "setuptools>=77.0.3,<81" wheel
 	# torch first: the CPU wheel; everything after is constrained to it.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,lmeval,wandb]"
 	$(BIN)/pip install -q --no-deps --ignore-requires-python promptsource==0.2.3
 	touch $(STAMP)
 

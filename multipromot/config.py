@@ -24,6 +24,7 @@ __all__ = [
     "Stage1Config",
     "Stage2Config",
     "EvalConfig",
+    "LogConfig",
     "RunConfig",
     "DataConfig",
     "load_config",
@@ -116,6 +117,14 @@ class DataConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where training metrics go besides ``metrics.jsonl`` (checked by
+    ``train.common.check_trackers``): tensorboard, wandb, trackio, mlflow."""
+
+    to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
@@ -130,6 +139,7 @@ class RunConfig:
     )  # stage-2 mixtures by alias: promot@multi
     config_file: str = ""  # set by load_config: where relative paths are resolved from
     data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _validate(cfg: RunConfig, file: str) -> None:

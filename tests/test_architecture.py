@@ -17,6 +17,7 @@ LAYERS = [
     {"eval"},
     {"train"},
     {"experiment"},
+    {"integrations"},
     {"lab"},
     {"cli", "__main__"},
 ]

@@ -1,5 +1,6 @@
 """Plain helpers shared by the stage-1 and stage-2 loops (and the lab's pretraining):
-optimizer, schedule, the one token loss, metrics logging and throughput.
+optimizer, schedule, the one token loss, metrics logging (``metrics.jsonl`` plus the trackers
+of ``log.to``: TensorBoard, Weights & Biases, Trackio, MLflow) and throughput.
 
 Each loop stays one explicit ``for step`` loop in its own module; what they share lives here.
 Batches come from :mod:`multipromot.data.batches`.
@@ -7,16 +8,18 @@ Batches come from :mod:`multipromot.data.batches`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from multipromot.errors import UserError
 from multipromot.features import IGNORE_INDEX
 
 __all__ = [
@@ -25,6 +28,8 @@ __all__ = [
     "token_loss",
     "MetricsLogger",
     "Throughput",
+    "TRACKERS",
+    "check_trackers",
 ]
 
 
@@ -130,38 +135,167 @@ class Throughput:
         return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+# the module each tracker needs, checked before anything trains
+_TRACKER_MODULES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "trackio": "trackio",
+    "mlflow": "mlflow",
+}
+
+
+def check_trackers(names: Sequence[str], *, file: str | None = None) -> list[str]:
+    """Validate ``log.to``: known tracker names, each installed.
+
+    Args:
+        names: tracker names, e.g. ``["tensorboard", "wandb"]``.
+        file: the config file, for the error message.
+
+    Returns:
+        The names, in order, without repeats.
+
+    Raises:
+        UserError: an unknown name, or a tracker whose package is not installed.
+    """
+    chosen = list(dict.fromkeys(names))
+    for name in chosen:
+        if name not in TRACKERS:
+            raise UserError(f"unknown tracker {name!r}; use {', '.join(TRACKERS)}",
+                            file=file, key="log.to")  # fmt: skip
+        if importlib.util.find_spec(_TRACKER_MODULES[name]) is None:
+            raise UserError(f"{name} is not installed (pip install {name})",
+                            file=file, key="log.to")  # fmt: skip
+    return chosen
+
+
+class _TensorBoard:
+    def __init__(self, out_dir: Path, run_name: str):
+        from torch.utils.tensorboard import SummaryWriter  # heavy: only when asked for
+
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """Offline with ``WANDB_MODE=offline`` (wandb's own switch); files under ``WANDB_DIR``,
+    else the run's directory."""
+
+    def __init__(self, out_dir: Path, run_name: str):
+        import wandb  # optional extra; heavy
+
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "multipromot"),
+            name=run_name,
+            dir=os.environ.get("WANDB_DIR") or str(out_dir),
+            reinit="create_new",  # stage 1 and each method's stage 2 are runs of their own
+        )
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Trackio:
+    """Trackio keeps its runs in a local database by default (no network)."""
+
+    def __init__(self, out_dir: Path, run_name: str):
+        import trackio  # optional extra
+
+        self.trackio = trackio
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "multipromot"), name=run_name)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.trackio.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+class _Mlflow:
+    """``MLFLOW_TRACKING_URI`` if set, else a local file store in the run's ``mlruns/``."""
+
+    def __init__(self, out_dir: Path, run_name: str):
+        from mlflow.tracking import MlflowClient  # optional extra; heavy
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out_dir / "mlruns").resolve().as_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "multipromot")
+        found = self.client.get_experiment_by_name(name)
+        experiment = found.experiment_id if found else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment, run_name=run_name).info.run_id
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.client.log_metric(self.run_id, key, value, step=step)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+_TRACKER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio,
+                    "mlflow": _Mlflow}  # fmt: skip
+
+
 class MetricsLogger:
-    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Appends one JSON object per record to ``metrics.jsonl`` and sends the same scalars (the
+    record's numbers but ``step``, for records that have a step) to every tracker of ``log.to``.
 
     Only the writing rank should construct one with ``enabled=True``.
+
+    Args:
+        out_dir: the run (or stage) directory; ``metrics.jsonl`` and ``tensorboard/`` go here.
+        enabled: False on ranks that do not write.
+        trackers: names from :data:`TRACKERS` (``log.to``); default TensorBoard only.
+        run_name: the run's name in trackers that show one (default: ``out_dir``'s name).
+
+    Raises:
+        UserError: an unknown or uninstalled tracker (:func:`check_trackers`), on every rank.
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        trackers: Sequence[str] = ("tensorboard",),
+        run_name: str | None = None,
     ):
+        names = check_trackers(trackers)
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self._tb = None
+        self._trackers: list = []
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-                except ImportError:  # tensorboard is optional at run time
-                    self._tb = None
+            name = run_name or Path(out_dir).resolve().name
+            for tracker in names:
+                self._trackers.append(_TRACKER_CLASSES[tracker](Path(out_dir), name))
 
     def log(self, record: dict, *, step: int | None = None) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
-        if self._tb is not None and step is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, step)
+        if step is None or not self._trackers:
+            return
+        scalars = {
+            key: float(value)
+            for key, value in record.items()
+            if isinstance(value, (int, float)) and key != "step"
+        }
+        if scalars:
+            for tracker in self._trackers:
+                tracker.log(scalars, step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
