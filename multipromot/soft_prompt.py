@@ -292,11 +292,13 @@ class PromptedModel(nn.Module):
             return None
         from transformers import DynamicCache  # deferred: transformers is heavy to import
 
-        beams = int(gen_kwargs.get("num_beams", 1) or 1) * int(
-            gen_kwargs.get("num_return_sequences", 1) or 1
-        )
-        # generate expands tensors per beam but not a cache object: expand it here.
-        data = [(k.repeat_interleave(beams, 0), v.repeat_interleave(beams, 0)) for k, v in layers]
+        # generate expands the batch's tensors (per beam in beam search, else per returned
+        # sequence) but not a cache object: expand it here by the same rule.
+        defaults = gen_kwargs.get("generation_config") or self.model.generation_config
+        beams = int(gen_kwargs.get("num_beams", defaults.num_beams) or 1)
+        copies = int(gen_kwargs.get("num_return_sequences", defaults.num_return_sequences) or 1)
+        expand = beams if beams > 1 else copies
+        data = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in layers]
         cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
         placeholder = embeds.new_zeros(embeds.shape[0], prompt_mask.shape[1], embeds.shape[-1])
         mask = torch.cat([prompt_mask, mask], dim=1)

@@ -119,6 +119,20 @@ def test_changed_weights_are_not_served_stale(name):
     assert pm._prefixes.builds == 3
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_generate_with_several_returned_sequences(num_beams):
+    pm, tok = _prompted("tiny-gpt2")
+    batch = _batch(tok, TEXTS[:3])
+    opts = dict(max_new_tokens=4, eos_token_id=None, num_beams=num_beams, do_sample=num_beams == 1,
+                num_return_sequences=2)  # fmt: skip
+    torch.manual_seed(5)
+    ref = pm.generate(**batch, task_ids=torch.tensor([0, -1, 1]), **opts)
+    torch.manual_seed(5)
+    got = pm.generate(**batch, task_ids=torch.tensor([0, -1, 1]), prefix_cache=True, **opts)
+    assert got.shape == (6, 4) and torch.equal(got, ref)
+    assert pm._prefixes.builds == 1
+
+
 def test_batch_without_prompts_skips_the_cache():
     pm, tok = _prompted("tiny-llama")
     batch = _batch(tok, TEXTS[:2])
