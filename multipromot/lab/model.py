@@ -26,9 +26,10 @@ model with in-context ability"):
 The decoder-only lab model (``lab-llama``, sizes ``llama-small`` / ``llama-micro``) is the same
 recipe with a Llama (2 layers, d 128, tied embeddings) in place of the T5: same tokenizer,
 families, k-shot rows and optimizer (a larger lr and fewer steps: ``LAB_DECODER_RECIPE``); the
-collator concatenates input and target (left padding) and the loss covers the target only. It goes through ``PromptedModel`` (without
-prompts) so positions are counted over real tokens, as in every later stage. The T5 recipe and
-its cache key are untouched: the family is part of the size name.
+collator concatenates input and target (left padding) and the loss covers the target only. It
+goes through ``PromptedModel`` (without prompts) so positions are counted over real tokens, as
+in every later stage. The T5 recipe and its cache key are untouched: the family is part of the
+size name.
 
 Why one module of this size: the lab model's tokenizer, recipe, pretraining loop, quick
 evaluation and cache are one recipe; the cache key is the recipe, so they change together.
@@ -97,8 +98,8 @@ LAB_SIZES: dict[str, dict[str, int]] = {
     "micro": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4},
 }  # fmt: skip
 # The decoder-only lab model (``lab-llama``): Llama shapes per size. Two layers, not four: a
-# decoder runs every layer over input + target, and four layers cost 3x the T5's CPU time per
-# step here (0.5 s vs 0.17 s at batch 48).
+# decoder runs every layer over input + target; four layers took about 0.5 CPU-s per step at
+# batch 48 in an 80-step trial here, against the T5's ~0.17 s (2,000 steps in 330 s, STACK.md).
 LAB_DECODER_SIZES: dict[str, dict[str, int]] = {
     "llama-small": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4},
     "llama-micro": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4},
@@ -279,8 +280,9 @@ def build_lab_model(tokenizer, size: str = "small", seed: int = 0):
 
 
 # The decoder-only recipe's departures from LabConfig's defaults. Llama initialises weights at
-# std 0.02 (T5's embeddings at 1.0), so Adafactor's RMS-scaled steps need a larger lr: at 80
-# steps of llama-small, lr 0.1 reached loss 1.79, 3e-2 2.04 (from 6.2-6.3).
+# std 0.02 (T5's embeddings at 1.0), so Adafactor's RMS-scaled steps need a larger lr: in
+# 80-step trials of a 4-layer version, lr 0.1 reached loss 1.79, 3e-2 2.04 (from 6.2-6.3); a
+# full pretraining of this recipe has not been run yet (README, "Decoder-only").
 LAB_DECODER_RECIPE: dict[str, Any] = {"lr": 0.1, "steps": 1500}
 
 
