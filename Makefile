@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/multipromot run configs/demo.yaml
 
+demo-decoder: $(STAMP)
+	$(BIN)/multipromot run configs/demo_decoder.yaml
+
 test: $(STAMP)
 	$(BIN)/ruff check multipromot tests benchmarks
 	$(BIN)/ruff format --check multipromot tests benchmarks

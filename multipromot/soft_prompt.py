@@ -15,7 +15,18 @@ Layouts (``.`` = masked position, ``p`` = prompt, ``t`` = text):
   row sees exactly the positions of the bare model on its unpadded text.
 
 When no row of a batch has a prompt (``task_ids`` None or all ``-1``) no prompt positions are
-added at all. Returned logits are aligned with ``input_ids`` (decoder-only) or with ``labels``
+added at all.
+
+Prefix caching (decoder-only ``generate(..., prefix_cache=True)``): a task's prompt is the same
+P positions at the start of every prompted row, and causal attention makes their keys and values
+depend on the prompt alone. They are computed once per (weights, task), kept, and handed to
+``generate`` as a ``DynamicCache`` laid out ``p p | . t t t`` (no-prompt rows: ``x x | . . t t t``
+with the ``x`` slots masked). Keys see the same unmasked positions and position ids as in the
+prepend layout, so the outputs are the prepend path's (up to float summation order; tests compare
+tokens and scores). The kept prefixes are dropped when a weight changes (data pointer or in-place
+version counter of any parameter or buffer) or a prompt row's values change (compared by value).
+This module runs past 500 lines because the cached layout must stay the prepend layout's twin:
+both are drawn here and built next to each other. Returned logits are aligned with ``input_ids`` (decoder-only) or with ``labels``
 (seq2seq): callers never see the P prompt positions in logits. Other outputs (hidden states,
 attentions, ``past_key_values``, the seq2seq encoder states) keep them.
 """
@@ -81,6 +92,8 @@ class PromptedModel(nn.Module):
         if len(set(task_names)) != len(task_names):
             raise ValueError(f"task names must be unique, got {task_names}")
         self.task_names = list(task_names)
+        # Not a module or tensor attribute: the kept prefixes never enter the state dict.
+        self._prefixes = _PrefixStore()
 
     @classmethod
     def from_bank(
@@ -202,6 +215,8 @@ class PromptedModel(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         task_ids: Tensor | None = None,
+        *,
+        prefix_cache: bool = False,
         **gen_kwargs,
     ):
         """Generate with each row's soft prompt, through ``inputs_embeds``.
@@ -213,6 +228,11 @@ class PromptedModel(nn.Module):
             input_ids: [B, L]; decoder-only inputs must be left-padded.
             attention_mask: [B, L].
             task_ids: [B] table rows, -1 = no prompt; None = no prompt for any row.
+            prefix_cache: decoder-only: reuse each task's prompt keys/values (computed once
+                per weights and prompt values) instead of running the P prompt positions
+                again for every row. Needs eval mode (dropout would make the kept keys
+                differ). Falls back to the prepend path for a sharded (FSDP) model or a
+                model whose cache has no per-layer keys/values.
             **gen_kwargs: ``generate`` options (``max_new_tokens``, ``num_beams``, ...). Use
                 ``max_new_tokens`` rather than ``max_length``: with ``inputs_embeds``,
                 transformers reads ``max_length`` differently per family. Penalties that look
@@ -225,9 +245,23 @@ class PromptedModel(nn.Module):
             ``return_dict_in_generate=True`` the output object with ``sequences`` trimmed alike.
 
         Raises:
-            ValueError: bad task ids or right-padded decoder-only inputs.
+            ValueError: bad task ids or right-padded decoder-only inputs; ``prefix_cache`` for
+                a seq2seq model (its encoder attends both ways: no prompt-only prefix) or in
+                training mode.
         """
-        inputs, _, _ = self._model_inputs(input_ids, attention_mask, task_ids)
+        if prefix_cache:
+            if self.is_encoder_decoder:
+                raise ValueError(
+                    "prefix_cache is for decoder-only models: a seq2seq encoder attends in both "
+                    "directions, so the prompt's states depend on the text after it"
+                )
+            if self.training:
+                raise ValueError("prefix_cache needs eval mode (dropout changes the prompt keys)")
+        inputs = None
+        if prefix_cache and _cacheable(self):
+            inputs = self._cached_inputs(input_ids, attention_mask, task_ids, gen_kwargs)
+        if inputs is None:
+            inputs, _, _ = self._model_inputs(input_ids, attention_mask, task_ids)
         out = self.model.generate(**inputs, **gen_kwargs)
         # Decoder-only generate from inputs_embeds alone already returns only the new tokens.
         start = 1 if self.is_encoder_decoder else 0
@@ -235,6 +269,46 @@ class PromptedModel(nn.Module):
             return out[:, start:]
         out.sequences = out.sequences[:, start:]
         return out
+
+    def _cached_inputs(
+        self, input_ids: Tensor, attention_mask: Tensor, task_ids: Tensor | None, gen_kwargs: dict
+    ) -> dict | None:
+        """``generate`` inputs with the prompts as a ready cache; None = use the prepend path.
+
+        Layout: the cache holds each row's P prompt positions (zeros, masked, for -1 rows); the
+        text follows with its left padding. ``inputs_embeds`` covers the whole length as
+        ``generate`` expects when a cache is passed; it only reads the last L positions.
+        """
+        embeds = self.model.get_input_embeddings()(input_ids)
+        mask = attention_mask.long()
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("decoder-only inputs must be left-padded (pad tokens first)")
+        block = self._prompt_block(task_ids, input_ids.shape[0], embeds)
+        if block is None:
+            return None  # no prompted row: the plain path adds nothing anyway
+        _, prompt_mask = block
+        layers, cache_kwarg = self._prefixes.layers(self, task_ids.tolist(), embeds)
+        if layers is None:
+            return None
+        from transformers import DynamicCache  # deferred: transformers is heavy to import
+
+        # generate expands the batch's tensors (per beam in beam search, else per returned
+        # sequence) but not a cache object: expand it here by the same rule.
+        defaults = gen_kwargs.get("generation_config") or self.model.generation_config
+        beams = int(gen_kwargs.get("num_beams", defaults.num_beams) or 1)
+        copies = int(gen_kwargs.get("num_return_sequences", defaults.num_return_sequences) or 1)
+        expand = beams if beams > 1 else copies
+        data = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in layers]
+        cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
+        placeholder = embeds.new_zeros(embeds.shape[0], prompt_mask.shape[1], embeds.shape[-1])
+        mask = torch.cat([prompt_mask, mask], dim=1)
+        return {
+            "inputs_embeds": torch.cat([placeholder, embeds], dim=1),
+            "attention_mask": mask,
+            # The prepend path's positions: counted over unmasked positions only.
+            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0),
+            cache_kwarg: cache,
+        }
 
     def _model_inputs(
         self, input_ids: Tensor, attention_mask: Tensor, task_ids: Tensor | None
@@ -304,6 +378,86 @@ class PromptedModel(nn.Module):
         )
         mask = has_prompt.to(embeds.device).long()[:, None].expand(-1, rows.shape[1])
         return rows, mask
+
+
+def _cacheable(prompted: PromptedModel) -> bool:
+    """False for a model sharded with FSDP2: its parameters are DTensors, unsharded per call."""
+    return not any(hasattr(p, "_local_tensor") for p in prompted.parameters())
+
+
+class _PrefixStore:
+    """The kept prompt prefixes of one PromptedModel: per task, each layer's keys and values.
+
+    Valid while the model's weights (data pointer + in-place version of every parameter and
+    buffer, dtype, device) are those they were computed with, and while each task's prompt row
+    equals, by value, the row they were computed from (a write through ``.data`` skips the
+    version counter, so prompts are compared by value: a [P, d] compare per task per call).
+    """
+
+    def __init__(self) -> None:
+        self.weights_key: tuple | None = None
+        self.rows: dict[int, Tensor] = {}  # task -> the prompt row its prefix was built from
+        self.prefix: dict[int, list[tuple[Tensor, Tensor]]] = {}  # task -> [(keys, values)]
+        self.cache_kwarg = "past_key_values"
+        self.builds = 0  # prefix forward passes run (each covers every missing task at once)
+
+    def layers(
+        self, prompted: PromptedModel, task_ids: list[int], embeds: Tensor
+    ) -> tuple[list[tuple[Tensor, Tensor]] | None, str]:
+        """Per layer, keys and values [B, H, P, hd] for a batch's rows (zeros for -1 rows).
+
+        Returns:
+            (the layers, or None if the model's cache has no per-layer keys/values; the name
+            of ``generate``'s cache argument).
+        """
+        model = prompted.model
+        key = _weights_key(model)
+        if key != self.weights_key:
+            self.rows.clear()
+            self.prefix.clear()
+            self.weights_key = key
+        table = prompted.prompts.detach()
+        wanted = sorted({t for t in task_ids if t >= 0})
+        stale = [t for t in wanted if t not in self.rows or not torch.equal(self.rows[t], table[t])]
+        if stale and not self._build(model, table, stale, embeds):
+            return None, self.cache_kwarg
+        ref = self.prefix[wanted[0]]
+        layers = []
+        for index in range(len(ref)):
+            keys, values = [], []
+            for t in task_ids:
+                # -1 rows: zeros of a prompted row's shape (masked out; any finite values do).
+                k, v = self.prefix[t if t >= 0 else wanted[0]][index]
+                keys.append(k if t >= 0 else torch.zeros_like(k))
+                values.append(v if t >= 0 else torch.zeros_like(v))
+            layers.append((torch.stack(keys), torch.stack(values)))
+        return layers, self.cache_kwarg
+
+    def _build(self, model: nn.Module, table: Tensor, tasks: list[int], embeds: Tensor) -> bool:
+        """Run the prompts of ``tasks`` alone through the model (positions 0..P-1) and keep them."""
+        rows = table[tasks].to(device=embeds.device, dtype=embeds.dtype)
+        count, length = rows.shape[:2]
+        mask = torch.ones(count, length, dtype=torch.long, device=embeds.device)
+        positions = torch.arange(length, device=embeds.device).expand(count, length)
+        out = model(inputs_embeds=rows, attention_mask=mask, position_ids=positions, use_cache=True)
+        # transformers 5.x names the cache "cache" in newer releases, "past_key_values" before;
+        # generate takes it under the same name.
+        self.cache_kwarg = "cache" if "cache" in out else "past_key_values"
+        cache = out[self.cache_kwarg]
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(hasattr(layer, "keys") for layer in layers):
+            return False
+        self.builds += 1
+        for i, task in enumerate(tasks):
+            self.rows[task] = table[task].clone()
+            self.prefix[task] = [(layer.keys[i], layer.values[i]) for layer in layers]
+        return True
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What identifies the current weights: every tensor's storage, in-place version, type."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
 def _with_prompt_labels(labels: Tensor, num_prompt: int, order: Tensor | None) -> Tensor:

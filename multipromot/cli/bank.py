@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from multipromot.bank import BankEntry, PromptBank, base_model_record, parse_ref
+from multipromot.bank.vllm import VLLM_META_FILE, export_vllm
 from multipromot.cli.common import JsonOpt, print_json
 from multipromot.errors import BankError
 from multipromot.models import load_model
@@ -35,15 +36,14 @@ DEFAULT_BANK = "prompt_bank"
 
 
 EXCHANGE_FORMATS = ("peft",)
+EXPORT_FORMATS = (*EXCHANGE_FORMATS, "vllm")  # vllm: export only (prompt_embeds for a server)
 
 
-def _check_format(fmt: str) -> str:
+def _check_format(fmt: str, formats: tuple[str, ...] = EXCHANGE_FORMATS) -> str:
     # checked here, not by a click Choice, so that a typo is one line + exit 2 like any other
     # bad input
-    if fmt not in EXCHANGE_FORMATS:
-        raise BankError(
-            f"unknown format {fmt!r}; supported: {', '.join(EXCHANGE_FORMATS)}", key="--format"
-        )
+    if fmt not in formats:
+        raise BankError(f"unknown format {fmt!r}; supported: {', '.join(formats)}", key="--format")
     return fmt
 
 
@@ -261,7 +261,7 @@ def diff(
 def export(
     ref: Annotated[str, typer.Argument(help="TASK (current version) or TASK@vN.")],
     out_dir: Annotated[Path, typer.Argument(help="New directory to write.")],
-    fmt: Annotated[str, typer.Option("--format", help="Output format: peft.")] = "peft",
+    fmt: Annotated[str, typer.Option("--format", help="Output format: peft or vllm.")] = "peft",
     base_model: Annotated[
         str | None,
         typer.Option(
@@ -278,10 +278,25 @@ def export(
     bank: BankOpt = DEFAULT_BANK,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write an entry as a PEFT prompt-tuning adapter (PeftModel.from_pretrained loads it)."""
-    _check_format(fmt)
+    """Write an entry as a PEFT prompt-tuning adapter (PeftModel.from_pretrained loads it),
+    or with --format vllm as the prompt_embeds a vLLM client sends (decoder-only models)."""
+    _check_format(fmt, EXPORT_FORMATS)
     store = _open_bank(bank)
     entry: BankEntry = store.get(ref)
+    if fmt == "vllm":
+        out = export_vllm(
+            store, entry.ref, out_dir, base_model_name_or_path=base_model, task_type=task_type
+        )
+        info = {"ref": entry.ref, "format": fmt, "out_dir": str(out)}
+        info.update(json.loads((out / VLLM_META_FILE).read_text()))
+        if json_out:
+            print_json(info)
+            return
+        typer.echo(
+            f"exported {entry.ref} to {out} (vLLM prompt_embeds {info['dtype']} "
+            f"{' x '.join(map(str, info['shape']))}, base {info['base_model']['served_as']})"
+        )
+        return
     out = store.export_peft(
         entry.ref, out_dir, base_model_name_or_path=base_model, task_type=task_type
     )

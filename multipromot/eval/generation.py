@@ -36,6 +36,7 @@ def predict(
     batch_size: int = 32,
     num_beams: int = 1,
     max_new_tokens: int = 32,
+    prefix_cache: bool = True,
 ) -> list[str]:
     """Generate one output string per item; items may mix task ids (and -1 = no prompt).
 
@@ -47,6 +48,9 @@ def predict(
         batch_size: rows per generate call.
         num_beams: 1 = greedy; the paper uses 4.
         max_new_tokens: generation budget per row.
+        prefix_cache: decoder-only models reuse each task's prompt keys/values across rows
+            and calls (``PromptedModel.generate(prefix_cache=True)``; same outputs as
+            prepending, tests/test_prefix_cache.py); ignored for seq2seq models.
 
     Returns:
         The decoded outputs, special tokens removed, in item order.
@@ -54,6 +58,7 @@ def predict(
     was_training = prompted.training
     prompted.eval()
     device = _device(prompted)
+    use_cache = prefix_cache and not prompted.is_encoder_decoder
     # Rows of similar length share a batch: a mixed-task request stream padded in arrival
     # order is half padding (benchmarks/RESULTS.md, item 3). Each row's output does not depend
     # on its batch mates, and the outputs go back in item order.
@@ -69,6 +74,7 @@ def predict(
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            prefix_cache=use_cache,
         )
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         for i, text in zip(rows, texts, strict=True):

@@ -2,7 +2,8 @@
 
 The lab sits on top of the library and plugs in through the public registries only: importing
 it (the package root does) registers its generators as data sources, its catalogue file
-(``catalogue.yaml``: one task per family) and the built-in model ``lab``. Nothing in the
+(``catalogue.yaml``: one task per family) and the built-in models ``lab`` (T5) and
+``lab-llama`` (decoder-only). Nothing in the
 library imports the lab.
 """
 
@@ -14,6 +15,7 @@ from multipromot.data.catalogue import register_catalogue_file
 from multipromot.data.sources import GENERATORS, register_generator
 from multipromot.lab import tasks
 from multipromot.lab.model import (
+    LAB_DECODER_RECIPE,
     LabConfig,
     build_lab_model,
     build_lab_tokenizer,
@@ -57,6 +59,12 @@ def register() -> None:
     register_catalogue_file(Path(__file__).with_name("catalogue.yaml"))
     # The cached lab model is rebuilt when its recorded lab version or recipe differs.
     register_builtin_dir("lab", lambda path, seed: ensure_lab_model(path, seed=seed))
+    register_builtin_dir(
+        "lab-llama",
+        lambda path, seed: ensure_lab_model(
+            path, seed=seed, size="llama-small", **LAB_DECODER_RECIPE
+        ),
+    )
 
 
 register()

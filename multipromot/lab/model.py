@@ -23,6 +23,14 @@ model with in-context ability"):
 :func:`ensure_lab_model` builds it once into a ``from_pretrained`` directory (with
 ``lab_pretrain.json``: the recipe, the wall time and the 1-shot scores it reached).
 
+The decoder-only lab model (``lab-llama``, sizes ``llama-small`` / ``llama-micro``) is the same
+recipe with a Llama (2 layers, d 128, tied embeddings) in place of the T5: same tokenizer,
+families, k-shot rows and optimizer (a larger lr and fewer steps: ``LAB_DECODER_RECIPE``); the
+collator concatenates input and target (left padding) and the loss covers the target only. It
+goes through ``PromptedModel`` (without prompts) so positions are counted over real tokens, as
+in every later stage. The T5 recipe and its cache key are untouched: the family is part of the
+size name.
+
 Why one module of this size: the lab model's tokenizer, recipe, pretraining loop, quick
 evaluation and cache are one recipe; the cache key is the recipe, so they change together.
 """
@@ -63,6 +71,8 @@ from multipromot.train.common import Throughput, build_optimizer, lr_schedule
 
 __all__ = [
     "LAB_SIZES",
+    "LAB_DECODER_SIZES",
+    "LAB_DECODER_RECIPE",
     "LabConfig",
     "PRETRAIN_RECORD",
     "lab_tasks",
@@ -86,6 +96,13 @@ LAB_VERSION = 2
 LAB_SIZES: dict[str, dict[str, int]] = {
     "small": {"d_model": 128, "d_kv": 32, "d_ff": 512, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
     "micro": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4},
+}  # fmt: skip
+# The decoder-only lab model (``lab-llama``): Llama shapes per size. Two layers, not four: a
+# decoder runs every layer over input + target; four layers took about 0.5 CPU-s per step at
+# batch 48 in an 80-step trial here, against the T5's ~0.17 s (2,000 steps in 330 s, STACK.md).
+LAB_DECODER_SIZES: dict[str, dict[str, int]] = {
+    "llama-small": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4},
+    "llama-micro": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4},
 }  # fmt: skip
 
 # Generation budget per family for the 1-shot check: labels are one or two tokens, sentences
@@ -135,10 +152,9 @@ class LabConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the first bad field."""
-        if self.size not in LAB_SIZES:
-            raise UserError(
-                f"unknown lab model size {self.size!r}; known: {sorted(LAB_SIZES)}", key="size"
-            )
+        if self.size not in LAB_SIZES and self.size not in LAB_DECODER_SIZES:
+            known = sorted(LAB_SIZES) + sorted(LAB_DECODER_SIZES)
+            raise UserError(f"unknown lab model size {self.size!r}; known: {known}", key="size")
         for key in ("steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"must be >= 1, got {getattr(self, key)}", key=key)
@@ -242,10 +258,13 @@ def build_lab_tokenizer(texts: Iterable[str]):
 
 # ---------------------------------------------------------------------------------------- model
 def build_lab_model(tokenizer, size: str = "small", seed: int = 0):
-    """A randomly initialised T5 of the given size for ``tokenizer`` (dropout 0: the lab data is
-    unlimited, and the stage configs set their own dropout)."""
+    """A randomly initialised T5 (or, for a ``llama-*`` size, Llama) of the given size for
+    ``tokenizer`` (dropout 0: the lab data is unlimited, and the stage configs set their own
+    dropout)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
+    if size in LAB_DECODER_SIZES:
+        return _build_lab_decoder(tokenizer, size, seed)
     if size not in LAB_SIZES:
         raise UserError(f"unknown lab model size {size!r}; known: {sorted(LAB_SIZES)}", key="size")
     config = T5Config(
@@ -258,6 +277,33 @@ def build_lab_model(tokenizer, size: str = "small", seed: int = 0):
     )
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config)
+
+
+# The decoder-only recipe's departures from LabConfig's defaults. Llama initialises weights at
+# std 0.02 (T5's embeddings at 1.0), so Adafactor's RMS-scaled steps need a larger lr: in
+# 80-step trials of a 4-layer version, lr 0.1 reached loss 1.79, 3e-2 2.04 (from 6.2-6.3); a
+# full pretraining of this recipe has not been run yet (README, "Decoder-only").
+LAB_DECODER_RECIPE: dict[str, Any] = {"lr": 0.1, "steps": 1500}
+
+
+def _build_lab_decoder(tokenizer, size: str, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,  # as the T5's shared embeddings
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,  # the lab tokenizer has no BOS; none is added
+        **LAB_DECODER_SIZES[size],
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _is_decoder_only(model) -> bool:
+    return not getattr(model.config, "is_encoder_decoder", False)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -352,7 +398,7 @@ def pretrain(
     """The lab pretraining loop: k-shot rows of ``tasks``, Adafactor, warmup + cosine.
 
     Args:
-        model: a T5 (trained in place).
+        model: a T5 or a decoder-only model (trained in place).
         tokenizer: its tokenizer.
         tasks: Tasks (``.examples("train")``, ``.render``) to mix uniformly.
         steps, batch_size, lr, warmup_steps, final_fraction: the optimisation recipe.
@@ -369,10 +415,14 @@ def pretrain(
     weights = np.asarray(shot_weights, dtype=float)
     weights = weights / weights.sum()
     rendered = [_Rendered(task) for task in tasks]
+    decoder_only = _is_decoder_only(model)
     collator = Collator(
-        tokenizer, decoder_only=False, max_input_length=max_input_length,
+        tokenizer, decoder_only=decoder_only, max_input_length=max_input_length,
         max_target_length=max_target_length,
     )  # fmt: skip
+    # Decoder-only: through PromptedModel (no prompts), which counts positions over real tokens
+    # as generation and the stages do; left padding would otherwise shift every position.
+    forward = PromptedModel(model, None) if decoder_only else model
     optimizer = build_optimizer(model.parameters(), "adafactor", lr, scale_parameter=True)
     scheduler = lr_schedule(
         optimizer, warmup_steps=warmup_steps, total_steps=steps, decay="cosine",
@@ -387,7 +437,7 @@ def pretrain(
     bar = tqdm(range(steps), desc="lab pretrain", disable=not progress, mininterval=2.0)
     for step in bar:
         batch = {k: v.to(device) for k, v in collator(next(stream)).items()}
-        out = model(
+        out = forward(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
@@ -426,7 +476,7 @@ def evaluate_lab_model(
     the task's rule and scored by its metric (:func:`multipromot.data.metrics.score`), 0-100.
 
     Args:
-        model: a seq2seq model.
+        model: a seq2seq or decoder-only model.
         tokenizer: its tokenizer.
         tasks: catalogue Tasks (``.name``, ``.metric``, ``.postprocess``, ``.examples``).
         shots: exemplars per item.
@@ -438,7 +488,9 @@ def evaluate_lab_model(
     Returns:
         ``{task name: score}``.
     """
-    collator = Collator(tokenizer, decoder_only=False, max_input_length=512, for_generation=True)
+    collator = Collator(
+        tokenizer, decoder_only=_is_decoder_only(model), max_input_length=512, for_generation=True
+    )
     bare = PromptedModel(model, None)  # no prompt rows: the framework's one generation path
     scores: dict[str, float] = {}
     for task in tasks:
@@ -522,7 +574,8 @@ def ensure_lab_model(
         path: the model directory (``from_pretrained`` loads it).
         seed: model init, batch order and the tasks' seed.
         steps: optimizer steps (default: :class:`LabConfig`'s).
-        size: a key of :data:`LAB_SIZES` (``micro`` for tests).
+        size: a key of :data:`LAB_SIZES` (``micro`` for tests) or of
+            :data:`LAB_DECODER_SIZES` (the decoder-only lab model).
         rebuild: build even if ``path`` already holds a model (it is replaced atomically).
         progress: show progress.
         **overrides: any other :class:`LabConfig` field (``batch_size``, ``lr``, ...).
@@ -559,7 +612,8 @@ def ensure_lab_model(
         if not rebuild and built():  # built while we waited
             return path
         model, tokenizer, record = train_lab_model(config, progress=progress)
-        record["fingerprint"] = save_model(model, tokenizer, path, name="lab")
+        name = "lab-llama" if size in LAB_DECODER_SIZES else "lab"
+        record["fingerprint"] = save_model(model, tokenizer, path, name=name)
         # Written before the check too, so a failing check never costs the training.
         _write_record(path, record)
         if config.eval_examples > 0:
