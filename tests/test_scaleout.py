@@ -239,3 +239,36 @@ def test_scale_keys_are_validated(tmp_path):
                      ("stage2.export_shard_size=lots", "export_shard_size")]:  # fmt: skip
         with pytest.raises(UserError, match=key):
             load_config(None, [bad])
+
+
+def test_sharded_export_loads_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """One process: the streamed export loads with from_pretrained to the same weights; a
+    write failing midway (disk full) raises and leaves neither the folder nor a temp dir."""
+    from conftest import build_tiny
+    from transformers import AutoModelForSeq2SeqLM
+
+    from multipromot.train import export
+
+    model, tok = build_tiny("tiny-t5")
+    dest = tmp_path / "final"
+    export.export_sharded(model, tok, dest, max_shard_bytes=40_000, name="t", parents=["p"])
+    shards = sorted(p.name for p in dest.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (dest / export.INDEX_FILE).is_file()
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(dest)
+    assert max_diff(loaded.state_dict(), model.state_dict()) == 0.0
+
+    calls = []
+
+    def full_disk(tmp, i, tensors):
+        calls.append(i)
+        if i == 1:
+            raise OSError(28, "No space left on device")
+        return write_shard(tmp, i, tensors)
+
+    write_shard = export._write_shard
+    monkeypatch.setattr(export, "_write_shard", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export.export_sharded(model, tok, tmp_path / "other", max_shard_bytes=40_000, name="t",
+                              parents=[])  # fmt: skip
+    assert calls == [0, 1]  # stopped writing at the failure, still walked every tensor
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

@@ -64,8 +64,14 @@ def export_sharded(
     weight_map: dict[str, int] = {}
     current: dict[str, torch.Tensor] = {}
     size = total = 0
-    try:
-        for key, tensor in D.iter_full_tensors(model, export_names(model)):
+    error: BaseException | None = None
+    # Every rank must take part in every tensor's all-gather: a write that fails on rank 0
+    # (disk full) is kept until the loop ends, then raised on every rank, instead of leaving
+    # the other ranks waiting in the next collective.
+    for key, tensor in D.iter_full_tensors(model, export_names(model)):
+        if error is not None:
+            continue
+        try:
             nbytes = tensor.numel() * tensor.element_size()
             if current and size + nbytes > max_shard_bytes:
                 _write_shard(tmp, len(shards), current)
@@ -75,17 +81,23 @@ def export_sharded(
             size += nbytes
             total += nbytes
             weight_map[key] = len(shards)
-        if D.is_main():
-            if current:
-                _write_shard(tmp, len(shards), current)
-                shards.append(list(current))
-            _finish(model, tokenizer, tmp, dest, shards, weight_map, total,
-                    {"name": name, "fingerprint": fingerprint, "lineage": list(parents)})  # fmt: skip
-    except BaseException:
-        if tmp is not None:
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = e
+
+    def finish() -> None:
+        if error is not None:
+            raise error
+        if current:
+            _write_shard(tmp, len(shards), current)
+            shards.append(list(current))
+        _finish(model, tokenizer, tmp, dest, shards, weight_map, total,
+                {"name": name, "fingerprint": fingerprint, "lineage": list(parents)})  # fmt: skip
+
+    try:
+        D.on_rank0(finish)  # rank 0's error, if any, is raised on every rank
+    finally:
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    D.barrier()  # the directory exists for every rank afterwards
     return fingerprint
 
 
