@@ -94,6 +94,12 @@ class Stage2Config:
     keep_best_by: str = "metric"  # metric | loss | none (keep the last)
     resume: str = ""  # "" (start fresh unless a checkpoint exists) | latest | a checkpoint dir
     log_every: int = 10
+    # -- scale-out options (train/stage2.py, train/distributed.py); defaults keep today's run
+    keep_last: int = 0  # checkpoints kept (the latest and the best are never pruned); 0 = all
+    mixed_precision: str = "auto"  # FSDP2 policy when sharded: auto (bf16 on GPUs) | bf16 | fp32
+    activation_checkpointing: bool = False  # recompute each transformer block in backward
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, optimizer on CPU
+    export_shard_size: str = ""  # e.g. 5GB: final/ as sharded safetensors + index, streamed
 
 
 @dataclass
@@ -178,6 +184,30 @@ def _validate(cfg: RunConfig, file: str) -> None:
         raise UserError(
             "must be a multiple of stage2.grad_accum", file=file, key="stage2.batch_size"
         )
+    if cfg.stage2.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise UserError("must be auto, bf16 or fp32", file=file, key="stage2.mixed_precision")
+    if cfg.stage2.keep_last < 0:
+        raise UserError(f"must be >= 0, got {cfg.stage2.keep_last}", file=file,
+                        key="stage2.keep_last")  # fmt: skip
+    if cfg.stage2.export_shard_size and parse_size(cfg.stage2.export_shard_size) is None:
+        raise UserError("must be a size such as 5GB, 500MB or 2000000000 (bytes)", file=file,
+                        key="stage2.export_shard_size")  # fmt: skip
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes in ``text`` (``5GB``, ``500MB``, ``1.5GiB``, ``2000000``); None if not a size."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30}  # fmt: skip
+    text = str(text).strip().upper()
+    number = text.rstrip("KMGIB")
+    unit = text[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    if unit not in units or not value > 0 or value * units[unit] > 2**62:
+        return None
+    return int(value * units[unit])
 
 
 # Keys that hold paths (dotted; "mixtures.*" is every alias). `model` is a path only when it

@@ -5,6 +5,8 @@
 ``--die-in-save N``: rank 0 exits (``os._exit``, no cleanup) while saving step N, after every
 rank wrote its shards and the trainer state, before the checkpoint is published.
 ``--die-after-step N``: every rank exits right after optimizer step N (a preemption).
+``--signal-after-step N [--signal-rank R]``: right after optimizer step N, rank R (default 0)
+sends itself SIGTERM, as a scheduler would, and the run must checkpoint and exit 143.
 Works under torchrun like the real command.
 """
 
@@ -17,7 +19,8 @@ KILLED = 17
 
 
 def main(argv: list[str]) -> int:
-    die_in_save = die_after = None
+    die_in_save = die_after = signal_after = None
+    signal_rank = 0
     args = []
     it = iter(argv)
     for arg in it:
@@ -25,6 +28,10 @@ def main(argv: list[str]) -> int:
             die_in_save = int(next(it))
         elif arg == "--die-after-step":
             die_after = int(next(it))
+        elif arg == "--signal-after-step":
+            signal_after = int(next(it))
+        elif arg == "--signal-rank":
+            signal_rank = int(next(it))
         else:
             args.append(arg)
 
@@ -57,6 +64,25 @@ def main(argv: list[str]) -> int:
             return optimizer
 
         stage2.build_optimizer = dying_build
+
+    if signal_after is not None and int(os.environ.get("RANK", "0")) == signal_rank:
+        import signal
+
+        build_sig = stage2.build_optimizer
+
+        def signalling_build(*a, **kw):
+            optimizer = build_sig(*a, **kw)
+            count = [0]
+
+            def send(opt, args, kwargs):
+                count[0] += 1
+                if count[0] == signal_after:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            optimizer.register_step_post_hook(send)
+            return optimizer
+
+        stage2.build_optimizer = signalling_build
 
     cfg = load_config(args[0], args[1:])
     stage2.finetune(cfg, progress=False)

@@ -183,13 +183,56 @@ def test_non_tensor_values_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
-def test_world_size_must_match_for_sampler_and_rng(tmp_path):
+def test_other_world_size_needs_a_consecutive_stream(tmp_path):
+    """A checkpoint of another world size reshards the sampler's stream; saved ranks that do
+    not stand at consecutive positions of one stream are refused before anything loads."""
     model, optimizer, _, sampler = _trainer()
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, sampler=sampler)
     state = json.loads((path / "trainer_state.json").read_text())
     state["world_size"] = 2
+    state["sampler"] = [{"position": 8, "world_size": 2}, {"position": 5, "world_size": 2}]
     (path / "trainer_state.json").write_text(json.dumps(state))
     checkpoint._write_checksums(path)
-    with pytest.raises(UserError, match="written by 2 processes"):
+    with pytest.raises(UserError, match="rank 1 stood at position 5, expected 9"):
         load_checkpoint(path, model=model, sampler=sampler)
     load_checkpoint(path, model=model, restore_rng=False)  # weights alone load anywhere
+
+
+@pytest.mark.parametrize(("saved_world", "new_world"), [(2, 1), (1, 2), (3, 2), (2, 4)])
+def test_resharded_sampler_continues_the_global_stream(saved_world, new_world):
+    """N ranks draw 3 steps, their states are resharded to M ranks: interleaved by position,
+    the M ranks continue the one-process stream with nothing skipped or seen twice."""
+    from test_sampler import toy_mixture
+
+    from multipromot.data.sampler import MixtureSampler
+
+    mixture = toy_mixture([50, 7, 20], [3, 1, 2])
+    rows = 4  # per rank per step
+    old = [MixtureSampler(mixture, seed=3, rank=r, world_size=saved_world)
+           for r in range(saved_world)]  # fmt: skip
+    for _ in range(3):
+        for s in old:
+            s.take(rows)
+    saved = [json.loads(json.dumps(s.state_dict())) for s in old]
+    new = [MixtureSampler(mixture, seed=3, rank=r, world_size=new_world) for r in range(new_world)]
+    for s in new:
+        s.load_state_dict(checkpoint.reshard_sampler_state(saved, s))
+    drawn = [s.take(5) for s in new]
+    interleaved = [drawn[i % new_world][i // new_world] for i in range(5 * new_world)]
+    one = MixtureSampler(mixture, seed=3)
+    one.take(3 * rows * saved_world)
+    assert interleaved == one.take(5 * new_world)
+
+
+def test_prune_keeps_the_newest_the_latest_and_the_best(tmp_path):
+    model, optimizer, _, sampler = _trainer()
+    for step in (1, 2, 3, 4, 5):
+        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, sampler=sampler)
+    removed = checkpoint.prune_checkpoints(tmp_path, 2, protect={2})
+    assert sorted(p.name for p in removed) == ["step_1", "step_3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_2", "step_4", "step_5"]
+    # latest is kept even when it is not among the newest (a resumed run re-saving earlier)
+    (tmp_path / "latest").write_text("step_2\n")
+    checkpoint.prune_checkpoints(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_2", "step_5"]
+    assert checkpoint.prune_checkpoints(tmp_path, 0) == []  # 0 keeps everything

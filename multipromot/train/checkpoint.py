@@ -10,6 +10,14 @@ A checkpoint is a directory ``<root>/step_<N>/``:
   metric, bank entries used).
 - ``rng.safetensors``: the torch (and CUDA) RNG state of every rank.
 
+Elastic resume: a checkpoint written by N ranks loads into M. dcp reshards the model and the
+optimizer by parameter name; the sampler's global stream position is the same for every rank
+count (rank ``r`` of ``W`` draws positions ``r, r + W, ...``), so each new rank continues at
+its own first position after it (:func:`reshard_sampler_state`). RNG: ranks below N restore
+rank ``r``'s saved torch/CUDA/Python/NumPy states; new ranks start from a seed derived from
+(step, rank). Data order needs no RNG, so only dropout draws differ from a run that never
+changed size (and they already differ between world sizes).
+
 Atomicity: everything is written into ``step_<N>.tmp``; only when every rank has finished does
 rank 0 rename it to ``step_<N>`` and then point ``<root>/latest`` at it with ``os.replace``. A
 kill at any moment leaves the previous checkpoint complete and ``latest`` naming a complete
@@ -62,6 +70,8 @@ __all__ = [
     "resolve_resume",
     "is_complete",
     "verify_checkpoint",
+    "prune_checkpoints",
+    "reshard_sampler_state",
 ]
 
 LATEST_FILE = "latest"
@@ -130,6 +140,36 @@ def resolve_resume(root: str | os.PathLike, resume: str) -> Path | None:
             key="stage2.resume",
         )
     return path
+
+
+def prune_checkpoints(
+    root: str | os.PathLike, keep_last: int, protect: set[int] = ()
+) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints of ``root``.
+
+    Never deleted: the one ``latest`` names, and the steps in ``protect`` (the best step so
+    far). ``keep_last <= 0`` keeps everything. Call on rank 0 after a save.
+
+    Returns:
+        The deleted checkpoint directories.
+    """
+    root = Path(root)
+    if keep_last <= 0 or not root.is_dir():
+        return []
+    steps = sorted((p for p in root.glob("step_*") if is_complete(p)),
+                   key=lambda p: int(p.name.split("_")[1]))  # fmt: skip
+    latest = latest_checkpoint(root)
+    keep = set(steps[-keep_last:]) | {latest} | {root / f"step_{s}" for s in protect}
+    removed = []
+    for path in steps:
+        if path not in keep:
+            # Renamed first: a kill midway leaves a .old directory (cleared by the next
+            # save), never a half-deleted step_<N> that looks complete.
+            old = path.with_name(path.name + ".old")
+            os.replace(path, old)
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:
@@ -327,8 +367,10 @@ def load_checkpoint(
     """Load a checkpoint into freshly built objects; continue exactly where it was saved.
 
     A collective: every rank calls it. The model and optimizer load into any world size
-    (sharded or not); the sampler and RNG states need the world size the checkpoint was saved
-    with. Pass only ``model`` (``restore_rng=False``) to read the weights alone.
+    (sharded or not). With the same world size the sampler and RNG states continue exactly;
+    with another, a :class:`~multipromot.data.sampler.MixtureSampler` continues the same
+    global stream and the RNG follows the module docstring's rule. Pass only ``model``
+    (``restore_rng=False``) to read the weights alone.
 
     Args:
         path: a ``step_<N>`` directory.
@@ -355,13 +397,13 @@ def load_checkpoint(
     verify_checkpoint(path)
     trainer = read_trainer_state(path)
     saved_world = int(trainer["world_size"])
-    if (sampler is not None or restore_rng) and saved_world != dist_utils.world_size():
-        raise UserError(
-            f"the checkpoint was written by {saved_world} processes, this run has "
-            f"{dist_utils.world_size()}; resume with the same number (the data order and RNG "
-            "streams are per rank)",
-            file=path,
-            key="stage2.resume",
+    same_world = saved_world == dist_utils.world_size()
+    sampler_state = None
+    if sampler is not None:  # checked before the collective load, so a refusal is clean
+        sampler_state = (
+            trainer["sampler"][dist_utils.rank()]
+            if same_world
+            else reshard_sampler_state(trainer["sampler"], sampler, path)
         )
     _check_metadata(path)
     tensors: dict[str, Any] = {"model": get_model_state_dict(model)}
@@ -382,10 +424,58 @@ def load_checkpoint(
     if scheduler is not None and trainer.get("scheduler") is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     if sampler is not None:
-        sampler.load_state_dict(trainer["sampler"][dist_utils.rank()])
+        sampler.load_state_dict(sampler_state)
     if restore_rng:
-        _restore_rng(path, trainer, dist_utils.rank())
+        if dist_utils.rank() < saved_world:
+            _restore_rng(path, trainer, dist_utils.rank())
+        else:
+            _seed_new_rank(int(trainer["step"]), dist_utils.rank())
     return trainer
+
+
+def reshard_sampler_state(saved: list[dict], sampler, path: Path | None = None) -> dict:
+    """This rank's sampler state continuing a stream that ``len(saved)`` ranks were drawing.
+
+    Every saved rank drew the same number of rows per step, so rank ``r`` stood at global
+    position ``P + r`` with ``P`` rank 0's position: ``P`` is where the stream continues. A
+    one-rank copy of ``sampler``'s stream, loaded at ``P``, walks ``sampler.rank`` positions
+    on to give this rank's first position and the per-task counts there.
+
+    Args:
+        saved: every saved rank's ``state_dict()``, in rank order.
+        sampler: this rank's freshly built MixtureSampler (its mixture, seed, split, rank and
+            world size are the new layout).
+        path: the checkpoint, for error messages.
+
+    Returns:
+        A state for ``sampler.load_state_dict``.
+
+    Raises:
+        UserError: the saved ranks do not stand at consecutive positions of one stream.
+    """
+    start = int(saved[0]["position"])
+    for r, state in enumerate(saved):
+        if int(state["position"]) != start + r or int(state["world_size"]) != len(saved):
+            raise UserError(
+                f"cannot reshard the data stream: rank {r} stood at position "
+                f"{state['position']}, expected {start + r}",
+                file=path,
+                key="stage2.resume",
+            )
+    one = type(sampler)(sampler.mixture, seed=sampler.seed, rank=0, world_size=1,
+                        split=sampler.split)  # fmt: skip
+    one.load_state_dict({**saved[0], "rank": 0, "world_size": 1})
+    one.take(sampler.rank)
+    return {**one.state_dict(), "rank": sampler.rank, "world_size": sampler.world_size}
+
+
+def _seed_new_rank(step: int, rank: int) -> None:
+    # A rank the checkpoint did not have: a seed fixed by (step, rank), so resuming the same
+    # checkpoint with the same world size twice gives the same run.
+    seed = (step * 1_000_003 + rank) % 2**32
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def _restore_rng(path: Path, trainer: dict, rank: int) -> None:

@@ -19,7 +19,8 @@ weights and broadcasts them shard by shard (:func:`build_sharded`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -49,6 +50,11 @@ __all__ = [
     "gather_full_model",
     "set_gradient_sync",
     "prepare_optimizer",
+    "fsdp_policies",
+    "enable_activation_checkpointing",
+    "iter_full_tensors",
+    "PreemptionGuard",
+    "PREEMPT_SIGNALS",
 ]
 
 T = TypeVar("T")
@@ -195,7 +201,55 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: nn.Module, *, mp_policy=None) -> nn.Module:
+def fsdp_policies(mixed_precision: str = "auto", cpu_offload: bool = False) -> dict:
+    """The FSDP2 keyword arguments for ``stage2.mixed_precision`` and ``stage2.cpu_offload``.
+
+    ``auto`` is bf16 parameters with fp32 gradient reduction on GPUs that support bf16 (the
+    torchtitan default: all-gathers and compute in bf16, the sharded fp32 master weights and
+    the optimizer untouched) and no policy on CPUs, where it would only be slower. ``fp32``
+    never casts. A GPU-less run therefore keeps today's arithmetic with the defaults.
+
+    Returns:
+        ``{"mp_policy": ..., "offload_policy": ...}`` with only the keys that apply.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    bf16 = mixed_precision == "bf16" or (
+        mixed_precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
+    kwargs: dict = {}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    return kwargs
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every transformer block's activations in backward instead of storing them.
+
+    Uses transformers' own per-layer switch (each block of T5, GPT-2, Llama, ... is a
+    ``GradientCheckpointingLayer``) with non-reentrant ``torch.utils.checkpoint``, which keeps
+    parameter names unchanged (checkpoints stay loadable either way) and works under FSDP2
+    (the block's all-gather runs again for the recompute). Same arithmetic: only memory and
+    time change.
+
+    Args:
+        model: a transformers model, or a module wrapping one (PromptedModel).
+
+    Returns:
+        How many blocks now recompute (0 if the model does not support it).
+    """
+    inner = getattr(model, "model", model)
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        return 0
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return sum(1 for m in inner.modules() if getattr(m, "gradient_checkpointing", False))
+
+
+def shard_model(model: nn.Module, *, mp_policy=None, offload_policy=None) -> nn.Module:
     """Shard ``model`` in place with FSDP2: every transformer block, then the root.
 
     The root unit holds what is left: the embeddings (T5 ties them to the LM head; both stay
@@ -206,6 +260,7 @@ def shard_model(model: nn.Module, *, mp_policy=None) -> nn.Module:
     Args:
         model: the module to shard (a PromptedModel or a transformers model).
         mp_policy: an optional ``torch.distributed.fsdp.MixedPrecisionPolicy``.
+        offload_policy: an optional ``torch.distributed.fsdp.CPUOffloadPolicy``.
 
     Returns:
         ``model`` (now an ``FSDPModule``).
@@ -213,6 +268,8 @@ def shard_model(model: nn.Module, *, mp_policy=None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+    if offload_policy is not None:
+        kwargs["offload_policy"] = offload_policy
     # A model without _no_split_modules gets a single (root) unit: correct, less memory saving.
     for block in transformer_blocks(model):
         fully_shard(block, **kwargs)
@@ -228,7 +285,9 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def build_sharded(build: Callable[[], nn.Module], source: nn.Module | None) -> nn.Module:
+def build_sharded(
+    build: Callable[[], nn.Module], source: nn.Module | None, **policies
+) -> nn.Module:
     """Build a sharded model on every rank without materializing it whole but on rank 0's CPU.
 
     Every rank calls ``build()`` on the meta device (which keeps tied weights tied, unlike
@@ -242,6 +301,8 @@ def build_sharded(build: Callable[[], nn.Module], source: nn.Module | None) -> n
             ``lambda: PromptedModel(AutoModelForSeq2SeqLM.from_config(config), prompts)``.
         source: on rank 0, the loaded model whose weights to use (same structure as
             ``build()``); None on the other ranks.
+        policies: :func:`shard_model`'s ``mp_policy`` / ``offload_policy`` (see
+            :func:`fsdp_policies`).
 
     Returns:
         The sharded model, on :func:`device`, holding ``source``'s weights.
@@ -254,8 +315,9 @@ def build_sharded(build: Callable[[], nn.Module], source: nn.Module | None) -> n
     extra = broadcast_object(extra)
     with torch.device("meta"):
         model = build()
-    shard_model(model)
-    model.to_empty(device=device())
+    shard_model(model, **policies)
+    # With CPU offload the shards live in host memory; FSDP moves them per unit.
+    model.to_empty(device="cpu" if policies.get("offload_policy") is not None else device())
     with torch.no_grad():
         for name, buf in model.named_buffers():
             if name in extra:
@@ -363,3 +425,66 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
 
     optimizer.register_step_pre_hook(init_dtensor_state)
     return optimizer
+
+
+def iter_full_tensors(module: nn.Module, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, full tensor on CPU)`` for ``names`` of ``module``'s state dict, one at a
+    time, on rank 0 (other ranks yield nothing but must iterate too: a collective per tensor).
+
+    Rank 0 never holds more than one unsharded tensor at a time (plus what the caller keeps),
+    which is how a model bigger than one rank's memory is exported.
+    """
+    state = module.state_dict()
+    for name in names:
+        tensor = state[name]
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard: all-gather this one tensor
+            tensor = tensor.full_tensor()
+        if is_main():
+            yield name, tensor.detach().to("cpu", copy=True)
+        del tensor
+
+
+# -- preemption ----------------------------------------------------------------------------
+
+# SLURM sends SIGTERM before it kills a preempted or timed-out job (and SIGUSR1 when asked
+# with `#SBATCH --signal=USR1@120`); torchrun forwards SIGTERM to its workers.
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionGuard:
+    """Turn SIGTERM/SIGUSR1 into a flag the training loop checks between steps.
+
+    The handler only records the signal, so the current step (forward, backward, optimizer,
+    logging, validation, save) finishes undisturbed. :meth:`stop_requested` is a collective:
+    if any rank got a signal, every rank learns it at the same step and they stop together
+    (a scheduler may signal only some of the processes). Use as a context manager; the
+    previous handlers come back on exit. Outside the main thread it installs nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionGuard:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPT_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def stop_requested(self) -> int | None:
+        """The signal number if any rank was signalled (the same answer on every rank)."""
+        if not is_distributed():
+            return self.signum
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None

@@ -22,6 +22,15 @@ Outputs under ``out_dir``: ``checkpoints/step_<N>/`` (sharded, atomic, exact res
 ``best/`` (the best validated weights so far, if ``keep_best_by`` selects), ``final/`` (the
 selected weights + tokenizer, loadable with ``from_pretrained``, with lineage to the base
 model so its bank prompts stay accepted), ``metrics.jsonl`` and ``tensorboard/``.
+
+At scale (README "Scale out"): SIGTERM/SIGUSR1 finish the current step on every rank, write a
+checkpoint and exit with status 128 + the signal (143 for SIGTERM, 138 for SIGUSR1) by raising
+:class:`Preempted`; rerunning continues from it, also with another number of ranks (dcp
+reshards; the sampler continues the same global stream). A resume compares the checkpoint's
+recorded settings with the config: :data:`RESUME_REFUSED` keys must match,
+:data:`RESUME_APPLIED` ones may change and are announced. ``mixed_precision``,
+``activation_checkpointing`` and ``cpu_offload`` shape FSDP2; ``export_shard_size`` writes
+``final/`` as sharded safetensors without gathering the model on one rank.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from multipromot.bank import PromptBank
-from multipromot.config import RunConfig, resolve_path
+from multipromot.config import RunConfig, parse_size, resolve_path
 from multipromot.data.batches import batches_from_draws
 from multipromot.data.collate import Collator
 from multipromot.data.mixtures import Mixture, load_mixture
@@ -52,6 +63,7 @@ from multipromot.train import distributed as D
 from multipromot.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     read_trainer_state,
     resolve_resume,
     save_checkpoint,
@@ -63,14 +75,43 @@ from multipromot.train.common import (
     lr_schedule,
     token_loss,
 )
+from multipromot.train.export import export_sharded
 
-__all__ = ["finetune", "resolve_shots", "TRAINABLE", "PROMPT_BANK_DIR"]
+__all__ = [
+    "finetune",
+    "resolve_shots",
+    "Preempted",
+    "TRAINABLE",
+    "PROMPT_BANK_DIR",
+    "RESUME_REFUSED",
+    "RESUME_APPLIED",
+]
 
 # What trains in each mode (PromptedModel.set_trainable).
 TRAINABLE = {"promot": "model", "standard": "model", "random_prompt": "model", "joint": "both"}
 # Inside an exported model directory: the prompts of the modes whose table is not the bank's
 # (joint trains it, random_prompt draws it), as a prompt bank of its own (checksummed entries).
 PROMPT_BANK_DIR = "prompt_bank"
+
+# Recorded in every checkpoint and compared on resume. Changing one of these midway would make
+# the continued run neither the old one nor the new one: refused, naming the keys.
+RESUME_REFUSED = ("model", "seed", "mixture", "tasks", "mode", "shots", "optimizer", "lr",
+                  "prompt_lr", "weight_decay", "warmup_steps", "decay", "batch_size",
+                  "max_grad_norm", "label_smoothing", "max_input_length", "max_target_length",
+                  "keep_best_by")  # fmt: skip
+# Safe to change on resume (the gradient of a step is the same to float rounding, or only the
+# schedule's end moves): applied, and said so. The other keys (save_every, eval_every, ...)
+# are bookkeeping and may change silently.
+RESUME_APPLIED = ("steps", "grad_accum", "group_by_length", "bf16", "mixed_precision",
+                  "activation_checkpointing", "cpu_offload")  # fmt: skip
+
+
+class Preempted(SystemExit):
+    """Stage 2 stopped on SIGTERM/SIGUSR1 after checkpointing; ``code`` = 128 + the signal.
+
+    A ``SystemExit``, so the command exits with that status and no traceback; research code
+    can catch it by this name.
+    """
 
 
 def resolve_shots(stage2_shots: int, mixture: Mixture) -> tuple[int, str]:
@@ -115,12 +156,15 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
 
     torch.manual_seed(cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s2.mixture))
+    shots, shots_from = resolve_shots(s2.shots, mixture)
+    settings = _settings(cfg, mixture, shots)
+    if saved is not None:  # refused before the model is even loaded
+        _check_settings(saved.get("settings"), settings, resume_from, progress)
     prompted, tokenizer, build, info = _load_prompted(cfg, mixture, saved and saved["bank_refs"])
     decoder_only = not prompted.is_encoder_decoder
     task_ids = (
         [-1] * len(mixture.tasks) if s2.mode == "standard" else list(range(len(mixture.tasks)))
     )
-    shots, shots_from = resolve_shots(s2.shots, mixture)
     info.update(shots=shots, shots_from=shots_from)
     if D.is_main() and progress:
         print(f"stage 2 ({s2.mode}, {mixture.name}): {shots}-shot examples ({shots_from})")
@@ -138,7 +182,20 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
         trainer = load_checkpoint(resume_from, model=prompted, optimizer=optimizer,
                                   scheduler=scheduler, sampler=sampler)  # fmt: skip
         start, losses, best = trainer["step"], trainer["losses"], trainer["best"]
+        if D.is_main() and progress:
+            print(f"stage 2: resumed from step {start} ({resume_from}, written by "
+                  f"{trainer['world_size']} process(es), now {D.world_size()})")  # fmt: skip
     D.on_rank0(_trim_metrics, out / "metrics.jsonl", start)  # drop records a kill left behind
+    shard_bytes = parse_size(s2.export_shard_size) if s2.export_shard_size else None
+
+    def save(step: int) -> Path:
+        path = save_checkpoint(out / "checkpoints", step, model=prompted, optimizer=optimizer,
+                               scheduler=scheduler, sampler=sampler, state={"mode": s2.mode,
+                               "bank_refs": info["bank_refs"], "losses": losses, "best": best,
+                               "settings": settings})  # fmt: skip
+        protect = {best["step"]} if best["step"] is not None else set()
+        D.on_rank0(prune_checkpoints, out / "checkpoints", s2.keep_last, protect)
+        return path
 
     logger = MetricsLogger(out, enabled=D.is_main())
     speed = Throughput()
@@ -146,54 +203,109 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
                disable=not (progress and D.is_main()))  # fmt: skip
     trainable = [p for p in prompted.parameters() if p.requires_grad]
     prompted.train()
-    for step in range(start + 1, s2.steps + 1):
-        # This rank's micro-batches: its next rows * accum draws of the one global stream.
-        batches = batches_from_draws(
-            mixture.tasks, sampler.take(rows * accum), collator, batch_size=rows, shots=shots,
-            seed=mixture.exemplar_seed, task_ids=task_ids,
-            order="length" if s2.group_by_length else "drawn",
-        )  # fmt: skip
-        loss, tokens = _forward_backward(prompted, batches, decoder_only=decoder_only,
-                                         label_smoothing=s2.label_smoothing, bf16=s2.bf16)  # fmt: skip
-        max_norm = s2.max_grad_norm if s2.max_grad_norm > 0 else float("inf")
-        grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # Stop before the optimizer step: the weights and every checkpoint stay finite.
-            last = latest_checkpoint(out / "checkpoints")
-            raise UserError(
-                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
-                f"stopped before updating the weights; last good checkpoint: {last or 'none'} "
-                "(lower stage2.lr or check the data, then resume)",
-                key="stage2",
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append([step, loss])
+    with D.PreemptionGuard() as guard:
+        for step in range(start + 1, s2.steps + 1):
+            # This rank's micro-batches: its next rows * accum draws of the one global stream.
+            batches = batches_from_draws(
+                mixture.tasks, sampler.take(rows * accum), collator, batch_size=rows, shots=shots,
+                seed=mixture.exemplar_seed, task_ids=task_ids,
+                order="length" if s2.group_by_length else "drawn",
+            )  # fmt: skip
+            loss, tokens = _forward_backward(prompted, batches, decoder_only=decoder_only,
+                                             label_smoothing=s2.label_smoothing, bf16=s2.bf16)  # fmt: skip
+            max_norm = s2.max_grad_norm if s2.max_grad_norm > 0 else float("inf")
+            grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # Stop before the optimizer step: the weights and every checkpoint stay finite.
+                last = latest_checkpoint(out / "checkpoints")
+                raise UserError(
+                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
+                    f"stopped before updating the weights; last good checkpoint: {last or 'none'} "
+                    "(lower stage2.lr or check the data, then resume)",
+                    key="stage2",
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append([step, loss])
 
-        tokens_per_s = speed.update(tokens)
-        bar.update(1)
-        if _due(step, s2.log_every, s2.steps):
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            logger.log({"stage": 2, "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
+            tokens_per_s = speed.update(tokens)
+            bar.update(1)
+            if _due(step, s2.log_every, s2.steps):
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                logger.log({"stage": 2, "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
 
-        if s2.eval_every > 0 and _due(step, s2.eval_every, s2.steps):
-            record = _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device)
-            logger.log({"stage": 2, "step": step, **record}, step=step)
-            if _improved(best, record):
-                best.update(step=step, value=record[_best_key(best["by"])])
-                _export(prompted, build, tokenizer, out / "best", info={**info, "step": step,
-                        "selected_by": best["by"], "value": best["value"]})  # fmt: skip
+            if s2.eval_every > 0 and _due(step, s2.eval_every, s2.steps):
+                record = _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device)
+                logger.log({"stage": 2, "step": step, **record}, step=step)
+                if _improved(best, record):
+                    best.update(step=step, value=record[_best_key(best["by"])])
+                    _export(prompted, build, tokenizer, out / "best", info={**info, "step": step,
+                            "selected_by": best["by"], "value": best["value"]},
+                            shard_bytes=shard_bytes)  # fmt: skip
 
-        if _due(step, s2.save_every, s2.steps):
-            save_checkpoint(out / "checkpoints", step, model=prompted, optimizer=optimizer,
-                            scheduler=scheduler, sampler=sampler, state={"mode": s2.mode,
-                            "bank_refs": info["bank_refs"], "losses": losses, "best": best})  # fmt: skip
+            saved_now = _due(step, s2.save_every, s2.steps)
+            if saved_now:
+                save(step)
+            signum = guard.stop_requested()
+            if signum is not None:
+                # Preempted: the step is finished; keep it and leave before the scheduler kills.
+                path = save(step) if not saved_now else out / "checkpoints" / f"step_{step}"
+                bar.close()
+                logger.close()
+                if D.is_main():
+                    print(f"stage 2: {signal.Signals(signum).name} at step {step}: checkpoint "
+                          f"{path}; run the same command again to continue (stage2.resume="
+                          f"latest), with any number of processes", file=sys.stderr)  # fmt: skip
+                raise Preempted(128 + signum)
     bar.close()
     logger.close()
-    _finish(prompted, build, tokenizer, out, best, info, step=max(start, s2.steps))
+    _finish(prompted, build, tokenizer, out, best, info, step=max(start, s2.steps),
+            shard_bytes=shard_bytes)  # fmt: skip
     return out
+
+
+# -- resuming with other settings --------------------------------------------------------------
+
+
+def _settings(cfg: RunConfig, mixture: Mixture, shots: int) -> dict:
+    """What a checkpoint records of the run that wrote it (compared on resume)."""
+    s2 = cfg.stage2
+    keys = [k for k in RESUME_REFUSED + RESUME_APPLIED if hasattr(s2, k)]
+    return {
+        **{k: getattr(s2, k) for k in keys},
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "mixture": mixture.name,
+        "tasks": mixture.task_names,
+        "shots": shots,
+    }
+
+
+def _check_settings(saved: dict | None, now: dict, path: Path, progress: bool) -> None:
+    """Refuse a resume whose arithmetic settings differ from the checkpoint's (one line naming
+    every differing key); announce the safe changes that are applied.
+
+    Raises:
+        UserError: a :data:`RESUME_REFUSED` key differs.
+    """
+    if saved is None:  # a checkpoint from before settings were recorded: only mode is known
+        return
+    changed = {k: (saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]}
+    refused = [k for k in RESUME_REFUSED if k in changed]
+    if refused:
+        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise UserError(
+            f"the checkpoint was trained with other settings ({diff}); resume with its values "
+            "or start a fresh out_dir",
+            file=path,
+            key="stage2",
+        )
+    applied = [k for k in RESUME_APPLIED if k in changed]
+    if applied and D.is_main() and progress:
+        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in applied)
+        print(f"stage 2: resuming with changed settings, applied: {diff}")
 
 
 # -- model, prompts, optimizer ----------------------------------------------------------------
@@ -256,8 +368,18 @@ def _load_prompted(cfg: RunConfig, mixture: Mixture, refs: dict | None):
         shape = info["prompt_shape"]
         return _wrap(model, None if shape is None else torch.zeros(shape), names, s2.mode)
 
+    if s2.activation_checkpointing and "model" in loaded:
+        D.enable_activation_checkpointing(loaded["model"])
     if D.is_distributed():
-        prompted = D.build_sharded(build, loaded.get("model"))
+
+        def build_for_shards() -> PromptedModel:
+            built = build()
+            if s2.activation_checkpointing:  # before fully_shard, as torchtitan orders it
+                D.enable_activation_checkpointing(built)
+            return built
+
+        policies = D.fsdp_policies(s2.mixed_precision, s2.cpu_offload)
+        prompted = D.build_sharded(build_for_shards, loaded.get("model"), **policies)
     else:
         prompted = loaded["model"].to(D.device())
     loaded.clear()  # rank 0's full copy goes once the shards hold the weights
@@ -417,15 +539,27 @@ def _improved(best: dict, record: dict) -> bool:
 # -- outputs ----------------------------------------------------------------------------------
 
 
-def _export(prompted, build: Callable, tokenizer, dest: Path, *, info: dict) -> None:
+def _export(prompted, build: Callable, tokenizer, dest: Path, *, info: dict,
+            shard_bytes: int | None = None) -> None:  # fmt: skip
     """Write full weights + tokenizer (+ the prompt table when it is not the bank's) to
-    ``dest`` on rank 0; a collective under FSDP (the shards are gathered)."""
-    plain = D.gather_full_model(prompted, build) if D.is_distributed() else prompted
+    ``dest`` on rank 0; a collective under FSDP.
+
+    By default the shards are gathered into one CPU copy on rank 0 (``save_pretrained``);
+    with ``shard_bytes`` (``stage2.export_shard_size``) the weights stream out tensor by
+    tensor into sharded safetensors + an index (:mod:`multipromot.train.export`).
+    """
+    name = f"stage2:{info['mode']}:{info['mixture']}"
+    parents = [info["base_model"]["fingerprint"], *info["parents"]]
+    if shard_bytes is not None:
+        export_sharded(prompted.model, tokenizer, dest, max_shard_bytes=shard_bytes, name=name,
+                       parents=parents)  # fmt: skip
+        plain = _prompts_only(prompted) if info["mode"] in ("joint", "random_prompt") else None
+    else:
+        plain = D.gather_full_model(prompted, build) if D.is_distributed() else prompted
 
     def write() -> None:
-        base = info["base_model"]
-        save_model(plain.model, tokenizer, dest, name=f"stage2:{info['mode']}:{info['mixture']}",
-                   parents=[base["fingerprint"], *info["parents"]])  # fmt: skip
+        if shard_bytes is None:
+            save_model(plain.model, tokenizer, dest, name=name, parents=parents)
         record = dict(info)
         if info["mode"] in ("joint", "random_prompt"):
             # The rows were trained (joint) or drawn (random) here: inference needs them, as
@@ -437,7 +571,19 @@ def _export(prompted, build: Callable, tokenizer, dest: Path, *, info: dict) -> 
     D.on_rank0(write)
 
 
-def _own_prompt_bank(plain: PromptedModel, tokenizer, dest: Path, info: dict) -> dict:
+class _PromptTable:
+    def __init__(self, prompts: torch.Tensor):
+        self.prompts = prompts
+
+
+def _prompts_only(prompted: PromptedModel) -> _PromptTable | None:
+    """The full prompt table (gathered under FSDP: a collective) on rank 0, for the export's
+    own prompt bank when the weights themselves were streamed out."""
+    table = dict(D.iter_full_tensors(prompted, ["prompts"]))
+    return _PromptTable(table["prompts"]) if D.is_main() else None
+
+
+def _own_prompt_bank(plain, tokenizer, dest: Path, info: dict) -> dict:
     """Store ``plain``'s prompt table in ``dest/prompt_bank`` (one entry per task, trained on
     the weights in ``dest``); returns the task -> ref map."""
     bank = PromptBank(dest / PROMPT_BANK_DIR)
@@ -450,14 +596,15 @@ def _own_prompt_bank(plain: PromptedModel, tokenizer, dest: Path, info: dict) ->
     return refs
 
 
-def _finish(prompted, build, tokenizer, out: Path, best: dict, info: dict, *, step: int) -> None:
+def _finish(prompted, build, tokenizer, out: Path, best: dict, info: dict, *, step: int,
+            shard_bytes: int | None = None) -> None:  # fmt: skip
     """``final/`` = the best validated weights (``keep_best_by``) or the last; then record the
     bank entries' use."""
     final = out / "final"
     if best["by"] != "none" and best["step"] is not None and (out / "best").is_dir():
         D.on_rank0(_copy_dir, out / "best", final)
     else:
-        _export(prompted, build, tokenizer, final,
+        _export(prompted, build, tokenizer, final, shard_bytes=shard_bytes,
                 info={**info, "step": step, "selected_by": "last", "value": None})  # fmt: skip
 
     def record() -> None:

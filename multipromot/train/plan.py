@@ -1,0 +1,267 @@
+"""A per-rank memory plan for stage 2 under FSDP2, from the model's shapes alone.
+
+The model is built on the meta device (no weights read, nothing allocated), so a 70B config
+plans in seconds on a laptop. What each rank holds, for ``world = nodes x gpus`` ranks:
+
+- **parameters**: FSDP2 shards every parameter along dim 0 and pads it to a multiple of the
+  world size, so a rank holds ``ceil(d0 / world) * (d1 * ...)`` elements of each, in the
+  parameters' dtype (the model's own, float32 if it names none);
+- **gradients**: the same shards, same dtype;
+- **optimizer state**: AdamW keeps two full-size moments per shard; Adafactor (no momentum,
+  factored second moments, as stage 2 builds it) keeps per matrix the row means of the shard
+  and the replicated column means (:func:`multipromot.train.distributed.prepare_optimizer`),
+  per vector a full second moment;
+- **all-gathered units**: while a unit computes, its parameters are whole on every rank in the
+  compute dtype (bf16 under ``mixed_precision`` auto/bf16 on GPUs): the root unit
+  (embeddings, LM head, final norms: FSDP2 keeps it unsharded from forward to backward), two
+  transformer blocks (the one computing and the one prefetched) and their gradients before
+  the reduce-scatter;
+- **activations**: an *estimate* per micro-batch, after Korthikanti et al. (2022, "Reducing
+  activation recomputation in large transformer models"): per block and token about
+  ``e * (8h + 2.25 ff)`` bytes for ``e``-byte activations, plus ``2.5 e * heads * s_kv`` for
+  the attention scores where the attention is eager (T5; SDPA/flash keeps none), cross
+  attention for encoder-decoder decoders, and the logits (bf16 + fp32 for the loss, ``10 V``
+  bytes per target position). With activation checkpointing a block keeps only its input
+  (``e * h`` per token) and one block's activations exist again during its recompute.
+
+It fits when the sum is at most 90% of the GPU (the rest is for the CUDA context, NCCL
+buffers and allocator fragmentation). tests/test_plan.py checks the parameter figures
+against FSDP2's own sharding (meta device, a fake process group of 8 and 64 ranks) and the
+parameter + optimizer figures against memory measured on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from multipromot.config import RunConfig, resolve_path
+from multipromot.errors import UserError
+from multipromot.models import BUILTIN_MODELS, build_builtin, default_cache_dir
+from multipromot.train.distributed import transformer_blocks
+
+__all__ = ["MemoryPlan", "plan_memory", "meta_model", "shard_elements", "optimizer_elements"]
+
+GB = 1e9
+USABLE = 0.9  # share of a GPU's memory the plan may fill
+
+
+def meta_model(spec: str, seed: int = 0) -> nn.Module:
+    """``spec``'s model built on the meta device from its config alone.
+
+    Args:
+        spec: a built-in model name, a local directory with a ``config.json`` (weights are not
+            needed), or a hub id in the local cache.
+
+    Raises:
+        UserError: no config can be found for ``spec``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = None
+    if spec in BUILTIN_MODELS:
+        cached = default_cache_dir() / "models" / f"{spec}-seed{seed}"
+        if (cached / "config.json").is_file():
+            config = AutoConfig.from_pretrained(cached)
+        else:
+            try:
+                config = build_builtin(spec, seed)[0].config  # the tiny ones build in a blink
+            except UserError:
+                raise UserError(f"built-in model {spec!r} is not built yet; run stage 1 or "
+                                "`multipromot lab` first", key="model") from None  # fmt: skip
+    else:
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot read the config of {spec!r} ({first}); a directory holding "
+                            "only config.json is enough", key="model") from None  # fmt: skip
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+
+
+def shard_elements(shape: torch.Size | tuple[int, ...], world: int) -> int:
+    """Elements one rank holds of a parameter FSDP2 shards over ``world`` ranks (dim 0,
+    padded to a multiple of ``world``)."""
+    if len(shape) == 0:
+        return 1
+    rest = math.prod(shape[1:])
+    return math.ceil(shape[0] / world) * rest
+
+
+def optimizer_elements(shape: tuple[int, ...], world: int, optimizer: str) -> int:
+    """Optimizer-state elements one rank holds for a parameter of ``shape``."""
+    local = shard_elements(shape, world)
+    if optimizer == "adamw":
+        return 2 * local
+    if len(shape) >= 2:  # Adafactor: row means of the shard + the replicated column means
+        rows = local // shape[-1]
+        cols = math.prod(shape[:-2]) * shape[-1]
+        return rows + cols
+    return local
+
+
+@dataclass
+class MemoryPlan:
+    """Per-rank bytes of a stage-2 run (see the module docstring for what each one counts)."""
+
+    model: str
+    parameters_total: int
+    world: int
+    gpu_bytes: float
+    rows: int
+    seq: dict
+    compute_dtype: str
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    gathered_bytes: int
+    activation_bytes: int
+    activation_ckpt_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def total(self, checkpointing: bool) -> int:
+        act = self.activation_ckpt_bytes if checkpointing else self.activation_bytes
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.gathered_bytes + act
+
+    def fits(self, checkpointing: bool) -> bool:
+        return self.total(checkpointing) <= USABLE * self.gpu_bytes
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model, "parameters": self.parameters_total, "world_size": self.world,
+            "gpu_gb": self.gpu_bytes / GB, "rows_per_rank": self.rows, "seq": self.seq,
+            "compute_dtype": self.compute_dtype, "parameters_gb": self.param_bytes / GB,
+            "gradients_gb": self.grad_bytes / GB, "optimizer_gb": self.optimizer_bytes / GB,
+            "all_gathered_gb": self.gathered_bytes / GB,
+            "activations_gb": self.activation_bytes / GB,
+            "activations_checkpointed_gb": self.activation_ckpt_bytes / GB,
+            "total_gb": self.total(False) / GB, "total_checkpointed_gb": self.total(True) / GB,
+            "fits": self.fits(False), "fits_checkpointed": self.fits(True), "notes": self.notes,
+        }  # fmt: skip
+
+    def table(self) -> str:
+        """The plan as a small text table (GB = 1e9 bytes)."""
+        usable = USABLE * self.gpu_bytes / GB
+        lines = [
+            f"{self.model}: {self.parameters_total / 1e9:.2f}B parameters on {self.world} "
+            f"rank(s), {self.gpu_bytes / GB:g} GB each ({usable:.1f} GB usable)",
+            f"micro-batch {self.rows} row(s)/rank, sequence {self.seq}, compute {self.compute_dtype}",
+            f"{'per rank':34} {'GB':>8}",
+            f"{'parameters (sharded)':34} {self.param_bytes / GB:8.2f}",
+            f"{'gradients (sharded)':34} {self.grad_bytes / GB:8.2f}",
+            f"{'optimizer state (sharded)':34} {self.optimizer_bytes / GB:8.2f}",
+            f"{'all-gathered units + their grads':34} {self.gathered_bytes / GB:8.2f}",
+            f"{'activations (estimate)':34} {self.activation_bytes / GB:8.2f}",
+            f"{'  with activation checkpointing':34} {self.activation_ckpt_bytes / GB:8.2f}",
+        ]  # fmt: skip
+        for ckpt in (False, True):
+            label = "total, activation checkpointing" if ckpt else "total"
+            verdict = "fits" if self.fits(ckpt) else "does NOT fit"
+            lines.append(f"{label:34} {self.total(ckpt) / GB:8.2f}  {verdict}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def plan_memory(cfg: RunConfig, *, nodes: int, gpus: int, gpu_gb: float = 80.0,
+                model: nn.Module | None = None) -> MemoryPlan:  # fmt: skip
+    """Plan stage 2 of ``cfg`` on ``nodes x gpus`` ranks of ``gpu_gb`` GB each.
+
+    Args:
+        cfg: the run config (``model``, ``stage1.prompt_length``, ``stage2.*``).
+        nodes: machines.
+        gpus: GPUs (ranks) per machine.
+        gpu_gb: memory of one GPU in GB (1e9 bytes).
+        model: the model on the meta device (default: built from ``cfg.model``).
+
+    Returns:
+        The :class:`MemoryPlan`.
+
+    Raises:
+        UserError: a non-positive count or size, or a model whose config cannot be read.
+    """
+    for key, value in (("--nodes", nodes), ("--gpus", gpus), ("--gpu-memory", gpu_gb)):
+        if not value > 0:
+            raise UserError(f"must be > 0, got {value}", key=key)
+    s2 = cfg.stage2
+    model = meta_model(resolve_path(cfg, cfg.model), cfg.seed) if model is None else model
+    world = nodes * gpus
+    notes = []
+    rows = s2.batch_size // (s2.grad_accum * world)
+    if rows == 0 or s2.batch_size % (s2.grad_accum * world):
+        notes.append(f"stage2.batch_size {s2.batch_size} does not split over grad_accum "
+                     f"{s2.grad_accum} x {world} ranks; planned with 1 row per rank")  # fmt: skip
+        rows = max(rows, 1)
+
+    params = dict(model.named_parameters())  # tied weights once
+    param_dtype = next(iter(params.values())).dtype
+    p_size = torch.finfo(param_dtype).bits // 8
+    gpu_bf16 = s2.mixed_precision in ("auto", "bf16")
+    compute_dtype = "bfloat16" if gpu_bf16 else str(param_dtype).removeprefix("torch.")
+    c_size = 2 if gpu_bf16 else p_size
+
+    local = sum(shard_elements(tuple(p.shape), world) for p in params.values())
+    opt = sum(optimizer_elements(tuple(p.shape), world, s2.optimizer) for p in params.values())
+    blocks = transformer_blocks(model)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() for p in params.values() if id(p) not in in_blocks)
+    largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
+    gathered = 2 * (root + 2 * largest) * c_size  # parameters + their unsharded gradients
+
+    act, act_ckpt, seq = _activations(model, cfg, rows, c_size)
+    if getattr(model.config, "_attn_implementation", "") == "eager":
+        notes.append("eager attention: the s x s attention scores are counted")
+    notes.append("activations are an estimate (Korthikanti et al. 2022); measure with "
+                 "benchmarks/gpu.py")  # fmt: skip
+    return MemoryPlan(
+        model=f"{cfg.model} ({model.config.model_type})", parameters_total=sum(
+            p.numel() for p in params.values()), world=world, gpu_bytes=gpu_gb * GB,
+        rows=rows, seq=seq, compute_dtype=compute_dtype, param_bytes=local * p_size,
+        grad_bytes=local * p_size, optimizer_bytes=opt * 4, gathered_bytes=gathered,
+        activation_bytes=act, activation_ckpt_bytes=act_ckpt, notes=notes,
+    )  # fmt: skip
+
+
+def _activations(model: nn.Module, cfg: RunConfig, rows: int, e: int) -> tuple[int, int, dict]:
+    """(bytes without checkpointing, bytes with, the sequence lengths) for one micro-batch."""
+    c = model.config
+    s2 = cfg.stage2
+    h = getattr(c, "d_model", None) or c.hidden_size
+    ff = getattr(c, "d_ff", None) or getattr(c, "intermediate_size", None) or 4 * h
+    heads = getattr(c, "num_heads", None) or c.num_attention_heads
+    gated = "gated" in str(getattr(c, "feed_forward_proj", "")) or c.model_type == "llama"
+    ff_eff = ff * (1.5 if gated else 1.0)  # a gated MLP stores one more ff-wide tensor
+    eager = getattr(c, "_attn_implementation", "") == "eager"
+    prompt = cfg.stage1.prompt_length if s2.mode != "standard" else 0
+
+    def block(s: int, kv: int, cross: int = 0) -> float:
+        per_token = e * (8 * h + 2.25 * ff_eff) + (2.5 * e * heads * kv if eager else 0)
+        if cross:  # a decoder block's cross attention: queries, output, scores over the input
+            per_token += e * 5 * h + (2.5 * e * heads * cross if eager else 0)
+        return rows * s * per_token
+
+    vocab = c.vocab_size
+    if c.is_encoder_decoder:
+        s_in, s_out = prompt + s2.max_input_length, s2.max_target_length
+        n_enc = c.num_layers
+        n_dec = getattr(c, "num_decoder_layers", None) or n_enc
+        enc, dec = block(s_in, s_in), block(s_out, s_out, cross=s_in)
+        full = n_enc * enc + n_dec * dec
+        kept = (n_enc * s_in + n_dec * s_out) * rows * h * e + max(enc, dec)
+        seq = {"input": s_in, "target": s_out}
+    else:
+        s = prompt + s2.max_input_length + s2.max_target_length
+        s_out = s
+        n = c.num_hidden_layers
+        full = n * block(s, s)
+        kept = n * s * rows * h * e + block(s, s)
+        seq = {"tokens": s}
+    logits = rows * s_out * vocab * 10
+    return int(full + logits), int(kept + logits), seq
