@@ -197,7 +197,7 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
         D.on_rank0(prune_checkpoints, out / "checkpoints", s2.keep_last, protect)
         return path
 
-    logger = MetricsLogger(out, enabled=D.is_main())
+    logger = MetricsLogger(out, enabled=D.is_main(), trackers=cfg.log.to)
     speed = Throughput()
     bar = tqdm(total=s2.steps, initial=start, desc=f"stage 2 ({s2.mode})", dynamic_ncols=True,
                disable=not (progress and D.is_main()))  # fmt: skip
