@@ -53,6 +53,9 @@ class Stage1Config:
     eval_every: int = 1000  # validation per task; the best step per task goes to the bank
     eval_examples: int = 200
     select_by: str = "metric"  # metric (the task's own) | loss
+    # equal validation values: loss (the lower validation loss, then the later step) | first
+    # (the earlier step); the step-0 prompt, never trained, is never selected
+    ties: str = "loss"
     # task: each batch holds one task's rows, sorted by length inside windows of 32 batches
     # (little padding; each prompt gets fewer, larger updates, as in prompt tuning task by
     # task); mixed: rows in drawn order, every prompt updated at every step
@@ -129,6 +132,7 @@ def _validate(cfg: RunConfig, file: str) -> None:
         ("stage1.optimizer", cfg.stage1.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("stage1.select_by", cfg.stage1.select_by in ("metric", "loss"), "metric or loss"),
         ("stage1.batching", cfg.stage1.batching in ("task", "mixed"), "task or mixed"),
+        ("stage1.ties", cfg.stage1.ties in ("loss", "first"), "loss or first"),
         ("stage2.mode", cfg.stage2.mode in STAGE2_MODES, ", ".join(STAGE2_MODES)),
         ("stage2.optimizer", cfg.stage2.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("stage2.decay", cfg.stage2.decay in ("constant", "linear", "cosine"), "constant, linear or cosine"),

@@ -32,6 +32,8 @@ Files are read with :func:`multipromot.yamlio.read_yaml` (safe and bounded).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 from dataclasses import KW_ONLY, dataclass, field
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from multipromot.data.sampler import task_size
+from multipromot.data.sources import source_fingerprint
 from multipromot.data.tasks import get_task, task_from_spec
 from multipromot.data.templates import load_template
 from multipromot.errors import UserError
@@ -51,6 +54,7 @@ __all__ = [
     "ExamplesProportional",
     "rate_examples_proportional",
     "load_mixture",
+    "mixture_fingerprint",
 ]
 
 SCHEMA_VERSIONS = (1,)
@@ -437,3 +441,30 @@ def load_mixture(path: str | os.PathLike) -> Mixture:
         file=os.fspath(file),
         origins=[e.origin for e in entries],
     )
+
+
+def mixture_fingerprint(mixture: Mixture) -> str:
+    """A sha256 of everything a mixture's rows are made from: each task's source (local files
+    by content), template, metric and split mapping, the rates and the exemplar settings. A run
+    reuses a result only when the fingerprint of its data is unchanged.
+
+    Args:
+        mixture: a loaded mixture.
+
+    Returns:
+        A hex digest.
+    """
+    tasks = []
+    for task in mixture.tasks:
+        template = task.template
+        tasks.append({
+            "name": task.name,
+            "source": source_fingerprint(task.source),
+            "template": [template.id, template.jinja, template.answer_choices],
+            "metric": task.metric,
+            "postprocess": task.postprocess,
+            "splits": task.splits,
+        })  # fmt: skip
+    record = {"tasks": tasks, "rates": mixture.rates, "shots": mixture.shots,
+              "exemplar_seed": mixture.exemplar_seed}  # fmt: skip
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
