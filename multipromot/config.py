@@ -112,6 +112,9 @@ class EvalConfig:
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
+    # `run` on a folder with results made from other settings: redo (train and evaluate those
+    # parts again) | strict (stop with one line naming what changed)
+    reuse: str = "redo"
     model: str = "tiny-t5"  # a hub id, a local directory, or a built-in model
     bank: BankConfig = field(default_factory=BankConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -133,6 +136,7 @@ def _validate(cfg: RunConfig, file: str) -> None:
         ("stage1.select_by", cfg.stage1.select_by in ("metric", "loss"), "metric or loss"),
         ("stage1.batching", cfg.stage1.batching in ("task", "mixed"), "task or mixed"),
         ("stage1.ties", cfg.stage1.ties in ("loss", "first"), "loss or first"),
+        ("reuse", cfg.reuse in ("redo", "strict"), "redo or strict"),
         ("stage2.mode", cfg.stage2.mode in STAGE2_MODES, ", ".join(STAGE2_MODES)),
         ("stage2.optimizer", cfg.stage2.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("stage2.decay", cfg.stage2.decay in ("constant", "linear", "cosine"), "constant, linear or cosine"),

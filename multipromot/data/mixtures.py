@@ -55,6 +55,7 @@ __all__ = [
     "rate_examples_proportional",
     "load_mixture",
     "mixture_fingerprint",
+    "tasks_fingerprint",
 ]
 
 SCHEMA_VERSIONS = (1,)
@@ -443,21 +444,20 @@ def load_mixture(path: str | os.PathLike) -> Mixture:
     )
 
 
-def mixture_fingerprint(mixture: Mixture) -> str:
-    """A sha256 of everything a mixture's rows are made from: each task's source (local files
-    by content), template, metric and split mapping, the rates and the exemplar settings. A run
-    reuses a result only when the fingerprint of its data is unchanged.
+def tasks_fingerprint(tasks: list[Any]) -> list[dict]:
+    """What each task's rows are made from: its source (local files by content), template,
+    metric and split mapping, as JSON-able data.
 
     Args:
-        mixture: a loaded mixture.
+        tasks: tasks.
 
     Returns:
-        A hex digest.
+        One record per task.
     """
-    tasks = []
-    for task in mixture.tasks:
+    records = []
+    for task in tasks:
         template = task.template
-        tasks.append({
+        records.append({
             "name": task.name,
             "source": source_fingerprint(task.source),
             "template": [template.id, template.jinja, template.answer_choices],
@@ -465,6 +465,20 @@ def mixture_fingerprint(mixture: Mixture) -> str:
             "postprocess": task.postprocess,
             "splits": task.splits,
         })  # fmt: skip
-    record = {"tasks": tasks, "rates": mixture.rates, "shots": mixture.shots,
-              "exemplar_seed": mixture.exemplar_seed}  # fmt: skip
+    return records
+
+
+def mixture_fingerprint(mixture: Mixture) -> str:
+    """A sha256 of everything a mixture's rows are made from: its tasks
+    (:func:`tasks_fingerprint`), the rates and the exemplar settings. A run reuses a result only
+    when the fingerprint of its data is unchanged.
+
+    Args:
+        mixture: a loaded mixture.
+
+    Returns:
+        A hex digest.
+    """
+    record = {"tasks": tasks_fingerprint(mixture.tasks), "rates": mixture.rates,
+              "shots": mixture.shots, "exemplar_seed": mixture.exemplar_seed}  # fmt: skip
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()

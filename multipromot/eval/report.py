@@ -450,6 +450,27 @@ def _provenance(config: dict | None) -> list[str]:
     return lines
 
 
+def _method_lines(records: list[dict], methods: dict[str, str] | None) -> list[str]:
+    """Per method: where its numbers come from (this run or an earlier one), the stage-2 step
+    and training shots of the weights, and the bank versions of its prompts."""
+    lines = ["## Methods", ""]
+    seen: dict[str, dict] = {}
+    for r in records:
+        if r.get("selected", True) and r["method"] not in seen:
+            seen[r["method"]] = r
+    for label in _ordered(r["method"] for r in records):
+        r = seen.get(label, {})
+        parts = [f"stage-2 step {r.get('step', 0)}" if r.get("step") else "base weights"]
+        if r.get("train_shots"):
+            parts.append(f"trained {r['train_shots']}-shot")
+        refs = r.get("bank_refs") or {}
+        parts.append("prompts " + ", ".join(sorted(refs.values())) if refs else "no prompts")
+        if methods and label in methods:
+            parts.append(methods[label])
+        lines.append(f"- `{label}`: " + "; ".join(parts))
+    return [*lines, ""]
+
+
 def write_report(
     records: Iterable[dict],
     out_dir: str | os.PathLike,
@@ -457,6 +478,7 @@ def write_report(
     title: str,
     config: dict | None = None,
     baseline: str = "pretrained",
+    methods: dict[str, str] | None = None,
 ) -> Path:
     """Write ``report.md``, ``results.json`` and (over several steps) the PNG curves.
 
@@ -466,6 +488,7 @@ def write_report(
         title: the report's heading.
         config: the run config as a plain dict (for the provenance section and results.json).
         baseline: the method the differences refer to.
+        methods: per method, whether its numbers were made by this run or reused.
 
     Returns:
         The path of ``report.md``.
@@ -490,6 +513,7 @@ def write_report(
         "own prompt.",
         "",
     ]
+    lines += _method_lines(records, methods)
     if plots:
         lines += ["## Over stage-2 steps", ""]
         lines += [f"![{name[:-4]}]({name})" for name in plots]

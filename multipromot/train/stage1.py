@@ -152,8 +152,7 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     trained = _Trained(prompted.prompts)
     start = _resume(out_dir / "checkpoints", record, trained, optimizer, scheduler, batches, best,
                     tasks, progress=progress)  # fmt: skip
-    if start:
-        _trim_metrics(out_dir / "metrics.jsonl", start)
+    _trim_metrics(out_dir / "metrics.jsonl", start)  # a fresh start keeps no old lines
     logger = MetricsLogger(out_dir)
     speed = Throughput()
 
@@ -238,11 +237,14 @@ def _resume(root: Path, record: dict, trained: _Trained, optimizer, scheduler, b
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """Drop the log lines written after the checkpoint a run resumes from (they are redone)."""
+    """Drop the log lines written after the checkpoint a run resumes from (they are redone);
+    all of them when it starts fresh."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if json.loads(line).get("step", 0) <= step]  # fmt: skip
+    kept = []
+    if step:
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if json.loads(line).get("step", 0) <= step]  # fmt: skip
     write_atomic(path, "".join(kept).encode())
 
 
