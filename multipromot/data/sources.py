@@ -46,6 +46,7 @@ __all__ = [
     "GeneratorSource",
     "FilteredSource",
     "Rows",
+    "Subset",
     "source_from_spec",
     "register_generator",
     "get_generator",
@@ -102,11 +103,18 @@ class Rows(Sequence[dict]):
             for i in range(size):
                 yield {name: batch[name][i] for name in columns}
 
+    def column(self, name: str) -> list | None:
+        """One field of every row (read as one Arrow column), or None when there is no such
+        field."""
+        if name not in self._dataset.column_names:
+            return None
+        return list(self._dataset[name])
+
     def __repr__(self) -> str:
         return f"Rows({len(self)} rows, columns={self._dataset.column_names})"
 
 
-class _Subset(Sequence[dict]):
+class Subset(Sequence[dict]):
     """Some rows of another sequence, by index."""
 
     def __init__(self, rows: Sequence[dict], indices: list[int]):
@@ -649,7 +657,7 @@ class FilteredSource:
         """
         rows = self.source.load(split)
         keep = [i for i, row in enumerate(rows) if self._test(row)]
-        return _Subset(rows, keep)
+        return Subset(rows, keep)
 
     def __repr__(self) -> str:
         return f"FilteredSource({self.describe()!r})"

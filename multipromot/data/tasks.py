@@ -18,6 +18,8 @@ labels are hidden.
 
 from __future__ import annotations
 
+import logging
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,9 +29,11 @@ from typing import Any
 
 from multipromot.data.catalogue import catalogue_index
 from multipromot.data.metrics import list_metrics, postprocess
-from multipromot.data.sources import Source, source_from_spec
+from multipromot.data.sources import Source, Subset, source_from_spec
 from multipromot.data.templates import FormatSignature, Template, load_template
 from multipromot.errors import UserError
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "METRICS",
@@ -121,12 +125,35 @@ class Task:
         """
         if split not in self._cache:
             try:
-                self._cache[split] = self.source.load(self.source_split(split))
+                rows = self.source.load(self.source_split(split))
             except UserError as exc:
                 raise UserError(
                     f"task {self.name!r}: {exc.message}", file=exc.file, key=exc.key or self.name
                 ) from exc
+            self._cache[split] = self._without_unlabelled(rows, split)
         return self._cache[split]
+
+    def _without_unlabelled(self, rows: Sequence[dict], split: str) -> Sequence[dict]:
+        """Drop rows whose ``label`` is negative (SuperGLUE's and SNLI's -1, "no gold label")
+        from a task with answer choices: ``answer_choices[-1]`` would train and score them as
+        the last choice. The count goes to the log."""
+        if self.template.answer_choices is None or not len(rows):
+            return rows
+        column = getattr(rows, "column", None)
+        if column is not None:
+            labels = column("label")
+        else:
+            labels = [row.get("label") if isinstance(row, Mapping) else None for row in rows]
+        if labels is None:
+            return rows
+        keep = [i for i, v in enumerate(labels) if not (isinstance(v, numbers.Integral) and v < 0)]
+        if len(keep) == len(rows):
+            return rows
+        _log.warning(
+            "task %s: dropped %d of %d %s rows with a negative label (no gold label)",
+            self.name, len(rows) - len(keep), len(rows), split,
+        )  # fmt: skip
+        return Subset(rows, keep)
 
     def num_examples(self, split: str) -> int:
         """Number of examples in a split.

@@ -199,6 +199,17 @@ _UNDEFINED_NAME = re.compile(r"^'([^']*)' is undefined$")
 _UNDEFINED_ATTR = re.compile(r"has no attribute '([^']*)'")
 
 
+class _Choices(list):
+    """The answer choices a template sees: a negative index is an error, not the last choice
+    (``answer_choices[label]`` with SuperGLUE's label -1 would render the last answer)."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index < 0:
+            # not an IndexError: Jinja would turn that into an undefined value
+            raise ValueError(f"answer_choices[{index}]: a negative label (no gold label)")
+        return super().__getitem__(index)
+
+
 class Template:
     """A promptsource-style template: Jinja that renders ``input ||| target``.
 
@@ -317,7 +328,7 @@ class Template:
         """
         context = self._context(example)
         if self._choices is not None:
-            context["answer_choices"] = self._render_choices(context)
+            context["answer_choices"] = _Choices(self._render_choices(context))
         parts = self._render(self._compiled, context, "template").split(SEPARATOR)
         if len(parts) != 2:
             self._fail(
