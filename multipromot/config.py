@@ -7,6 +7,7 @@ wrong value would otherwise surface deep inside training.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,10 +162,67 @@ def _validate(cfg: RunConfig, file: str) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise UserError(f"must be > 0, got {value}", file=file, key=key)
+    _validate_ranges(cfg, file)
     if cfg.stage2.batch_size % cfg.stage2.grad_accum:
         raise UserError(
             "must be a multiple of stage2.grad_accum", file=file, key="stage2.batch_size"
         )
+
+
+MAX_SEED = 2**32 - 1  # numpy's and the sampler's seeds are 32-bit
+MAX_SHOTS = 64  # exemplars per input; more fit no input length this runs with
+
+
+def _validate_ranges(cfg: RunConfig, file: str) -> None:
+    """The values that used to be accepted and then crash, or mean something else, deep inside
+    training: every one is refused here, before anything is built."""
+    s1, s2, ev = cfg.stage1, cfg.stage2, cfg.eval
+
+    def fail(key: str, message: str) -> None:
+        raise UserError(message, file=file, key=key)
+
+    floats = {
+        "stage1.lr": s1.lr, "stage1.weight_decay": s1.weight_decay, "stage2.lr": s2.lr,
+        "stage2.prompt_lr": s2.prompt_lr, "stage2.weight_decay": s2.weight_decay,
+        "stage2.max_grad_norm": s2.max_grad_norm, "stage2.label_smoothing": s2.label_smoothing,
+    }  # fmt: skip
+    for key, value in floats.items():
+        if not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+        if value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    if s2.prompt_lr <= 0:
+        fail("stage2.prompt_lr", f"must be > 0, got {s2.prompt_lr}")
+    if s2.label_smoothing >= 1:
+        fail("stage2.label_smoothing", f"must be in [0, 1), got {s2.label_smoothing}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        fail("seed", f"must be an integer in [0, {MAX_SEED}], got {cfg.seed}")
+    at_least_one = {
+        "stage1.eval_every": s1.eval_every, "stage1.log_every": s1.log_every,
+        "stage1.eval_examples": s1.eval_examples, "stage2.eval_examples": s2.eval_examples,
+        "stage1.max_input_length": s1.max_input_length,
+        "stage1.max_target_length": s1.max_target_length,
+        "stage2.max_input_length": s2.max_input_length,
+        "stage2.max_target_length": s2.max_target_length,
+        "eval.examples": ev.examples, "eval.max_new_tokens": ev.max_new_tokens,
+    }  # fmt: skip
+    for key, value in at_least_one.items():
+        if value < 1:
+            fail(key, f"must be >= 1, got {value}")
+    for key, value in {"stage1.warmup_steps": s1.warmup_steps,
+                       "stage2.warmup_steps": s2.warmup_steps}.items():  # fmt: skip
+        if value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    if s2.shots < -1 or s2.shots > MAX_SHOTS:
+        fail("stage2.shots", f"must be -1 (the mixture's) or 0..{MAX_SHOTS}, got {s2.shots}")
+    for k in ev.shots:
+        if not 0 <= k <= MAX_SHOTS:
+            fail("eval.shots", f"each must be in 0..{MAX_SHOTS}, got {k}")
+    if len(set(ev.shots)) != len(ev.shots):
+        fail("eval.shots", f"lists a setting twice: {ev.shots}")
+    duplicates = sorted({m for m in cfg.methods if cfg.methods.count(m) > 1})
+    if duplicates:
+        fail("methods", f"lists {', '.join(duplicates)} more than once")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
@@ -205,7 +263,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or None
             raise UserError(str(e).splitlines()[0], file=source, key=key) from None
-    cfg: RunConfig = OmegaConf.to_object(merged)
+    try:  # interpolations (${oc.env:X}, ${key}) are resolved here
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or None
+        raise UserError(str(e).splitlines()[0], file=file, key=key) from None
     cfg.config_file = str(Path(path).resolve()) if path is not None else ""
     _validate(cfg, file)
     return cfg

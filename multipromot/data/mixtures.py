@@ -55,6 +55,7 @@ __all__ = [
     "rate_examples_proportional",
     "load_mixture",
     "mixture_fingerprint",
+    "MAX_RATE",
     "tasks_fingerprint",
 ]
 
@@ -65,6 +66,9 @@ _EXEMPLAR_KEYS = ("shots", "seed")
 _CATALOGUE_KEYS = ("task", "rate", "template")
 _NESTED_KEYS = ("mixture", "rate")
 _PROPORTIONAL_KEYS = ("cap", "temperature", "scale")
+
+
+MAX_RATE = 1e15  # the largest rate, explicit or examples-proportional
 
 
 @dataclass
@@ -190,6 +194,13 @@ def _parse_rate(file: Path, key: str, value: Any) -> float | ExamplesProportiona
             raise UserError(
                 f"a rate must be a finite number >= 0, got {value!r}", file=file, key=key
             )
+        if value > MAX_RATE:  # rates are relative; sums of huge ones overflow to inf
+            raise UserError(
+                f"a rate must be <= {MAX_RATE:g} (rates are relative: scale them down), "
+                f"got {value!r}",
+                file=file,
+                key=key,
+            )
         return float(value)
     if isinstance(value, dict):
         if list(value) != ["examples_proportional"]:
@@ -253,7 +264,19 @@ def _evaluate_rate(file: Path, key: str, spec: float | ExamplesProportional, tas
         n = task_size(task, "train")
     except UserError as e:
         raise _reraise_here(e, file, key) from None
-    return spec(n)
+    try:
+        rate = spec(n)
+    except OverflowError:
+        rate = math.inf
+    if not rate <= MAX_RATE:  # a tiny temperature raises the count to a huge power
+        raise UserError(
+            f"the examples-proportional rate of task {task.name!r} overflows "
+            f"({n} examples ** (1 / temperature {spec.temperature:g})); use a temperature >= 1 "
+            "(seqio's range) or a cap",
+            file=file,
+            key=key,
+        )
+    return rate
 
 
 def _catalogue_entry(file: Path, key: str, entry: dict) -> Any:

@@ -24,6 +24,7 @@ mapping, the offline handling and the one-line error policy; each is ~150 lines.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import logging
@@ -252,6 +253,30 @@ _SUFFIX_FORMATS = {
 }
 
 
+def _check_utf8(path: str, *, file, key) -> None:
+    """Refuse a text data file that is not UTF-8 (a latin-1 export) in one line: the reader
+    would fail only when the row is read, deep inside training."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{Path(path).name} is not UTF-8 text (byte 0x{chunk[e.start]:02x} at "
+                    f"offset {offset + e.start}); save it as UTF-8",
+                    file=file,
+                    key=key,
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{Path(path).name} ends inside a UTF-8 character", file=file,
+                        key=key) from None  # fmt: skip
+
+
 def _resolve_patterns(
     patterns: str | Sequence[str], base_dir: Path, *, file, key: str | None
 ) -> list[str]:
@@ -418,6 +443,9 @@ class FileSource:
                 key=self.key,
             )
         builder, options = FILE_FORMATS[self.format]
+        if self.format != "parquet":
+            for path in self.files[split]:
+                _check_utf8(path, file=self.file, key=self.key)
         try:
             with _quiet_datasets_errors():
                 dataset = datasets.load_dataset(
