@@ -142,6 +142,8 @@ def import_peft(
         raise BankError("no adapter_config.json; not a PEFT adapter directory", file=src) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BankError(f"not valid JSON ({e})", file=config_path) from None
+    if not isinstance(config, dict):
+        raise BankError(f"must be a JSON object, not a {type(config).__name__}", file=config_path)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise BankError(
             f"peft_type is {config.get('peft_type')!r}; only PROMPT_TUNING adapters hold a soft prompt",
