@@ -407,6 +407,8 @@ class PromptBank:
                 file=path,
                 key=entry.ref,
             )
+        if not torch.isfinite(prompt).all():  # checksums only say the bytes are unchanged
+            raise BankError("prompt has NaN or infinite values", file=path, key=entry.ref)
         return prompt
 
     def accepted_fingerprints(
