@@ -240,3 +240,22 @@ def test_export_and_import_peft(capsys, tmp_path, gpt2_dirs):
     )
     assert status == 2
     assert_one_error_line(err, "--format", "'onnx'", "peft")
+
+
+def test_list_shows_the_healthy_entries_and_flags_a_corrupt_one(capsys, bank):
+    """One corrupt meta.json made `bank list` fail entirely."""
+    (bank.root / "cb" / "v0001" / "meta.json").write_text("{not json")
+    status, out, err = run(capsys, "list", "--bank", str(bank.root))
+    assert status == 1
+    assert "rte" in out and "v0002" in out
+    bad = err.strip().splitlines()
+    assert len(bad) == 1 and bad[0].startswith("bad entry ") and "cb@v0001" in bad[0]
+
+
+def test_export_into_the_bank_is_refused(capsys, bank, tmp_path):
+    """An adapter exported into the bank's own folder broke the bank."""
+    for inside in (bank.root / "adapter", bank.root / "rte" / "x"):
+        status, _, err = run(capsys, "export", "rte", str(inside), "--task-type", "CAUSAL_LM",
+                             "--bank", str(bank.root))  # fmt: skip
+        assert status == 2 and "is inside the prompt bank" in err and not inside.exists()
+    assert bank.verify() == []

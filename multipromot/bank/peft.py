@@ -69,6 +69,13 @@ def export_peft(
     base = base_model_name_or_path or entry.meta["base_model"].get("name") or None
     task_type = _peft_task_type(task_type, base, key=entry.ref)
     out = Path(out_dir)
+    if out.resolve().is_relative_to(Path(bank.root).resolve()):
+        raise BankError(
+            "is inside the prompt bank; export to a folder outside it (an adapter folder in the "
+            "bank breaks its layout)",
+            file=out,
+            key=entry.ref,
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BankError(
             "exists and is not an empty directory; choose a new one", file=out, key=entry.ref

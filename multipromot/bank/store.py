@@ -354,8 +354,19 @@ class PromptBank:
             )
         return self._read_entry(task, version, current=current[task] == version)
 
-    def entries(self, task: str | None = None) -> list[BankEntry]:
-        """Every entry (or every entry of ``task``), by task then version."""
+    def entries(
+        self, task: str | None = None, *, problems: list[BankProblem] | None = None
+    ) -> list[BankEntry]:
+        """Every entry (or every entry of ``task``), by task then version.
+
+        Args:
+            task: only this task's entries.
+            problems: when given, an unreadable entry is appended here and skipped (a listing
+                of the healthy entries); otherwise it raises.
+
+        Raises:
+            BankError: an unreadable entry (without ``problems``).
+        """
         disk, current, _ = self._state()
         if task is not None:
             disk = {validate_task_name(task): disk.get(task, [])}
@@ -364,11 +375,15 @@ class PromptBank:
             for v in versions:
                 try:
                     found.append(self._read_entry(t, v, current=current.get(t) == v))
-                except BankError:
+                except BankError as e:
                     # readers take no lock: a writer may have removed it since the listing
                     # (renamed out whole), which is not an error of the listing
-                    if self._entry_dir(t, v).is_dir():
+                    if not self._entry_dir(t, v).is_dir():
+                        continue
+                    if problems is None:
                         raise
+                    where = os.fspath(e.file or self.root)
+                    problems.append(BankProblem(format_ref(t, v), where, e.message))
         return found
 
     def _read_prompt_bytes(self, entry: BankEntry) -> bytes:
