@@ -259,3 +259,19 @@ def test_export_into_the_bank_is_refused(capsys, bank, tmp_path):
                              "--bank", str(bank.root))  # fmt: skip
         assert status == 2 and "is inside the prompt bank" in err and not inside.exists()
     assert bank.verify() == []
+
+
+def test_verify_fix_never_makes_a_junk_folder_current(capsys, bank):
+    """A folder named like a version but not an entry (an adapter exported into the bank) was
+    made current by `verify --fix` (and by every read, as a crashed writer's entry)."""
+    junk = bank.root / "rte" / "v0003"
+    junk.mkdir()
+    (junk / "adapter_config.json").write_text("{}")
+    assert bank.get("rte").ref == "rte@v0002"
+    status, out, _ = run(capsys, "verify", "--bank", str(bank.root))
+    assert status == 2 and "rte@v0003" in out
+    run(capsys, "verify", "--fix", "--bank", str(bank.root))
+    assert PromptBank(bank.root).get("rte").ref == "rte@v0002"
+    (bank.root / "index.json").unlink()  # rebuilt from disk alone
+    run(capsys, "verify", "--fix", "--bank", str(bank.root))
+    assert PromptBank(bank.root).get("rte").ref == "rte@v0002"

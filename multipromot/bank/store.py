@@ -250,12 +250,26 @@ class PromptBank:
             # an entry newer than the index knows was added by a writer killed before it
             # rewrote the index; adding makes an entry current, so finish that intent
             orphaned = versions[-1] > known_last
-            current[task] = recorded if recorded in versions and not orphaned else versions[-1]
+            if recorded in versions and not orphaned:
+                current[task] = recorded
+            else:  # never promote a folder that is not a whole entry (junk named v0003)
+                healthy = [v for v in versions if v > known_last and self._healthy(task, v)]
+                fallback = recorded if recorded in versions else versions[-1]
+                current[task] = healthy[-1] if healthy else fallback
             last[task] = max(versions[-1], known_last)
         for task, info in tasks.items():
             if task not in disk and info.get("last_version"):
                 last[task] = int(info["last_version"])  # removed task: never reuse its numbers
         return disk, current, last
+
+    def _healthy(self, task: str, version: int) -> bool:
+        """Whether an entry reads and its prompt verifies (checksum, shape, finite values)."""
+        try:
+            entry = self._read_entry(task, version)
+            self._decode_prompt(entry, self._read_prompt_bytes(entry))
+        except BankError:
+            return False
+        return True
 
     def _write_index(self, current: dict[str, int], last: dict[str, int]) -> None:
         """Rebuild ``index.json`` from disk and replace it atomically (caller holds the lock)."""
