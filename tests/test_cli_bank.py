@@ -275,3 +275,23 @@ def test_verify_fix_never_makes_a_junk_folder_current(capsys, bank):
     (bank.root / "index.json").unlink()  # rebuilt from disk alone
     run(capsys, "verify", "--fix", "--bank", str(bank.root))
     assert PromptBank(bank.root).get("rte").ref == "rte@v0002"
+
+
+def test_bank_entries_and_exports_follow_the_umask(capsys, tmp_path):
+    """Entries and exports were 0700 folders (mkdtemp), unreadable by a colleague."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = PromptBank(tmp_path / "shared")
+        entry = store.add("rte", torch.ones(2, 2), base_model=BASE)
+        status, _, err = run(capsys, "export", "rte", str(tmp_path / "out"), "--task-type",
+                             "CAUSAL_LM", "--bank", str(store.root))  # fmt: skip
+        assert status == 0, err
+    finally:
+        os.umask(old)
+    for folder in (entry.path, tmp_path / "out"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        for file in folder.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o644, file

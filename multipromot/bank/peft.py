@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from multipromot.bank.entry import (
     PEFT_CONFIG_FILE,
@@ -25,6 +24,7 @@ from multipromot.bank.entry import (
     validate_task_name,
 )
 from multipromot.errors import BankError
+from multipromot.fsio import temp_dir_for, write_durably
 from multipromot.models import read_lineage
 
 __all__ = ["export_peft", "import_peft"]
@@ -89,17 +89,14 @@ def export_peft(
         base_model_name_or_path=base,
         inference_mode=True,  # what PeftModel.save_pretrained writes
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_for(out)  # the umask's mode (mkdtemp's 0700 hid the export from others)
     try:
         config.save_pretrained(os.fspath(tmp))
-        save_file(
-            {PEFT_TENSOR_KEY: prompt},
-            os.fspath(tmp / PEFT_WEIGHTS_FILE),
-            metadata={"format": "pt"},
-        )
-        (tmp / PEFT_META_FILE).write_text(
-            json.dumps({**entry.meta, "exported_from": entry.ref}, indent=2)
-        )
+        # bytes written through fsio (save_file makes the file 0600, whatever the umask)
+        weights = save_safetensors({PEFT_TENSOR_KEY: prompt}, metadata={"format": "pt"})
+        write_durably(tmp / PEFT_WEIGHTS_FILE, weights)
+        meta = json.dumps({**entry.meta, "exported_from": entry.ref}, indent=2)
+        write_durably(tmp / PEFT_META_FILE, meta.encode())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -584,7 +585,10 @@ class PromptBank:
                 meta["extra"] = jsonable(extra, key=task)
             # the whole entry is written in a temp dir on the same filesystem, then renamed:
             # a kill leaves the complete entry or nothing
-            tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
+            # (made with mkdir, not mkdtemp, so it gets the umask's mode, 0755 by default,
+            # not 0700: a colleague on a shared filesystem can read the bank)
+            tmp = self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+            tmp.mkdir()
             try:
                 write_durably(tmp / PROMPT_FILE, data)
                 write_durably(tmp / META_FILE, meta_bytes(meta))
