@@ -295,3 +295,17 @@ def test_bank_entries_and_exports_follow_the_umask(capsys, tmp_path):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
         for file in folder.iterdir():
             assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+
+
+def test_import_refuses_a_prompt_of_another_width_than_the_base_model(capsys, tmp_path, gpt2_dirs):
+    base_dir, _ = gpt2_dirs  # tiny-gpt2: 64 wide
+    store = PromptBank(tmp_path / "pb")
+    store.add("rte", _prompt(1, (3, 8)), base_model=BASE)
+    status, _, err = run(capsys, "export", "rte", str(tmp_path / "ad"), "--task-type",
+                         "CAUSAL_LM", "--bank", str(store.root))  # fmt: skip
+    assert status == 0, err
+    status, _, err = run(capsys, "import", str(tmp_path / "ad"), "--task", "x", "--base-model",
+                         str(base_dir), "--bank", str(store.root))  # fmt: skip
+    assert status == 2
+    assert_one_error_line(err, "the prompt is 8 wide", "embeds tokens in 64")
+    assert store.tasks() == ["rte"]

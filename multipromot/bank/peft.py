@@ -181,6 +181,13 @@ def import_peft(
     sidecar = _read_sidecar(src / PEFT_META_FILE)
     if base_model is None:
         base_model = sidecar.get("base_model") or _base_model_from_config(config, config_path)
+    width = _model_width((base_model or {}).get("name"))
+    if width is not None and width != prompt.shape[1]:
+        raise BankError(
+            f"the prompt is {prompt.shape[1]} wide, the base model "
+            f"{base_model['name']} embeds tokens in {width}",
+            file=weights,
+        )
     return bank.add(
         task,
         prompt,
@@ -193,6 +200,24 @@ def import_peft(
             "peft_exported_from": sidecar.get("exported_from"),
         },
     )
+
+
+def _model_width(name: str | None) -> int | None:
+    """The embedding width of a local model directory (from its config.json), or None when it
+    is not a local model (nothing is downloaded to check)."""
+    config_file = Path(name) / "config.json" if name else None
+    if config_file is None or not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for key in ("d_model", "hidden_size", "n_embd"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def _peft_task_type(task_type: str | None, base: str | None, *, key: str) -> str:
