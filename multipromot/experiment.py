@@ -486,6 +486,7 @@ def _curve(cfg: RunConfig, method: Method, method_dir: Path, final: Path, skip: 
     for path in sorted(checkpoints, key=lambda p: int(p.name.split("_")[1])):
         step = int(path.name.split("_")[1])
         if step != skip:  # the selected model is evaluated already
+            print(f"evaluating {method.label} at checkpoint step {step} (curve)")
             records += evaluate_method(
                 cfg, method, final, step=step, checkpoint=path, selected=False
             )
