@@ -38,7 +38,12 @@ from multipromot.eval.generation import validate_tasks
 from multipromot.fsio import write_atomic
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.soft_prompt import PromptedModel, init_prompts
-from multipromot.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from multipromot.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from multipromot.train.common import MetricsLogger, Throughput, build_optimizer, lr_schedule
 
 __all__ = ["train_prompts", "batch_stream", "format_record", "made_from", "BatchStream"]
@@ -220,7 +225,10 @@ def _resume(root: Path, record: dict, trained: _Trained, optimizer, scheduler, b
     path = latest_checkpoint(root)
     if path is None:
         return 0
-    state = json.loads((path / "trainer_state.json").read_text())
+    try:
+        state = read_trainer_state(path)
+    except UserError:
+        state = {}  # unreadable: started over, like one made from other settings
     if state.get("made_from") != record:
         if progress:
             print(f"stage 1: not resuming {path} (made from other settings or data)")
