@@ -7,7 +7,8 @@ import os
 
 from multipromot.cli.app import CONFIG_ARG, OVERRIDES_ARG, app
 from multipromot.config import load_config
-from multipromot.experiment import preflight, run_eval, run_experiment
+from multipromot.experiment import run_eval, run_experiment
+from multipromot.preflight import preflight
 from multipromot.train import stage2 as stage2_module
 from multipromot.train.stage1 import train_prompts
 
