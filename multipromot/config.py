@@ -7,6 +7,7 @@ wrong value would otherwise surface deep inside training.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ class Stage1Config:
     eval_every: int = 1000  # validation per task; the best step per task goes to the bank
     eval_examples: int = 200
     select_by: str = "metric"  # metric (the task's own) | loss
+    # equal validation values: loss (the lower validation loss, then the later step) | first
+    # (the earlier step); the step-0 prompt, never trained, is never selected
+    ties: str = "loss"
     # task: each batch holds one task's rows, sorted by length inside windows of 32 batches
     # (little padding; each prompt gets fewer, larger updates, as in prompt tuning task by
     # task); mixed: rows in drawn order, every prompt updated at every step
@@ -134,6 +138,9 @@ class LogConfig:
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
+    # `run` on a folder with results made from other settings: redo (train and evaluate those
+    # parts again) | strict (stop with one line naming what changed)
+    reuse: str = "redo"
     model: str = "tiny-t5"  # a hub id, a local directory, or a built-in model
     bank: BankConfig = field(default_factory=BankConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -156,6 +163,8 @@ def _validate(cfg: RunConfig, file: str) -> None:
         ("stage1.optimizer", cfg.stage1.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("stage1.select_by", cfg.stage1.select_by in ("metric", "loss"), "metric or loss"),
         ("stage1.batching", cfg.stage1.batching in ("task", "mixed"), "task or mixed"),
+        ("stage1.ties", cfg.stage1.ties in ("loss", "first"), "loss or first"),
+        ("reuse", cfg.reuse in ("redo", "strict"), "redo or strict"),
         ("stage2.mode", cfg.stage2.mode in STAGE2_MODES, ", ".join(STAGE2_MODES)),
         ("stage2.optimizer", cfg.stage2.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("stage2.decay", cfg.stage2.decay in ("constant", "linear", "cosine"), "constant, linear or cosine"),
@@ -180,6 +189,7 @@ def _validate(cfg: RunConfig, file: str) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise UserError(f"must be > 0, got {value}", file=file, key=key)
+    _validate_ranges(cfg, file)
     if cfg.stage2.batch_size % cfg.stage2.grad_accum:
         raise UserError(
             "must be a multiple of stage2.grad_accum", file=file, key="stage2.batch_size"
@@ -240,6 +250,62 @@ def _anchor_paths(data: dict, folder: Path) -> dict:
     return out
 
 
+MAX_SEED = 2**32 - 1  # numpy's and the sampler's seeds are 32-bit
+MAX_SHOTS = 64  # exemplars per input; more fit no input length this runs with
+
+
+def _validate_ranges(cfg: RunConfig, file: str) -> None:
+    """The values that used to be accepted and then crash, or mean something else, deep inside
+    training: every one is refused here, before anything is built."""
+    s1, s2, ev = cfg.stage1, cfg.stage2, cfg.eval
+
+    def fail(key: str, message: str) -> None:
+        raise UserError(message, file=file, key=key)
+
+    floats = {
+        "stage1.lr": s1.lr, "stage1.weight_decay": s1.weight_decay, "stage2.lr": s2.lr,
+        "stage2.prompt_lr": s2.prompt_lr, "stage2.weight_decay": s2.weight_decay,
+        "stage2.max_grad_norm": s2.max_grad_norm, "stage2.label_smoothing": s2.label_smoothing,
+    }  # fmt: skip
+    for key, value in floats.items():
+        if not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+        if value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    if s2.prompt_lr <= 0:
+        fail("stage2.prompt_lr", f"must be > 0, got {s2.prompt_lr}")
+    if s2.label_smoothing >= 1:
+        fail("stage2.label_smoothing", f"must be in [0, 1), got {s2.label_smoothing}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        fail("seed", f"must be an integer in [0, {MAX_SEED}], got {cfg.seed}")
+    at_least_one = {
+        "stage1.eval_every": s1.eval_every, "stage1.log_every": s1.log_every,
+        "stage1.eval_examples": s1.eval_examples, "stage2.eval_examples": s2.eval_examples,
+        "stage1.max_input_length": s1.max_input_length,
+        "stage1.max_target_length": s1.max_target_length,
+        "stage2.max_input_length": s2.max_input_length,
+        "stage2.max_target_length": s2.max_target_length,
+        "eval.examples": ev.examples, "eval.max_new_tokens": ev.max_new_tokens,
+    }  # fmt: skip
+    for key, value in at_least_one.items():
+        if value < 1:
+            fail(key, f"must be >= 1, got {value}")
+    for key, value in {"stage1.warmup_steps": s1.warmup_steps,
+                       "stage2.warmup_steps": s2.warmup_steps}.items():  # fmt: skip
+        if value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    if s2.shots < -1 or s2.shots > MAX_SHOTS:
+        fail("stage2.shots", f"must be -1 (the mixture's) or 0..{MAX_SHOTS}, got {s2.shots}")
+    for k in ev.shots:
+        if not 0 <= k <= MAX_SHOTS:
+            fail("eval.shots", f"each must be in 0..{MAX_SHOTS}, got {k}")
+    if len(set(ev.shots)) != len(ev.shots):
+        fail("eval.shots", f"lists a setting twice: {ev.shots}")
+    duplicates = sorted({m for m in cfg.methods if cfg.methods.count(m) > 1})
+    if duplicates:
+        fail("methods", f"lists {', '.join(duplicates)} more than once")
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     """Read a run config and apply ``key=value`` overrides.
 
@@ -278,7 +344,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or None
             raise UserError(str(e).splitlines()[0], file=source, key=key) from None
-    cfg: RunConfig = OmegaConf.to_object(merged)
+    try:  # interpolations (${oc.env:X}, ${key}) are resolved here
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or None
+        raise UserError(str(e).splitlines()[0], file=file, key=key) from None
     cfg.config_file = str(Path(path).resolve()) if path is not None else ""
     _validate(cfg, file)
     if cfg.data.mirror:

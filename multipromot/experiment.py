@@ -21,7 +21,14 @@ to the weights (``joint``, ``random_prompt``); results.json names them per recor
 
 Every finished piece leaves a file behind (the bank entries, ``methods/<m>/final``,
 ``methods/<m>/eval.json``), so running the same command again after a crash skips what is done
-and resumes stage 2 from its latest checkpoint.
+and resumes stages 1 and 2 from their latest checkpoints.
+
+Each piece also records what it was made from (``made_from``: the model, the seed, the config
+keys that change it, the bank refs and a fingerprint of the data): ``stage1.json``,
+``methods/<m>/made_from.json`` (stage 2's checkpoints and ``final``) and ``methods/<m>/eval.json``.
+A piece is reused only when its record equals the one the current config gives; otherwise
+``reuse: redo`` (the default) does that piece again and ``reuse: strict`` stops with one line
+naming what changed. report.md says per method what was reused.
 """
 
 from __future__ import annotations
@@ -29,26 +36,36 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from multipromot.bank import PromptBank
 from multipromot.bank.entry import parse_ref
 from multipromot.config import RunConfig, resolve_path
-from multipromot.data.mixtures import load_mixture
+from multipromot.data.mixtures import load_mixture, mixture_fingerprint, tasks_fingerprint
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval.report import terminal_summary, write_report
 from multipromot.eval.suites import evaluate_finetuned, evaluate_suite, load_suite
 from multipromot.fsio import write_json
 from multipromot.models import is_encoder_decoder, load_model
+from multipromot.preflight import STAGE1_KINDS, preflight
 from multipromot.router import calibrated_router
 from multipromot.soft_prompt import PromptedModel
 from multipromot.train import stage2
 from multipromot.train.checkpoint import is_complete, load_checkpoint
+from multipromot.train.stage1 import made_from as stage1_made_from
 from multipromot.train.stage1 import train_prompts
 
-__all__ = ["Method", "parse_method", "run_experiment", "run_eval", "evaluate_method"]
+__all__ = [
+    "Method",
+    "parse_method",
+    "preflight",  # re-exported from multipromot.preflight
+    "run_experiment",
+    "run_eval",
+    "evaluate_method",
+]
 
 KINDS = ("pretrained", "prompt_tuning", "standard", "promot", "joint", "random_prompt")
 _METHOD = re.compile(
@@ -102,18 +119,74 @@ def parse_method(label: str, cfg: RunConfig) -> Method:
 
 
 def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
-    """Prompt-tune the stage-1 mixture unless this run already did; returns task -> bank ref of
-    this run's stage-1 prompts."""
+    """Prompt-tune the stage-1 mixture unless this run already did from the same settings;
+    returns task -> bank ref of this run's stage-1 prompts."""
     done = out / "stage1.json"
-    if done.is_file():
-        refs = json.loads(done.read_text())["entries"]
+    record = stage1_made_from(cfg)
+    if done.exists():
+        saved = _read_json(done)
+        refs = saved.get("entries") if isinstance(saved, dict) else None
+        changed = _changes(saved.get("made_from") if isinstance(saved, dict) else None, record)
         bank = PromptBank(cfg.bank.dir)
-        if all(_exists(bank, ref) for ref in refs):
+        if not changed and isinstance(refs, list) and all(_exists(bank, r) for r in refs):
             print(f"stage 1: reusing {', '.join(refs)}")
             return {parse_ref(ref)[0]: ref for ref in refs}
+        _stale(cfg, done, "stage 1", changed or "its bank entries are missing")
     entries = train_prompts(cfg)
-    write_json(done, {"entries": [e.ref for e in entries]})
+    write_json(done, {"entries": [e.ref for e in entries], "made_from": record})
+    for e in entries:
+        s1 = e.meta.get("stage1", {})
+        print(f"stage 1: {e.ref}: {s1.get('metric')} {s1.get('value', float('nan')):.4g} "
+              f"at step {s1.get('best_step')}")  # fmt: skip
     return {e.task: e.ref for e in entries}
+
+
+def _read_json(path: Path):
+    """A run folder's JSON record, or None when it is truncated or not JSON (it is redone)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _changes(old, new: dict) -> str:
+    """What differs between a stored ``made_from`` record and the current one, in words ("" when
+    equal)."""
+    if old is None:
+        return "no record of what it was made from (unreadable, or from an older multipromot)"
+    if old == new:
+        return ""
+    a, b = _flatten(old), _flatten(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = []
+    for key in keys[:3]:
+        if key == "data" or key.endswith(".data") or "fingerprint" in key or "tasks" in key:
+            shown.append(f"{key} (the data files, templates or rates)")
+        else:
+            shown.append(f"{key} {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return ", ".join(shown) + more
+
+
+def _stale(cfg: RunConfig, path: Path, what: str, changed: str) -> None:
+    """A stored piece does not match the config: stop (``reuse=strict``) or say it is redone."""
+    if cfg.reuse == "strict":
+        raise UserError(
+            f"was made from other settings: {changed}; use another out_dir, or reuse=redo to "
+            "redo it",
+            file=path,
+            key="reuse",
+        )
+    print(f"{what}: made from other settings ({changed}); doing it again")
 
 
 def _exists(bank: PromptBank, ref: str) -> bool:
@@ -124,20 +197,87 @@ def _exists(bank: PromptBank, ref: str) -> bool:
     return True
 
 
-def _stage2(cfg: RunConfig, method: Method, method_dir: Path) -> Path:
-    """Fine-tune for one method (resuming a killed run); returns its final model directory."""
-    final = method_dir / "final"
-    if (final / "multipromot.json").is_file():
-        return final
+def _method_config(cfg: RunConfig, method: Method, method_dir: Path) -> RunConfig:
+    """The config stage 2 runs with for one method."""
     sub = copy.deepcopy(cfg)
     sub.out_dir = str(method_dir)
     sub.stage2.mode = method.kind  # the trained kinds are exactly the stage-2 modes
     sub.stage2.mixture = method.mixture
     if method.shots is not None:  # the label's +Kshot wins over stage2.shots and the mixture
         sub.stage2.shots = method.shots
+    return sub
+
+
+# stage2.* keys that do not change the trained model
+_NOT_RESULT_STAGE2 = ("log_every", "resume")
+
+
+def _current_refs(cfg: RunConfig, tasks: list[str], stage1_refs: dict) -> dict:
+    """The bank refs a method's prompts come from now: this run's stage 1, else the bank's
+    current entry (what stage 2 reads)."""
+    bank = PromptBank(cfg.bank.dir)
+    refs = {}
+    for task in tasks:
+        try:
+            refs[task] = stage1_refs.get(task) or bank.get(task).ref
+        except UserError:
+            refs[task] = None  # stage 2 or the evaluation will say so
+    return refs
+
+
+def _train_record(cfg: RunConfig, method: Method, method_dir: Path, stage1_refs: dict) -> dict:
+    """What a method's stage-2 model is made from (see the module docstring)."""
+    s2 = asdict(_method_config(cfg, method, method_dir).stage2)
+    for key in _NOT_RESULT_STAGE2:
+        s2.pop(key)
+    mixture = load_mixture(method.mixture)
+    record = {"model": cfg.model, "seed": cfg.seed, "stage2": s2,
+              "data": mixture_fingerprint(mixture)}  # fmt: skip
+    if method.kind in ("promot", "joint"):  # they start from the bank's prompts
+        record["bank_dir"] = str(Path(cfg.bank.dir).resolve())
+        record["bank_refs"] = _current_refs(cfg, mixture.task_names, stage1_refs)
+    return record
+
+
+def _eval_record(cfg: RunConfig, method: Method, trained: dict | None, stage1_refs: dict) -> dict:
+    """What a method's scores are made from: its model (``trained``, or the base model), the
+    ``eval.*`` settings, the suite's and the fine-tuned tasks' data, and its prompts."""
+    mixture = load_mixture(method.mixture)
+    suite_path = resolve_path(cfg, cfg.eval.suite)
+    suite = load_suite(suite_path)
+    record = {
+        "trained": trained,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "eval": asdict(cfg.eval),
+        "suite": {"file": str(Path(suite_path).resolve()), "shots": list(suite.shots),
+                  "examples": suite.examples, "split": suite.split,
+                  "tasks": tasks_fingerprint([get_task(n) for n in suite.task_names])},
+        "data": mixture_fingerprint(mixture),
+    }  # fmt: skip
+    if method.kind == "prompt_tuning":
+        record["bank_dir"] = str(Path(cfg.bank.dir).resolve())
+        record["bank_refs"] = _current_refs(cfg, mixture.task_names, stage1_refs)
+    return record
+
+
+def _stage2(cfg: RunConfig, method: Method, method_dir: Path, record: dict) -> tuple[Path, bool]:
+    """Fine-tune for one method (resuming a killed run made from the same settings); returns its
+    final model directory and whether it was reused as it was."""
+    final = method_dir / "final"
+    made_from = method_dir / "made_from.json"
+    if (final / "multipromot.json").is_file() and _read_json(made_from) == record:
+        return final, True
+    if made_from.exists() or final.exists() or (method_dir / "checkpoints").exists():
+        changed = _changes(_read_json(made_from), record)
+        if changed:  # another config's model or checkpoints: none of it may be reused
+            _stale(cfg, made_from, f"stage 2 {method.label}", changed)
+            shutil.rmtree(method_dir)
+            method_dir.mkdir(parents=True)
+    write_json(made_from, record)
     print(f"stage 2: {method.label}")
-    stage2.finetune(sub)
-    return final
+    stage2.finetune(_method_config(cfg, method, method_dir))
+    return final, False
 
 
 def prompt_refs(
@@ -267,6 +407,7 @@ def _curve(cfg: RunConfig, method: Method, method_dir: Path, final: Path, skip: 
     for path in sorted(checkpoints, key=lambda p: int(p.name.split("_")[1])):
         step = int(path.name.split("_")[1])
         if step != skip:  # the selected model is evaluated already
+            print(f"evaluating {method.label} at checkpoint step {step} (curve)")
             records += evaluate_method(
                 cfg, method, final, step=step, checkpoint=path, selected=False
             )
@@ -278,34 +419,50 @@ def run_experiment(cfg: RunConfig) -> Path:
     if not cfg.methods:
         raise UserError("lists no methods to run", file=cfg.config_file or None, key="methods")
     methods = [parse_method(label, cfg) for label in cfg.methods]
+    preflight(cfg, methods)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stage1_refs: dict[str, str] = {}
-    if any(m.kind in ("prompt_tuning", "promot", "joint") for m in methods):
+    if any(m.kind in STAGE1_KINDS for m in methods):
         stage1_refs = _stage1(cfg, out)
     _, _, base_dir = load_model(cfg.model, seed=cfg.seed)
 
     records: list[dict] = []
+    status: dict[str, str] = {}
     for method in methods:
         method_dir = out / "methods" / method.label
         method_dir.mkdir(parents=True, exist_ok=True)
+        trained = _train_record(cfg, method, method_dir, stage1_refs) if method.trains else None
+        record = _eval_record(cfg, method, trained, stage1_refs)
         done = method_dir / "eval.json"
-        if done.is_file():
-            records += json.loads(done.read_text())
-            continue
+        if done.exists():
+            saved = _read_json(done)
+            made_from = saved.get("made_from") if isinstance(saved, dict) else None
+            changed = _changes(made_from, record)
+            if not changed:
+                records += saved["records"]
+                status[method.label] = "reused (trained and scored by an earlier run)"
+                print(f"{method.label}: reusing {done}")
+                continue
+            _stale(cfg, done, f"evaluation of {method.label}", changed)
+            done.unlink()
         if method.trains:
-            model_dir = _stage2(cfg, method, method_dir)
+            model_dir, kept = _stage2(cfg, method, method_dir, trained)
             step = _final_step(model_dir, cfg.stage2.steps)
+            status[method.label] = ("stage 2 reused, scored by this run" if kept
+                                    else "trained and scored by this run")  # fmt: skip
         else:
             model_dir, step = Path(base_dir), 0
+            status[method.label] = "scored by this run"
+        print(f"evaluating {method.label} (step {step})")
         result = evaluate_method(cfg, method, model_dir, step=step, stage1_refs=stage1_refs)
         if method.trains and cfg.eval.curve:
             result += _curve(cfg, method, method_dir, model_dir, skip=step)
-        write_json(done, result)
+        write_json(done, {"made_from": record, "records": result})
         records += result
 
     report = write_report(records, out, title=f"multipromot run: {Path(cfg.config_file).name}",
-                          config=_config_dict(cfg))  # fmt: skip
+                          config=_config_dict(cfg), methods=status)  # fmt: skip
     print(terminal_summary(records))
     print(f"report: {report}")
     return report
@@ -319,6 +476,7 @@ def run_eval(cfg: RunConfig) -> Path:
     Returns:
         The report path (``<out_dir>/eval/report.md``).
     """
+    preflight(cfg, command="eval")
     kind = "prompt_tuning" if cfg.eval.prompts else "pretrained"  # base weights, bank prompts
     method = Method(label=Path(cfg.model).name or cfg.model, kind=kind, shots=None,
                     mixture=resolve_path(cfg, cfg.stage2.mixture))  # fmt: skip

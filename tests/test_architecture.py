@@ -16,7 +16,7 @@ LAYERS = [
     {"router"},
     {"eval"},
     {"train"},
-    {"experiment"},
+    {"experiment", "preflight"},
     {"integrations"},
     {"lab"},
     {"cli", "__main__"},

@@ -638,3 +638,30 @@ def test_export_refuses_a_non_empty_directory_and_unknown_task_type(bank, tmp_pa
         bank.export_peft("rte", out, task_type="CAUSAL_LM")
     with pytest.raises(BankError, match="use SEQ_2_SEQ_LM or CAUSAL_LM"):
         bank.export_peft("rte", tmp_path / "out2", task_type="classification")
+
+
+def test_a_nan_prompt_with_valid_checksums_is_refused_on_load_and_by_verify(tmp_path):
+    """Checksums only prove the bytes are unchanged: a NaN prompt written with matching
+    checksums loaded and passed `verify`."""
+    import json as _json
+
+    from safetensors.torch import save as _save
+
+    from multipromot.bank.entry import meta_bytes
+    from multipromot.fsio import sha256_bytes
+
+    bank = PromptBank(tmp_path / "bank")
+    entry = bank.add("rte", torch.ones(4, 8), base_model=BASE)
+    poisoned = torch.ones(4, 8)
+    poisoned[1, 2] = float("nan")
+    data = _save({"prompt": poisoned})
+    entry.prompt_path.write_bytes(data)
+    meta = _json.loads(entry.meta_path.read_text())
+    meta["sha256"] = sha256_bytes(data)
+    entry.meta_path.write_bytes(meta_bytes(meta))
+    with pytest.raises(BankError, match="NaN or infinite"):
+        bank.load_prompt("rte")
+    problems = [str(p) for p in bank.verify()]
+    assert any("NaN or infinite" in p for p in problems), problems
+    with pytest.raises(BankError, match="NaN or infinite"):  # and at add
+        bank.add("rte", poisoned, base_model=BASE)

@@ -240,3 +240,72 @@ def test_export_and_import_peft(capsys, tmp_path, gpt2_dirs):
     )
     assert status == 2
     assert_one_error_line(err, "--format", "'onnx'", "peft")
+
+
+def test_list_shows_the_healthy_entries_and_flags_a_corrupt_one(capsys, bank):
+    """One corrupt meta.json made `bank list` fail entirely."""
+    (bank.root / "cb" / "v0001" / "meta.json").write_text("{not json")
+    status, out, err = run(capsys, "list", "--bank", str(bank.root))
+    assert status == 1
+    assert "rte" in out and "v0002" in out
+    bad = err.strip().splitlines()
+    assert len(bad) == 1 and bad[0].startswith("bad entry ") and "cb@v0001" in bad[0]
+
+
+def test_export_into_the_bank_is_refused(capsys, bank, tmp_path):
+    """An adapter exported into the bank's own folder broke the bank."""
+    for inside in (bank.root / "adapter", bank.root / "rte" / "x"):
+        status, _, err = run(capsys, "export", "rte", str(inside), "--task-type", "CAUSAL_LM",
+                             "--bank", str(bank.root))  # fmt: skip
+        assert status == 2 and "is inside the prompt bank" in err and not inside.exists()
+    assert bank.verify() == []
+
+
+def test_verify_fix_never_makes_a_junk_folder_current(capsys, bank):
+    """A folder named like a version but not an entry (an adapter exported into the bank) was
+    made current by `verify --fix` (and by every read, as a crashed writer's entry)."""
+    junk = bank.root / "rte" / "v0003"
+    junk.mkdir()
+    (junk / "adapter_config.json").write_text("{}")
+    assert bank.get("rte").ref == "rte@v0002"
+    status, out, _ = run(capsys, "verify", "--bank", str(bank.root))
+    assert status == 2 and "rte@v0003" in out
+    run(capsys, "verify", "--fix", "--bank", str(bank.root))
+    assert PromptBank(bank.root).get("rte").ref == "rte@v0002"
+    (bank.root / "index.json").unlink()  # rebuilt from disk alone
+    run(capsys, "verify", "--fix", "--bank", str(bank.root))
+    assert PromptBank(bank.root).get("rte").ref == "rte@v0002"
+
+
+def test_bank_entries_and_exports_follow_the_umask(capsys, tmp_path):
+    """Entries and exports were 0700 folders (mkdtemp), unreadable by a colleague."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = PromptBank(tmp_path / "shared")
+        entry = store.add("rte", torch.ones(2, 2), base_model=BASE)
+        status, _, err = run(capsys, "export", "rte", str(tmp_path / "out"), "--task-type",
+                             "CAUSAL_LM", "--bank", str(store.root))  # fmt: skip
+        assert status == 0, err
+    finally:
+        os.umask(old)
+    for folder in (entry.path, tmp_path / "out"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        for file in folder.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+
+
+def test_import_refuses_a_prompt_of_another_width_than_the_base_model(capsys, tmp_path, gpt2_dirs):
+    base_dir, _ = gpt2_dirs  # tiny-gpt2: 64 wide
+    store = PromptBank(tmp_path / "pb")
+    store.add("rte", _prompt(1, (3, 8)), base_model=BASE)
+    status, _, err = run(capsys, "export", "rte", str(tmp_path / "ad"), "--task-type",
+                         "CAUSAL_LM", "--bank", str(store.root))  # fmt: skip
+    assert status == 0, err
+    status, _, err = run(capsys, "import", str(tmp_path / "ad"), "--task", "x", "--base-model",
+                         str(base_dir), "--bank", str(store.root))  # fmt: skip
+    assert status == 2
+    assert_one_error_line(err, "the prompt is 8 wide", "embeds tokens in 64")
+    assert store.tasks() == ["rte"]

@@ -162,3 +162,10 @@ def test_missing_template_field_names_file_task_and_key(capsys, tmp_path):
         f"error: {path}: tasks[0].template: template 'mine' needs field 'txet', which the "
         "example lacks (fields: label, text)\n"
     )
+
+
+def test_sample_count_is_bounded(capsys, mixture_file):
+    """`-n 100000000` rendered every example before printing (it hung)."""
+    assert main(["mixture", "sample", str(mixture_file), "-n", "100000000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-n" in err[0] and "10000" in err[0]

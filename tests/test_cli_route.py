@@ -73,3 +73,14 @@ def test_route_refuses_a_bank_folder_that_does_not_exist(tmp_path, capsys):
     assert main(["route", "--bank", str(tmp_path / "nope"), "some input"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'nope'}: --bank: no prompt bank here (not a directory)"
+
+
+def test_route_refuses_a_binary_file_and_zero_eval_examples(bank_dir, tmp_path, capsys):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x80\x04\x95\x00\xff\xfe")
+    assert main(["route", "--bank", bank_dir, "--file", str(binary)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {binary}: --file: not a UTF-8 text file with one input per line"]
+    assert main(["route", "--bank", bank_dir, "--eval", "--examples", "0"]) == 2  # was nan%
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--examples" in err[0] and "nan" not in err[0]

@@ -186,7 +186,7 @@ def test_shots_precedence_label_then_stage2_shots_then_mixture(tiny_config, tmp_
     ]:
         cfg = load_config(path, [*overrides, f"stage2.mixture={header}", *extra])
         method_dir = tmp_path / f"{label}-{len(extra)}"
-        experiment._stage2(cfg, experiment.parse_method(label, cfg), method_dir)
+        experiment._stage2(cfg, experiment.parse_method(label, cfg), method_dir, {})
         assert seen[str(method_dir)][0] == want, (label, extra)
 
 
@@ -201,3 +201,73 @@ def test_ctrl_c_exits_130_with_a_line_saying_how_to_continue(tiny_config, monkey
     assert main(["run", str(path), *overrides]) == 130  # `stage1 && stage2` sees a failure
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted:") and "run the same command again" in err
+
+
+def test_a_changed_config_never_reports_the_first_runs_numbers(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
+    """The issue's scenario: `run`, then `run` again on the same out_dir with another model and
+    stage-2 settings. Was: finished in seconds, every number the first run's under new labels."""
+    from multipromot.train import stage2
+
+    path, overrides = tiny_config
+    base = [*overrides, "methods=[pretrained,prompt_tuning,standard]", "eval.curve=false"]
+    experiment.run_experiment(load_config(path, base))
+    first = json.loads((tmp_path / "run" / "results.json").read_text())["records"]
+    capsys.readouterr()
+
+    trained = []
+    real = stage2.finetune
+    monkeypatch.setattr(stage2, "finetune", lambda sub, **kw: trained.append(sub) or real(sub))
+    changed = [*base, "model=tiny-gpt2", "stage2.steps=6", "stage2.lr=0.05"]
+
+    # reuse=strict: one line naming what changed, before anything is trained
+    assert main(["run", str(path), *changed, "reuse=strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage1.json: reuse: was made from other settings" in err[0]
+    assert "model 'tiny-t5' -> 'tiny-gpt2'" in err[0] and not trained
+
+    # the default redoes every part made from other settings
+    report = experiment.run_experiment(load_config(path, changed))
+    out = capsys.readouterr().out
+    assert "stage 1: made from other settings (model 'tiny-t5' -> 'tiny-gpt2'" in out
+    assert [t.stage2.lr for t in trained] == [0.05]  # stage 2 trained again, with the new lr
+    second = json.loads((tmp_path / "run" / "results.json").read_text())["records"]
+    for method in ("pretrained", "prompt_tuning", "standard"):
+        made = json.loads((tmp_path / "run/methods" / method / "eval.json").read_text())
+        assert made["made_from"]["model"] == "tiny-gpt2"
+    assert {r["step"] for r in second if r["method"] == "standard"} <= {2, 4, 6}
+    assert first != second
+    assert PromptBank(tmp_path / "bank").versions("lab_rte") == [1, 2]  # new stage-1 prompts
+    text = report.read_text()
+    assert "- `standard`: stage-2 step" in text and "trained and scored by this run" in text
+
+    # the same config again: everything reused, nothing trained
+    trained.clear()
+    experiment.run_experiment(load_config(path, changed))
+    assert not trained
+    text = report.read_text()
+    assert text.count("reused (trained and scored by an earlier run)") == 3
+    again = json.loads((tmp_path / "run" / "results.json").read_text())["records"]
+    assert again == second
+
+    # an evaluation setting alone re-scores, without training again
+    experiment.run_experiment(load_config(path, [*changed, "eval.examples=2"]))
+    assert not trained and "stage 2 reused, scored by this run" in report.read_text()
+
+
+def test_a_truncated_record_in_the_run_folder_is_redone(tiny_config, tmp_path, capsys):
+    path, overrides = tiny_config
+    cfg = load_config(path, [*overrides, "methods=[pretrained]", "eval.curve=false"])
+    experiment.run_experiment(cfg)
+    done = tmp_path / "run" / "methods" / "pretrained" / "eval.json"
+    done.write_bytes(done.read_bytes()[:40])
+    capsys.readouterr()
+    experiment.run_experiment(cfg)
+    assert (
+        "evaluation of pretrained: made from other settings (no record" in capsys.readouterr().out
+    )
+    assert json.loads(done.read_text())["records"]
+    done.write_bytes(done.read_bytes()[:40])
+    assert main(["run", str(path), *overrides, "methods=[pretrained]", "eval.curve=false",
+                 "reuse=strict"]) == 2  # fmt: skip

@@ -192,3 +192,27 @@ def test_no_specialization_plot_without_measurements(tmp_path):
     for r in records:
         r["specialization"] = None
     assert write_plots(records, tmp_path) == ["norm_avg.png"]
+
+
+def test_curves_start_at_step_0_from_the_same_weights_and_prompts():
+    """A stage-2 curve had no step-0 point: the collapse from the pretrained model was not
+    visible. A method gets the step-0 points of the method evaluated with the same base weights
+    and the same prompts (none: pretrained; the same bank versions: prompt_tuning)."""
+    from multipromot.eval.report import _unseen_points, _with_step0
+
+    refs = {"rte": "rte@v0001"}
+    records = [
+        _rec("pretrained", 0, "cb", 1, 40.0),
+        {**_rec("prompt_tuning", 0, "cb", 1, 42.0), "bank_refs": refs},
+        _rec("standard", 2, "cb", 1, 20.0),
+        _rec("standard", 4, "cb", 1, 10.0),
+        {**_rec("promot", 2, "cb", 1, 39.0), "bank_refs": refs},
+        {**_rec("promot", 4, "cb", 1, 38.0), "bank_refs": refs},
+        {**_rec("promot@other", 2, "cb", 1, 30.0), "bank_refs": {"rte": "rte@v0002"}},
+        {**_rec("promot@other", 4, "cb", 1, 31.0), "bank_refs": {"rte": "rte@v0002"}},
+    ]
+    points = _unseen_points(_with_step0(records))
+    assert points[("standard", 0, 1)]["norm_avg"] == 40.0  # the pretrained model
+    assert points[("promot", 0, 1)]["norm_avg"] == 42.0  # base weights with its prompts
+    assert ("promot@other", 0, 1) not in points  # no evaluation with those prompts: no point
+    assert final_records(_with_step0(records)) == final_records(records)  # the table is unchanged

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from multipromot.data.sources import (
     register_generator,
     reset_generators,
     source_from_spec,
+    split_of_file,
 )
 from multipromot.errors import UserError
 
@@ -293,3 +295,43 @@ def test_filter_errors():
     source = source_from_spec({"generator": "test_count", "filter": "''.__class__"}, key="s")
     with pytest.raises(UserError, match="unsafe"):
         source.load("train")
+
+
+def _split_files(tmp_path, names):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, name in enumerate(names):
+        (data / name).write_text(json.dumps({"text": name, "label": i}) + "\n")
+    return tmp_path / "mix.yaml"
+
+
+def test_a_glob_over_split_files_takes_the_splits_from_the_names(tmp_path):
+    """`files: data/*.jsonl` over train/dev/test files put every row into train (a leak of the
+    validation and test rows); the splits now come from the file names, as in `datasets`."""
+    mix = _split_files(tmp_path, ["rte-train.jsonl", "rte-dev.jsonl", "rte-test.jsonl"])
+    source = source_from_spec({"files": "data/*.jsonl", "format": "json"}, file=mix, key="s")
+    assert {s: [Path(p).name for p in ps] for s, ps in source.files.items()} == {
+        "train": ["rte-train.jsonl"],
+        "validation": ["rte-dev.jsonl"],
+        "test": ["rte-test.jsonl"],
+    }
+    assert [r["text"] for r in source.load("train")] == ["rte-train.jsonl"]
+    assert [split_of_file(n) for n in ("contest.jsonl", "a_valid_0.json", "x.jsonl")] == [
+        None,
+        "validation",
+        None,
+    ]
+
+
+def test_an_ambiguous_glob_is_refused(tmp_path):
+    mix = _split_files(tmp_path, ["train.jsonl", "validation.jsonl", "extra.jsonl"])
+    with pytest.raises(UserError, match="extra.jsonl, whose name says no split") as e:
+        source_from_spec({"files": "data/*.jsonl", "format": "json"}, file=mix, key="s")
+    assert e.value.key == "s.files" and "files: {train: ..." in str(e.value)
+    # an explicit split over files named for another split
+    spec = {"files": "data/*.jsonl", "format": "json", "split": "train"}
+    with pytest.raises(UserError, match="split is 'train' but the glob matches validation.jsonl"):
+        source_from_spec(spec, file=mix, key="s")
+    # unnamed files alone: one split, as before
+    ok = {"files": "data/extra.jsonl", "format": "json", "split": "train"}
+    assert list(source_from_spec(ok, file=mix, key="s").files) == ["train"]

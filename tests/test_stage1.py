@@ -93,3 +93,82 @@ def test_stage1_cli_prints_entries_and_rejects_bad_config(run_config, tmp_path, 
     assert main(["stage1", str(run_config), "stage1.init=zeros"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {run_config}: stage1.init: must be random, vocab or text"]
+
+
+def test_stage1_never_keeps_the_untrained_prompt_and_breaks_ties_by_loss(run_config, tmp_path):
+    """tiny-t5 scores the same accuracy at every step (a tie): the stored prompt must be a
+    trained one, the one with the lowest validation loss (was: step 0, the initial prompt)."""
+    cfg = load_config(run_config, ["stage1.select_by=metric", "stage1.steps=20",
+                                   "stage1.eval_every=10"])  # fmt: skip
+    entries = train_prompts(cfg, progress=False)
+    losses = validation_losses(tmp_path / "run")
+    assert sorted(losses) == [0, 10, 20]
+    for entry in entries:
+        scores = {step: losses[step][entry.task]["score"] for step in (10, 20)}
+        chosen = entry.meta["stage1"]["best_step"]
+        assert chosen in (10, 20)
+        if scores[10] == scores[20]:  # a tie: the lower validation loss wins
+            other = 30 - chosen
+            assert losses[chosen][entry.task]["loss"] <= losses[other][entry.task]["loss"]
+        assert entry.meta["stage1"]["loss"] == pytest.approx(losses[chosen][entry.task]["loss"])
+
+
+def test_tie_rules():
+    from multipromot.train.stage1 import _Best, _better
+
+    def cand(value, loss, step):
+        return _Best(value, loss, step, "accuracy", None)
+
+    assert _better(cand(50, 1.0, 20), cand(50, 1.1, 10), True)  # lower loss wins a tie
+    assert not _better(cand(50, 1.2, 20), cand(50, 1.1, 10), True)
+    assert _better(cand(50, 1.0, 20), cand(50, 1.0, 10), True)  # then the later step
+    assert not _better(cand(40, 0.1, 20), cand(50, 1.0, 10), True)  # the value comes first
+    assert not _better(cand(50, 1.0, 20), cand(50, 1.1, 10), True, "first")
+    assert _better(cand(0.5, 9.0, 20), cand(0.6, 9.0, 10), False)  # select_by loss
+
+
+def _bank_prompts(bank_dir):
+    bank = PromptBank(bank_dir)
+    return {task: bank.get(task).prompt_path.read_bytes() for task in bank.tasks()}
+
+
+def test_stage1_resumes_after_an_interrupt_with_the_same_prompts(
+    run_config, tmp_path, monkeypatch, capsys
+):
+    """Interrupted after its second checkpoint (step 8 of 12), stage 1 run again continues from
+    step 8 and stores bit-identical prompts to an uninterrupted run."""
+    import multipromot.train.stage1 as stage1
+
+    settings = ["stage1.steps=12", "stage1.eval_every=4", "stage1.optimizer=adamw",
+                "stage1.lr=0.05", "stage1.warmup_steps=3"]  # fmt: skip
+    whole = load_config(run_config, [*settings, f"out_dir={tmp_path / 'whole'}",
+                                     f"bank.dir={tmp_path / 'whole_bank'}"])  # fmt: skip
+    train_prompts(whole, progress=False)
+
+    cut = load_config(run_config, settings)
+    real_save = stage1.save_checkpoint
+    saves = []
+
+    def save_then_stop(root, step, **kwargs):
+        path = real_save(root, step, **kwargs)
+        saves.append(step)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(stage1, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_prompts(cut, progress=False)
+    monkeypatch.setattr(stage1, "save_checkpoint", real_save)
+    assert saves == [4, 8] and not (tmp_path / "bank").exists()
+
+    capsys.readouterr()
+    train_prompts(cut, progress=True)
+    assert "stage 1: resumed from step 8" in capsys.readouterr().out
+    assert _bank_prompts(tmp_path / "bank") == _bank_prompts(tmp_path / "whole_bank")
+
+    def logged(run):  # the metrics log, less the wall-clock speed
+        lines = [json.loads(line) for line in (run / "stage1/metrics.jsonl").open()]
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lines]
+
+    assert logged(tmp_path / "run") == logged(tmp_path / "whole")  # no step logged twice

@@ -349,3 +349,26 @@ def test_bad_catalogue_file(tmp_path, monkeypatch):
     assert str(err.value) == (
         f"{tmp_path / 'a.yaml'}: a catalogue file must be a mapping with a 'tasks' list"
     )
+
+
+def test_rows_without_a_gold_label_are_dropped_with_a_count(tmp_path, caplog):
+    """SuperGLUE's and SNLI's label -1 ("no gold label") rendered the last answer choice and
+    was trained and scored as such."""
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": -1}, {"text": "c", "label": 1}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "name": "nolabel",
+        "source": {"files": {"train": "train.jsonl"}, "format": "json"},
+        "template": {
+            "jinja": "{{text}} ||| {{answer_choices[label]}}",
+            "answer_choices": "no ||| yes",
+        },
+        "metric": "accuracy",
+    }
+    task = task_from_spec(spec, file=tmp_path / "mix.yaml", key="tasks[0]")
+    with caplog.at_level("WARNING"):
+        kept = task.examples("train")
+    assert [r["text"] for r in kept] == ["a", "c"]
+    assert "dropped 1 of 3 train rows with a negative label" in caplog.text
+    with pytest.raises(UserError, match=r"answer_choices\[-1\]: a negative label"):
+        task.render(rows[1])  # never the last choice

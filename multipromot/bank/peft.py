@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from multipromot.bank.entry import (
     PEFT_CONFIG_FILE,
@@ -25,6 +24,7 @@ from multipromot.bank.entry import (
     validate_task_name,
 )
 from multipromot.errors import BankError
+from multipromot.fsio import temp_dir_for, write_durably
 from multipromot.models import read_lineage
 
 __all__ = ["export_peft", "import_peft"]
@@ -69,6 +69,13 @@ def export_peft(
     base = base_model_name_or_path or entry.meta["base_model"].get("name") or None
     task_type = _peft_task_type(task_type, base, key=entry.ref)
     out = Path(out_dir)
+    if out.resolve().is_relative_to(Path(bank.root).resolve()):
+        raise BankError(
+            "is inside the prompt bank; export to a folder outside it (an adapter folder in the "
+            "bank breaks its layout)",
+            file=out,
+            key=entry.ref,
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BankError(
             "exists and is not an empty directory; choose a new one", file=out, key=entry.ref
@@ -82,17 +89,14 @@ def export_peft(
         base_model_name_or_path=base,
         inference_mode=True,  # what PeftModel.save_pretrained writes
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_for(out)  # the umask's mode (mkdtemp's 0700 hid the export from others)
     try:
         config.save_pretrained(os.fspath(tmp))
-        save_file(
-            {PEFT_TENSOR_KEY: prompt},
-            os.fspath(tmp / PEFT_WEIGHTS_FILE),
-            metadata={"format": "pt"},
-        )
-        (tmp / PEFT_META_FILE).write_text(
-            json.dumps({**entry.meta, "exported_from": entry.ref}, indent=2)
-        )
+        # bytes written through fsio (save_file makes the file 0600, whatever the umask)
+        weights = save_safetensors({PEFT_TENSOR_KEY: prompt}, metadata={"format": "pt"})
+        write_durably(tmp / PEFT_WEIGHTS_FILE, weights)
+        meta = json.dumps({**entry.meta, "exported_from": entry.ref}, indent=2)
+        write_durably(tmp / PEFT_META_FILE, meta.encode())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -142,6 +146,8 @@ def import_peft(
         raise BankError("no adapter_config.json; not a PEFT adapter directory", file=src) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BankError(f"not valid JSON ({e})", file=config_path) from None
+    if not isinstance(config, dict):
+        raise BankError(f"must be a JSON object, not a {type(config).__name__}", file=config_path)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise BankError(
             f"peft_type is {config.get('peft_type')!r}; only PROMPT_TUNING adapters hold a soft prompt",
@@ -175,6 +181,13 @@ def import_peft(
     sidecar = _read_sidecar(src / PEFT_META_FILE)
     if base_model is None:
         base_model = sidecar.get("base_model") or _base_model_from_config(config, config_path)
+    width = _model_width((base_model or {}).get("name"))
+    if width is not None and width != prompt.shape[1]:
+        raise BankError(
+            f"the prompt is {prompt.shape[1]} wide, the base model "
+            f"{base_model['name']} embeds tokens in {width}",
+            file=weights,
+        )
     return bank.add(
         task,
         prompt,
@@ -187,6 +200,24 @@ def import_peft(
             "peft_exported_from": sidecar.get("exported_from"),
         },
     )
+
+
+def _model_width(name: str | None) -> int | None:
+    """The embedding width of a local model directory (from its config.json), or None when it
+    is not a local model (nothing is downloaded to check)."""
+    config_file = Path(name) / "config.json" if name else None
+    if config_file is None or not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for key in ("d_model", "hidden_size", "n_embd"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def _peft_task_type(task_type: str | None, base: str | None, *, key: str) -> str:

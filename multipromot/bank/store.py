@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -250,12 +251,26 @@ class PromptBank:
             # an entry newer than the index knows was added by a writer killed before it
             # rewrote the index; adding makes an entry current, so finish that intent
             orphaned = versions[-1] > known_last
-            current[task] = recorded if recorded in versions and not orphaned else versions[-1]
+            if recorded in versions and not orphaned:
+                current[task] = recorded
+            else:  # never promote a folder that is not a whole entry (junk named v0003)
+                healthy = [v for v in versions if v > known_last and self._healthy(task, v)]
+                fallback = recorded if recorded in versions else versions[-1]
+                current[task] = healthy[-1] if healthy else fallback
             last[task] = max(versions[-1], known_last)
         for task, info in tasks.items():
             if task not in disk and info.get("last_version"):
                 last[task] = int(info["last_version"])  # removed task: never reuse its numbers
         return disk, current, last
+
+    def _healthy(self, task: str, version: int) -> bool:
+        """Whether an entry reads and its prompt verifies (checksum, shape, finite values)."""
+        try:
+            entry = self._read_entry(task, version)
+            self._decode_prompt(entry, self._read_prompt_bytes(entry))
+        except BankError:
+            return False
+        return True
 
     def _write_index(self, current: dict[str, int], last: dict[str, int]) -> None:
         """Rebuild ``index.json`` from disk and replace it atomically (caller holds the lock)."""
@@ -354,8 +369,19 @@ class PromptBank:
             )
         return self._read_entry(task, version, current=current[task] == version)
 
-    def entries(self, task: str | None = None) -> list[BankEntry]:
-        """Every entry (or every entry of ``task``), by task then version."""
+    def entries(
+        self, task: str | None = None, *, problems: list[BankProblem] | None = None
+    ) -> list[BankEntry]:
+        """Every entry (or every entry of ``task``), by task then version.
+
+        Args:
+            task: only this task's entries.
+            problems: when given, an unreadable entry is appended here and skipped (a listing
+                of the healthy entries); otherwise it raises.
+
+        Raises:
+            BankError: an unreadable entry (without ``problems``).
+        """
         disk, current, _ = self._state()
         if task is not None:
             disk = {validate_task_name(task): disk.get(task, [])}
@@ -364,11 +390,15 @@ class PromptBank:
             for v in versions:
                 try:
                     found.append(self._read_entry(t, v, current=current.get(t) == v))
-                except BankError:
+                except BankError as e:
                     # readers take no lock: a writer may have removed it since the listing
                     # (renamed out whole), which is not an error of the listing
-                    if self._entry_dir(t, v).is_dir():
+                    if not self._entry_dir(t, v).is_dir():
+                        continue
+                    if problems is None:
                         raise
+                    where = os.fspath(e.file or self.root)
+                    problems.append(BankProblem(format_ref(t, v), where, e.message))
         return found
 
     def _read_prompt_bytes(self, entry: BankEntry) -> bytes:
@@ -407,6 +437,8 @@ class PromptBank:
                 file=path,
                 key=entry.ref,
             )
+        if not torch.isfinite(prompt).all():  # checksums only say the bytes are unchanged
+            raise BankError("prompt has NaN or infinite values", file=path, key=entry.ref)
         return prompt
 
     def accepted_fingerprints(
@@ -553,7 +585,10 @@ class PromptBank:
                 meta["extra"] = jsonable(extra, key=task)
             # the whole entry is written in a temp dir on the same filesystem, then renamed:
             # a kill leaves the complete entry or nothing
-            tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
+            # (made with mkdir, not mkdtemp, so it gets the umask's mode, 0755 by default,
+            # not 0700: a colleague on a shared filesystem can read the bank)
+            tmp = self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+            tmp.mkdir()
             try:
                 write_durably(tmp / PROMPT_FILE, data)
                 write_durably(tmp / META_FILE, meta_bytes(meta))

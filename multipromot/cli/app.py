@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if status == 130:
         print(
-            "interrupted: finished stages, bank entries and stage-2 checkpoints are kept; run the "
-            "same command again to continue (an unfinished stage 1 starts over)",
+            "interrupted: finished stages, bank entries and stage-1 and stage-2 checkpoints are "
+            "kept; run the same command again to continue",
             file=sys.stderr,
         )
         return 130
-    return 0
+    return status if isinstance(status, int) else 0  # a command's typer.Exit(n)

@@ -76,8 +76,20 @@ def list_entries(
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Every task with its current version, prompt length, base model, stage-1 score, date."""
-    entries = _open_bank(bank).entries()
+    """Every task with its current version, prompt length, base model, stage-1 score, date.
+    Unreadable entries are flagged on stderr (exit status 1); the healthy ones are listed."""
+    problems: list = []
+    entries = _open_bank(bank).entries(problems=problems)
+    try:
+        _list(bank, entries, all_versions, json_out)
+    finally:
+        for p in problems:
+            typer.echo(f"bad entry {p}; `multipromot bank verify` says more", err=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _list(bank: str, entries: list, all_versions: bool, json_out: bool) -> None:
     shown = entries if all_versions else [e for e in entries if e.current]
     if json_out:
         print_json([e.summary() for e in shown])

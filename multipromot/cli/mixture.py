@@ -31,6 +31,7 @@ app = typer.Typer(
     help="Inspect mixtures: show tasks and rates, sample rendered examples.",
 )
 
+MAX_SAMPLE = 10_000  # examples `mixture sample` renders and prints at once (a look, not a dump)
 FileArg = Annotated[Path, typer.Argument(help="Mixture YAML file.", show_default=False)]
 
 
@@ -163,7 +164,9 @@ def show(file: FileArg, json_out: JsonOpt = False) -> None:
 @app.command()
 def sample(
     file: FileArg,
-    num: Annotated[int, typer.Option("-n", "--num", min=1, help="How many examples.")] = 5,
+    num: Annotated[
+        int, typer.Option("-n", "--num", min=1, max=MAX_SAMPLE, help="How many examples.")
+    ] = 5,
     seed: Annotated[int, typer.Option(help="Sampler seed (the run's seed).", min=0)] = 0,
     split: Annotated[str, typer.Option(help="Split to draw from.")] = "train",
     shots: Annotated[

@@ -25,7 +25,7 @@ def route(
     model: str = typer.Option(None, "--model", help="Only prompts this model accepts (lineage)."),
     file: str = typer.Option(None, "--file", help="Route every line of this file."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure routing on held-out inputs."),
-    examples: int = typer.Option(100, help="--eval: inputs per task and shots setting."),
+    examples: int = typer.Option(100, min=1, help="--eval: inputs per task and shots setting."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Which bank prompt (or none) each input gets, and why."""
@@ -46,7 +46,15 @@ def route(
         path = Path(file)
         if not path.is_file():
             raise UserError("no such file", file=file)
-        inputs += [line for line in path.read_text().splitlines() if line.strip()]
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "\0"
+        if "\0" in text:
+            raise UserError("not a UTF-8 text file with one input per line", file=file,
+                            key="--file")  # fmt: skip
+        inputs += [line for line in text.splitlines() if line.strip()]
     if not inputs:
         raise UserError("give inputs to route, --file F, or --eval", key="route")
     routes = router.route(inputs)

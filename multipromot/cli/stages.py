@@ -8,6 +8,7 @@ import os
 from multipromot.cli.app import CONFIG_ARG, OVERRIDES_ARG, app
 from multipromot.config import load_config
 from multipromot.experiment import run_eval, run_experiment
+from multipromot.preflight import preflight
 from multipromot.train import stage2 as stage2_module
 from multipromot.train.stage1 import train_prompts
 
@@ -16,6 +17,7 @@ from multipromot.train.stage1 import train_prompts
 def stage1(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
     """Prompt-tune every task of stage1.mixture into the bank (the model stays frozen)."""
     cfg = load_config(config, overrides or [])
+    preflight(cfg, command="stage1")
     entries = train_prompts(cfg)
     for entry in entries:
         s1 = entry.meta.get("stage1", {})
@@ -30,6 +32,7 @@ def stage1(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> No
 def stage2(config: str = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
     """Fine-tune the model on stage2.mixture with frozen bank prompts (torchrun = FSDP2)."""
     cfg = load_config(config, overrides or [])
+    preflight(cfg, command="stage2")
     out = stage2_module.finetune(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per rank
         print(f"stage 2 done: {out}")

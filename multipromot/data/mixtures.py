@@ -32,6 +32,8 @@ Files are read with :func:`multipromot.yamlio.read_yaml` (safe and bounded).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 from dataclasses import KW_ONLY, dataclass, field
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from multipromot.data.sampler import task_size
+from multipromot.data.sources import source_fingerprint
 from multipromot.data.tasks import get_task, task_from_spec
 from multipromot.data.templates import load_template
 from multipromot.errors import UserError
@@ -51,6 +54,9 @@ __all__ = [
     "ExamplesProportional",
     "rate_examples_proportional",
     "load_mixture",
+    "mixture_fingerprint",
+    "MAX_RATE",
+    "tasks_fingerprint",
 ]
 
 SCHEMA_VERSIONS = (1,)
@@ -60,6 +66,9 @@ _EXEMPLAR_KEYS = ("shots", "seed")
 _CATALOGUE_KEYS = ("task", "rate", "template")
 _NESTED_KEYS = ("mixture", "rate")
 _PROPORTIONAL_KEYS = ("cap", "temperature", "scale")
+
+
+MAX_RATE = 1e15  # the largest rate, explicit or examples-proportional
 
 
 @dataclass
@@ -185,6 +194,13 @@ def _parse_rate(file: Path, key: str, value: Any) -> float | ExamplesProportiona
             raise UserError(
                 f"a rate must be a finite number >= 0, got {value!r}", file=file, key=key
             )
+        if value > MAX_RATE:  # rates are relative; sums of huge ones overflow to inf
+            raise UserError(
+                f"a rate must be <= {MAX_RATE:g} (rates are relative: scale them down), "
+                f"got {value!r}",
+                file=file,
+                key=key,
+            )
         return float(value)
     if isinstance(value, dict):
         if list(value) != ["examples_proportional"]:
@@ -248,7 +264,19 @@ def _evaluate_rate(file: Path, key: str, spec: float | ExamplesProportional, tas
         n = task_size(task, "train")
     except UserError as e:
         raise _reraise_here(e, file, key) from None
-    return spec(n)
+    try:
+        rate = spec(n)
+    except OverflowError:
+        rate = math.inf
+    if not rate <= MAX_RATE:  # a tiny temperature raises the count to a huge power
+        raise UserError(
+            f"the examples-proportional rate of task {task.name!r} overflows "
+            f"({n} examples ** (1 / temperature {spec.temperature:g})); use a temperature >= 1 "
+            "(seqio's range) or a cap",
+            file=file,
+            key=key,
+        )
+    return rate
 
 
 def _catalogue_entry(file: Path, key: str, entry: dict) -> Any:
@@ -437,3 +465,43 @@ def load_mixture(path: str | os.PathLike) -> Mixture:
         file=os.fspath(file),
         origins=[e.origin for e in entries],
     )
+
+
+def tasks_fingerprint(tasks: list[Any]) -> list[dict]:
+    """What each task's rows are made from: its source (local files by content), template,
+    metric and split mapping, as JSON-able data.
+
+    Args:
+        tasks: tasks.
+
+    Returns:
+        One record per task.
+    """
+    records = []
+    for task in tasks:
+        template = task.template
+        records.append({
+            "name": task.name,
+            "source": source_fingerprint(task.source),
+            "template": [template.id, template.jinja, template.answer_choices],
+            "metric": task.metric,
+            "postprocess": task.postprocess,
+            "splits": task.splits,
+        })  # fmt: skip
+    return records
+
+
+def mixture_fingerprint(mixture: Mixture) -> str:
+    """A sha256 of everything a mixture's rows are made from: its tasks
+    (:func:`tasks_fingerprint`), the rates and the exemplar settings. A run reuses a result only
+    when the fingerprint of its data is unchanged.
+
+    Args:
+        mixture: a loaded mixture.
+
+    Returns:
+        A hex digest.
+    """
+    record = {"tasks": tasks_fingerprint(mixture.tasks), "rates": mixture.rates,
+              "shots": mixture.shots, "exemplar_seed": mixture.exemplar_seed}  # fmt: skip
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()

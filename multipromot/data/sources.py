@@ -24,11 +24,13 @@ mapping, the offline handling and the one-line error policy; each is ~150 lines.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import logging
 import operator
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from difflib import get_close_matches
 from pathlib import Path
@@ -43,6 +45,7 @@ from multipromot.data.mirror import (
 )
 from multipromot.data.templates import compile_condition
 from multipromot.errors import UserError
+from multipromot.fsio import sha256_file
 
 __all__ = [
     "Source",
@@ -51,6 +54,7 @@ __all__ = [
     "GeneratorSource",
     "FilteredSource",
     "Rows",
+    "Subset",
     "source_from_spec",
     "register_generator",
     "get_generator",
@@ -58,6 +62,8 @@ __all__ = [
     "reset_generators",
     "FILE_FORMATS",
     "GENERATORS",
+    "split_of_file",
+    "source_fingerprint",
 ]
 
 
@@ -104,6 +110,13 @@ class Rows(Sequence[dict]):
             size = len(batch[columns[0]]) if columns else 0
             for i in range(size):
                 yield {name: batch[name][i] for name in columns}
+
+    def column(self, name: str) -> list | None:
+        """One field of every row (read as one Arrow column), or None when there is no such
+        field."""
+        if name not in self._dataset.column_names:
+            return None
+        return list(self._dataset[name])
 
     def __repr__(self) -> str:
         return f"Rows({len(self)} rows, columns={self._dataset.column_names})"
@@ -297,6 +310,30 @@ _SUFFIX_FORMATS = {
 }
 
 
+def _check_utf8(path: str, *, file, key) -> None:
+    """Refuse a text data file that is not UTF-8 (a latin-1 export) in one line: the reader
+    would fail only when the row is read, deep inside training."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{Path(path).name} is not UTF-8 text (byte 0x{chunk[e.start]:02x} at "
+                    f"offset {offset + e.start}); save it as UTF-8",
+                    file=file,
+                    key=key,
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{Path(path).name} ends inside a UTF-8 character", file=file,
+                        key=key) from None  # fmt: skip
+
+
 def _resolve_patterns(
     patterns: str | Sequence[str], base_dir: Path, *, file, key: str | None
 ) -> list[str]:
@@ -319,6 +356,67 @@ def _resolve_patterns(
     return found
 
 
+# Split names in file names, as ``datasets`` infers them: the word alone or between separators
+# (``train.jsonl``, ``rte-dev.jsonl``, ``test-00000.parquet``). Folder names are not read: a
+# run's folder (``tests/``, ``eval_runs/``) says nothing about the files in it.
+_SPLIT_WORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+_SEP = r"(?:^|[-._ 0-9])"
+_SPLIT_PATTERNS = {
+    split: re.compile(_SEP + "(?:" + "|".join(words) + ")" + r"(?=$|[-._ 0-9])", re.IGNORECASE)
+    for split, words in _SPLIT_WORDS.items()
+}
+
+
+def split_of_file(path: str | os.PathLike) -> str | None:
+    """The split a file's name says it holds, or None.
+
+    Args:
+        path: a data file.
+
+    Returns:
+        ``train``, ``validation`` or ``test``; None when the name names no split or several.
+    """
+    name = Path(path).name.split(".")[0]
+    found = {split for split, pattern in _SPLIT_PATTERNS.items() if pattern.search(name)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _splits_by_name(paths: list[str], split: str, explicit: bool, *, file, key) -> dict:
+    """One glob's files by split. A glob over ``train``/``validation``/``test`` files must not
+    put every file into one split: the splits are taken from the names, as ``datasets`` does,
+    and a glob that mixes named and unnamed files, or names another split than an explicit
+    ``split``, is refused."""
+    named = {m: split_of_file(m) for m in paths}
+    kinds = {s for s in named.values() if s is not None}
+    if not kinds or kinds == {split}:
+        return {split: paths}
+    safe = "give the files per split: files: {train: ..., validation: ..., test: ...}"
+    if explicit:
+        other = next(m for m, s in named.items() if s is not None and s != split)
+        raise UserError(
+            f"split is {split!r} but the glob matches {Path(other).name}, a "
+            f"{named[other]} file; {safe}",
+            file=file,
+            key=key,
+        )
+    unnamed = [m for m, s in named.items() if s is None]
+    if unnamed:
+        raise UserError(
+            f"the glob matches files of several splits and {Path(unnamed[0]).name}, whose name "
+            f"says no split; {safe}",
+            file=file,
+            key=key,
+        )
+    grouped: dict[str, list[str]] = {}
+    for m in paths:
+        grouped.setdefault(named[m], []).append(m)
+    return grouped
+
+
 class FileSource:
     """Local JSON lines / JSON / CSV / TSV / Parquet files, read by ``datasets``' builders.
 
@@ -327,6 +425,9 @@ class FileSource:
             ``{split: glob(s)}``.
         format: ``json`` (also JSON lines), ``jsonl``, ``csv``, ``tsv`` or ``parquet``.
         split: the split name when ``files`` is not a mapping.
+        infer_splits: when ``files`` is not a mapping and matches files named for different
+            splits (``train.jsonl``, ``dev.jsonl``, ``test.jsonl``), take the splits from the
+            names; otherwise such a glob is refused unless it names only ``split``'s files.
         base_dir: relative globs are resolved against it (the YAML file's directory);
             default: the current directory.
         file: the YAML file that named this source (for error messages).
@@ -342,6 +443,7 @@ class FileSource:
         format: str,
         *,
         split: str = "train",
+        infer_splits: bool = False,
         base_dir: str | os.PathLike | None = None,
         file: str | os.PathLike | None = None,
         key: str | None = None,
@@ -358,12 +460,15 @@ class FileSource:
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         spec = files if isinstance(files, Mapping) else {split: files}
         files_key = f"{key}.files" if key else "files"
-        self.files: dict[str, list[str]] = {
-            str(name): _resolve_patterns(patterns, base, file=file, key=f"{files_key}.{name}")
-            if isinstance(files, Mapping)
-            else _resolve_patterns(patterns, base, file=file, key=files_key)
-            for name, patterns in spec.items()
-        }
+        if isinstance(files, Mapping):
+            self.files: dict[str, list[str]] = {
+                str(name): _resolve_patterns(patterns, base, file=file, key=f"{files_key}.{name}")
+                for name, patterns in spec.items()
+            }
+        else:
+            paths = _resolve_patterns(files, base, file=file, key=files_key)
+            self.files = _splits_by_name(paths, split, not infer_splits, file=file,
+                                         key=files_key)  # fmt: skip
 
     def describe(self) -> str:
         """A one-line description.
@@ -395,6 +500,9 @@ class FileSource:
                 key=self.key,
             )
         builder, options = FILE_FORMATS[self.format]
+        if self.format != "parquet":
+            for path in self.files[split]:
+                _check_utf8(path, file=self.file, key=self.key)
         try:
             _quiet_datasets()
             with _quiet_datasets_errors():
@@ -768,7 +876,9 @@ def _files_from_spec(spec: Mapping[str, Any], *, file, key) -> FileSource:
             "'split' does not go with files given per split", file=file, key=_sub(key, "split")
         )
     base_dir = Path(file).resolve().parent if file is not None else None
-    return FileSource(files, fmt, split=split, base_dir=base_dir, file=file, key=key)
+    infer = "split" not in spec and not isinstance(files, Mapping)
+    return FileSource(files, fmt, split=split, infer_splits=infer, base_dir=base_dir, file=file,
+                      key=key)  # fmt: skip
 
 
 def _generator_from_spec(spec: Mapping[str, Any], *, file, key) -> GeneratorSource:
@@ -786,3 +896,28 @@ def _generator_from_spec(spec: Mapping[str, Any], *, file, key) -> GeneratorSour
             key=_sub(key, reserved[0]),
         )
     return GeneratorSource(name, seed, file=file, key=_sub(key, "generator"), **kwargs)
+
+
+def source_fingerprint(source: Any) -> Any:
+    """What a source's examples are made from, as JSON-able data: the content hash of every
+    local file, the hub coordinates, the generator and its arguments, a filter's condition.
+    Two sources with the same fingerprint hand out the same rows (a hub dataset without a
+    pinned ``revision`` may still change upstream).
+
+    Args:
+        source: any source.
+
+    Returns:
+        A JSON-able description.
+    """
+    if isinstance(source, FileSource):
+        files = {s: [[p, sha256_file(p)] for p in paths] for s, paths in source.files.items()}
+        return {"files": files, "format": source.format}
+    if isinstance(source, HubSource):
+        return {"hub": source.path, "name": source.name, "revision": source.revision,
+                "data_dir": source.data_dir}  # fmt: skip
+    if isinstance(source, GeneratorSource):
+        return {"generator": source.name, "seed": source.seed, "kwargs": repr(source.kwargs)}
+    if isinstance(source, FilteredSource):
+        return {"filter": source.condition, "source": source_fingerprint(source.source)}
+    return {"source": repr(source)}

@@ -18,6 +18,8 @@ labels are hidden.
 
 from __future__ import annotations
 
+import logging
+import numbers
 import os
 import re
 import sys
@@ -34,6 +36,8 @@ from multipromot.data.metrics import list_metrics, postprocess
 from multipromot.data.sources import FileSource, FilteredSource, Source, Subset, source_from_spec
 from multipromot.data.templates import FormatSignature, Template, compile_value, load_template
 from multipromot.errors import UserError
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "METRICS",
@@ -169,7 +173,8 @@ class Task:
                 if self.holdouts and split in ("train", *self.holdouts):
                     self._cache.update(self._carve())
                 if split not in self._cache:  # (a hold-out dropped for a tiny train set too)
-                    self._cache[split] = self.source.load(self.source_split(split))
+                    rows = self.source.load(self.source_split(split))
+                    self._cache[split] = self._without_unlabelled(rows, split)
             except UserError as exc:
                 raise UserError(
                     f"task {self.name!r}: {exc.message}", file=exc.file, key=exc.key or self.name
@@ -182,7 +187,7 @@ class Task:
         A permutation seeded by the task name picks the held-out rows (the same on every run,
         rank and machine); each split keeps the rows in file order.
         """
-        rows = self.source.load(self.source_split("train"))
+        rows = self._without_unlabelled(self.source.load(self.source_split("train")), "train")
         if len(rows) < HOLDOUT_MIN_TRAIN and self.auto_holdouts:
             self.holdouts = {s: v for s, v in self.holdouts.items() if s not in self.auto_holdouts}
             self.auto_holdouts = ()
@@ -220,6 +225,28 @@ class Task:
             share = f"{size:.0%}" if size < 1 else f"{int(size)} rows"
             return f"held out from train ({share}, seeded)"
         return self.source_split(split)
+
+    def _without_unlabelled(self, rows: Sequence[dict], split: str) -> Sequence[dict]:
+        """Drop rows whose ``label`` is negative (SuperGLUE's and SNLI's -1, "no gold label")
+        from a task with answer choices: ``answer_choices[-1]`` would train and score them as
+        the last choice. The count goes to the log."""
+        if self.template.answer_choices is None or not len(rows):
+            return rows
+        column = getattr(rows, "column", None)
+        if column is not None:
+            labels = column("label")
+        else:
+            labels = [row.get("label") if isinstance(row, Mapping) else None for row in rows]
+        if labels is None:
+            return rows
+        keep = [i for i, v in enumerate(labels) if not (isinstance(v, numbers.Integral) and v < 0)]
+        if len(keep) == len(rows):
+            return rows
+        _log.warning(
+            "task %s: dropped %d of %d %s rows with a negative label (no gold label)",
+            self.name, len(rows) - len(keep), len(rows), split,
+        )  # fmt: skip
+        return Subset(rows, keep)
 
     def num_examples(self, split: str) -> int:
         """Number of examples in a split.

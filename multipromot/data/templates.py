@@ -200,6 +200,17 @@ _UNDEFINED_NAME = re.compile(r"^'([^']*)' is undefined$")
 _UNDEFINED_ATTR = re.compile(r"has no attribute '([^']*)'")
 
 
+class _Choices(list):
+    """The answer choices a template sees: a negative index is an error, not the last choice
+    (``answer_choices[label]`` with SuperGLUE's label -1 would render the last answer)."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index < 0:
+            # not an IndexError: Jinja would turn that into an undefined value
+            raise ValueError(f"answer_choices[{index}]: a negative label (no gold label)")
+        return super().__getitem__(index)
+
+
 class Template:
     """A promptsource-style template: Jinja that renders ``input ||| target``.
 
@@ -236,12 +247,14 @@ class Template:
         if SEPARATOR not in jinja:
             self._fail(f"has no {SEPARATOR!r} between the input and the target")
         self._ast = self._parse(jinja, "template")
-        self._compiled = _ENV.from_string(self._ast)
+        self._compiled = self._compile(self._ast, "template")
+        self._fields = meta.find_undeclared_variables(self._ast) - set(_ENV.globals)
         self._choices = None
         self._static_answers: tuple[str, ...] | None = None
         if answer_choices is not None:
             choices_ast = self._parse(answer_choices, "answer_choices")
-            self._choices = _ENV.from_string(choices_ast)
+            self._choices = self._compile(choices_ast, "answer_choices")
+            self._fields |= meta.find_undeclared_variables(choices_ast) - set(_ENV.globals)
             if not meta.find_undeclared_variables(choices_ast) - set(_ENV.globals):
                 self._static_answers = tuple(self._render_choices({}))
         elif "answer_choices" in meta.find_undeclared_variables(self._ast):
@@ -263,6 +276,23 @@ class Template:
                 key=self.key,
             ) from None
 
+    def _compile(self, ast: nodes.Template, what: str):
+        """Compile a parsed template; an unknown filter or test is one line naming it."""
+        try:
+            return _ENV.from_string(ast)
+        except TemplateSyntaxError as exc:
+            message = exc.message or str(exc)
+            name = re.search(r"No (filter|test) named '([^']*)'", message)
+            if name:
+                known = _ENV.filters if name.group(1) == "filter" else _ENV.tests
+                close = get_close_matches(name.group(2), list(known), n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                message = f"unknown {name.group(1)} {name.group(2)!r} in {what}{hint}"
+            else:
+                message = f"{message} in {what}"
+            raise UserError(f"template {self.id!r}: {message}", file=self.file,
+                            key=self.key) from None  # fmt: skip
+
     def _render(self, compiled, context: dict[str, Any], what: str) -> str:
         try:
             return compiled.render(context)
@@ -272,7 +302,16 @@ class Template:
                 "example's fields"
             )
         except UndefinedError as exc:
-            self._fail(self._missing_message(str(exc), context, what))
+            message = self._missing_message(str(exc), context, what)
+            missing = sorted(self._fields - set(context))
+            if message.startswith("reads an undefined value") and missing:
+                # e.g. answer_choices[lable]: Jinja's message says "no element Undefined"
+                fields = ", ".join(sorted(k for k in context if k != "answer_choices"))
+                message = (f"needs field {missing[0]!r}, which the example lacks "
+                           f"(fields: {fields or 'none'})")  # fmt: skip
+            self._fail(message)
+        except RecursionError:
+            self._fail(f"recursed too deeply in {what} (a macro that calls itself?)")
         except TemplateError as exc:
             self._fail(f"failed in {what}: {exc}")
         except (TypeError, ValueError, LookupError, ArithmeticError) as exc:
@@ -318,7 +357,7 @@ class Template:
         """
         context = self._context(example)
         if self._choices is not None:
-            context["answer_choices"] = self._render_choices(context)
+            context["answer_choices"] = _Choices(self._render_choices(context))
         parts = self._render(self._compiled, context, "template").split(SEPARATOR)
         if len(parts) != 2:
             self._fail(

@@ -354,7 +354,7 @@ def _plot(
     fig = Figure(figsize=(4.5 * len(shots), 3.4), layout="constrained")
     for i, k in enumerate(shots):
         ax = fig.add_subplot(1, len(shots), i + 1)
-        for method in methods:
+        for j, method in enumerate(methods):
             line = sorted(
                 (step, p[key])
                 for (m, step, kk), p in points.items()
@@ -362,10 +362,13 @@ def _plot(
             )
             if not line:
                 continue
+            # one colour and marker per method, so lines at the same level stay apart
+            style = dict(color=_COLORS[j % len(_COLORS)], label=method)
             if len(line) == 1:  # one evaluation (the pretrained model): a reference level
-                ax.hlines(line[0][1], *span, linestyles="--", colors="gray", label=method)
+                ax.hlines(line[0][1], *span, linestyles=_DASHES[j % len(_DASHES)], **style)
             else:
-                ax.plot(*zip(*line, strict=True), marker="o", markersize=3, label=method)
+                ax.plot(*zip(*line, strict=True), marker=_MARKERS[j % len(_MARKERS)],
+                        markersize=4, **style)  # fmt: skip
         ax.set_title(f"{title}, {k}-shot")
         ax.set_xlabel("stage-2 step")
         ax.set_ylabel(ylabel)
@@ -374,6 +377,36 @@ def _plot(
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
+
+
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+           "tab:pink", "tab:olive", "tab:cyan", "tab:gray")  # fmt: skip
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_DASHES = ("--", ":", "-.", (0, (5, 1, 1, 1)))
+
+
+def _with_step0(records: list[dict]) -> list[dict]:
+    """Curves start at step 0: a stage-2 method without a step-0 evaluation gets the points of
+    the method evaluated with the same weights and prompts before stage 2 (the base model with
+    no prompts is ``pretrained``'s; with the same bank versions, ``prompt_tuning``'s)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    starts = {}
+    for rows in by_method.values():
+        if {r["step"] for r in rows} == {0}:  # evaluated at the base weights only
+            refs = rows[0].get("bank_refs") or {}
+            starts.setdefault(json.dumps(refs, sort_keys=True), rows)
+    out = list(records)
+    for method, rows in by_method.items():
+        steps = {r["step"] for r in rows}
+        if len(steps) < 2 or 0 in steps:
+            continue
+        refs = json.dumps(rows[0].get("bank_refs") or {}, sort_keys=True)
+        for r in starts.get(refs, []):
+            if not r.get("seen"):
+                out.append({**r, "method": method, "selected": False})
+    return out
 
 
 def write_plots(records: Iterable[dict], out_dir: str | os.PathLike) -> list[str]:
@@ -390,7 +423,7 @@ def write_plots(records: Iterable[dict], out_dir: str | os.PathLike) -> list[str
     records = _normalize(records)
     if len({r["step"] for r in records}) < 2:
         return []
-    points = _unseen_points(records)
+    points = _unseen_points(_with_step0(records))
     methods = _ordered(r["method"] for r in records)
     plots = {
         "norm_avg.png": ("norm_avg", "Norm. Avg. (0-100)", "Unseen tasks"),
@@ -450,6 +483,27 @@ def _provenance(config: dict | None) -> list[str]:
     return lines
 
 
+def _method_lines(records: list[dict], methods: dict[str, str] | None) -> list[str]:
+    """Per method: where its numbers come from (this run or an earlier one), the stage-2 step
+    and training shots of the weights, and the bank versions of its prompts."""
+    lines = ["## Methods", ""]
+    seen: dict[str, dict] = {}
+    for r in records:
+        if r.get("selected", True) and r["method"] not in seen:
+            seen[r["method"]] = r
+    for label in _ordered(r["method"] for r in records):
+        r = seen.get(label, {})
+        parts = [f"stage-2 step {r.get('step', 0)}" if r.get("step") else "base weights"]
+        if r.get("train_shots"):
+            parts.append(f"trained {r['train_shots']}-shot")
+        refs = r.get("bank_refs") or {}
+        parts.append("prompts " + ", ".join(sorted(refs.values())) if refs else "no prompts")
+        if methods and label in methods:
+            parts.append(methods[label])
+        lines.append(f"- `{label}`: " + "; ".join(parts))
+    return [*lines, ""]
+
+
 def write_report(
     records: Iterable[dict],
     out_dir: str | os.PathLike,
@@ -457,6 +511,7 @@ def write_report(
     title: str,
     config: dict | None = None,
     baseline: str = "pretrained",
+    methods: dict[str, str] | None = None,
 ) -> Path:
     """Write ``report.md``, ``results.json`` and (over several steps) the PNG curves.
 
@@ -466,6 +521,7 @@ def write_report(
         title: the report's heading.
         config: the run config as a plain dict (for the provenance section and results.json).
         baseline: the method the differences refer to.
+        methods: per method, whether its numbers were made by this run or reused.
 
     Returns:
         The path of ``report.md``.
@@ -490,6 +546,7 @@ def write_report(
         "own prompt.",
         "",
     ]
+    lines += _method_lines(records, methods)
     if plots:
         lines += ["## Over stage-2 steps", ""]
         lines += [f"![{name[:-4]}]({name})" for name in plots]

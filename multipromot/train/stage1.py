@@ -5,31 +5,51 @@ comes only from its own rows. By default (``stage1.batching=task``) the rows are
 batches of one task and similar length: a mixture of short and long formats padded together
 wastes about half of every batch (benchmarks/RESULTS.md, item 2). Each task is validated on
 its own metric every ``eval_every`` steps and the best step's prompt (per task) goes to the
-bank.
+bank. Only trained steps compete: the step-0 prompt is validated (the curve's start) but never
+stored; ties go to the lower validation loss, then to the later step.
+
+Resume: after every validation the prompts, the optimizer, the scheduler, the batch stream,
+the RNG states and the best prompt so far per task are checkpointed under
+``<out_dir>/stage1/checkpoints`` (:mod:`multipromot.train.checkpoint`, atomic; only the prompts
+are saved, the frozen model is not). A rerun with the same settings continues from the latest
+checkpoint and ends with the same prompts as an uninterrupted run; a checkpoint made from other
+settings (:func:`made_from`) is not resumed.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from multipromot.bank import BankEntry, PromptBank, describe_model
 from multipromot.config import RunConfig, resolve_path
 from multipromot.data.batches import batches_from_draws
 from multipromot.data.collate import Collator
-from multipromot.data.mixtures import load_mixture
+from multipromot.data.mixtures import load_mixture, mixture_fingerprint
 from multipromot.data.sampler import MixtureSampler
 from multipromot.errors import UserError
 from multipromot.eval.generation import validate_tasks
+from multipromot.fsio import write_atomic
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.soft_prompt import PromptedModel, init_prompts
+from multipromot.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from multipromot.train.common import MetricsLogger, Throughput, build_optimizer, lr_schedule
 
-__all__ = ["train_prompts", "batch_stream", "format_record"]
+__all__ = ["train_prompts", "batch_stream", "format_record", "made_from", "BatchStream"]
+
+# stage1.* keys that do not change the prompts (how often to log)
+_NOT_RESULT_KEYS = ("log_every",)
 
 
 @dataclass
@@ -37,13 +57,56 @@ class _Best:
     """The best validation result seen so far for one task."""
 
     value: float
+    loss: float
     step: int
     metric: str
     prompt: torch.Tensor
 
 
-def _better(new: float, old: float, higher_is_better: bool) -> bool:
-    return new > old if higher_is_better else new < old
+def _better(new: _Best, old: _Best | None, higher_is_better: bool, ties: str = "loss") -> bool:
+    """The better candidate: the task's value, then (``ties=loss``) the lower validation loss,
+    then the later step, so that a tie does not keep an earlier, less trained prompt;
+    ``ties=first`` keeps the earlier step on equal values."""
+    if old is None:
+        return True
+    if new.value != old.value:
+        return new.value > old.value if higher_is_better else new.value < old.value
+    if ties == "first":
+        return False
+    if new.loss != old.loss:
+        return new.loss < old.loss
+    return new.step > old.step
+
+
+def made_from(cfg: RunConfig, mixture=None) -> dict:
+    """What stage 1's prompts are made from: the model, the seed, every ``stage1.*`` key that
+    changes them and the fingerprint of the mixture's data. A result (or a checkpoint) is reused
+    only when this record is equal.
+
+    Args:
+        cfg: the run config.
+        mixture: the loaded ``stage1.mixture`` (loaded here if not given).
+
+    Returns:
+        A JSON-able record.
+    """
+    s1 = asdict(cfg.stage1)
+    for key in _NOT_RESULT_KEYS:
+        s1.pop(key)
+    s1["mixture"] = resolve_path(cfg, cfg.stage1.mixture)
+    mixture = mixture or load_mixture(s1["mixture"])
+    return {"model": cfg.model, "seed": cfg.seed, "stage1": s1,
+            "data": mixture_fingerprint(mixture)}  # fmt: skip
+
+
+class _Trained(nn.Module):
+    """What a stage-1 checkpoint holds: the trained prompt table and the best prompt per task
+    so far (a buffer, so it travels in the same atomic checkpoint); not the frozen model."""
+
+    def __init__(self, prompts: nn.Parameter):
+        super().__init__()
+        self.prompts = prompts
+        self.register_buffer("best", prompts.detach().clone())
 
 
 def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
@@ -88,26 +151,47 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     batches = batch_stream(tasks, sampler, collator, s1.batch_size, by_task=s1.batching == "task")
 
     out_dir = Path(cfg.out_dir) / "stage1"
-    logger = MetricsLogger(out_dir)
-    speed = Throughput()
     best: dict[str, _Best] = {}
     select = "score" if s1.select_by == "metric" else "loss"
+    record = made_from(cfg, mixture)
+    trained = _Trained(prompted.prompts)
+    start = _resume(out_dir / "checkpoints", record, trained, optimizer, scheduler, batches, best,
+                    tasks, progress=progress)  # fmt: skip
+    _trim_metrics(out_dir / "metrics.jsonl", start)  # a fresh start keeps no old lines
+    logger = MetricsLogger(out_dir)
+    speed = Throughput()
 
     def validate(step: int) -> None:
-        """Score every task; keep each task's best prompt so far (step 0 = the initial prompt)."""
+        """Score every task; keep each task's best trained prompt so far (step 0, the initial
+        prompt, is scored for the curve but never kept)."""
         results = validate_tasks(
             prompted, tokenizer, tasks, collator, examples=s1.eval_examples,
             with_metric=select == "score",
         )  # fmt: skip
         logger.log({"stage": 1, "step": step, "validation": results})
+        if step == 0:
+            return
         for i, task in enumerate(tasks):
-            value = results[task.name][select]
-            if task.name not in best or _better(value, best[task.name].value, select == "score"):
-                name = task.metric if select == "score" else "loss"
-                best[task.name] = _Best(value, step, name, prompted.prompts[i].detach().clone())
+            r = results[task.name]
+            name = task.metric if select == "score" else "loss"
+            new = _Best(r[select], r["loss"], step, name, prompted.prompts[i].detach().clone())
+            if _better(new, best.get(task.name), select == "score", s1.ties):
+                best[task.name] = new
 
-    validate(0)
-    bar = tqdm(range(1, s1.steps + 1), desc="stage 1", disable=not progress, dynamic_ncols=True)
+    def checkpoint(step: int) -> None:
+        with torch.no_grad():
+            for i, task in enumerate(tasks):
+                trained.best[i].copy_(best[task.name].prompt)
+        saved = {t: {"value": b.value, "loss": b.loss, "step": b.step, "metric": b.metric}
+                 for t, b in best.items()}  # fmt: skip
+        save_checkpoint(out_dir / "checkpoints", step, model=trained, optimizer=optimizer,
+                        scheduler=scheduler, sampler=batches,
+                        state={"made_from": record, "best": saved})  # fmt: skip
+
+    if start == 0:
+        validate(0)
+    bar = tqdm(range(start + 1, s1.steps + 1), desc="stage 1", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
     for step in bar:
         batch = next(batches)
         loss = prompted(**batch).loss
@@ -129,21 +213,97 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
                         "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
         if step % s1.eval_every == 0 or step == s1.steps:
             validate(step)
+            checkpoint(step)
     logger.close()
     return _write_to_bank(cfg, tasks, best, model, model_path, s1)
 
 
-def batch_stream(tasks, sampler, collator, batch_size: int, *, by_task: bool) -> Iterator[dict]:
+def _resume(root: Path, record: dict, trained: _Trained, optimizer, scheduler, batches,
+            best: dict, tasks, *, progress: bool) -> int:  # fmt: skip
+    """Load the latest stage-1 checkpoint made from the same settings; returns its step (0 when
+    there is none, or it was made from other settings)."""
+    path = latest_checkpoint(root)
+    if path is None:
+        return 0
+    try:
+        state = read_trainer_state(path)
+    except UserError:
+        state = {}  # unreadable: started over, like one made from other settings
+    if state.get("made_from") != record:
+        if progress:
+            print(f"stage 1: not resuming {path} (made from other settings or data)")
+        return 0
+    state = load_checkpoint(path, model=trained, optimizer=optimizer, scheduler=scheduler,
+                            sampler=batches)  # fmt: skip
+    for i, task in enumerate(tasks):
+        b = state["best"][task.name]
+        best[task.name] = _Best(b["value"], b["loss"], b["step"], b["metric"],
+                                trained.best[i].detach().clone())  # fmt: skip
+    if progress:
+        print(f"stage 1: resumed from step {state['step']} ({path})")
+    return int(state["step"])
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the log lines written after the checkpoint a run resumes from (they are redone);
+    all of them when it starts fresh."""
+    if not path.is_file():
+        return
+    kept = []
+    if step:
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if json.loads(line).get("step", 0) <= step]  # fmt: skip
+    write_atomic(path, "".join(kept).encode())
+
+
+class BatchStream:
+    """Endless stage-1 batches (see :func:`batch_stream`) whose position is checkpointable: the
+    sampler state at the start of the current window of draws and how many of its batches were
+    taken. Restoring redraws that window and skips the batches already trained on."""
+
+    def __init__(self, tasks, sampler, collator, batch_size: int, *, by_task: bool):
+        self.tasks, self.sampler, self.collator = tasks, sampler, collator
+        self.batch_size, self.by_task = batch_size, by_task
+        self._window: list[dict] = []
+        self._window_start = sampler.state_dict()
+        self._taken = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self._taken >= len(self._window):
+            self._window_start = self.sampler.state_dict()
+            self._window = self._draw()
+            self._taken = 0
+        self._taken += 1
+        return self._window[self._taken - 1]
+
+    def _draw(self) -> list[dict]:
+        rows = 32 * self.batch_size if self.by_task else self.batch_size
+        return batches_from_draws(
+            self.tasks, self.sampler.take(rows), self.collator, batch_size=self.batch_size,
+            order="task" if self.by_task else "drawn",
+        )  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """JSON-able position: the window's starting sampler state and the batches taken."""
+        return {"window_start": self._window_start, "taken": self._taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where :meth:`state_dict` was taken."""
+        self.sampler.load_state_dict(state["window_start"])
+        self._window_start = self.sampler.state_dict()
+        self._taken = int(state["taken"])
+        self._window = self._draw() if self._taken else []
+
+
+def batch_stream(tasks, sampler, collator, batch_size: int, *, by_task: bool) -> BatchStream:
     """Endless stage-1 batches, 0-shot. With ``by_task``, 32 batches' worth of rows are drawn
     at a time and cut into batches of one task and similar length (a frozen model's prompt gets
     its gradient from its own rows whatever shares the batch; the rows and the rates are the
     sampler's, only their order inside a window moves)."""
-    rows = 32 * batch_size if by_task else batch_size
-    while True:
-        yield from batches_from_draws(
-            tasks, sampler.take(rows), collator, batch_size=batch_size,
-            order="task" if by_task else "drawn",
-        )  # fmt: skip
+    return BatchStream(tasks, sampler, collator, batch_size, by_task=by_task)
 
 
 def format_record(task) -> dict:
@@ -174,6 +334,7 @@ def _write_to_bank(cfg, tasks, best, model, model_path, s1) -> list[BankEntry]:
                     "best_step": b.step,
                     "metric": b.metric,
                     "value": b.value,
+                    "loss": b.loss,
                 },
             )
         )

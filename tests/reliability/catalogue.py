@@ -24,6 +24,7 @@ TASK = """  - name: toy
     metric: accuracy
 """
 MIXTURE = "name: toy_mix\nversion: 1\ntasks:\n" + TASK
+SPLITS = "{files: {train: data.jsonl, validation: data.jsonl, test: data.jsonl}, format: json}"
 BASE = {"name": "models/base", "fingerprint": "f00dfeedf00dfeed"}
 
 
@@ -761,6 +762,237 @@ CASES: list[Case] = [
         {},
         ("rte@v0002", "CLASSIFY"),
         _bank,
+    ),
+    # -- values refused before any training (issue 13): config ranges and preflight
+    *[
+        Case(
+            f"config-{name}",
+            "config",
+            what,
+            [command, "run.yaml"],
+            {"run.yaml": text},
+            ("run.yaml", key),
+        )
+        for name, what, command, text, key in [
+            (
+                "eval-every-zero",
+                "stage1.eval_every: 0 (a division by zero at step 1)",
+                "stage1",
+                "stage1: {eval_every: 0}\n",
+                "stage1.eval_every",
+            ),
+            (
+                "log-every-zero",
+                "stage1.log_every: 0",
+                "stage1",
+                "stage1: {log_every: 0}\n",
+                "stage1.log_every",
+            ),
+            (
+                "label-smoothing",
+                "stage2.label_smoothing: 2.5",
+                "stage2",
+                "stage2: {label_smoothing: 2.5}\n",
+                "stage2.label_smoothing",
+            ),
+            ("huge-seed", "a seed beyond 32 bits", "run", "seed: 99999999999999999999\n", "seed"),
+            (
+                "duplicate-methods",
+                "the same method twice",
+                "run",
+                "methods: [pretrained, pretrained]\n",
+                "methods",
+            ),
+            (
+                "env-interpolation",
+                "an unset environment variable in an interpolation",
+                "run",
+                "out_dir: ${oc.env:NOPE}\n",
+                "out_dir",
+            ),
+            (
+                "cyclic-interpolation",
+                "an interpolation of itself",
+                "run",
+                "out_dir: ${out_dir}\n",
+                "out_dir",
+            ),
+            (
+                "eval-examples-zero",
+                "eval.examples: 0 (nan% scores)",
+                "run",
+                "eval: {examples: 0}\n",
+                "eval.examples",
+            ),
+            (
+                "max-new-tokens-zero",
+                "eval.max_new_tokens: 0",
+                "eval",
+                "eval: {max_new_tokens: 0}\n",
+                "eval.max_new_tokens",
+            ),
+            ("shots-negative", "eval.shots: [-1]", "run", "eval: {shots: [-1]}\n", "eval.shots"),
+            (
+                "shots-huge",
+                "eval.shots: [1000] (was reported as 1000-shot)",
+                "run",
+                "eval: {shots: [1000]}\n",
+                "eval.shots",
+            ),
+            (
+                "eval-examples-negative",
+                "stage1.eval_examples: -3 (meant all but 3)",
+                "stage1",
+                "stage1: {eval_examples: -3}\n",
+                "stage1.eval_examples",
+            ),
+            (
+                "grad-norm-negative",
+                "stage2.max_grad_norm: -1",
+                "stage2",
+                "stage2: {max_grad_norm: -1}\n",
+                "stage2.max_grad_norm",
+            ),
+            (
+                "warmup-negative",
+                "stage2.warmup_steps: -5",
+                "stage2",
+                "stage2: {warmup_steps: -5}\n",
+                "stage2.warmup_steps",
+            ),
+            ("lr-inf", "stage2.lr: .inf", "stage2", "stage2: {lr: .inf}\n", "stage2.lr"),
+            ("reuse-unknown", "reuse: sometimes", "run", "reuse: sometimes\n", "reuse"),
+        ]
+    ],  # fmt: skip
+    Case(
+        "preflight-no-suite",
+        "config",
+        "run without eval.suite (was found after both stages)",
+        ["run", "run.yaml"],
+        {
+            "run.yaml": "methods: [pretrained]\nstage2: {mixture: mix.yaml}\n",
+            "mix.yaml": _mixture(_task(source=SPLITS)),
+            "data.jsonl": DATA,
+        },
+        ("run.yaml", "eval.suite", "is not set"),
+    ),  # fmt: skip
+    Case(
+        "preflight-bank-is-a-file",
+        "config",
+        "bank.dir naming a file (prompts were lost after stage 1)",
+        ["stage1", "run.yaml"],
+        {
+            "run.yaml": "bank: {dir: notes.txt}\nstage1: {mixture: mix.yaml}\n",
+            "notes.txt": "x\n",
+            "mix.yaml": _mixture(_task(source=SPLITS)),
+            "data.jsonl": DATA,
+        },
+        ("run.yaml", "bank.dir", "is a file"),
+    ),  # fmt: skip
+    Case(
+        "preflight-long-task-name",
+        "mixture",
+        "a 300-character task name (refused by the bank only after stage 1)",
+        ["stage1", "run.yaml"],
+        {
+            "run.yaml": "stage1: {mixture: mix.yaml}\n",
+            "mix.yaml": _mixture(_task(source=SPLITS, name="t" * 300)),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "longer than 128"),
+    ),  # fmt: skip
+    Case(
+        "mixture-tiny-temperature",
+        "mixture",
+        "examples_proportional with temperature 1e-5 (OverflowError)",
+        ["mixture", "show", "mix.yaml"],
+        {
+            "mix.yaml": _mixture(
+                head="name: m\nrate: {examples_proportional: {temperature: 1.0e-5}}\n"
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "overflows"),
+    ),  # fmt: skip
+    Case(
+        "mixture-huge-rate",
+        "mixture",
+        "a rate of 1e308",
+        ["mixture", "show", "mix.yaml"],
+        {"mix.yaml": _mixture(TASK + "    rate: 1.0e+308\n"), "data.jsonl": DATA},
+        ("mix.yaml", "tasks[0].rate", "<= 1e+15"),
+    ),
+    Case(
+        "template-filter-typo",
+        "template",
+        "a misspelt filter ({{text|lowr}}; was a 71-line traceback)",
+        ["mixture", "show", "mix.yaml"],
+        {
+            "mix.yaml": _mixture(_task(template='{jinja: "{{text|lowr}} ||| x"}')),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "unknown filter 'lowr'", "lower"),
+    ),  # fmt: skip
+    Case(
+        "template-undefined-key",
+        "template",
+        "answer_choices[lable] (the message did not name lable)",
+        ["mixture", "sample", "mix.yaml", "-n", "1"],
+        {
+            "mix.yaml": _mixture(
+                _task(
+                    template='{jinja: "{{text}} ||| {{answer_choices[lable]}}",'
+                    ' answer_choices: "a ||| b"}'
+                )
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "'lable'"),
+    ),  # fmt: skip
+    Case(
+        "template-recursive-macro",
+        "template",
+        "a macro that calls itself (RecursionError)",
+        ["mixture", "sample", "mix.yaml", "-n", "1"],
+        {
+            "mix.yaml": _mixture(
+                _task(
+                    template='{jinja: "{% macro f(x) %}{{ f(x) }}{% endmacro %}'
+                    '{{ f(text) }} ||| x"}'
+                )
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "recursed"),
+    ),  # fmt: skip
+    Case(
+        "data-latin1",
+        "data",
+        "a latin-1 JSONL file (was a 70-line traceback)",
+        ["mixture", "sample", "mix.yaml", "-n", "1"],
+        {"mix.yaml": MIXTURE, "data.jsonl": '{"text": "caf\xe9", "label": 0}\n'.encode("latin-1")},
+        ("mix.yaml", "data.jsonl is not UTF-8"),
+    ),  # fmt: skip
+    Case(
+        "data-glob-mixed-splits",
+        "data",
+        "a glob over train, dev and an unnamed file (dev rows went into train)",
+        ["mixture", "show", "mix.yaml"],
+        {
+            "mix.yaml": _mixture(_task(source="{files: '*.jsonl', format: json}")),
+            "train.jsonl": DATA,
+            "dev.jsonl": DATA,
+            "extra.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].source.files", "extra.jsonl"),
+    ),  # fmt: skip
+    Case(
+        "import-config-list",
+        "bank",
+        "an adapter_config.json that is a JSON list",
+        ["bank", "import", "adapter", "--task", "x", "--bank", "bank"],
+        {"adapter/adapter_config.json": "[1, 2]\n"},
+        ("adapter/adapter_config.json", "JSON object"),
     ),
 ]
 

@@ -1,0 +1,99 @@
+"""Checks before training: every input a command will read, refused in one line before any
+model is built (``run``, ``stage1``, ``stage2`` and ``eval`` call :func:`preflight`).
+
+Config values are checked by :mod:`multipromot.config` when loading; this module checks what
+needs the files: the output and bank folders, every mixture a command trains on (task names
+the bank accepts, the splits it needs, the templates on each task's first rows) and the eval
+suite (its tasks, and enough train rows for the exemplars asked).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from multipromot.bank.entry import validate_task_name
+from multipromot.config import RunConfig, resolve_path
+from multipromot.data.mixtures import load_mixture
+from multipromot.data.tasks import get_task
+from multipromot.errors import UserError
+from multipromot.eval.suites import load_suite
+
+__all__ = ["preflight", "STAGE1_KINDS"]
+
+# the methods that need this run's stage-1 prompts
+STAGE1_KINDS = ("prompt_tuning", "promot", "joint")
+
+_PREFLIGHT_ROWS = 8  # rows rendered per task and split: a template that fails on data fails now
+
+
+def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "run") -> None:
+    """Check everything a command will read before it trains anything: the output and bank
+    folders, every mixture it trains on (tasks, names the bank accepts, splits, the templates
+    on the first rows), the eval suite (its tasks, and enough train rows for the exemplars).
+
+    Args:
+        cfg: the run config.
+        methods: the methods of ``run`` (:class:`multipromot.experiment.Method`); ignored by
+            the other commands.
+        command: ``run``, ``stage1``, ``stage2`` or ``eval``.
+
+    Raises:
+        UserError: the first bad input, in one line naming its file and key.
+    """
+    where = cfg.config_file or None
+    for key, value in (("out_dir", cfg.out_dir), ("bank.dir", cfg.bank.dir)):
+        if Path(value).exists() and not Path(value).is_dir():
+            raise UserError(f"{value} is a file, not a folder", file=where, key=key)
+    methods = methods or []
+    if command == "stage1" or (command == "run" and any(m.kind in STAGE1_KINDS for m in methods)):
+        _check_mixture(cfg, cfg.stage1.mixture, ("train", "validation"))
+    if command == "stage2":
+        _check_mixture(cfg, cfg.stage2.mixture, ("train", "validation"))
+    for method in methods if command == "run" else []:
+        splits = ("train", "validation", "test") if method.trains else ("test",)
+        _check_mixture(cfg, method.mixture, splits)
+    if command == "eval":
+        _check_mixture(cfg, cfg.stage2.mixture, ("test",))
+    if command in ("run", "eval"):
+        _check_suite(cfg)
+
+
+def _check_mixture(cfg: RunConfig, value: str, splits) -> None:
+    mixture = load_mixture(resolve_path(cfg, value))
+    for task in mixture.tasks:
+        try:
+            validate_task_name(task.name)
+        except UserError as e:
+            raise UserError(f"task {task.name[:40]!r}...: {e.message}" if len(task.name) > 40
+                            else f"task {task.name!r}: {e.message}", file=mixture.file,
+                            key="tasks") from None  # fmt: skip
+        for split in splits:
+            _check_rows(task, split, mixture.file)
+
+
+def _check_rows(task, split: str, file) -> None:
+    rows = task.examples(split)
+    if not len(rows):
+        raise UserError(f"task {task.name!r} has no {split} examples", file=file, key=task.name)
+    for i in range(min(_PREFLIGHT_ROWS, len(rows))):
+        task.render(rows[i])
+
+
+def _check_suite(cfg: RunConfig) -> None:
+    where = cfg.config_file or None
+    if not cfg.eval.suite:
+        raise UserError("is not set: name an evaluation suite (eval/*.yaml)", file=where,
+                        key="eval.suite")  # fmt: skip
+    suite = load_suite(resolve_path(cfg, cfg.eval.suite))
+    shots = max(cfg.eval.shots or suite.shots or [0])
+    for entry in suite.tasks:
+        task = get_task(entry.name, file=suite.file, key="tasks")
+        _check_rows(task, suite.split, suite.file)
+        pool = len(task.examples("train")) if shots else 0
+        if shots > pool:
+            raise UserError(
+                f"asks for {shots} exemplars, but task {task.name!r} of the suite has {pool} "
+                "train examples to draw them from",
+                file=where,
+                key="eval.shots",
+            )
