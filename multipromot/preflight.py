@@ -17,6 +17,7 @@ from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval.suites import load_suite
+from multipromot.train.common import check_trackers
 
 __all__ = ["preflight", "STAGE1_KINDS"]
 
@@ -44,6 +45,8 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
     for key, value in (("out_dir", cfg.out_dir), ("bank.dir", cfg.bank.dir)):
         if Path(value).exists() and not Path(value).is_dir():
             raise UserError(f"{value} is a file, not a folder", file=where, key=key)
+    if command != "eval":  # a tracker asked for but not installed fails here, not mid-run
+        check_trackers(cfg.log.to, file=where)
     methods = methods or []
     if command == "stage1" or (command == "run" and any(m.kind in STAGE1_KINDS for m in methods)):
         _check_mixture(cfg, cfg.stage1.mixture, ("train", "validation"))

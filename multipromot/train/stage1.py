@@ -158,7 +158,7 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     start = _resume(out_dir / "checkpoints", record, trained, optimizer, scheduler, batches, best,
                     tasks, progress=progress)  # fmt: skip
     _trim_metrics(out_dir / "metrics.jsonl", start)  # a fresh start keeps no old lines
-    logger = MetricsLogger(out_dir)
+    logger = MetricsLogger(out_dir, trackers=cfg.log.to)
     speed = Throughput()
 
     def validate(step: int) -> None:
