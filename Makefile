@@ -9,16 +9,17 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow stress lint format bench setup clean
+.PHONY: demo demo-decoder test test-slow stress lint format bench setup clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=24" "setuptools>=77.0.3,<81" wheel
 	# torch first: the CPU wheel; everything after is constrained to it.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,lmeval,wandb]"
+	# everything else at the versions of requirements.lock (pyproject keeps ranges for library users)
+	$(BIN)/pip install -q -c constraints.txt -c requirements.lock -e ".[dev,lmeval,wandb]"
 	$(BIN)/pip install -q --no-deps --ignore-requires-python promptsource==0.2.3
 	touch $(STAMP)
 
@@ -51,3 +52,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Rewrite requirements.lock from the installed .venv (after changing a dependency in pyproject):
+# tests/test_lock.py then checks that every dependency is pinned and installed at its pin.
+lock: $(STAMP)
+	{ echo "# The resolved versions make installs (make lock rewrites this from .venv; torch is pinned in"; \
+	  echo "# constraints.txt, promptsource is installed on its own). Python 3.11, Linux x86_64."; \
+	  $(BIN)/pip freeze --all --exclude-editable | grep -viE '^(torch|promptsource|multipromot|pip|wheel)==' | grep -v '^-e'; \
+	} > requirements.lock
