@@ -11,8 +11,8 @@ import typer
 
 from multipromot.cli.common import JsonOpt, print_json
 from multipromot.data.mirror import ENV_VAR, set_mirror, write_snapshot
-from multipromot.data.sources import FilteredSource, HubSource
-from multipromot.data.tasks import Task, get_task, list_tasks
+from multipromot.data.sources import HubSource
+from multipromot.data.tasks import Task, get_task, hub_source, list_tasks
 from multipromot.errors import UserError
 
 __all__ = ["app", "check_tasks", "pull_task"]
@@ -30,13 +30,6 @@ MirrorOpt = Annotated[
 ]
 
 
-def _hub_source(task: Task) -> HubSource | None:
-    source = task.source
-    while isinstance(source, FilteredSource):
-        source = source.source
-    return source if isinstance(source, HubSource) else None
-
-
 def check_tasks(names: list[str]) -> list[dict[str, Any]]:
     """Per task: where it loads from and its rows per split, or why it cannot load.
 
@@ -50,7 +43,7 @@ def check_tasks(names: list[str]) -> list[dict[str, Any]]:
     out = []
     for name in names:
         task = get_task(name)
-        hub = _hub_source(task)
+        hub = hub_source(task)
         where = hub.where() if hub is not None else task.source.describe()
         rows, error = {}, None
         for split in SPLITS:
@@ -91,7 +84,7 @@ def pull_task(
     Raises:
         UserError: the task has no hub source, or no split of it could be loaded.
     """
-    hub = _hub_source(task)
+    hub = hub_source(task)
     if hub is None:
         raise UserError(f"is not a hub dataset ({task.source.describe()})", key=task.name)
     loaded, reasons = {}, []

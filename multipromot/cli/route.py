@@ -10,8 +10,7 @@ import typer
 
 from multipromot.bank import PromptBank
 from multipromot.cli.app import app
-from multipromot.data.sources import FilteredSource, HubSource
-from multipromot.data.tasks import get_task, list_tasks
+from multipromot.data.tasks import get_task, list_tasks, local_tasks
 from multipromot.errors import UserError
 from multipromot.eval.suites import routing_sets
 from multipromot.models import load_model
@@ -37,7 +36,7 @@ def route(
         bank = _accepted_view(bank, model)
     names = sorted({e.task for e in bank.entries()})
     known = [get_task(name) for name in names if name in list_tasks()]
-    router = calibrated_router(bank, known, negatives=_local_tasks(exclude=names))
+    router = calibrated_router(bank, known, negatives=local_tasks(exclude=names))
     if evaluate:
         print(_route_eval(router, examples, as_json))
         return
@@ -79,23 +78,6 @@ def _accepted_view(bank, model: str):
     return View()
 
 
-def _local_tasks(exclude: list[str]) -> list:
-    """Every registered or catalogue task whose examples are on this machine (generated or local
-    files), except ``exclude``: the other-format inputs. Hub tasks are left out, since they may
-    need the network."""
-    out = []
-    for name in list_tasks():
-        if name in exclude:
-            continue
-        task = get_task(name)
-        source = task.source
-        while isinstance(source, FilteredSource):
-            source = source.source
-        if not isinstance(source, HubSource):
-            out.append(task)
-    return out
-
-
 def _route_eval(router, examples: int, as_json: bool) -> str:
     """Route held-out inputs of the bank's tasks and of every other local task."""
     unknown = [t for t in router.tasks if t not in list_tasks()]
@@ -107,7 +89,7 @@ def _route_eval(router, examples: int, as_json: bool) -> str:
         )
     bank_tasks = [get_task(t) for t in router.tasks]
     positives, negatives = routing_sets(
-        bank_tasks, _local_tasks(exclude=router.tasks), examples=examples
+        bank_tasks, local_tasks(exclude=router.tasks), examples=examples
     )
     result = evaluate_routing(router, positives, negatives)
     if as_json:

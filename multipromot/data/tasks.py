@@ -33,7 +33,14 @@ import numpy as np
 
 from multipromot.data.catalogue import catalogue_index
 from multipromot.data.metrics import list_metrics, postprocess
-from multipromot.data.sources import FileSource, FilteredSource, Source, Subset, source_from_spec
+from multipromot.data.sources import (
+    FileSource,
+    FilteredSource,
+    HubSource,
+    Source,
+    Subset,
+    source_from_spec,
+)
 from multipromot.data.templates import FormatSignature, Template, compile_value, load_template
 from multipromot.errors import UserError
 
@@ -546,3 +553,23 @@ def reset_registry() -> None:
     """Forget registered tasks and built catalogue tasks (for tests)."""
     _REGISTRY.clear()
     _BUILT.clear()
+
+
+def hub_source(task: Task) -> HubSource | None:
+    """The hub dataset under a task's source (through any filters), or None."""
+    source = task.source
+    while isinstance(source, FilteredSource):
+        source = source.source
+    return source if isinstance(source, HubSource) else None
+
+
+def local_tasks(exclude: Iterable[str] = ()) -> list[Task]:
+    """Every registered or catalogue task whose examples are on this machine (generated or
+    local files), but ``exclude``: other-format inputs for the router, which must not need the
+    network (hub tasks are left out)."""
+    skip = set(exclude)
+    return [
+        task
+        for task in (get_task(name) for name in list_tasks() if name not in skip)
+        if hub_source(task) is None
+    ]

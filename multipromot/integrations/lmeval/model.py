@@ -46,8 +46,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from multipromot.bank import PromptBank
 from multipromot.config import BankConfig, RunConfig
 from multipromot.data.collate import Collator
-from multipromot.data.sources import FilteredSource, HubSource
-from multipromot.data.tasks import get_task, list_tasks
+from multipromot.data.tasks import get_task, list_tasks, local_tasks
 from multipromot.errors import UserError
 from multipromot.eval.generation import predict
 from multipromot.experiment import Method, prompt_refs
@@ -107,7 +106,7 @@ class MultiPromotLM(LM):
             # As `multipromot route`: bank tasks without a signature get a similarity fallback
             # calibrated on their own inputs against every local task of another format.
             known = [get_task(name) for name in self.task_names if name in list_tasks()]
-            others = _local_tasks(exclude=self.task_names)
+            others = local_tasks(exclude=self.task_names)
             self.router = calibrated_router(self.bank, known, refs=refs, negatives=others,
                                             seed=seed)  # fmt: skip
         self.collator = Collator(tokenizer, decoder_only=self.decoder_only,
@@ -345,22 +344,6 @@ def _prompted(model, model_dir: Path, bank_dir: str) -> tuple[PromptedModel, obj
     except ValueError as e:  # prompts of different lengths cannot share one table
         raise UserError(str(e), file=store.root, key=f"{ARGS} bank") from None
     return prompted, store, source[1]
-
-
-def _local_tasks(exclude: Sequence[str]) -> list:
-    """Registered and catalogue tasks whose examples are on this machine, but ``exclude``: the
-    other-format inputs that calibrate the router (hub tasks may need the network)."""
-    out = []
-    for name in list_tasks():
-        if name in exclude:
-            continue
-        task = get_task(name)
-        source = task.source
-        while isinstance(source, FilteredSource):
-            source = source.source
-        if not isinstance(source, HubSource):
-            out.append(task)
-    return out
 
 
 def _recorded_tasks(model_dir: Path) -> list[str] | None:
