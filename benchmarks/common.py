@@ -416,3 +416,17 @@ tokens/s and MFU in bf16 with NCCL for a ~1B model on one H100/H200 against the 
 (issue 7, item 8) remain to be run where a GPU is available; `stage2_overhead.py` is the CPU
 version of that comparison.
 """
+
+
+def mixed_requests(mix, per_task: int) -> list:
+    """``per_task`` validation inputs of every task of ``mix`` as generation rows (task id =
+    its index), shuffled with a fixed seed: requests that arrive with their tasks mixed."""
+    from multipromot.data.exemplars import build_item
+
+    items = [
+        build_item(task, i, split="validation", task_id=t)
+        for t, task in enumerate(mix.tasks)
+        for i in range(min(per_task, len(task.examples("validation"))))
+    ]
+    order = np.random.default_rng(0).permutation(len(items))
+    return [items[i] for i in order]

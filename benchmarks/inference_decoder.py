@@ -56,14 +56,13 @@ def llama_model(tok, seed: int = 0):
 
 
 def main() -> None:
-    import numpy as np
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from multipromot.bank import PromptBank, describe_model
     from multipromot.data.collate import Collator
-    from multipromot.features import Item, item_chars
+    from multipromot.features import item_chars
     from multipromot.models import load_model, save_model
     from multipromot.soft_prompt import PromptedModel, init_prompts
 
@@ -78,13 +77,7 @@ def main() -> None:
         names = mix.task_names
         model, tok, _ = load_model(str(model_dir))
         model.eval()
-        items = [
-            Item(t, task.render(ex)[0], "")
-            for t, task in enumerate(mix.tasks)
-            for ex in task.examples("validation")[:PER_TASK]
-        ]
-        order = np.random.default_rng(0).permutation(len(items))
-        items = [items[i] for i in order]  # requests arrive mixed
+        items = C.mixed_requests(mix, PER_TASK)  # requests arrive mixed
         collate = Collator(tok, decoder_only=True, max_input_length=MAX_IN, for_generation=True)
         by_len = sorted(range(len(items)), key=lambda i: item_chars(items[i]), reverse=True)
         mixed = [by_len[i : i + BATCH] for i in range(0, len(items), BATCH)]

@@ -35,14 +35,13 @@ REPEATS = 3
 
 
 def main() -> None:
-    import numpy as np
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
 
     from multipromot.bank import PromptBank, describe_model
     from multipromot.data.collate import Collator
-    from multipromot.features import Item, item_chars
+    from multipromot.features import item_chars
     from multipromot.models import load_model
     from multipromot.soft_prompt import PromptedModel, init_prompts
 
@@ -70,13 +69,7 @@ def main() -> None:
                 peft.load_adapter(adapter, adapter_name=name)
         peft.eval()
 
-        items = [
-            Item(t, task.render(ex)[0], "")
-            for t, task in enumerate(mix.tasks)
-            for ex in task.examples("validation")[:PER_TASK]
-        ]
-        order = np.random.default_rng(0).permutation(len(items))
-        items = [items[i] for i in order]  # requests arrive mixed
+        items = C.mixed_requests(mix, PER_TASK)  # requests arrive mixed
         collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, for_generation=True)
         gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                    num_beams=1)  # fmt: skip

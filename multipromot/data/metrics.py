@@ -275,9 +275,16 @@ def exact_match(predictions: Sequence[str], references: Sequence[Reference]) -> 
     Raises:
         ValueError: lengths differ or there is nothing to score.
     """
+    return _matches(predictions, references, normalize_answer)
+
+
+def _matches(
+    predictions: Sequence[str], references: Sequence[Reference], normalize: Callable[[str], str]
+) -> float:
+    """Percentage of predictions equal to any of their references once both are normalised."""
     _check_lengths(predictions, references)
     hits = sum(
-        normalize_answer(p) in {normalize_answer(a) for a in _as_list(r)}
+        normalize(p) in {normalize(a) for a in _as_list(r)}
         for p, r in zip(predictions, references, strict=True)
     )
     return 100.0 * hits / len(predictions)
@@ -305,12 +312,7 @@ def triviaqa_exact_match(predictions: Sequence[str], references: Sequence[Refere
     Raises:
         ValueError: lengths differ or there is nothing to score.
     """
-    _check_lengths(predictions, references)
-    hits = sum(
-        normalize_triviaqa(p) in {normalize_triviaqa(a) for a in _as_list(r)}
-        for p, r in zip(predictions, references, strict=True)
-    )
-    return 100.0 * hits / len(predictions)
+    return _matches(predictions, references, normalize_triviaqa)
 
 
 def bleu(predictions: Sequence[str], references: Sequence[Reference]) -> float:
