@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -230,10 +229,9 @@ def test_lock_timeout_is_one_clear_line_and_a_killed_holder_frees_the_lock(
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    # kill -9 of the holder released the lock: the next writer gets it at once
-    start = time.monotonic()
-    entry = PromptBank(root, lock_timeout=5).add("rte", torch.ones(4, 8), base_model=BASE)
-    assert entry.version == 3 and time.monotonic() - start < 2
+    # kill -9 of the holder released the lock: the next writer gets it on its first try
+    entry = PromptBank(root, lock_timeout=0).add("rte", torch.ones(4, 8), base_model=BASE)
+    assert entry.version == 3
     assert bank.verify() == []
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,13 +138,13 @@ def test_without_replacement_inside_a_mixture():
         assert sorted(picks[start : start + 50]) == list(range(50))
 
 
-def test_100k_draws_are_fast():
+def test_100k_draws_follow_the_rates():
+    # Speed lives in benchmarks/ (data_path.py); here: a long stream is whole and follows rates.
     mixture = toy_mixture([100_000, 1000, 3], [5, 3, 2])
-    sampler = MixtureSampler(mixture, seed=0)
-    start = time.process_time()  # CPU time: robust to other processes on a shared machine
-    draws = sampler.take(100_000)
-    assert time.process_time() - start < 1.0
+    draws = MixtureSampler(mixture, seed=0).take(100_000)
     assert len(draws) == 100_000
+    counts = [sum(d.task_index == t for d in draws) for t in range(3)]
+    assert [round(c / 1000) for c in counts] == [50, 30, 20]
 
 
 def test_task_without_examples_in_split_is_an_error():
