@@ -143,16 +143,21 @@ def write_mixture(
     validation: int = 16,
     shots: int = 0,
     seed: int = 0,
+    copies: int = 1,
 ) -> Path:
     """JSON-lines data for ``names`` and a mixture YAML over them (equal rates); returns the YAML.
 
     The tasks are inline tasks with the paper's templates, read from local files: what a user
-    with their own data writes.
+    with their own data writes. ``copies`` > 1 makes that many tasks of each format
+    (``rte_0``, ``rte_1``, ...; each its own data and bank prompt): the many-tasks regime.
     """
     root.mkdir(parents=True, exist_ok=True)
     entries = []
-    for i, name in enumerate(names):
-        spec = TASKS[name]
+    tasks = [
+        (name if copies == 1 else f"{name}_{k}", name) for name in names for k in range(copies)
+    ]
+    for i, (name, fmt) in enumerate(tasks):
+        spec = TASKS[fmt]
         maker = TextMaker(seed * 1000 + i)
         files = {}
         for split, n in (("train", train), ("validation", validation)):

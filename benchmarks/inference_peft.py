@@ -1,6 +1,9 @@
 """Mixed-task inference: batched generation with a different bank prompt per row, against PEFT.
 
-The same 8 bank prompts drive both sides: multipromot's `PromptedModel.from_bank` (every row
+Two regimes: the paper's 8 tasks with 16 requests each (batch 16), and many tasks with few
+requests each (64 tasks x 4, batch 32), where one adapter at a time can only form batches of 4.
+
+The same bank prompts drive both sides: multipromot's `PromptedModel.from_bank` (every row
 gathers its own prompt, so a batch can mix tasks) and PEFT 0.21.2 with the bank exported as
 prompt-tuning adapters (`PromptBank.export_peft`, loaded with `PeftModel.from_pretrained` /
 `load_adapter`; one adapter is active at a time, so its batches hold one task each). The
@@ -27,14 +30,17 @@ import common as C  # noqa: E402
 
 SHAPE = "t5-mini"
 P = 100
-PER_TASK = 16
-BATCH = 16
 NEW_TOKENS = 16
 MAX_IN = 256
 REPEATS = 3
+# (label, copies of each of the paper's 8 formats, requests per task, batch): the paper's 8
+# tasks with many requests each, and the many-tasks regime (64 tasks, 4 requests each) where
+# one adapter at a time leaves PEFT with batches of 4.
+REGIMES = [("8 tasks x 16 requests", 1, 16, 16), ("64 tasks x 4 requests", 8, 4, 32)]
 
 
-def main() -> None:
+def run_regime(tmp: Path, copies: int, per_task: int, batch: int) -> tuple[str, list[list]]:
+    """One regime: (its description, its table rows); asserts identical outputs."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
@@ -45,123 +51,131 @@ def main() -> None:
     from multipromot.models import load_model
     from multipromot.soft_prompt import PromptedModel, init_prompts
 
-    machine = C.machine()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-infer-"))
-    try:
-        model_dir = C.save_bench_model(SHAPE, tmp / "model", embed_scale=0.3)
-        mix = C.load_tasks(C.write_mixture(tmp / "data", C.PAPER8, validation=PER_TASK))
-        names = mix.task_names
-        model, tok, _ = load_model(str(model_dir))
-        table = init_prompts(model, tok, len(names), P, method="vocab", seed=0)
-        bank = PromptBank(tmp / "bank")
-        base = describe_model(model, name=str(model_dir))
-        for name, prompt in zip(names, table, strict=True):
-            bank.add(name, prompt, base_model=base)
-        prompted = PromptedModel.from_bank(model, bank, names).eval()
+    model_dir = C.save_bench_model(SHAPE, tmp / "model", embed_scale=0.3)
+    mix = C.load_tasks(C.write_mixture(tmp / "data", C.PAPER8, validation=per_task, copies=copies))
+    names = mix.task_names
+    model, tok, _ = load_model(str(model_dir))
+    table = init_prompts(model, tok, len(names), P, method="vocab", seed=0)
+    bank = PromptBank(tmp / "bank")
+    base = describe_model(model, name=str(model_dir))
+    for name, prompt in zip(names, table, strict=True):
+        bank.add(name, prompt, base_model=base)
+    prompted = PromptedModel.from_bank(model, bank, names).eval()
 
-        peft = None
-        for name in names:
-            adapter = bank.export_peft(name, tmp / "peft" / name)
-            if peft is None:
-                base_model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
-                peft = PeftModel.from_pretrained(base_model, adapter, adapter_name=name)
-            else:
-                peft.load_adapter(adapter, adapter_name=name)
-        peft.eval()
+    peft = None
+    for name in names:
+        adapter = bank.export_peft(name, tmp / "peft" / name)
+        if peft is None:
+            base_model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+            peft = PeftModel.from_pretrained(base_model, adapter, adapter_name=name)
+        else:
+            peft.load_adapter(adapter, adapter_name=name)
+    peft.eval()
 
-        items = C.mixed_requests(mix, PER_TASK)  # requests arrive mixed
-        collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, for_generation=True)
-        gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                   num_beams=1)  # fmt: skip
+    items = C.mixed_requests(mix, per_task)  # requests arrive mixed
+    collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, for_generation=True)
+    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+               num_beams=1)  # fmt: skip
 
-        def positions(batches: list[list[int]]) -> tuple[int, int]:
-            """(encoder positions incl. the P prompt positions, of which real tokens)."""
-            masks = [collate([items[i] for i in rows])["attention_mask"] for rows in batches]
-            return sum(m.numel() + P * len(m) for m in masks), sum(int(m.sum()) + P * len(m)
-                                                                    for m in masks)  # fmt: skip
+    def positions(batches: list[list[int]]) -> tuple[int, int]:
+        """(encoder positions incl. the P prompt positions, of which real tokens)."""
+        masks = [collate([items[i] for i in rows])["attention_mask"] for rows in batches]
+        return sum(m.numel() + P * len(m) for m in masks), sum(int(m.sum()) + P * len(m)
+                                                                for m in masks)  # fmt: skip
 
-        def prompted_batch(rows: list[int]) -> list[list[int]]:
-            b = collate([items[i] for i in rows])
-            return prompted.generate(b["input_ids"], b["attention_mask"], b["task_ids"],
-                                     **gen).tolist()  # fmt: skip
+    def prompted_batch(rows: list[int]) -> list[list[int]]:
+        b = collate([items[i] for i in rows])
+        return prompted.generate(b["input_ids"], b["attention_mask"], b["task_ids"],
+                                 **gen).tolist()  # fmt: skip
 
-        def peft_batch(rows: list[int]) -> list[list[int]]:
-            peft.set_adapter(names[items[rows[0]].task_id])  # one task per batch
-            b = collate([items[i] for i in rows])
-            ids = peft.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **gen)
-            return ids[:, 1:].tolist()  # drop the decoder start token, as PromptedModel does
+    def peft_batch(rows: list[int]) -> list[list[int]]:
+        peft.set_adapter(names[items[rows[0]].task_id])  # one task per batch
+        b = collate([items[i] for i in rows])
+        ids = peft.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **gen)
+        return ids[:, 1:].tolist()  # drop the decoder start token, as PromptedModel does
 
-        arrival = [list(range(i, i + BATCH)) for i in range(0, len(items), BATCH)]
-        # generation.predict's own order
-        by_len = sorted(range(len(items)), key=lambda i: item_chars(items[i]), reverse=True)
-        per_task = [
-            [i for i in range(len(items)) if items[i].task_id == t][s : s + BATCH]
-            for t in range(len(names))
-            for s in range(0, PER_TASK, BATCH)
-        ]
-        arms = {
-            "peft": (peft_batch, per_task),
-            "mixed": (prompted_batch, arrival),
-            "mixed+sorted": (
-                prompted_batch,
-                [by_len[i : i + BATCH] for i in range(0, len(items), BATCH)],
-            ),
-        }
-        padding = {name: positions(batches) for name, (_, batches) in arms.items()}
-        runs = {name: [] for name in arms}
-        for r in range(REPEATS):
-            # Batch by batch, arm after arm: the arms see the same machine load.
-            wall, cpu, outs = (
-                dict.fromkeys(arms, 0.0),
-                dict.fromkeys(arms, 0.0),
-                {a: {} for a in arms},
-            )
-            for j in range(max(len(b) for _, b in arms.values())):
-                for name, (run, batches) in arms.items():
-                    if j < len(batches):
-                        with C.Clock() as c, torch.inference_mode():
-                            ids = run(batches[j])
-                        wall[name] += c.s
-                        cpu[name] += c.cpu
-                        outs[name].update(zip(batches[j], ids, strict=True))
-            for name in arms:
-                rates = {
-                    "ex_per_s": len(items) / wall[name],
-                    "ex_per_cpu_s": len(items) / cpu[name],
-                }
-                runs[name].append({**rates, "out": outs[name]})
-            print(f"  [repeat {r + 1}] " + ", ".join(f"{a} {len(items) / wall[a]:.1f} ex/s"
-                                                     for a in arms), flush=True)  # fmt: skip
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    arrival = [list(range(i, i + batch)) for i in range(0, len(items), batch)]
+    # generation.predict's own order
+    by_len = sorted(range(len(items)), key=lambda i: item_chars(items[i]), reverse=True)
+    per_task_batches = [
+        [i for i in range(len(items)) if items[i].task_id == t][s : s + batch]
+        for t in range(len(names))
+        for s in range(0, per_task, batch)
+    ]
+    arms = {
+        "peft": (peft_batch, per_task_batches),
+        "mixed": (prompted_batch, arrival),
+        "mixed+sorted": (
+            prompted_batch,
+            [by_len[i : i + batch] for i in range(0, len(items), batch)],
+        ),
+    }
+    padding = {name: positions(batches) for name, (_, batches) in arms.items()}
+    runs = {name: [] for name in arms}
+    for r in range(REPEATS):
+        # Batch by batch, arm after arm: the arms see the same machine load.
+        wall, cpu, outs = (
+            dict.fromkeys(arms, 0.0),
+            dict.fromkeys(arms, 0.0),
+            {a: {} for a in arms},
+        )
+        for j in range(max(len(b) for _, b in arms.values())):
+            for name, (run, batches) in arms.items():
+                if j < len(batches):
+                    with C.Clock() as c, torch.inference_mode():
+                        ids = run(batches[j])
+                    wall[name] += c.s
+                    cpu[name] += c.cpu
+                    outs[name].update(zip(batches[j], ids, strict=True))
+        for name in arms:
+            rates = {"ex_per_s": len(items) / wall[name], "ex_per_cpu_s": len(items) / cpu[name]}
+            runs[name].append({**rates, "out": outs[name]})
+        print(f"  [{len(names)} tasks, repeat {r + 1}] " + ", ".join(
+            f"{a} {len(items) / wall[a]:.1f} ex/s" for a in arms), flush=True)  # fmt: skip
 
     reference = runs["peft"][0]["out"]
     for name, results in runs.items():
-        for r in results:
-            same = sum(r["out"][i] == reference[i] for i in reference)
+        for res in results:
+            same = sum(res["out"][i] == reference[i] for i in reference)
             assert same == len(reference), f"{name}: {len(reference) - same} rows differ from PEFT"
-    peft = {k: C.med(runs["peft"], k) for k in ("ex_per_s", "ex_per_cpu_s")}
+    peft_rates = {k: C.med(runs["peft"], k) for k in ("ex_per_s", "ex_per_cpu_s")}
     rows = []
     for name, label in (
-        ("peft", "PEFT, one adapter at a time (per-task batches)"),
+        ("peft", f"PEFT, one adapter at a time (per-task batches of <= {min(per_task, batch)})"),
         ("mixed+sorted", "multipromot `predict`: mixed batches sorted by length"),
         ("mixed", "multipromot, mixed batches in arrival order (before `predict` sorted)"),
     ):
-        rate, cpu = C.med(runs[name], "ex_per_s"), C.med(runs[name], "ex_per_cpu_s")
+        rate, cpu_rate = C.med(runs[name], "ex_per_s"), C.med(runs[name], "ex_per_cpu_s")
         total, real = padding[name]
-        rows.append([label, f"{1 - real / total:.0%}", rate, rate / peft["ex_per_s"], cpu,
-                     cpu / peft["ex_per_cpu_s"]])  # fmt: skip
+        rows.append([f"{len(names)} x {per_task}, batch {batch}", label, f"{1 - real / total:.0%}",
+                     rate, rate / peft_rates["ex_per_s"], cpu_rate,
+                     cpu_rate / peft_rates["ex_per_cpu_s"]])  # fmt: skip
+    return f"{len(items)} requests over {len(names)} tasks", rows
+
+
+def main() -> None:
+    machine = C.machine()
+    rows, described = [], []
+    for _label, copies, per_task, batch in REGIMES:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-infer-"))
+        try:
+            what, regime_rows = run_regime(tmp, copies, per_task, batch)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        described.append(what)
+        rows += regime_rows
     body = (
-        f"Model: random-init T5 `{SHAPE}` shape ({C.T5_SHAPES[SHAPE]}, vocab 32,128), "
-        f"{len(names)} bank prompts (P = {P}), {len(items)} requests ({PER_TASK} per task, "
-        f"the paper's 8 task formats, shuffled), batch {BATCH}, max input {MAX_IN} tokens, "
-        f"greedy, {NEW_TOKENS} new tokens per row. Outputs identical to PEFT's in every arm "
-        f"and repeat ({len(items)} rows x {NEW_TOKENS} tokens, asserted). Median of "
-        f"{REPEATS} repeats, batches interleaved across arms; per CPU-s: per second of this "
-        f"process's CPU time (one thread), less sensitive to the other jobs on the "
+        f"Model: random-init T5 `{SHAPE}` shape ({C.T5_SHAPES[SHAPE]}, vocab 32,128), one bank "
+        f"prompt per task (P = {P}), the paper's 8 task formats (in the many-tasks regime each "
+        f"format is 8 tasks with their own data and prompt), requests shuffled across tasks: "
+        f"{' and '.join(described)}. Max input {MAX_IN} tokens, greedy, {NEW_TOKENS} new "
+        f"tokens per row. Outputs identical to PEFT's in every arm and repeat (asserted). "
+        f"Median of {REPEATS} repeats, batches interleaved across arms; per CPU-s: per second "
+        f"of this process's CPU time (one thread), less sensitive to the other jobs on the "
         f"machine.\n\n"
         + C.table(
             [
+                "requests",
                 "arm",
                 "padded encoder positions",
                 "examples/s",
