@@ -987,6 +987,53 @@ CASES: list[Case] = [
         ("mix.yaml", "tasks[0].source.files", "extra.jsonl"),
     ),  # fmt: skip
     Case(
+        "template-loop-bomb",
+        "template",
+        "two nested loops printing 10**10 characters (hung, then ran out of memory)",
+        ["stage1", "run.yaml"],
+        {
+            "run.yaml": "stage1: {mixture: mix.yaml}\n",
+            "mix.yaml": _mixture(
+                _task(
+                    source=SPLITS,
+                    template='{jinja: "{% for i in range(100000) %}{% for j in range(100000) %}'
+                    'x{% endfor %}{% endfor %} ||| {{label}}"}',
+                )
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "loop iterations"),
+    ),  # fmt: skip
+    Case(
+        "template-doubling-bomb",
+        "template",
+        "a string doubled 40 times in a loop (2**40 characters)",
+        ["mixture", "sample", "mix.yaml", "-n", "1"],
+        {
+            "mix.yaml": _mixture(
+                _task(
+                    template='{jinja: "{% set n = namespace(s=text) %}{% for i in range(40) %}'
+                    '{% set n.s = n.s ~ n.s %}{% endfor %}{{ n.s }} ||| {{label}}"}'
+                )
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "would build more than"),
+    ),  # fmt: skip
+    Case(
+        "template-padding-bomb",
+        "template",
+        "a padding filter to a width of 10**10 (text|center(10**10))",
+        ["mixture", "sample", "mix.yaml", "-n", "1"],
+        {
+            "mix.yaml": _mixture(
+                _task(template='{jinja: "{{ text|center(10**10) }} ||| {{label}}"}')
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "width"),
+    ),  # fmt: skip
+    Case(
         "import-config-list",
         "bank",
         "an adapter_config.json that is a JSON list",
