@@ -373,8 +373,9 @@ def evaluate_method(
                                    seed=cfg.seed)  # fmt: skip
     # Format specialization: outputs that fall in a fine-tuned classification task's label set.
     answers = sorted({a for t in mixture.tasks for a in (t.answers or [])})
+    progress = method.label if selected else f"{method.label} (step {step})"
     common = dict(decoder_only=decoder_only, num_beams=ev.num_beams, batch_size=ev.batch_size,
-                  max_new_tokens=ev.max_new_tokens)  # fmt: skip
+                  max_new_tokens=ev.max_new_tokens, progress=progress)  # fmt: skip
     records = evaluate_finetuned(
         prompted, tokenizer, mixture.tasks, rows, examples=ev.examples, **common
     )
