@@ -55,6 +55,7 @@ from multipromot.router import calibrated_router
 from multipromot.soft_prompt import PromptedModel
 from multipromot.train import stage2
 from multipromot.train.checkpoint import is_complete, load_checkpoint
+from multipromot.train.common import read_losses
 from multipromot.train.stage1 import made_from as stage1_made_from
 from multipromot.train.stage1 import train_prompts
 
@@ -462,8 +463,11 @@ def run_experiment(cfg: RunConfig) -> Path:
         write_json(done, {"made_from": record, "records": result})
         records += result
 
+    stage2_losses = {m.label: read_losses(out / "methods" / m.label) for m in methods if m.trains}
     report = write_report(records, out, title=f"multipromot run: {Path(cfg.config_file).name}",
-                          config=_config_dict(cfg), methods=status)  # fmt: skip
+                          config=_config_dict(cfg), methods=status,
+                          stage1_loss=read_losses(out / "stage1") if stage1_refs else None,
+                          stage2_losses=stage2_losses)  # fmt: skip
     print(terminal_summary(records))
     print(f"report: {report}")
     return report

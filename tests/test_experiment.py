@@ -85,6 +85,7 @@ def test_run_writes_report_results_and_resumes_after_a_crash(
     assert unseen == {"lab_cb", "lab_qa"}  # eval/tiny.yaml
     text = report.read_text()
     assert "Norm. Avg." in text and "promot+1shot" in text
+    assert "with the training losses below" in text
     out = capsys.readouterr().out
     assert f"report: {report}" in out
     # What the user sees: stage 1's score per task, and one progress line per scored
@@ -222,6 +223,9 @@ def test_a_changed_config_never_reports_the_first_runs_numbers(
     experiment.run_experiment(load_config(path, base))
     first = json.loads((tmp_path / "run" / "results.json").read_text())["records"]
     capsys.readouterr()
+    # eval.curve=false: the plots are drawn (bars, tests/test_report.py), with the losses
+    assert (tmp_path / "run" / "norm_avg.png").is_file()
+    assert "with the training losses below" in (tmp_path / "run" / "report.md").read_text()
 
     trained = []
     real = stage2.finetune
