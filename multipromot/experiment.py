@@ -55,6 +55,7 @@ from multipromot.router import calibrated_router
 from multipromot.soft_prompt import PromptedModel
 from multipromot.train import stage2
 from multipromot.train.checkpoint import is_complete, load_checkpoint
+from multipromot.train.common import read_losses
 from multipromot.train.stage1 import made_from as stage1_made_from
 from multipromot.train.stage1 import train_prompts
 
@@ -373,8 +374,9 @@ def evaluate_method(
                                    seed=cfg.seed)  # fmt: skip
     # Format specialization: outputs that fall in a fine-tuned classification task's label set.
     answers = sorted({a for t in mixture.tasks for a in (t.answers or [])})
+    progress = method.label if selected else f"{method.label} (step {step})"
     common = dict(decoder_only=decoder_only, num_beams=ev.num_beams, batch_size=ev.batch_size,
-                  max_new_tokens=ev.max_new_tokens)  # fmt: skip
+                  max_new_tokens=ev.max_new_tokens, progress=progress)  # fmt: skip
     records = evaluate_finetuned(
         prompted, tokenizer, mixture.tasks, rows, examples=ev.examples, **common
     )
@@ -461,8 +463,11 @@ def run_experiment(cfg: RunConfig) -> Path:
         write_json(done, {"made_from": record, "records": result})
         records += result
 
+    stage2_losses = {m.label: read_losses(out / "methods" / m.label) for m in methods if m.trains}
     report = write_report(records, out, title=f"multipromot run: {Path(cfg.config_file).name}",
-                          config=_config_dict(cfg), methods=status)  # fmt: skip
+                          config=_config_dict(cfg), methods=status,
+                          stage1_loss=read_losses(out / "stage1") if stage1_refs else None,
+                          stage2_losses=stage2_losses)  # fmt: skip
     print(terminal_summary(records))
     print(f"report: {report}")
     return report

@@ -154,3 +154,35 @@ def test_transformer_blocks_are_the_fsdp_units():
     llama, _ = build_tiny("tiny-llama")
     assert [type(b).__name__ for b in D.transformer_blocks(PromptedModel(t5))] == ["T5Block"] * 4
     assert len(D.transformer_blocks(llama)) == 2
+
+
+def test_a_bad_input_error_is_printed_by_the_first_process_of_a_node_only(
+    tmp_path, monkeypatch, capsys
+):
+    """Under torchrun every rank meets the same bad input: each exits with status 2, only
+    LOCAL_RANK 0 prints the line (in process: the environment decides)."""
+    from multipromot.cli import main
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("stage2: {label_smoothing: 2.5}\n")
+    for local_rank, printed in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(["stage2", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == printed and all("label_smoothing" in line for line in err)
+
+
+@pytest.mark.slow  # ~27 s on 2 shared cores
+def test_a_bad_input_under_torchrun_is_one_line(ws, tmp_path):
+    """Two gloo processes; a UserError raised on both inside the process group (ProMoT's
+    stage 2 on a bank without the mixture's tasks): one error line in all, no traceback of
+    ours, exit status 2 (the rest is torchrun's own failure report)."""
+    config = write_config(tmp_path / "config.yaml", model="tiny-t5", bank=tmp_path / "bank",
+                          out_dir=tmp_path / "out", mixture=ws["mixture"])  # fmt: skip
+    (tmp_path / "bank").mkdir()
+    result = run_torchrun(config, timeout=120)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "bank" in errors[0], output[-3000:]
+    assert "exitcode  : 2" in result.stderr and result.returncode != 0
+    assert "UserError" not in output and "multipromot/" not in output, output[-3000:]

@@ -1,6 +1,7 @@
 """`multipromot run`: one command from stage 1 to the report, and a re-run finishes the rest."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -84,8 +85,15 @@ def test_run_writes_report_results_and_resumes_after_a_crash(
     assert unseen == {"lab_cb", "lab_qa"}  # eval/tiny.yaml
     text = report.read_text()
     assert "Norm. Avg." in text and "promot+1shot" in text
+    assert "with the training losses below" in text
     out = capsys.readouterr().out
     assert f"report: {report}" in out
+    # What the user sees: stage 1's score per task, and one progress line per scored
+    # (method, task, shots) with its item count (curve points say their step).
+    assert re.search(r"^stage 1: lab_rte@v0001: accuracy [0-9.]+ at step \d+$", out, re.M)
+    assert re.search(r"^promot: lab_rte 0-shot: \d+ items, accuracy [0-9.]+$", out, re.M)
+    assert re.search(r"^promot\+1shot: lab_cb 1-shot: \d+ items, \w+ [0-9.]+$", out, re.M)
+    assert re.search(r"^standard \(step \d\): lab_qa 1-shot: \d+ items, \w+ [0-9.]+$", out, re.M)
     # Prompted methods routed fine-tuned inputs to their own prompt; unseen k-shot inputs got none.
     promot = [r for r in results["records"] if r["method"] == "promot"]
     assert {r["prompt"] for r in promot if r["seen"]} == {"lab_rte", "lab_trans_fr"}
@@ -215,6 +223,9 @@ def test_a_changed_config_never_reports_the_first_runs_numbers(
     experiment.run_experiment(load_config(path, base))
     first = json.loads((tmp_path / "run" / "results.json").read_text())["records"]
     capsys.readouterr()
+    # eval.curve=false: the plots are drawn (bars, tests/test_report.py), with the losses
+    assert (tmp_path / "run" / "norm_avg.png").is_file()
+    assert "with the training losses below" in (tmp_path / "run" / "report.md").read_text()
 
     trained = []
     real = stage2.finetune

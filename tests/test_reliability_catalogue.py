@@ -53,6 +53,8 @@ def test_bad_input_is_one_line_naming_file_and_key(case, tmp_path):
 def test_usage_errors_exit_2_without_traceback(case, tmp_path):
     code, out, err = run(case, tmp_path / case.id)
     assert code == 2 and "Traceback" not in out + err and err.startswith("error:")
+    for part in case.expect:
+        assert part in err, (part, err)
 
 
 def test_usage_errors_are_one_line(tmp_path):

@@ -12,11 +12,16 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from reliability import tally
+from test_templates import RESOURCE_BOMBS
 
 from multipromot.bank import PromptBank
 from multipromot.cli import main
@@ -220,6 +225,58 @@ def test_answer_choices_and_source_filter_are_sandboxed_too(tmp_path, capsys):
     assert main(["mixture", "sample", str(path)]) == 2
     assert "tasks[0].source.filter" in _one_error_line(capsys)
     assert not marker.exists()
+
+
+# Rendered in a fresh process under a 3 GiB address-space cap, so that a bomb the meter missed
+# would end in MemoryError (or a hang, caught by the timeout), not in the meter's message.
+_BOMB_SCRIPT = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from multipromot.data.templates import Template
+from multipromot.errors import UserError
+outcomes = []
+for jinja in json.loads(sys.argv[1]):
+    start = time.monotonic()
+    try:
+        Template("bomb", jinja + " ||| x").apply({"text": "t", "label": 0})
+        outcome = "rendered"
+    except UserError as e:
+        outcome = str(e)
+    outcomes.append([outcome, time.monotonic() - start])
+print(json.dumps(outcomes))
+"""
+# the wall-time bound's own case: 2**40 macro calls in a handful of loop iterations
+_DEADLINE_BOMB = ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}"
+                  "{% endmacro %}{{ f(40) }}")  # fmt: skip
+
+
+def test_template_resource_bombs_end_in_the_meter_under_a_memory_cap(tmp_path):
+    bombs = [jinja for jinja, _ in RESOURCE_BOMBS] + [_DEADLINE_BOMB]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _BOMB_SCRIPT, json.dumps(bombs)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = json.loads(done.stdout.strip().splitlines()[-1])
+    limits = Counter()
+    for outcome, _ in outcomes:
+        assert "(a limit per render)" in outcome, outcome
+        reason = outcome.split(": ", 2)[-1]
+        limits["time" if "took more than" in reason else "steps" if "loop iterations" in reason
+               else "size"] += 1  # fmt: skip
+    slowest = max(seconds for _, seconds in outcomes)
+    assert slowest < 15  # the 5 s deadline plus a loaded machine's slack
+    tally.record(
+        "template_bombs",
+        fault=f"template resource bombs ({len(bombs)}: nested loops, strings doubled in a "
+        "loop, padding and format widths, join/replace amplification, 2**40 macro calls), "
+        "each rendered in a process capped at 3 GiB",
+        trials=len(bombs),
+        survived=len(outcomes),
+        data_lost=0,
+        stopped_by_the_meter={f"{kind} bound": n for kind, n in sorted(limits.items())},
+        slowest_refusal=f"{slowest:.1f} s (the 5 s deadline)",
+        fastest_refusal=f"{min(seconds for _, seconds in outcomes):.2f} s",
+    )
 
 
 # ----------------------------------------------------------------------------- YAML

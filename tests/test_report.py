@@ -216,3 +216,71 @@ def test_curves_start_at_step_0_from_the_same_weights_and_prompts():
     assert points[("promot", 0, 1)]["norm_avg"] == 42.0  # base weights with its prompts
     assert ("promot@other", 0, 1) not in points  # no evaluation with those prompts: no point
     assert final_records(_with_step0(records)) == final_records(records)  # the table is unchanged
+
+
+LOSSES = {"standard": [(50, 2.0), (100, 1.5), (150, 1.2), (200, 1.0)],
+          "promot": [(50, 2.2), (100, 1.9), (150, 1.7), (200, 1.6)]}  # fmt: skip
+STAGE1 = [(10, 3.0), (20, 2.5)]
+
+
+def _panels(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes}
+
+
+def test_curves_have_a_training_loss_panel_and_a_style_per_method(tmp_path):
+    from multipromot.eval.report import plot_figures
+
+    records = _records()
+    figures = plot_figures(records, stage1_loss=STAGE1, stage2_losses=LOSSES)
+    panels = _panels(figures["norm_avg.png"])
+    assert set(panels) == {"Unseen tasks, 1-shot", "Unseen tasks, 4-shot", "Stage-2 training loss",
+                           "Stage-1 training loss (prompt tuning, all tasks)"}  # fmt: skip
+    # the loss panels hold the logged losses, per method and for stage 1
+    lines = {line.get_label(): line for line in panels["Stage-2 training loss"].get_lines()}
+    for method, points in LOSSES.items():
+        assert list(zip(*lines[method].get_data(), strict=True)) == points
+    stage1 = panels["Stage-1 training loss (prompt tuning, all tasks)"].get_lines()
+    assert [list(zip(*line.get_data(), strict=True)) for line in stage1] == [STAGE1]
+    # the curves: one line per trained method, each with its own colour and marker (the same
+    # in the loss panel), starting at step 0; pretrained is a labelled reference level
+    curve = {line.get_label(): line for line in panels["Unseen tasks, 1-shot"].get_lines()}
+    assert set(curve) == {"standard", "promot"}
+    assert len({line.get_color() for line in curve.values()}) == 2
+    assert len({line.get_marker() for line in curve.values()}) == 2
+    for method in ("standard", "promot"):
+        assert curve[method].get_color() == lines[method].get_color()
+        assert curve[method].get_xdata()[0] == 0
+    legend = [t.get_text() for t in panels["Unseen tasks, 1-shot"].get_legend().get_texts()]
+    assert "pretrained (step 0)" in legend
+    assert "Stage-1" not in " ".join(_panels(figures["specialization.png"]))  # losses once
+    written = write_plots(records, tmp_path, stage1_loss=STAGE1, stage2_losses=LOSSES)
+    assert written == ["norm_avg.png", "specialization.png"]
+    assert (
+        imread(tmp_path / "norm_avg.png").shape[0]
+        > imread(tmp_path / "specialization.png").shape[0]
+    )
+
+
+def test_one_evaluation_per_method_is_bars_not_curves(tmp_path):
+    """eval.curve=false: each method evaluated once. No lines joining points that are not a
+    curve: a bar per method at its selected step, and the titles say so."""
+    from multipromot.eval.report import plot_figures
+
+    records = [r for r in _records() if r["step"] in (0, 200)]
+    figures = plot_figures(records, stage2_losses=LOSSES)
+    panels = _panels(figures["norm_avg.png"])
+    bars = panels["Unseen tasks, 1-shot (one evaluation each)"]
+    assert bars.get_lines() == [] and "eval.curve=false" in bars.get_xlabel()
+    heights = {c.get_label(): c.patches[0].get_height() for c in bars.containers}
+    assert heights == {
+        "pretrained (step 0)": 30.0,
+        "standard (step 200)": 7.5,
+        "promot (step 200)": 35.0,
+    }  # fmt: skip  (the table's Norm. Avg.)
+    assert len({p.get_facecolor() for p in bars.patches}) == 3
+    ticks = [t.get_text() for t in bars.get_xticklabels()]
+    assert ticks == ["pretrained\n(step 0)", "standard\n(step 200)", "promot\n(step 200)"]
+    assert "Stage-2 training loss" in panels  # the losses are curves: drawn as ever
+    path = write_report(records, tmp_path, title="No curve", stage2_losses=LOSSES)
+    assert (tmp_path / "norm_avg.png").read_bytes().startswith(PNG_MAGIC)
+    assert "a bar per method when each was evaluated at one step only" in path.read_text()

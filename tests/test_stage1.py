@@ -172,3 +172,41 @@ def test_stage1_resumes_after_an_interrupt_with_the_same_prompts(
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lines]
 
     assert logged(tmp_path / "run") == logged(tmp_path / "whole")  # no step logged twice
+
+
+@pytest.mark.slow  # three stage-1 processes on 2 shared cores
+def test_stage1_killed_with_sigkill_then_run_again_stores_the_same_prompts(run_config, tmp_path):
+    """The issue's acceptance test, with a real kill -9: stage 1 killed after a checkpoint,
+    the same command again continues from its last checkpoint and stores bit-identical
+    prompts to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from multipromot.train.checkpoint import is_complete
+
+    settings = ["stage1.steps=60", "stage1.eval_every=4", "stage1.optimizer=adamw",
+                "stage1.lr=0.05", "stage1.warmup_steps=3"]  # fmt: skip
+    command = [sys.executable, "-m", "multipromot", "stage1", str(run_config), *settings]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, f"out_dir={tmp_path / 'whole'}", f"bank.dir={tmp_path / 'whole_bank'}"],
+                   env=env, check=True, capture_output=True, timeout=600)  # fmt: skip
+
+    killed = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = tmp_path / "run" / "stage1" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not (checkpoints / "step_8").is_dir() or not is_complete(checkpoints / "step_8"):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "bank").exists()  # killed before stage 1 stored its prompts
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage 1: resumed from step " in again.stdout
+    assert _bank_prompts(tmp_path / "bank") == _bank_prompts(tmp_path / "whole_bank")

@@ -24,6 +24,7 @@ from _stage2_utils import (
 from safetensors.torch import load_file
 
 from multipromot.bank import PromptBank
+from multipromot.config import load_config
 from multipromot.models import load_model, read_lineage
 from multipromot.soft_prompt import PromptedModel, init_prompts
 from multipromot.train import checkpoint, stage2
@@ -144,9 +145,10 @@ def test_one_step_per_mode(ws, monkeypatch, mode, prompt, task_ids):
     assert (info.get("bank_dir") == "prompt_bank") is (mode in ("joint", "random_prompt"))
 
 
-def test_resume_after_kill_is_exact(ws, monkeypatch):
+def test_resume_after_kill_is_exact(ws, monkeypatch, capsys):
     """4 steps straight == 3 steps, killed, resumed from step 2 to 4: same losses (with
-    dropout on, so the RNG must continue too) and the same final weights."""
+    dropout on, so the RNG must continue too) and the same final weights; the resume says
+    where it continues from."""
     straight = _straight(ws)
     config = _config(ws, "killed")
     with monkeypatch.context() as m:
@@ -157,7 +159,9 @@ def test_resume_after_kill_is_exact(ws, monkeypatch):
     assert checkpoint.latest_checkpoint(out / "checkpoints").name == "step_2"
     assert max(train_losses(out)) == 2  # step 3 died before it was logged
 
-    resumed = run_in_process(config)
+    capsys.readouterr()
+    resumed = stage2.finetune(load_config(config), progress=True)
+    assert "stage 2: resumed from step 2 (" in capsys.readouterr().out
     assert loss_diff(train_losses(resumed), train_losses(straight)) == 0.0
     assert loss_diff(val_losses(resumed), val_losses(straight)) == 0.0
     assert max_diff(final_weights(resumed), final_weights(straight)) == 0.0

@@ -466,3 +466,73 @@ def test_templates_pickle_for_worker_processes():
     assert copy == template and copy.key == "tasks[0].template"
     example, expected_input, expected_target = PAPER_CASES["rte"]
     assert copy.apply(example) == (expected_input, expected_target)
+
+
+# Each would take hours or gigabytes without the per-render meter; each is refused in well
+# under a second with a message naming the limit.
+RESOURCE_BOMBS = [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+     "loop iterations"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "loop iterations"),
+    ("{% set n = namespace(s='x') %}{% for i in range(40) %}{% set n.s = n.s ~ n.s %}"
+     "{% endfor %}{{ n.s }}", "'~' would build"),
+    ("{% set n = namespace(s='x') %}{% for i in range(40) %}{% set n.s = n.s + n.s %}"
+     "{% endfor %}{{ n.s }}", "'+' would build"),
+    ("{{ ''|center(10**9) }}", "center filter with a width"),
+    ("{{ ''|indent(10**9) }}", "indent filter with a width"),
+    ("{{ ''.ljust(10**9) }}", "str.ljust with a width"),
+    ("{{ '%0999999999d'|format(1) }}", "format width"),
+    ("{{ '%0999999999d' % 1 }}", "format width"),
+    ("{{ '%*d' % (10**9, 1) }}", "width of 1000000000"),
+    ("{{ '{:>{}}'.format(1, 10**9) }}", "width of 1000000000"),
+    ("{{ ([('x' * 1000000)] * 1000000)|join }}", "join filter would build"),
+    ("{{ ('x' * 1000000).replace('x', 'x' * 1000000) }}", "str.replace would build"),
+    ("{{ ('x' * 1000000)|replace('x', 'x' * 1000000) }}", "replace filter would build"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("jinja", "message"), RESOURCE_BOMBS)
+def test_a_template_that_would_exhaust_time_or_memory_is_stopped(jinja, message):
+    template = Template(
+        "bomb", jinja + " ||| {{ label }}", file="mix.yaml", key="tasks[0].template"
+    )
+    with pytest.raises(UserError, match="per render") as info:
+        template.apply({"text": "t", "label": 0})
+    assert message in str(info.value)
+    assert str(info.value).startswith("mix.yaml: tasks[0].template: template 'bomb'")
+
+
+def test_the_render_stops_past_the_output_size(monkeypatch):
+    """The rendered text is streamed and stopped past the bound, before it is joined."""
+    monkeypatch.setattr("multipromot.data.templates._MAX_CHARS", 1000)
+    template = Template("t", "{% for i in range(5000) %}x{% endfor %} ||| y")
+    with pytest.raises(UserError, match="rendered more than 1,000 characters"):
+        template.apply({})
+    assert Template("t", "{% for i in range(900) %}x{% endfor %} ||| y").apply({})[0] == "x" * 900
+
+
+def test_the_render_stops_at_its_deadline(monkeypatch):
+    """A macro calling itself twice per level does 2**40 calls in few loop iterations: the
+    wall-time deadline (not the step count) ends it."""
+    monkeypatch.setattr("multipromot.data.templates._MAX_SECONDS", 0.2)
+    jinja = ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+             "{{ f(40) }} ||| y")  # fmt: skip
+    with pytest.raises(UserError, match=r"took more than 0.2 s"):
+        Template("t", jinja).apply({})
+
+
+def test_metering_keeps_what_templates_render():
+    """Loops (with loop.*), '~', '+', '%', join, replace, padding and format read the same."""
+    jinja = (
+        "{% for c in ['a', 'b'] %}{{ c }}{{ loop.index }}/{{ loop.length }}"
+        "{% if loop.last %}!{% endif %}{% endfor %} {{ text ~ '!' }} {{ text + '?' }} "
+        "{{ [text, 'x']|join(', ') }} {{ '%05d' % 3 }} {{ '{:,}'.format(8000000000) }} "
+        "{{ text|replace('l', 'L') }} [{{ text|center(9) }}] {{ '%s-%s'|format(1, 2) }} "
+        "||| {{ answer_choices[label] }}"
+    )
+    template = Template("ok", jinja, "no ||| yes")
+    assert template.apply({"text": "hello", "label": 1}) == (
+        "a1/2b2/2! hello! hello? hello, x 00003 8,000,000,000 heLLo [  hello  ] 1-2",
+        "yes",
+    )

@@ -157,3 +157,17 @@ def test_log_to_is_a_config_key(tmp_path):
     assert check_trackers(cfg.log.to) == ["tensorboard", "wandb"]
     with pytest.raises(UserError):
         load_config(None, ["log.too=[wandb]"])
+
+
+def test_read_losses_gives_the_logged_training_losses_in_step_order(tmp_path):
+    """The report's loss panel reads what the logger wrote: training losses only (not the
+    validation records), a step logged again by a resumed run once, a torn last line skipped."""
+    logger = MetricsLogger(tmp_path, trackers=[])
+    for step, loss in ((5, 2.0), (10, 1.5)):
+        logger.log({"stage": 2, "step": step, "loss": loss, "lr": 0.1}, step=step)
+        logger.log({"stage": 2, "step": step, "val_loss": 9.0}, step=step)
+    logger.log({"stage": 2, "step": 10, "loss": 1.4}, step=10)  # the resumed run's step 10
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"stage": 2, "step": 15, "lo')
+    assert common.read_losses(tmp_path) == [(5, 2.0), (10, 1.4)]
+    assert common.read_losses(tmp_path / "nothing") == []

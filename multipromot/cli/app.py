@@ -2,7 +2,9 @@
 
 Every command that reads user input lets :class:`~multipromot.errors.UserError` propagate to
 :func:`main`, which prints it on one line and exits with status 2 (a traceback only with
-``--debug``). The commands themselves live one module per group and register on :data:`app`
+``--debug``). Under torchrun every rank exits with that status, and only the first process of
+each node prints (:func:`~multipromot.train.distributed.reports_errors`): one line, not one
+per rank. The commands themselves live one module per group and register on :data:`app`
 when :mod:`multipromot.cli` is imported.
 """
 
@@ -13,6 +15,7 @@ import sys
 import typer
 
 from multipromot.errors import UserError
+from multipromot.train.distributed import reports_errors
 
 __all__ = ["app", "main", "CONFIG_ARG", "OVERRIDES_ARG"]
 
@@ -25,6 +28,11 @@ app = typer.Typer(
 
 CONFIG_ARG = typer.Argument(..., help="Run config (YAML).")
 OVERRIDES_ARG = typer.Argument(None, help="key=value overrides, e.g. stage2.mode=standard.")
+
+
+def _error(line: str) -> None:
+    if reports_errors():
+        print(line, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        _error(f"error: {e}")
         return 2
     except typer.Exit as e:
         return e.exit_code
@@ -49,21 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.TyperException as e:  # typer's bundled click: usage errors, bad options
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"error: {' '.join(message.split())} (see multipromot --help)", file=sys.stderr)
+        _error(f"error: {' '.join(message.split())} (see multipromot --help)")
         return 2
     except OSError as e:  # e.g. disk full while writing: not bad input, but no traceback either
         if debug:
             raise
-        print(
-            f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}",
-            file=sys.stderr,
-        )
+        _error(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
         return 1
     if status == 130:
-        print(
+        _error(
             "interrupted: finished stages, bank entries and stage-1 and stage-2 checkpoints are "
-            "kept; run the same command again to continue",
-            file=sys.stderr,
+            "kept; run the same command again to continue"
         )
         return 130
     return status if isinstance(status, int) else 0  # a command's typer.Exit(n)

@@ -12,6 +12,14 @@ immutable sandbox with strict undefined: no attribute that starts with ``_`` (no
 ``range``/``*``/``**``, and a field the example lacks is an error rather than an empty string.
 Every failure is a one-line :class:`~multipromot.errors.UserError` naming the template.
 
+Each render is also metered, so that a hostile or mistaken template cannot hang or exhaust
+memory: the rendered text is streamed and stopped past ``_MAX_CHARS`` characters, every loop
+iteration and call counts against ``_MAX_STEPS`` and a wall-time deadline of ``_MAX_SECONDS``,
+and the operations that build one large value at once (``+``, ``~``, ``%``, ``join``,
+``replace``, padding to a width, format strings with a width) are refused before they build
+more than ``_MAX_CHARS`` characters. No signal or thread is involved: the checks run inside
+the render itself (see :class:`_Meter`).
+
 Where templates come from (:func:`load_template`):
 
 - inline: ``{jinja: "...", answer_choices: "True ||| False"}``
@@ -26,12 +34,15 @@ to the renderer that relies on them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
+import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -40,6 +51,7 @@ from typing import Any
 from jinja2 import StrictUndefined, meta, nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
 from multipromot.data.catalogue import catalogue_index
 from multipromot.errors import UserError
@@ -69,6 +81,171 @@ _MAX_EXPONENT = 1_000
 # or a namespace squared in a loop, which would compute for hours
 _MAX_INT_BITS = 1 << 16
 _MAX_CATALOGUE_DEPTH = 4
+# Per render (see _Meter). A real template renders in ~25 us with a few dozen steps, into a
+# few thousand characters; these bounds are far above that and far below a hang or an OOM.
+_MAX_CHARS = 10_000_000
+_MAX_STEPS = 1_000_000
+_MAX_SECONDS = 5.0
+# Format strings whose width comes from a literal of 7+ digits or from an argument
+# ('%*d', '{:{}}'), and the str methods that pad to a width.
+_LITERAL_WIDTH = re.compile(r"\d{7,}")
+_ARGUMENT_WIDTH = re.compile(r"%[-+ #0]*\*|\{[^{}]*\{")
+_PADDING = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
+_WIDTH_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate"})
+_BUILDING_FILTERS = frozenset({"format", "join", "replace"})
+
+
+class _ResourceLimit(SecurityError):
+    """A render went past one of the per-render bounds (time, steps, size)."""
+
+
+@dataclass
+class _Meter:
+    """The budget of one render: loop iterations and calls done, and when it must end.
+
+    The sandbox's hooks (calls, filters, loops, operators) tick the meter of the render in
+    progress (a context variable, so concurrent renders in other threads keep their own);
+    outside a render (compile-time constant folding) nothing is counted.
+    """
+
+    deadline: float
+    steps: int = 0
+
+
+_METER: ContextVar[_Meter | None] = ContextVar("multipromot_template_meter", default=None)
+
+
+def _tick() -> None:
+    meter = _METER.get()
+    if meter is None:
+        return
+    meter.steps += 1
+    if meter.steps > _MAX_STEPS:
+        raise _ResourceLimit(f"more than {_MAX_STEPS:,} loop iterations and calls")
+    # the clock every 64 steps: cheap, and no step takes long (the size bounds see to that)
+    if meter.steps & 63 == 0 and time.monotonic() > meter.deadline:
+        raise _ResourceLimit(f"took more than {_MAX_SECONDS:g} s")
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple | dict) else 0
+
+
+def _check_size(value: Any, what: str) -> Any:
+    if _size(value) > _MAX_CHARS:
+        raise _ResourceLimit(f"{what} built more than {_MAX_CHARS:,} characters or items")
+    return value
+
+
+def _check_widths(args: Iterable[Any], what: str) -> None:
+    for arg in args:
+        if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > _MAX_SEQUENCE:
+            raise _ResourceLimit(f"{what} with a width of {arg} (at most {_MAX_SEQUENCE:,})")
+
+
+def _check_format(fmt: Any, args: Iterable[Any], what: str) -> None:
+    """A format string may not pad to a huge width ('%0999999999d', '{:>{}}' with 10**9)."""
+    if not isinstance(fmt, str):
+        return
+    if _LITERAL_WIDTH.search(fmt):
+        raise _ResourceLimit(f"{what} with a format width of 7 or more digits")
+    if _ARGUMENT_WIDTH.search(fmt):
+        _check_widths(args, what)
+
+
+def _check_join(separator: Any, items: list, what: str) -> None:
+    total = sum(len(str(item)) for item in items) + len(items) * _size(separator)
+    if total > _MAX_CHARS:
+        raise _ResourceLimit(f"{what} would build more than {_MAX_CHARS:,} characters")
+
+
+def _check_replace(text: Any, old: Any, new: Any, what: str) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+        grows = (text.count(old) if old else len(text) + 1) * max(0, len(new) - len(old))
+        if len(text) + grows > _MAX_CHARS:
+            raise _ResourceLimit(f"{what} would build more than {_MAX_CHARS:,} characters")
+
+
+def _check_call(obj: Any, args: tuple, kwargs: dict) -> None:
+    """Bounds for the str methods that build one large string at once."""
+    method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+    text, name = getattr(method, "__self__", None), getattr(method, "__name__", "")
+    if not isinstance(text, str):
+        return
+    values = [*args, *kwargs.values()]
+    if name in _PADDING:
+        _check_widths(values, f"str.{name}")
+    elif name in ("format", "format_map"):
+        nested = [v for arg in values if isinstance(arg, Mapping) for v in arg.values()]
+        _check_format(text, values + nested, f"str.{name}")
+    elif name == "join" and args:
+        _check_join(text, list(args[0]), "str.join")
+    elif name == "replace" and len(args) >= 2:
+        _check_replace(text, args[0], args[1], "str.replace")
+
+
+def _metered_filter(name: str, function: Callable) -> Callable:
+    """A filter that can build a large value at once (a width, a format, a join, a
+    replacement): it ticks the meter, refuses huge widths, joins and replacements before it
+    runs, and results over the size bound after."""
+    skip = 1 if hasattr(function, "jinja_pass_arg") else 0  # Jinja passes a context first
+
+    @functools.wraps(function)  # keeps Jinja's pass_context/pass_eval_context marks
+    def filtered(*args, **kwargs):
+        _tick()
+        head, value, rest = args[:skip], args[skip] if len(args) > skip else None, args[skip + 1 :]
+        options = [*rest, *kwargs.values()]
+        what = f"the {name} filter"
+        if name in _WIDTH_FILTERS:
+            _check_widths(options, what)
+        elif name == "format":
+            _check_format(value, options, what)
+        elif name == "join" and value is not None:
+            value = list(value)  # may be a generator: read it once, check it, join it
+            _check_join(rest[0] if rest else kwargs.get("d", ""), value, what)
+            args = (*head, value, *rest)
+        elif name == "replace" and len(rest) >= 2:
+            _check_replace(str(value), str(rest[0]), str(rest[1]), what)
+        return _check_size(function(*args, **kwargs), what)
+
+    return filtered
+
+
+def _metered_loop(iterable: Any) -> Any:
+    """A for loop's iterable, ticking the meter at every item (an empty nested loop outputs
+    nothing, so only this sees it)."""
+    for item in iterable:
+        _tick()
+        yield item
+
+
+def _metered_concat(*pieces: Any) -> str:
+    """``a ~ b``, refused before it builds more than the size bound."""
+    texts = [str(piece) for piece in pieces]
+    if sum(len(t) for t in texts) > _MAX_CHARS:
+        raise _ResourceLimit(f"'~' would build more than {_MAX_CHARS:,} characters")
+    return "".join(texts)
+
+
+class _Metering(NodeTransformer):
+    """Routes every for loop's iterable and every ``~`` through the meter (at compile time,
+    so templates pay only for the loops and concatenations they have)."""
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        self.generic_visit(node)
+        node.iter = nodes.Call(nodes.ImportedName(_LOOP), [node.iter], [], None, None,
+                               lineno=node.lineno)  # fmt: skip
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+        self.generic_visit(node)
+        return nodes.Call(nodes.ImportedName(_CONCAT), node.nodes, [], None, None,
+                          lineno=node.lineno)  # fmt: skip
+
+
+# Imported by the compiled template itself: no name a template (or an example field) can see.
+_LOOP = f"{__name__}._metered_loop"
+_CONCAT = f"{__name__}._metered_concat"
 
 
 @dataclass(frozen=True)
@@ -89,9 +266,21 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, plus bounds on ``*`` and ``**`` (a template must not be able
     to allocate gigabytes with ``'a' * 10**10``)."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: D102, N805 (Jinja hook)
+        _tick()
+        _check_call(__obj, args, kwargs)
+        result = super().call(__context, __obj, *args, **kwargs)
+        return _check_size(result, "a call")
 
     def call_binop(self, context, operator, left, right):  # noqa: D102 (Jinja hook)
+        _tick()
+        if operator == "+" and _size(left) + _size(right) > _MAX_CHARS:
+            raise _ResourceLimit(f"'+' would build more than {_MAX_CHARS:,} characters or items")
+        if operator == "%":
+            _check_format(left, right if isinstance(right, tuple) else (right,), "'%'")
+            return _check_size(super().call_binop(context, operator, left, right), "'%'")
         ints = isinstance(left, int) and isinstance(right, int)
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
@@ -140,6 +329,10 @@ def _make_env() -> _Sandbox:
     # The filters and globals promptsource templates use; "highlight" only colours the
     # promptsource app's display, so it is the identity here.
     env.filters.update(choice=_choice, most_frequent=_most_frequent, highlight=lambda x: x)
+    # only the filters that can build a large value at once pay for the checks; the others
+    # (lower, trim, list, ...) build at most what they are given
+    for name in _WIDTH_FILTERS | _BUILDING_FILTERS:
+        env.filters[name] = _metered_filter(name, env.filters[name])
     env.globals.update(zip=zip)
     return env
 
@@ -277,9 +470,10 @@ class Template:
             ) from None
 
     def _compile(self, ast: nodes.Template, what: str):
-        """Compile a parsed template; an unknown filter or test is one line naming it."""
+        """Compile a parsed template, its loops and ``~`` metered; an unknown filter or test is
+        one line naming it."""
         try:
-            return _ENV.from_string(ast)
+            return _ENV.from_string(_Metering().visit(ast))
         except TemplateSyntaxError as exc:
             message = exc.message or str(exc)
             name = re.search(r"No (filter|test) named '([^']*)'", message)
@@ -294,8 +488,11 @@ class Template:
                             key=self.key) from None  # fmt: skip
 
     def _render(self, compiled, context: dict[str, Any], what: str) -> str:
+        token = _METER.set(_Meter(deadline=time.monotonic() + _MAX_SECONDS))
         try:
-            return compiled.render(context)
+            return self._stream(compiled, context)
+        except _ResourceLimit as exc:
+            self._fail(f"was stopped in {what}: {exc} (a limit per render)")
         except SecurityError as exc:
             self._fail(
                 f"was stopped by the sandbox in {what} ({exc}); templates may only read the "
@@ -316,7 +513,23 @@ class Template:
             self._fail(f"failed in {what}: {exc}")
         except (TypeError, ValueError, LookupError, ArithmeticError) as exc:
             self._fail(f"failed on this example in {what}: {type(exc).__name__}: {exc}")
+        except MemoryError:
+            self._fail(f"ran out of memory in {what}")
+        finally:
+            _METER.reset(token)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _stream(compiled, context: dict[str, Any]) -> str:
+        """Render piece by piece, stopping past the size bound (a loop that prints forever
+        ends here, before the text is joined)."""
+        pieces, size = [], 0
+        for piece in compiled.generate(context):
+            size += len(piece)
+            if size > _MAX_CHARS:
+                raise _ResourceLimit(f"rendered more than {_MAX_CHARS:,} characters")
+            pieces.append(piece)
+        return "".join(pieces)
 
     @staticmethod
     def _missing_message(message: str, context: dict[str, Any], what: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from multipromot.data.collate import Collator
 from multipromot.data.exemplars import build_item
@@ -37,6 +38,7 @@ def predict(
     num_beams: int = 1,
     max_new_tokens: int = 32,
     prefix_cache: bool = True,
+    progress: str | None = None,
 ) -> list[str]:
     """Generate one output string per item; items may mix task ids (and -1 = no prompt).
 
@@ -51,6 +53,8 @@ def predict(
         prefix_cache: decoder-only models reuse each task's prompt keys/values across rows
             and calls (``PromptedModel.generate(prefix_cache=True)``; same outputs as
             prepending, tests/test_prefix_cache.py); ignored for seq2seq models.
+        progress: a label for a progress bar over the rows (shown on a terminal only, so
+            logs and tests get none); None shows nothing.
 
     Returns:
         The decoded outputs, special tokens removed, in item order.
@@ -64,6 +68,9 @@ def predict(
     # on its batch mates, and the outputs go back in item order.
     order = sorted(range(len(items)), key=lambda i: item_chars(items[i]), reverse=True)
     outputs: list[str] = [""] * len(items)
+    # disable=None: tqdm shows the bar only when stderr is a terminal
+    bar = tqdm(total=len(items), desc=progress, unit="row", disable=None if progress else True,
+               dynamic_ncols=True, leave=False)  # fmt: skip
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = _to(collator([items[i] for i in rows]), device)
@@ -79,6 +86,8 @@ def predict(
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         for i, text in zip(rows, texts, strict=True):
             outputs[i] = text
+        bar.update(len(rows))
+    bar.close()
     prompted.train(was_training)
     return outputs
 

@@ -16,11 +16,13 @@ leaves half a report)::
 
     report.md            title, the table, the plots, how the run was produced
     results.json         {"title", "summary", "records", "config"}
-    norm_avg.png         unseen-task Norm. Avg. vs stage-2 step, one line per method
+    norm_avg.png         unseen-task Norm. Avg. vs stage-2 step, one line per method, and
+                         below it the training losses (stage 2 per method, stage 1)
     specialization.png   mean specialization rate vs stage-2 step, one line per method
 
 The PNGs (the shape of the paper's Figures 1 and 2, one panel per shots setting) are written only
-when the records span more than one step.
+when the records span more than one step. When no method was evaluated at more than one step
+(``eval.curve=false``) each panel is a bar per method at its selected step instead of lines.
 
 Why one module of this size: the table, the terminal summary, the plots and report.md all
 read the same flat records; splitting would spread one schema over several files.
@@ -44,6 +46,7 @@ __all__ = [
     "summary",
     "format_table",
     "terminal_summary",
+    "plot_figures",
     "write_plots",
     "write_report",
 ]
@@ -336,44 +339,109 @@ def terminal_summary(records: Iterable[dict], baseline: str = "pretrained") -> s
 # Files
 
 
-def _plot(
+def _figure(
     points: dict[tuple[str, int, int], dict],
     methods: list[str],
     key: str,
     ylabel: str,
     title: str,
-) -> bytes | None:
-    """One PNG: ``key`` against stage-2 step, one subplot per shots, one line per method."""
+    *,
+    curves: bool,
+    losses: list[tuple[str, str, dict[str, list]]] = (),
+):
+    """One figure: ``key`` per shots setting (a panel each), then the training-loss panels.
+
+    With ``curves`` (some method was evaluated at several stage-2 steps) each such method is a
+    line over steps and a method evaluated once a dashed reference level; without, every
+    method was evaluated once and each panel is a bar per method at its selected step (no
+    line that would pretend to be a curve). ``losses`` are (panel title, x label,
+    {series: [(step, loss)]}) drawn below, one panel each. A method keeps its colour, marker
+    and hatch in every panel.
+
+    Returns:
+        A matplotlib Figure, or None when nothing was measured for ``key``.
+    """
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg on save
 
     shots = sorted({k for (_, _, k), p in points.items() if p[key] is not None})
     if not shots:
         return None
+    losses = [panel for panel in losses if any(len(pts) for pts in panel[2].values())]
+    rows, cols = (2 if losses else 1), max(len(shots), len(losses))
+    fig = Figure(figsize=(4.5 * cols, 3.6 * rows), layout="constrained")
     steps = [step for (_, step, _) in points]
     span = (min(steps), max(steps))
-    fig = Figure(figsize=(4.5 * len(shots), 3.4), layout="constrained")
     for i, k in enumerate(shots):
-        ax = fig.add_subplot(1, len(shots), i + 1)
-        for j, method in enumerate(methods):
-            line = sorted(
-                (step, p[key])
-                for (m, step, kk), p in points.items()
-                if m == method and kk == k and p[key] is not None
-            )
-            if not line:
-                continue
-            # one colour and marker per method, so lines at the same level stay apart
-            style = dict(color=_COLORS[j % len(_COLORS)], label=method)
-            if len(line) == 1:  # one evaluation (the pretrained model): a reference level
-                ax.hlines(line[0][1], *span, linestyles=_DASHES[j % len(_DASHES)], **style)
-            else:
-                ax.plot(*zip(*line, strict=True), marker=_MARKERS[j % len(_MARKERS)],
-                        markersize=4, **style)  # fmt: skip
-        ax.set_title(f"{title}, {k}-shot")
-        ax.set_xlabel("stage-2 step")
+        ax = fig.add_subplot(rows, cols, i + 1)
+        if curves:
+            _draw_curves(ax, points, methods, key, k, span)
+            ax.set_title(f"{title}, {k}-shot")
+            ax.set_xlabel("stage-2 step")
+        else:
+            _draw_bars(ax, points, methods, key, k)
+            ax.set_title(f"{title}, {k}-shot (one evaluation each)")
+            ax.set_xlabel("selected step of each method (eval.curve=false)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+        if curves:  # bars are named on their axis
+            ax.legend(fontsize="small")
+    for i, (panel_title, xlabel, series) in enumerate(losses):
+        ax = fig.add_subplot(rows, cols, cols + i + 1)
+        for name, pts in series.items():
+            if not pts:
+                continue
+            j = methods.index(name) if name in methods else None
+            style = _style(j) if j is not None else dict(color="black")
+            ax.plot(*zip(*sorted(pts), strict=True), label=name, marker=style.get("marker"),
+                    markevery=max(1, len(pts) // 8), markersize=4, color=style["color"])  # fmt: skip
+        ax.set_title(panel_title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("training loss (mean per target token)")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    return fig
+
+
+def _style(j: int) -> dict:
+    """Method ``j``'s colour and marker, the same in every panel and file."""
+    return dict(color=_COLORS[j % len(_COLORS)], marker=_MARKERS[j % len(_MARKERS)])
+
+
+def _series(points: dict, method: str, key: str, k: int) -> list[tuple[int, float]]:
+    return sorted(
+        (step, p[key])
+        for (m, step, kk), p in points.items()
+        if m == method and kk == k and p[key] is not None
+    )
+
+
+def _draw_curves(ax, points: dict, methods: list[str], key: str, k: int, span) -> None:
+    for j, method in enumerate(methods):
+        line = _series(points, method, key, k)
+        style = _style(j)
+        if len(line) == 1:  # one evaluation (the pretrained model): a reference level
+            ax.hlines(line[0][1], *span, linestyles=_DASHES[j % len(_DASHES)],
+                      color=style["color"], label=f"{method} (step {line[0][0]})")  # fmt: skip
+        elif line:
+            ax.plot(*zip(*line, strict=True), markersize=4, label=method, **style)
+
+
+def _draw_bars(ax, points: dict, methods: list[str], key: str, k: int) -> None:
+    ticks, names = [], []
+    for j, method in enumerate(methods):
+        line = _series(points, method, key, k)
+        if not line:
+            continue
+        step, value = line[-1]
+        x = len(ticks)
+        ax.bar(x, value, color=_COLORS[j % len(_COLORS)], hatch=_HATCHES[j % len(_HATCHES)],
+               edgecolor="black", label=f"{method} (step {step})")  # fmt: skip
+        ticks.append(x)
+        names.append(f"{method}\n(step {step})")
+    ax.set_xticks(ticks, names, fontsize="small")
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
@@ -383,6 +451,7 @@ _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:
            "tab:pink", "tab:olive", "tab:cyan", "tab:gray")  # fmt: skip
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _DASHES = ("--", ":", "-.", (0, (5, 1, 1, 1)))
+_HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
 
 
 def _with_step0(records: list[dict]) -> list[dict]:
@@ -409,32 +478,86 @@ def _with_step0(records: list[dict]) -> list[dict]:
     return out
 
 
-def write_plots(records: Iterable[dict], out_dir: str | os.PathLike) -> list[str]:
-    """The curves over stage-2 steps, when the records span more than one step.
+def _loss_panels(stage1_loss: list | None, stage2_losses: dict[str, list] | None) -> list:
+    panels = []
+    if stage2_losses:
+        panels.append(("Stage-2 training loss", "stage-2 step", stage2_losses))
+    if stage1_loss:
+        panels.append(("Stage-1 training loss (prompt tuning, all tasks)", "stage-1 step",
+                       {"stage 1": stage1_loss}))  # fmt: skip
+    return panels
+
+
+def plot_figures(
+    records: Iterable[dict],
+    *,
+    stage1_loss: list | None = None,
+    stage2_losses: dict[str, list] | None = None,
+) -> dict:
+    """The figures of :func:`write_plots`, as matplotlib Figures (file name -> Figure).
+
+    Args:
+        records: flat records (see the module docstring).
+        stage1_loss: stage 1's (step, training loss) points.
+        stage2_losses: per method, stage 2's (step, training loss) points.
+
+    Returns:
+        ``norm_avg.png`` (with the training-loss panels below its own) and
+        ``specialization.png`` when specialization was measured; empty when every record is
+        from one step.
+    """
+    records = _normalize(records)
+    if len({r["step"] for r in records}) < 2:
+        return {}
+    evaluated: dict[str, set] = {}
+    for r in records:
+        evaluated.setdefault(r["method"], set()).add(r["step"])
+    curves = any(len(steps) > 1 for steps in evaluated.values())
+    points = _unseen_points(_with_step0(records) if curves else records)
+    methods = _ordered(r["method"] for r in records)
+    losses = _loss_panels(stage1_loss, stage2_losses)
+    plots = {
+        "norm_avg.png": ("norm_avg", "Norm. Avg. (0-100)", "Unseen tasks", losses),
+        "specialization.png": (
+            "specialization",
+            "% in fine-tuned answer set",
+            "Specialization",
+            [],
+        ),  # fmt: skip
+    }
+    figures = {}
+    for name, (key, ylabel, title, panels) in plots.items():
+        fig = _figure(points, methods, key, ylabel, title, curves=curves, losses=panels)
+        if fig is not None:
+            figures[name] = fig
+    return figures
+
+
+def write_plots(
+    records: Iterable[dict],
+    out_dir: str | os.PathLike,
+    *,
+    stage1_loss: list | None = None,
+    stage2_losses: dict[str, list] | None = None,
+) -> list[str]:
+    """The curves over stage-2 steps (or, when each method was evaluated once, a bar per
+    method) and the training losses, when the records span more than one step.
 
     Args:
         records: flat records (see the module docstring).
         out_dir: where the PNGs go.
+        stage1_loss: stage 1's (step, training loss) points (``metrics.jsonl``).
+        stage2_losses: per method, stage 2's (step, training loss) points.
 
     Returns:
         The file names written (``norm_avg.png``, ``specialization.png`` when specialization
         was measured), relative to ``out_dir``; empty for a single step.
     """
-    records = _normalize(records)
-    if len({r["step"] for r in records}) < 2:
-        return []
-    points = _unseen_points(_with_step0(records))
-    methods = _ordered(r["method"] for r in records)
-    plots = {
-        "norm_avg.png": ("norm_avg", "Norm. Avg. (0-100)", "Unseen tasks"),
-        "specialization.png": ("specialization", "% in fine-tuned answer set", "Specialization"),
-    }
     written = []
-    for name, (key, ylabel, title) in plots.items():
-        png = _plot(points, methods, key, ylabel, title)
-        if png is not None:
-            write_atomic(Path(out_dir) / name, png)
-            written.append(name)
+    for name, fig in plot_figures(records, stage1_loss=stage1_loss,
+                                  stage2_losses=stage2_losses).items():  # fmt: skip
+        write_atomic(Path(out_dir) / name, _png(fig))
+        written.append(name)
     return written
 
 
@@ -512,6 +635,8 @@ def write_report(
     config: dict | None = None,
     baseline: str = "pretrained",
     methods: dict[str, str] | None = None,
+    stage1_loss: list | None = None,
+    stage2_losses: dict[str, list] | None = None,
 ) -> Path:
     """Write ``report.md``, ``results.json`` and (over several steps) the PNG curves.
 
@@ -522,6 +647,8 @@ def write_report(
         config: the run config as a plain dict (for the provenance section and results.json).
         baseline: the method the differences refer to.
         methods: per method, whether its numbers were made by this run or reused.
+        stage1_loss: stage 1's (step, training loss) points, for the loss panel.
+        stage2_losses: per method, stage 2's (step, training loss) points.
 
     Returns:
         The path of ``report.md``.
@@ -532,7 +659,7 @@ def write_report(
     out = Path(out_dir)
     records = [dict(r) for r in records]
     s = summary(records, baseline)
-    plots = write_plots(records, out)
+    plots = write_plots(records, out, stage1_loss=stage1_loss, stage2_losses=stage2_losses)
     lines = [f"# {title}", ""]
     lines += [
         "## Results (each method at its selected stage-2 step: best on its fine-tuned tasks)",
@@ -548,7 +675,14 @@ def write_report(
     ]
     lines += _method_lines(records, methods)
     if plots:
-        lines += ["## Over stage-2 steps", ""]
+        lines += [
+            "## Plots",
+            "",
+            "Unseen tasks over stage-2 steps (a bar per method when each was evaluated at "
+            "one step only)"
+            + (", with the training losses below." if stage1_loss or stage2_losses else "."),
+            "",
+        ]
         lines += [f"![{name[:-4]}]({name})" for name in plots]
         lines.append("")
     lines += _provenance(config)

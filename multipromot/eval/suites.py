@@ -357,6 +357,7 @@ def _run(
     batch_size: int,
     max_new_tokens: int,
     max_input_length: int,
+    progress: str | None = None,
 ) -> list[list[str]]:
     """One batched predict over all groups' items; returns the outputs split back per group."""
     collator = Collator(
@@ -374,12 +375,21 @@ def _run(
         batch_size=batch_size,
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
+        progress=progress,
     )
     split_outputs, start = [], 0
     for _, group_items, _ in groups:
         split_outputs.append(outputs[start : start + len(group_items)])
         start += len(group_items)
     return split_outputs
+
+
+def _report(progress: str | None, record: dict) -> dict:
+    """One line per scored (task, shots) when asked: the progress of a long evaluation."""
+    if progress:
+        print(f"{progress}: {record['task']} {record['shots']}-shot: {record['n']} items, "
+              f"{record['metric']} {record['score']:.1f}")  # fmt: skip
+    return record
 
 
 def evaluate_suite(
@@ -398,6 +408,7 @@ def evaluate_suite(
     max_new_tokens: int = 32,
     max_input_length: int = 512,
     seed: int = 0,
+    progress: str | None = None,
 ) -> list[dict]:
     """k-shot in-context evaluation of a suite's (unseen) tasks.
 
@@ -419,6 +430,9 @@ def evaluate_suite(
         max_new_tokens: generation budget per row.
         max_input_length: token budget of a k-shot input (exemplars are dropped first).
         seed: exemplar seed.
+        progress: a label (the method); each scored (task, shots) then prints one line
+            ``LABEL: TASK K-shot: N items, METRIC SCORE``, and a terminal shows a bar over
+            the rows. None prints nothing.
 
     Returns:
         One record per (task, shots), tasks in suite order within each shots setting::
@@ -454,18 +468,22 @@ def evaluate_suite(
         outputs = _run(
             prompted, tokenizer, groups, decoder_only=decoder_only, num_beams=num_beams,
             batch_size=batch_size, max_new_tokens=max_new_tokens, max_input_length=max_input_length,
+            progress=f"{progress} {k}-shot" if progress else None,
         )  # fmt: skip
         for (task, items, names), outs in zip(groups, outputs, strict=True):
             records.append(
-                _record(
-                    task,
-                    k,
-                    items,
-                    outs,
-                    names,
-                    random=random[task.name],
-                    specialization_answers=specialization_answers,
-                    split=suite.split,
+                _report(
+                    progress,
+                    _record(
+                        task,
+                        k,
+                        items,
+                        outs,
+                        names,
+                        random=random[task.name],
+                        specialization_answers=specialization_answers,
+                        split=suite.split,
+                    ),
                 )  # fmt: skip
             )
     return records
@@ -485,6 +503,7 @@ def evaluate_finetuned(
     batch_size: int = 32,
     max_new_tokens: int = 32,
     max_input_length: int = 512,
+    progress: str | None = None,
 ) -> list[dict]:
     """Zero-shot scores of the fine-tuned tasks, each with its own prompt.
 
@@ -502,6 +521,7 @@ def evaluate_finetuned(
         batch_size: rows per generate call.
         max_new_tokens: generation budget per row.
         max_input_length: token budget of an input.
+        progress: a label; one line per scored task (see :func:`evaluate_suite`).
 
     Returns:
         One record per task, in order, with the fields of :func:`evaluate_suite`, ``shots`` 0,
@@ -522,8 +542,14 @@ def evaluate_finetuned(
     outputs = _run(
         prompted, tokenizer, groups, decoder_only=decoder_only, num_beams=num_beams,
         batch_size=batch_size, max_new_tokens=max_new_tokens, max_input_length=max_input_length,
+        progress=f"{progress} 0-shot" if progress else None,
     )  # fmt: skip
     return [
-        _record(task, 0, items, outs, names, random=0.0, specialization_answers=None, split=split)
+        _report(
+            progress,
+            _record(
+                task, 0, items, outs, names, random=0.0, specialization_answers=None, split=split
+            ),
+        )  # fmt: skip
         for (task, items, names), outs in zip(groups, outputs, strict=True)
     ]

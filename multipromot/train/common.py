@@ -27,6 +27,7 @@ __all__ = [
     "lr_schedule",
     "token_loss",
     "MetricsLogger",
+    "read_losses",
     "Throughput",
     "TRACKERS",
     "check_trackers",
@@ -299,3 +300,29 @@ class MetricsLogger:
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
+
+
+def read_losses(out_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """The training losses a :class:`MetricsLogger` wrote to ``out_dir/metrics.jsonl``.
+
+    Args:
+        out_dir: the stage's directory.
+
+    Returns:
+        ``(step, loss)`` in step order (a step logged twice, by a resumed run, counts once: the
+        last line); empty when there is no log. Unreadable lines (a kill mid-write) are skipped.
+    """
+    path = Path(out_dir) / "metrics.jsonl"
+    losses: dict[int, float] = {}
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("loss"), int | float):
+            losses[int(record.get("step", 0))] = float(record["loss"])
+    return sorted(losses.items())

@@ -36,6 +36,7 @@ __all__ = [
     "rank",
     "world_size",
     "is_main",
+    "reports_errors",
     "device",
     "barrier",
     "on_rank0",
@@ -107,6 +108,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def reports_errors() -> bool:
+    """True on the process that prints a command's error line: a plain run, or under torchrun
+    the first process of each node (``LOCAL_RANK`` 0; on one node that is rank 0).
+
+    Every rank meets the same bad input and raises the same error, so one line per node's log
+    is enough; a node-local problem (a file missing on one node) still reaches that node's
+    log. Read from the environment: the process group may be gone by the time the error
+    reaches the command line.
+    """
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
+
+
 def device() -> torch.device:
     """This rank's device: its GPU under torchrun (``LOCAL_RANK``), else the CPU."""
     if torch.cuda.is_available():
@@ -165,7 +178,8 @@ def on_rank0(fn: Callable[..., T], *args, **kwargs) -> T:
         if error is not None:
             raise error
         return result
-    # A UserError travels as itself (the CLI prints it on every rank); anything else by name.
+    # A UserError travels as itself (every rank exits 2; the CLI prints it once per node);
+    # anything else by name.
     payload = result if error is None else (error if isinstance(error, UserError) else repr(error))
     ok, shared = broadcast_object((error is None, payload))
     if error is not None:

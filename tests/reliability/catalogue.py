@@ -112,6 +112,17 @@ def _lora_adapter(root: Path) -> None:
     (root / "adapter/adapter_config.json").write_text(json.dumps(config))
 
 
+def _nan_adapter(root: Path) -> None:
+    """A PEFT export whose prompt is NaN, with the files otherwise valid."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    _export(root)
+    path = root / "adapter/adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({name: torch.full_like(t, float("nan")) for name, t in tensors.items()}, path)
+
+
 def _symlink_out(root: Path) -> None:
     _bank(root)
     prompt = root / "bank/rte/v0002/prompt.safetensors"
@@ -987,6 +998,93 @@ CASES: list[Case] = [
         ("mix.yaml", "tasks[0].source.files", "extra.jsonl"),
     ),  # fmt: skip
     Case(
+        "template-loop-bomb",
+        "template",
+        "two nested loops printing 10**10 characters (hung, then ran out of memory)",
+        ["stage1", "run.yaml"],
+        {
+            "run.yaml": "stage1: {mixture: mix.yaml}\n",
+            "mix.yaml": _mixture(
+                _task(
+                    source=SPLITS,
+                    template='{jinja: "{% for i in range(100000) %}{% for j in range(100000) %}'
+                    'x{% endfor %}{% endfor %} ||| {{label}}"}',
+                )
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "loop iterations"),
+    ),  # fmt: skip
+    Case(
+        "template-doubling-bomb",
+        "template",
+        "a string doubled 40 times in a loop (2**40 characters)",
+        ["mixture", "sample", "mix.yaml", "-n", "1"],
+        {
+            "mix.yaml": _mixture(
+                _task(
+                    template='{jinja: "{% set n = namespace(s=text) %}{% for i in range(40) %}'
+                    '{% set n.s = n.s ~ n.s %}{% endfor %}{{ n.s }} ||| {{label}}"}'
+                )
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "would build more than"),
+    ),  # fmt: skip
+    Case(
+        "template-padding-bomb",
+        "template",
+        "a padding filter to a width of 10**10 (text|center(10**10))",
+        ["mixture", "sample", "mix.yaml", "-n", "1"],
+        {
+            "mix.yaml": _mixture(
+                _task(template='{jinja: "{{ text|center(10**10) }} ||| {{label}}"}')
+            ),
+            "data.jsonl": DATA,
+        },
+        ("mix.yaml", "tasks[0].template", "width"),
+    ),  # fmt: skip
+    Case(
+        "config-unresolvable-interpolation",
+        "config",
+        "an interpolation of a key that does not exist",
+        ["run", "run.yaml"],
+        {"run.yaml": "out_dir: ${nope.key}\n"},
+        ("run.yaml", "out_dir", "nope.key"),
+    ),
+    Case(
+        "route-bank-missing",
+        "bank",
+        "route --bank naming a folder that does not exist (answered '(none)' for every input)",
+        ["route", "--bank", "nope", "hello"],
+        {},
+        ("nope", "--bank", "no prompt bank"),
+    ),
+    Case(
+        "route-bank-file",
+        "bank",
+        "route --bank naming a file",
+        ["route", "--bank", "notes.txt", "hello"],
+        {"notes.txt": "not a bank\n"},
+        ("notes.txt", "--bank"),
+    ),
+    Case(
+        "bank-export-into-bank",
+        "bank",
+        "bank export into the bank's own folder (broke the bank)",
+        ["bank", "export", "rte", "bank/rte-export", "--task-type", "CAUSAL_LM", "--bank", "bank"],
+        setup=_bank,
+        expect=("bank/rte-export",),
+    ),
+    Case(
+        "import-nan-prompt",
+        "bank",
+        "importing a PEFT adapter whose prompt is NaN (valid files otherwise)",
+        ["bank", "import", "adapter", "--task", "x", "--bank", "bank"],
+        setup=_nan_adapter,
+        expect=("NaN or infinite",),
+    ),
+    Case(
         "import-config-list",
         "bank",
         "an adapter_config.json that is a JSON list",
@@ -1004,6 +1102,22 @@ USAGE_CASES: list[Case] = [
     Case("cli-unknown-option", "cli", "an option that does not exist", ["bank", "list", "--bogus"]),
     Case(
         "cli-out-of-range", "cli", "mixture sample -n 0", ["mixture", "sample", "x.yaml", "-n", "0"]
+    ),
+    Case(
+        "mixture-sample-huge-n",
+        "cli",
+        "mixture sample -n 100000000 (rendered every example first: hung)",
+        ["mixture", "sample", "mix.yaml", "-n", "100000000"],
+        {"mix.yaml": MIXTURE, "data.jsonl": DATA},
+        ("-n", "10000"),
+    ),
+    Case(
+        "route-eval-zero-examples",
+        "cli",
+        "route --eval --examples 0 (printed nan%)",
+        ["route", "--bank", "bank", "--eval", "--examples", "0"],
+        setup=_bank,
+        expect=("--examples",),
     ),
 ]
 

@@ -3,6 +3,8 @@
     python tests/reliability/make_report.py            # run the reliability tests (fast and
                                                        # slow), then rewrite both tables
     python tests/reliability/make_report.py --results DIR   # use figures already recorded
+    python tests/reliability/make_report.py --fast      # run only the fast (make test) tests;
+                                                       # keep the make-stress rows as they are
     python tests/reliability/make_report.py --catalogue-only
 
 The figures table comes from what the tests record (tests/reliability/tally.py) when
@@ -40,7 +42,7 @@ FIGURE_ORDER = [
     "checkpoint_corruption_stress", "stage2_kill_fast", "stage2_kill_stress",
     "disk_full_bank_add", "disk_full_bank_add_new_task", "disk_full_bank_record_stage2",
     "disk_full_bank_remove", "disk_full_bank_set_current", "disk_full_bank_rebuild_index",
-    "disk_full_checkpoint", "disk_full_stage2_stress",
+    "disk_full_checkpoint", "disk_full_stage2_stress", "template_bombs",
 ]  # fmt: skip
 
 
@@ -94,9 +96,27 @@ def _details(details: dict) -> str:
     return "; ".join(parts)
 
 
-def figures_section(results: Path, catalogue: int) -> str:
+def _stress_lines(text: str) -> dict[str, str]:
+    """The make-stress rows of the current figures table, by name (they are written in
+    FIGURE_ORDER, so the n-th such row is the n-th ``*_stress`` name)."""
+    if FIGURES_START not in text:
+        return {}
+    block = text.split(FIGURES_START, 1)[1].split(FIGURES_END, 1)[0]
+    lines = [line for line in block.splitlines() if "| make stress |" in line]
+    names = [name for name in FIGURE_ORDER if name.endswith("_stress")]
+    if len(lines) != len(names):
+        raise SystemExit(f"RELIABILITY.md has {len(lines)} make-stress rows, expected "
+                         f"{len(names)}: run without --fast")  # fmt: skip
+    return dict(zip(names, lines, strict=True))
+
+
+def figures_section(results: Path, catalogue: int, kept: dict[str, str] | None = None) -> str:
+    """The figures block from the recorded rows; ``kept`` rows (name -> table line) stand in
+    for rows that were not recorded this time."""
+    kept = kept or {}
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
-    order = [n for n in FIGURE_ORDER if n in rows] + sorted(set(rows) - set(FIGURE_ORDER))
+    names = set(rows) | set(kept)
+    order = [n for n in FIGURE_ORDER if n in names] + sorted(names - set(FIGURE_ORDER))
     lines = [
         FIGURES_START,
         "",
@@ -104,6 +124,9 @@ def figures_section(results: Path, catalogue: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name in order:
+        if name not in rows:
+            lines.append(kept[name])
+            continue
         row = rows[name]
         by = "make stress" if name.endswith("_stress") else "make test"
         lines.append(
@@ -130,6 +153,8 @@ def _replace(text: str, start: str, end: str, block: str) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, help="figures recorded by an earlier run")
+    parser.add_argument("--fast", action="store_true",
+                        help="run only the fast tests; keep the make-stress rows")  # fmt: skip
     parser.add_argument("--catalogue-only", action="store_true")
     args = parser.parse_args(argv)
     text = REPORT.read_text() if REPORT.exists() else "# Reliability\n"
@@ -139,9 +164,12 @@ def main(argv: list[str]) -> int:
             results = Path(tempfile.mkdtemp(prefix="reliability-"))
             env = {**os.environ, "MULTIPROMOT_RELIABILITY_OUT": str(results)}
             tests = sorted(str(p) for p in (ROOT / "tests").glob("test_reliability_*.py"))
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "slow or not slow",
-                            *tests], cwd=ROOT, env=env, check=True)  # fmt: skip
-        text = _replace(text, FIGURES_START, FIGURES_END, figures_section(results, len(CASES)))
+            marks = "not slow" if args.fast else "slow or not slow"
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", marks, *tests],
+                           cwd=ROOT, env=env, check=True)  # fmt: skip
+        kept = _stress_lines(text) if args.fast else {}
+        section = figures_section(results, len(CASES), kept)
+        text = _replace(text, FIGURES_START, FIGURES_END, section)
     text = _replace(text, CATALOGUE_START, CATALOGUE_END, catalogue_section(catalogue_messages()))
     REPORT.write_text(text)
     print(f"wrote {REPORT}")
