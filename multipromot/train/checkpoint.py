@@ -298,18 +298,32 @@ class BackgroundCheckpointer:
         thread.shutdown(wait=False)  # the thread ends once finish() returns
         return final
 
-    def pending(self) -> bool:
-        """True while a save is being written."""
-        return self._pending is not None and not self._pending.done()
-
     def wait(self) -> Path | None:
         """Wait for the save in flight; its published directory, or None if there was none.
+        A collective under a process group (every rank learns whether rank 0 published).
 
         Raises:
             Whatever the background write raised (a full disk, ...).
         """
         pending, self._pending = self._pending, None
-        return None if pending is None else pending.result()
+        if pending is None:
+            return None
+        try:
+            result, error = pending.result(), None
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            result, error = None, e
+
+        def outcome() -> Path:
+            if error is not None:
+                raise error
+            return result
+
+        # Only rank 0 writes the trainer state and publishes: its outcome is every rank's (a
+        # failed shard write already fails on every rank: dcp's save is a collective).
+        shared = dist_utils.on_rank0(outcome)
+        if error is not None:
+            raise error
+        return shared
 
 
 def _prepare_dirs(root: str | os.PathLike, step: int) -> tuple[Path, Path, Path]:
