@@ -404,7 +404,8 @@ def record(key: str, title: str, body: str, machine_line: str) -> None:
 _RESULTS_HEAD = """# Benchmark results
 
 Recorded by the scripts in this folder: `make bench` (= `.venv/bin/python benchmarks/run_all.py`)
-runs all CPU benchmarks one after the other in about 10-15 minutes and rewrites each script's
+runs all CPU benchmarks one after the other in about 20-30 minutes (`stage2_overhead`, 120
+step pairs, about half of it) and rewrites each script's
 section below; `run_all.py NAME ...` runs some. Comparisons are measured side by side in one
 process, interleaved (A, B, A, B, ...: whole runs, steps in lockstep, or batch by batch), and
 reported as ratios of medians. The machine is 2 CPU cores shared with other jobs: absolute

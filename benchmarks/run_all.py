@@ -2,7 +2,7 @@
 
 Each script runs in its own process (they patch stage-loop hooks and set thread counts), one
 after the other so they never compete for the 2 cores, and updates its own section of
-benchmarks/RESULTS.md. Expect ~12-15 minutes on 2 shared cores.
+benchmarks/RESULTS.md. Expect ~20-30 minutes on 2 shared cores (stage2_overhead about half).
 
     .venv/bin/python benchmarks/run_all.py [name ...]     # e.g. run_all.py router padding
 """

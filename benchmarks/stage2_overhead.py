@@ -3,65 +3,121 @@
 multipromot: `stage2.finetune(cfg)` in ProMoT mode (bank prompts frozen, P = 100 per row), one
 process, on the paper's stage-2 mixture (RTE + WMT14 En-Fr formats, realistic lengths), batch
 8, Adafactor lr 1e-3 (scaled by each weight's RMS), label smoothing 0.1, grad-norm clipping
-1.0, dropout 0.1. Each step's time
-is taken where the loop reports its throughput, so it covers everything the loop does per step:
-sampling, exemplars, collation, prompt gathering, forward, loss, backward, clipping, optimizer,
-scheduler, logging.
+1.0, dropout 0.1. Each step's time is taken where the loop reports its throughput, so it
+covers everything the loop does per step: sampling, exemplars, collation, prompt gathering,
+forward, loss, backward, clipping, optimizer, scheduler, logging, the throughput meter.
 
 Plain: the same model loaded with `from_pretrained`, the same batches already collated (the
 data path is free for it), with P extra real tokens in front of every input instead of a soft
 prompt (same sequence lengths), the same loss, clipping and Adafactor; no framework at all.
 
-The two loops run in lockstep in one process: after every multipromot step (from the loop's
-throughput hook) one plain step runs, so both see the same machine load. The first step of
-each is a warm-up and is dropped; the ratio is that of the median step times.
+Pairs: step i of both loops trains on the same batch. The loops run in lockstep in one process
+(a hook in the stage-2 loop's throughput meter runs the plain steps), and the order inside a
+pair alternates (M1 P1, P2 M2, M3 P3, ...), so a load that rises or falls during the run
+favours neither side. The measure is CPU time of this process (one torch thread): the machine
+is shared with other jobs, and CPU time leaves out the time spent waiting for a core, which
+wall time counts. The first two pairs are warm-up and dropped. Reported: the median of the
+per-pair ratios and the ratio of the summed times, each with a 95% bootstrap interval over the
+pairs.
+
+    .venv/bin/python benchmarks/stage2_overhead.py [--shape t5-mini] [--pairs 120] [--profile]
+
+``--profile`` runs cProfile over the multipromot steps only and prints where the time goes
+outside the model (what the framework adds per step).
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import io
+import pstats
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common as C  # noqa: E402
 
-SHAPE = "t5-small"  # t5-base is ~4x the time per step: too slow for 2 shared cores
 TASKS = ["rte", "wmt14_en_fr"]
 P = 100
 BATCH = 8
-STEPS = 7
+WARMUP = 2
 MAX_IN, MAX_TGT = 512, 128
+BOOTSTRAP = 4000
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
 class Lockstep(C.StepClock):
-    """The stage-2 loop's throughput meter, used to run one plain step after every multipromot
-    step, so the two alternate step by step under the same machine load. Records wall time and
-    this process's CPU time per step (one thread: CPU time is the work done, without the time
-    spent waiting for a core that other jobs hold)."""
+    """The stage-2 loop's throughput meter, used to run the plain loop's steps in lockstep
+    with the multipromot steps, the order inside a pair alternating: after multipromot step i
+    (i odd) it runs plain steps i and i + 1; for even i it runs none (plain step i ran
+    before multipromot step i). Records (wall s, CPU s) per step of each loop."""
 
-    plain_step = None  # set by main: a callable that runs one plain step -> (wall s, cpu s)
+    plain_step = None  # set by main: runs one plain step -> (wall s, cpu s)
+    profile: cProfile.Profile | None = None  # set by main with --profile
+    steps = 0  # set by main: the last step (the final save after it is not profiled)
 
     def __init__(self, window: int = 20):
-        import time
-
         super().__init__(window)
-        self.resumed = (self.start, time.process_time())
         self.ours: list[tuple[float, float]] = []
         self.plain: list[tuple[float, float]] = []
+        self.resumed = _now()
+        if Lockstep.profile is not None:
+            Lockstep.profile.enable()
 
     def update(self, tokens: int) -> float:
-        import time
-
-        wall, cpu = self.resumed
-        self.ours.append((time.perf_counter() - wall, time.process_time() - cpu))
-        self.plain.append(Lockstep.plain_step())
-        self.resumed = (time.perf_counter(), time.process_time())
+        wall, cpu = _now()
+        if Lockstep.profile is not None:
+            Lockstep.profile.disable()
+        self.ours.append((wall - self.resumed[0], cpu - self.resumed[1]))
+        if len(self.ours) % 2 == 1:
+            self.plain.append(Lockstep.plain_step())
+            self.plain.append(Lockstep.plain_step())
+        if Lockstep.profile is not None and len(self.ours) < Lockstep.steps:
+            Lockstep.profile.enable()
+        self.resumed = _now()
         return 0.0
 
 
-def plain_batches(mixture: Path, tok) -> list[dict]:
+class Parts:
+    """CPU time the multipromot steps spend in the framework's own parts, timed by wrapping
+    them (cheap enough to leave on in the measured run, unlike a profiler)."""
+
+    totals: dict[str, float] = {}
+
+    @staticmethod
+    def wrap(owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            c0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                Parts.totals[label] = Parts.totals.get(label, 0.0) + time.process_time() - c0
+
+        setattr(owner, name, timed)
+
+    @staticmethod
+    def install(stage2) -> None:
+        from multipromot.soft_prompt import PromptedModel
+
+        Parts.wrap(stage2.MixtureSampler, "take", "sampler (draws)")
+        Parts.wrap(stage2, "batches_from_draws", "exemplars + tokenization + collation")
+        Parts.wrap(PromptedModel, "_prompt_block", "prompt gather (one-hot product)")
+        Parts.wrap(stage2.MetricsLogger, "log", "metrics log (every 10 steps)")
+        Parts.wrap(stage2, "token_loss", "token_loss (its cross-entropy: the plain loop too)")
+
+
+def plain_batches(mixture: Path, tok, steps: int) -> list[dict]:
     """The batches the stage-2 run draws (same sampler, seed and collator), with P token ids
     standing in for the soft prompt."""
     import torch
@@ -74,7 +130,7 @@ def plain_batches(mixture: Path, tok) -> list[dict]:
     sampler = MixtureSampler(mix, seed=0)
     collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, max_target_length=MAX_TGT)
     batches = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         b = collate([build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index)
                      for d in sampler.take(BATCH)])  # fmt: skip
         prompt = torch.arange(3, 3 + P).expand(BATCH, P)
@@ -88,9 +144,7 @@ def plain_batches(mixture: Path, tok) -> list[dict]:
 
 
 def plain_loop(model_dir: Path, batches: list[dict]):
-    """One step of the plain loop per call, over ``batches``; returns its time."""
-    import time
-
+    """One step of the plain loop per call, over ``batches``; returns its (wall, CPU) time."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForSeq2SeqLM
@@ -105,7 +159,7 @@ def plain_loop(model_dir: Path, batches: list[dict]):
 
     def step() -> tuple[float, float]:
         b = next(pending)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = _now()
         labels = b["labels"]
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                        decoder_input_ids=model._shift_right(labels)).logits  # fmt: skip
@@ -115,34 +169,101 @@ def plain_loop(model_dir: Path, batches: list[dict]):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, time.process_time() - c0
+        t1, c1 = _now()
+        return t1 - t0, c1 - c0
 
     return step
 
 
-def main() -> None:
+def bootstrap(ours: np.ndarray, plain: np.ndarray, seed: int = 0) -> dict:
+    """Median of per-pair ratios and ratio of sums, each with a 95% bootstrap interval
+    (pairs resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    n = len(ours)
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+    ratios = ours / plain
+    med = np.median(ratios[idx], axis=1)
+    sums = ours[idx].sum(axis=1) / plain[idx].sum(axis=1)
+    return {
+        "median": float(np.median(ratios)),
+        "median_ci": (float(np.quantile(med, 0.025)), float(np.quantile(med, 0.975))),
+        "sum": float(ours.sum() / plain.sum()),
+        "sum_ci": (float(np.quantile(sums, 0.025)), float(np.quantile(sums, 0.975))),
+        "iqr": (float(np.quantile(ratios, 0.25)), float(np.quantile(ratios, 0.75))),
+    }
+
+
+def framework_profile(profile: cProfile.Profile, steps: int) -> str:
+    """Per-step CPU ms of what the multipromot step spends outside the model's forward and
+    backward, the optimizer and clipping (which the plain loop does too)."""
+    stats = pstats.Stats(profile)
+    rows = []
+    wanted = {
+        "sampler.take": ("multipromot/data/sampler.py", "take"),
+        "batches_from_draws (exemplars, collation)": (
+            "multipromot/data/batches.py",
+            "batches_from_draws",
+        ),
+        "prompt gather (_prompt_block)": ("multipromot/soft_prompt.py", "_prompt_block"),
+        "token_loss": ("multipromot/train/common.py", "token_loss"),
+        "MetricsLogger.log": ("multipromot/train/common.py", "log"),
+        "scheduler.step": ("torch/optim/lr_scheduler.py", "step"),
+        "tqdm update": ("tqdm/std.py", "update"),
+        "clip_grad_norm_ (the plain loop too)": ("torch/nn/utils/clip_grad.py", "clip_grad_norm_"),
+        "Adafactor.step (the plain loop too)": ("transformers/optimization.py", "step"),
+        "_forward_backward (all)": ("multipromot/train/stage2.py", "_forward_backward"),
+    }
+    found = {}
+    for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
+        for label, (f, name) in wanted.items():
+            if file.endswith(f) and func == name:
+                found[label] = found.get(label, 0.0) + ct
+    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in stats.stats.values())
+    for label in wanted:
+        rows.append([label, 1e3 * found.get(label, 0.0) / steps])
+    rows.append(["multipromot step, all (profiled)", 1e3 * total / steps])
+    out = io.StringIO()
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(15)
+    return C.table(["per multipromot step", "ms (cProfile)"], rows) + "\n\n" + out.getvalue()
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="t5-mini", choices=sorted(C.T5_SHAPES))
+    parser.add_argument("--pairs", type=int, default=120, help="measured pairs (after warm-up)")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-record", action="store_true", help="print, leave RESULTS.md")
+    args = parser.parse_args(argv)
+    pairs = args.pairs + args.pairs % 2  # whole M P / P M couples
+    steps = pairs + WARMUP
+
     import multipromot.train.stage2 as stage2
     from multipromot.config import load_config
     from multipromot.models import save_model
 
     machine = C.machine()
+    started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-stage2-"))
     try:
         model_dir = tmp / "model"
         tok = C.tokenizer()
-        model = C.t5_model(SHAPE, tok, dropout=0.1)
-        save_model(model, tok, model_dir, name=f"bench-{SHAPE}")
+        model = C.t5_model(args.shape, tok, dropout=0.1)
+        save_model(model, tok, model_dir, name=f"bench-{args.shape}")
         n_params = C.params_m(model)
         del model
-        mixture = C.write_mixture(tmp / "data", TASKS, train=400)
+        mixture = C.write_mixture(tmp / "data", TASKS, train=max(400, 8 * steps))
         bank = C.make_bank(model_dir, TASKS, P, tmp / "bank")
         config = C.stage2_config(tmp / "config.yaml", model=model_dir, bank=bank,
-                                 mixture=mixture, out=tmp / "out", steps=STEPS,
+                                 mixture=mixture, out=tmp / "out", steps=steps,
                                  batch_size=BATCH, max_input_length=MAX_IN,
                                  max_target_length=MAX_TGT)  # fmt: skip
-        batches = plain_batches(mixture, tok)
+        batches = plain_batches(mixture, tok, steps)
         Lockstep.plain_step = plain_loop(model_dir, batches)
+        Lockstep.profile = cProfile.Profile() if args.profile else None
+        Lockstep.steps = steps
         stage2.Throughput = Lockstep
+        Parts.install(stage2)
         stage2.finetune(load_config(str(config)), progress=False)
         clock = Lockstep.last
         for i, (ours, plain) in enumerate(zip(clock.ours, clock.plain, strict=True)):
@@ -150,41 +271,46 @@ def main() -> None:
                   f"plain {plain[0]:.3f} s (cpu {plain[1]:.3f})", flush=True)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    minutes = (time.perf_counter() - started) / 60
 
-    # the first step of each loop is a warm-up
     rows = []
     for k, what in ((1, "CPU time"), (0, "wall time")):
-        ours = [t[k] for t in clock.ours[1:]]
-        plain = [t[k] for t in clock.plain[1:]]
-        pairs = sorted(o / p for o, p in zip(ours, plain, strict=True))
-        rows.append([what, C.statistics.median(plain), C.statistics.median(ours),
-                     C.statistics.median(pairs), f"{pairs[0]:.2f}-{pairs[-1]:.2f}"])  # fmt: skip
+        ours = np.array([t[k] for t in clock.ours[WARMUP:]])
+        plain = np.array([t[k] for t in clock.plain[WARMUP:]])
+        b = bootstrap(ours, plain)
+        rows.append([what, float(np.median(plain)), float(np.median(ours)),
+                     f"{b['median']:.3f} ({b['median_ci'][0]:.3f}-{b['median_ci'][1]:.3f})",
+                     f"{b['sum']:.3f} ({b['sum_ci'][0]:.3f}-{b['sum_ci'][1]:.3f})",
+                     f"{b['iqr'][0]:.3f}-{b['iqr'][1]:.3f}"])  # fmt: skip
+    plain_cpu = float(np.median([t[1] for t in clock.plain[WARMUP:]]))
+    parts = [[label, 1e3 * total / len(clock.ours), f"{100 * total / len(clock.ours) / plain_cpu:.2f}%"]
+             for label, total in Parts.totals.items()]  # fmt: skip
     positions = sum(b["attention_mask"].numel() + b["labels"].numel() for b in batches)
     positions /= len(batches)
     body = (
-        f"Model: random-init T5 `{SHAPE}` shape ({n_params:.0f}M parameters; t5-base would be "
-        f"~4x slower per step, too slow for this shared 2-core machine), dropout 0.1, batch "
-        f"{BATCH} of the RTE + WMT14 En-Fr formats, P = {P} prompt positions per row "
-        f"({positions:.0f} encoder + decoder positions per batch on average), Adafactor "
-        f"lr 1e-3 scaled by each weight's RMS, label smoothing 0.1, clipping 1.0, fp32. The "
-        f"loops run in lockstep, one "
-        f"plain step after every multipromot step (a hook in the stage-2 loop's throughput "
-        f"meter); {STEPS - 1} step pairs (warm-up step dropped). CPU time (one thread) is "
-        f"the work each loop does; wall time also counts waiting for a core held by other "
-        f"jobs.\n\n"
-        + C.table(
-            [
-                "per step",
-                "plain s (median)",
-                "multipromot s (median)",
-                "multipromot / plain (median of pairs)",
-                "pair range",
-            ],
-            rows,
-        )  # fmt: skip
-    )
-    C.record("stage2_overhead", "1. Stage-2 overhead against a plain loop", body, machine)
+        f"Model: random-init T5 `{args.shape}` shape ({n_params:.0f}M parameters), dropout "
+        f"0.1, batch {BATCH} of the RTE + WMT14 En-Fr formats, P = {P} prompt positions per "
+        f"row ({positions:.0f} encoder + decoder positions per batch on average), Adafactor "
+        f"lr 1e-3 scaled by each weight's RMS, label smoothing 0.1, clipping 1.0, fp32. "
+        f"{pairs} step pairs on identical batches (after {WARMUP} warm-up pairs), in lockstep, "
+        f"the order inside a pair alternating; {minutes:.1f} min in all. CPU time of the "
+        f"process (one torch thread) is the robust measure on this shared machine: wall time "
+        f"also counts waiting for a core that other jobs hold. Intervals: 95% bootstrap over "
+        f"the pairs.\n\n"
+        + C.table(["per step", "plain s (median)", "multipromot s (median)",
+                   "multipromot / plain: median of pair ratios (95% CI)",
+                   "ratio of summed times (95% CI)", "pair ratios, middle half"], rows)
+        + "\n\nWhere the framework's own work goes (CPU time per multipromot step, all steps, "
+        "timed by wrapping each part; share of the plain step's median CPU time):\n\n"
+        + C.table(["part", "ms per step", "of a plain step"], parts)
+    )  # fmt: skip
+    if args.profile:
+        print(framework_profile(Lockstep.profile, len(clock.ours)))
+    if args.no_record:
+        print(body)
+    else:
+        C.record("stage2_overhead", "1. Stage-2 overhead against a plain loop", body, machine)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -100,6 +100,7 @@ class Stage2Config:
     log_every: int = 10
     # -- scale-out options (train/stage2.py, train/distributed.py); defaults keep today's run
     keep_last: int = 0  # checkpoints kept (the latest and the best are never pruned); 0 = all
+    async_save: bool = False  # write checkpoints in a background thread while training goes on
     mixed_precision: str = "auto"  # FSDP2 policy when sharded: auto (bf16 on GPUs) | bf16 | fp32
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, optimizer on CPU

@@ -5,6 +5,8 @@
 ``--die-in-save N``: rank 0 exits (``os._exit``, no cleanup) while saving step N, after every
 rank wrote its shards and the trainer state, before the checkpoint is published.
 ``--die-after-step N``: every rank exits right after optimizer step N (a preemption).
+``--hold-save N``: the background write of step N (``stage2.async_save``) never finishes, so
+training continues with that save in flight (combine with ``--die-after-step``).
 ``--signal-after-step N [--signal-rank R]``: right after optimizer step N, rank R (default 0)
 sends itself SIGTERM, as a scheduler would, and the run must checkpoint and exit 143.
 Works under torchrun like the real command.
@@ -19,7 +21,7 @@ KILLED = 17
 
 
 def main(argv: list[str]) -> int:
-    die_in_save = die_after = signal_after = None
+    die_in_save = die_after = signal_after = hold_save = None
     signal_rank = 0
     args = []
     it = iter(argv)
@@ -28,6 +30,8 @@ def main(argv: list[str]) -> int:
             die_in_save = int(next(it))
         elif arg == "--die-after-step":
             die_after = int(next(it))
+        elif arg == "--hold-save":
+            hold_save = int(next(it))
         elif arg == "--signal-after-step":
             signal_after = int(next(it))
         elif arg == "--signal-rank":
@@ -47,6 +51,17 @@ def main(argv: list[str]) -> int:
             return publish(root, tmp, final)
 
         checkpoint._publish = dying_publish
+
+    if hold_save is not None:
+        import threading
+
+        class HeldWriter(checkpoint.FileSystemWriter):
+            def write_data(self, plan, planner):
+                if str(self.path).endswith(f"step_{hold_save}.tmp"):
+                    threading.Event().wait()  # forever: the save stays in flight
+                return super().write_data(plan, planner)
+
+        checkpoint.FileSystemWriter = HeldWriter
 
     if die_after is not None:
         build = stage2.build_optimizer

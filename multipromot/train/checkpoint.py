@@ -24,6 +24,15 @@ kill at any moment leaves the previous checkpoint complete and ``latest`` naming
 checkpoint (or, between the rename and the pointer update, the previous one); leftover ``.tmp``
 directories are never read and are removed by the next save.
 
+Asynchronous saves (:class:`BackgroundCheckpointer`, ``stage2.async_save``): the step's state is
+copied to CPU memory (dcp's staging) and captured (sampler, RNG, trainer state) at once, then
+a thread writes the shards while training continues; only once every rank's shards are on
+disk does rank 0 write the trainer state and checksums and publish, exactly as above. At most
+one save is in flight: the next save, a preemption and the end of training wait for it, so
+the ``.tmp`` directory of a save being written is never cleared, and pruning only ever sees
+published checkpoints. A kill while a save is in flight leaves the previous checkpoint as
+``latest``.
+
 Loading never runs code from the checkpoint: JSON and safetensors are data; dcp loads its tensor
 files with ``torch.load(weights_only=True)`` and, here, its non-tensor values too (dcp's default
 planner would unpickle them in full); dcp's ``.metadata`` is a pickle, read here with an
@@ -45,6 +54,7 @@ import random
 import re
 import shutil
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +82,7 @@ __all__ = [
     "verify_checkpoint",
     "prune_checkpoints",
     "reshard_sampler_state",
+    "BackgroundCheckpointer",
 ]
 
 LATEST_FILE = "latest"
@@ -217,20 +228,127 @@ def save_checkpoint(
     Returns:
         The published checkpoint directory.
     """
+    root, tmp, final = _prepare_dirs(root, step)
+    tensors = _state_tensors(model, optimizer)
+    with _quiet_single_process():
+        dcp.save(tensors, storage_writer=FileSystemWriter(tmp), no_dist=_no_dist())
+    trainer, ranks = _trainer_state(step, scheduler, sampler, state)
+    dist_utils.on_rank0(_write_trainer_files, tmp, trainer, ranks)
+    dist_utils.on_rank0(_publish, root, tmp, final)
+    return final
+
+
+class BackgroundCheckpointer:
+    """Writes checkpoints while training continues (``torch.distributed.checkpoint.async_save``).
+
+    :meth:`save` is the collective :func:`save_checkpoint` is, but returns once the state is
+    copied to CPU memory; a thread writes the shards, then (on rank 0) the trainer state and
+    checksums, and publishes. At most one save is in flight: :meth:`save` first waits for the
+    previous one, and :meth:`wait` must be called before a preemption exit or the end of
+    training. Under a process group, the background writes talk over a gloo group of their
+    own, so they never interleave with the training's collectives.
+
+    The staged copy costs host memory the size of this rank's model and optimizer shards.
+    """
+
+    def __init__(self) -> None:
+        # dcp's async_save needs a CPU backend; created once, collectively, on every rank.
+        self._group = dist_utils.new_cpu_group()
+        if _no_dist():
+            # dcp's thread says on every save that it assumes one process (as the synchronous
+            # path's _quiet_single_process hides): we know.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        self._pending: Future | None = None
+
+    def save(
+        self,
+        root: str | os.PathLike,
+        step: int,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler=None,
+        sampler=None,
+        state: dict | None = None,
+    ) -> Path:
+        """Start writing ``<root>/step_<step>``; the arguments are :func:`save_checkpoint`'s.
+
+        Returns:
+            The directory the checkpoint will have once :meth:`wait` returns.
+        """
+        self.wait()  # its .tmp directory would otherwise be cleared as stale below
+        root, tmp, final = _prepare_dirs(root, step)
+        tensors = _state_tensors(model, optimizer)
+        trainer, ranks = _trainer_state(step, scheduler, sampler, state)
+        with _quiet_single_process():
+            written = dcp.async_save(tensors, storage_writer=FileSystemWriter(tmp),
+                                     process_group=self._group, no_dist=_no_dist())  # fmt: skip
+
+        def finish() -> Path:
+            written.result()
+            # dcp.save ends in a collective: once rank 0's write returns, every rank's shards
+            # and the metadata are on disk.
+            if dist_utils.is_main():
+                _write_trainer_files(tmp, trainer, ranks)
+                _publish(root, tmp, final)
+            return final
+
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = thread.submit(finish)
+        thread.shutdown(wait=False)  # the thread ends once finish() returns
+        return final
+
+    def wait(self) -> Path | None:
+        """Wait for the save in flight; its published directory, or None if there was none.
+        A collective under a process group (every rank learns whether rank 0 published).
+
+        Raises:
+            Whatever the background write raised (a full disk, ...).
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            result, error = pending.result(), None
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            result, error = None, e
+
+        def outcome() -> Path:
+            if error is not None:
+                raise error
+            return result
+
+        # Only rank 0 writes the trainer state and publishes: its outcome is every rank's (a
+        # failed shard write already fails on every rank: dcp's save is a collective).
+        shared = dist_utils.on_rank0(outcome)
+        if error is not None:
+            raise error
+        return shared
+
+
+def _prepare_dirs(root: str | os.PathLike, step: int) -> tuple[Path, Path, Path]:
+    """(root, the ``.tmp`` directory to write into, the final ``step_<N>`` name)."""
+    root = Path(root)
+    tmp = root / f"step_{step}.tmp"
+    dist_utils.on_rank0(_fresh_tmp_dir, root, tmp)
+    return root, tmp, root / f"step_{step}"
+
+
+def _state_tensors(model: nn.Module, optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    root = Path(root)
-    final = root / f"step_{step}"
-    tmp = root / f"step_{step}.tmp"
-    dist_utils.on_rank0(_fresh_tmp_dir, root, tmp)
     tensors: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         tensors["optim"] = get_optimizer_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.save(tensors, storage_writer=FileSystemWriter(tmp), no_dist=_no_dist())
+    return tensors
+
+
+def _trainer_state(step: int, scheduler, sampler, state: dict | None) -> tuple[dict, list | None]:
+    """The JSON trainer state and every rank's sampler and RNG states (on rank 0): a
+    collective, taken at the moment of the save."""
     ranks = dist_utils.gather_object(_local_state(sampler))
     trainer = {
         **(state or {}),
@@ -239,9 +357,8 @@ def save_checkpoint(
         "world_size": dist_utils.world_size(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
     }
-    dist_utils.on_rank0(_write_trainer_files, tmp, trainer, ranks)
-    dist_utils.on_rank0(_publish, root, tmp, final)
-    return final
+    # A snapshot (a background save writes it later, while the loss history keeps growing).
+    return json.loads(json.dumps(trainer)), ranks
 
 
 def _no_dist() -> bool:

@@ -39,6 +39,7 @@ __all__ = [
     "reports_errors",
     "device",
     "barrier",
+    "new_cpu_group",
     "on_rank0",
     "broadcast_object",
     "gather_object",
@@ -125,6 +126,15 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def new_cpu_group() -> dist.ProcessGroup | None:
+    """A new gloo group of all ranks, for collectives that run in a background thread (the
+    asynchronous checkpoint's), apart from the training's; None without a process group.
+    A collective: every rank creates it, in the same order."""
+    if not is_distributed():
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def barrier() -> None:

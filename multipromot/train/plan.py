@@ -16,18 +16,23 @@ plans in seconds on a laptop. What each rank holds, for ``world = nodes x gpus``
   (embeddings, LM head, final norms: FSDP2 keeps it unsharded from forward to backward), two
   transformer blocks (the one computing and the one prefetched) and their gradients before
   the reduce-scatter;
-- **activations**: an *estimate* per micro-batch, after Korthikanti et al. (2022, "Reducing
-  activation recomputation in large transformer models"): per block and token about
-  ``e * (8h + 2.25 ff)`` bytes for ``e``-byte activations, plus ``2.5 e * heads * s_kv`` for
-  the attention scores where the attention is eager (T5; SDPA/flash keeps none), cross
-  attention for encoder-decoder decoders, and the logits (bf16 + fp32 for the loss, ``10 V``
-  bytes per target position). With activation checkpointing a block keeps only its input
+- **activations**: an *estimate* per micro-batch: the tensors autograd keeps for backward,
+  counted term by term for the layers of T5/mT5 and Llama-like blocks (RMS norms kept in
+  fp32, q/k/v/context, the MLP's branches, dropout masks, eager attention scores, cross
+  attention, the logits and the loss's fp32 log-softmax; :func:`_activations`), in the
+  spirit of Korthikanti et al. (2022, "Reducing activation recomputation in large
+  transformer models"). With activation checkpointing a block keeps only its input
   (``e * h`` per token) and one block's activations exist again during its recompute.
+  Checked on CPU (fp32, the CPU's dropout masks) against what autograd saves: within 1% for
+  small T5, mT5 (gated gelu_new) and Llama shapes (tests/test_plan.py). Not checked on a
+  GPU: bf16 casts, fused kernels and the allocator's transient buffers (the gradients of the
+  activations during backward, workspace) are not in it.
 
 It fits when the sum is at most 90% of the GPU (the rest is for the CUDA context, NCCL
 buffers and allocator fragmentation). tests/test_plan.py checks the parameter figures
 against FSDP2's own sharding (meta device, a fake process group of 8 and 64 ranks) and the
-parameter + optimizer figures against memory measured on CPU.
+parameter + optimizer figures against memory measured on CPU, and the activation figures
+against autograd's saved tensors on CPU.
 """
 
 from __future__ import annotations
@@ -171,7 +176,7 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: RunConfig, *, nodes: int, gpus: int, gpu_gb: float = 80.0,
-                model: nn.Module | None = None) -> MemoryPlan:  # fmt: skip
+                model: nn.Module | None = None, cpu_kernels: bool = False) -> MemoryPlan:  # fmt: skip
     """Plan stage 2 of ``cfg`` on ``nodes x gpus`` ranks of ``gpu_gb`` GB each.
 
     Args:
@@ -180,6 +185,8 @@ def plan_memory(cfg: RunConfig, *, nodes: int, gpus: int, gpu_gb: float = 80.0,
         gpus: GPUs (ranks) per machine.
         gpu_gb: memory of one GPU in GB (1e9 bytes).
         model: the model on the meta device (default: built from ``cfg.model``).
+        cpu_kernels: count activations as the CPU's kernels keep them (see
+            :func:`_activations`; for checking the estimate on CPU).
 
     Returns:
         The :class:`MemoryPlan`.
@@ -215,11 +222,11 @@ def plan_memory(cfg: RunConfig, *, nodes: int, gpus: int, gpu_gb: float = 80.0,
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
     gathered = 2 * (root + 2 * largest) * c_size  # parameters + their unsharded gradients
 
-    act, act_ckpt, seq = _activations(model, cfg, rows, c_size)
+    act, act_ckpt, seq = _activations(model, cfg, rows, c_size, cpu_kernels)
     if getattr(model.config, "_attn_implementation", "") == "eager":
         notes.append("eager attention: the s x s attention scores are counted")
-    notes.append("activations are an estimate (Korthikanti et al. 2022); measure with "
-                 "benchmarks/gpu.py")  # fmt: skip
+    notes.append("activations: what autograd keeps, checked on CPU only (within 1% for "
+                 "small T5/mT5/Llama); not transient buffers; measure with benchmarks/gpu.py")  # fmt: skip
     return MemoryPlan(
         model=f"{cfg.model} ({model.config.model_type})", parameters_total=sum(
             p.numel() for p in params.values()), world=world, gpu_bytes=gpu_gb * GB,
@@ -229,23 +236,64 @@ def plan_memory(cfg: RunConfig, *, nodes: int, gpus: int, gpu_gb: float = 80.0,
     )  # fmt: skip
 
 
-def _activations(model: nn.Module, cfg: RunConfig, rows: int, e: int) -> tuple[int, int, dict]:
-    """(bytes without checkpointing, bytes with, the sequence lengths) for one micro-batch."""
+def _activations(model: nn.Module, cfg: RunConfig, rows: int, e: int,
+                 cpu_kernels: bool = False) -> tuple[int, int, dict]:  # fmt: skip
+    """(bytes without checkpointing, bytes with, the sequence lengths) for one micro-batch.
+
+    Counts, per token, what autograd keeps for backward (``e``-byte activations, ``h`` the
+    hidden size, ``m``-byte dropout masks, 0 without dropout):
+
+    - every RMS norm (T5, Llama): its input and normalised value in fp32 (``8h``) and its
+      output, the next projection's input (``e h``);
+    - attention: q, k, v and the context (``4 e h``), the output's dropout mask (``m h``);
+      for eager attention, per head and key the softmax output (``e``) and with attention
+      dropout its mask and the dropped-out probabilities (``m + e``); SDPA's fused kernels
+      keep no scores;
+    - a decoder's cross attention: the same over the input, whose k and v every decoder
+      block keeps (``2 e h`` per input token);
+    - the MLP: the activation's input or output, the down projection's input and its mask
+      (``(2e + m) ff``); gated (T5 v1.1/mT5, Llama): also the other branch and the
+      activation's output (``+ 2 e ff``); ``gelu_new`` (T5 v1.1/mT5, GPT-2) is built from
+      elementwise ops that keep three more ff-wide tensors (``+ 3 e ff``); the output's mask
+      (``m h``);
+    - per stack: the final norm and the embedding and final dropout masks;
+    - the logits: ``e V`` per target position, an fp32 copy when ``e < 4`` (token_loss
+      computes in fp32), and the fp32 log-softmax the loss keeps (``4 V``).
+
+    GPUs (the default): fused dropout keeps 1-byte masks. ``cpu_kernels``: the CPU's dropout
+    keeps ``e``-byte masks (how tests/test_plan.py checks these figures against the tensors
+    autograd saves on CPU). With activation checkpointing a block keeps only its input
+    (``e h`` per token) and one block's activations exist again during its recompute.
+    """
     c = model.config
     s2 = cfg.stage2
     h = getattr(c, "d_model", None) or c.hidden_size
     ff = getattr(c, "d_ff", None) or getattr(c, "intermediate_size", None) or 4 * h
     heads = getattr(c, "num_heads", None) or c.num_attention_heads
-    gated = "gated" in str(getattr(c, "feed_forward_proj", "")) or c.model_type == "llama"
-    ff_eff = ff * (1.5 if gated else 1.0)  # a gated MLP stores one more ff-wide tensor
+    gated = bool(getattr(c, "is_gated_act", False)) or c.model_type == "llama"
+    act = getattr(c, "dense_act_fn", None) or getattr(c, "hidden_act", None) or getattr(
+        c, "activation_function", ""
+    )  # fmt: skip
     eager = getattr(c, "_attn_implementation", "") == "eager"
+    mask = e if cpu_kernels else 1
+    m = mask if _dropout(c, _HIDDEN_DROPOUT) > 0 else 0
+    m_attn = mask if _dropout(c, _ATTENTION_DROPOUT) > 0 else 0
+    score = e + (m_attn + e if m_attn else 0)  # per head and key, eager attention only
     prompt = cfg.stage1.prompt_length if s2.mode != "standard" else 0
+    norm = 8 * h + e * h
+
+    def attention(kv: int) -> float:
+        return norm + 4 * e * h + m * h + (score * heads * kv if eager else 0)
+
+    ff_bytes = 2 * e + m + (2 * e if gated else 0) + (3 * e if act == "gelu_new" else 0)
+    mlp = norm + ff_bytes * ff + m * h
+    stack = norm + 2 * m * h  # final norm, embedding and final dropout
 
     def block(s: int, kv: int, cross: int = 0) -> float:
-        per_token = e * (8 * h + 2.25 * ff_eff) + (2.5 * e * heads * kv if eager else 0)
-        if cross:  # a decoder block's cross attention: queries, output, scores over the input
-            per_token += e * 5 * h + (2.5 * e * heads * cross if eager else 0)
-        return rows * s * per_token
+        per_token = attention(kv) + mlp
+        if cross:  # queries over the decoder's tokens, keys and values over the input's
+            per_token += attention(cross) - 2 * e * h
+        return rows * (s * per_token + (2 * e * h * cross if cross else 0))
 
     vocab = c.vocab_size
     if c.is_encoder_decoder:
@@ -253,15 +301,27 @@ def _activations(model: nn.Module, cfg: RunConfig, rows: int, e: int) -> tuple[i
         n_enc = c.num_layers
         n_dec = getattr(c, "num_decoder_layers", None) or n_enc
         enc, dec = block(s_in, s_in), block(s_out, s_out, cross=s_in)
-        full = n_enc * enc + n_dec * dec
-        kept = (n_enc * s_in + n_dec * s_out) * rows * h * e + max(enc, dec)
+        stacks = rows * (s_in + s_out) * stack
+        full = n_enc * enc + n_dec * dec + stacks
+        kept = (n_enc * s_in + n_dec * s_out) * rows * h * e + max(enc, dec) + stacks
         seq = {"input": s_in, "target": s_out}
     else:
         s = prompt + s2.max_input_length + s2.max_target_length
         s_out = s
         n = c.num_hidden_layers
-        full = n * block(s, s)
-        kept = n * s * rows * h * e + block(s, s)
+        stacks = rows * s * stack
+        full = n * block(s, s) + stacks
+        kept = n * s * rows * h * e + block(s, s) + stacks
         seq = {"tokens": s}
-    logits = rows * s_out * vocab * 10
+    logits = rows * s_out * vocab * (e + (4 if e < 4 else 0) + 4)
     return int(full + logits), int(kept + logits), seq
+
+
+def _dropout(config, keys: tuple[str, ...]) -> float:
+    return max(float(getattr(config, k, 0.0) or 0.0) for k in keys)
+
+
+# Where transformers configs keep their hidden and attention dropout probabilities.
+_HIDDEN_DROPOUT = ("dropout_rate", "resid_pdrop", "hidden_dropout", "hidden_dropout_prob")
+_ATTENTION_DROPOUT = ("dropout_rate", "attn_pdrop", "attention_dropout",
+                      "attention_probs_dropout_prob")  # fmt: skip

@@ -30,7 +30,9 @@ reshards; the sampler continues the same global stream). A resume compares the c
 recorded settings with the config: :data:`RESUME_REFUSED` keys must match,
 :data:`RESUME_APPLIED` ones may change and are announced. ``mixed_precision``,
 ``activation_checkpointing`` and ``cpu_offload`` shape FSDP2; ``export_shard_size`` writes
-``final/`` as sharded safetensors without gathering the model on one rank.
+``final/`` as sharded safetensors without gathering the model on one rank; ``async_save``
+writes checkpoints in a background thread (published only once complete; the next save, a
+preemption and the end of training wait for it).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from multipromot.models import load_model, model_fingerprint, read_lineage, save
 from multipromot.soft_prompt import PromptedModel, init_prompts
 from multipromot.train import distributed as D
 from multipromot.train.checkpoint import (
+    BackgroundCheckpointer,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -188,14 +191,28 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
     D.on_rank0(_trim_metrics, out / "metrics.jsonl", start)  # drop records a kill left behind
     shard_bytes = parse_size(s2.export_shard_size) if s2.export_shard_size else None
 
+    background = BackgroundCheckpointer() if s2.async_save else None
+
     def save(step: int) -> Path:
-        path = save_checkpoint(out / "checkpoints", step, model=prompted, optimizer=optimizer,
-                               scheduler=scheduler, sampler=sampler, state={"mode": s2.mode,
-                               "bank_refs": info["bank_refs"], "losses": losses, "best": best,
-                               "settings": settings})  # fmt: skip
+        write = save_checkpoint if background is None else background.save
+        settle()  # a background save still in flight: published (and pruned) first
+        path = write(out / "checkpoints", step, model=prompted, optimizer=optimizer,
+                     scheduler=scheduler, sampler=sampler, state={"mode": s2.mode,
+                     "bank_refs": info["bank_refs"], "losses": losses, "best": best,
+                     "settings": settings})  # fmt: skip
+        if background is None:
+            prune()
+        return path
+
+    def settle() -> None:
+        """Wait for the background save in flight, if any, then prune: pruning only ever
+        runs once the checkpoint it keeps is published."""
+        if background is not None and background.wait() is not None:
+            prune()
+
+    def prune() -> None:
         protect = {best["step"]} if best["step"] is not None else set()
         D.on_rank0(prune_checkpoints, out / "checkpoints", s2.keep_last, protect)
-        return path
 
     logger = MetricsLogger(out, enabled=D.is_main(), trackers=cfg.log.to)
     speed = Throughput()
@@ -217,6 +234,7 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
             grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 # Stop before the optimizer step: the weights and every checkpoint stay finite.
+                settle()
                 last = latest_checkpoint(out / "checkpoints")
                 raise UserError(
                     f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
@@ -252,6 +270,7 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
             if signum is not None:
                 # Preempted: the step is finished; keep it and leave before the scheduler kills.
                 path = save(step) if not saved_now else out / "checkpoints" / f"step_{step}"
+                settle()
                 bar.close()
                 logger.close()
                 if D.is_main():
@@ -259,6 +278,7 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
                           f"{path}; run the same command again to continue (stage2.resume="
                           f"latest), with any number of processes", file=sys.stderr)  # fmt: skip
                 raise Preempted(128 + signum)
+    settle()
     bar.close()
     logger.close()
     _finish(prompted, build, tokenizer, out, best, info, step=max(start, s2.steps),
