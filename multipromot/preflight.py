@@ -54,7 +54,8 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
         _check_mixture(cfg, cfg.stage1.mixture, ("train", "validation"))
     if command == "stage2":
         _check_mixture(cfg, cfg.stage2.mixture, ("train", "validation"))
-        if cfg.stage2.mode == STAGE1_LORA_KIND and not Path(cfg.lora.adapters or "").is_dir():
+        adapters = resolve_path(cfg, cfg.lora.adapters)
+        if cfg.stage2.mode == STAGE1_LORA_KIND and not (adapters and Path(adapters).is_dir()):
             raise UserError("must name the folder of the task adapters promot_lora's stage 2 "
                             "starts from", file=where, key="lora.adapters")  # fmt: skip
     lora_methods = [m for m in methods if m.kind == STAGE1_LORA_KIND] if command == "run" else []

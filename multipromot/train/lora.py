@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 from pathlib import Path
 
 import torch
@@ -109,6 +108,8 @@ class AdaptedModel(nn.Module):
         if name == BASE:
             with self.model.disable_adapter():
                 yield
+            if not self._adapters_train:  # leaving it makes peft's active adapter trainable
+                self.set_trainable("model")
             return
         self.model.set_adapter(name, inference_mode=not self._adapters_train)
         yield

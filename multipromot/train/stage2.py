@@ -109,7 +109,7 @@ PROMPT_BANK_DIR = "prompt_bank"
 RESUME_REFUSED = ("model", "seed", "mixture", "tasks", "mode", "shots", "optimizer", "lr",
                   "prompt_lr", "weight_decay", "warmup_steps", "decay", "batch_size",
                   "max_grad_norm", "label_smoothing", "max_input_length", "max_target_length",
-                  "keep_best_by")  # fmt: skip
+                  "keep_best_by", "lora", "hft")  # fmt: skip
 # Safe to change on resume (the gradient of a step is the same to float rounding, or only the
 # schedule's end moves): applied, and said so. The other keys (save_every, eval_every, ...)
 # are bookkeeping and may change silently.
@@ -159,8 +159,8 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
     s2 = cfg.stage2
     out = Path(cfg.out_dir)
     if s2.mode in ("hft", *LORA_MODES) and (D.is_distributed() or s2.export_shard_size):
-        raise UserError("trains in one process, without stage2.export_shard_size",
-                        key=f"stage2.mode={s2.mode}")  # fmt: skip
+        raise UserError(f"{s2.mode} trains in one process, without stage2.export_shard_size",
+                        key="stage2.mode")  # fmt: skip
     rows, accum = _micro_batch(s2.batch_size, s2.grad_accum, D.world_size())
     resume_from = D.on_rank0(resolve_resume, out / "checkpoints", s2.resume)
     saved = read_trainer_state(resume_from) if resume_from else None
@@ -300,6 +300,7 @@ def _settings(cfg: RunConfig, mixture: Mixture, shots: int) -> dict:
         "mixture": mixture.name,
         "tasks": mixture.task_names,
         "shots": shots,
+        **_method_settings(cfg),
     }
 
 
