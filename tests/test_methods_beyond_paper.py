@@ -53,13 +53,12 @@ def _outputs(prompted, tokenizer, items):
 
 def test_each_new_method_runs_end_to_end_and_stores_peft_adapters(small, tmp_path):
     path, overrides = small
-    methods = "methods=[pretrained,promot_lora,lora,hft,wise0:hft,wise1:hft]"
-    cfg = load_config(path, [*overrides, methods])
+    cfg = load_config(path, [*overrides, "methods=[promot_lora,lora,hft,wise1:hft]"])
     experiment.run_experiment(cfg)
     run = tmp_path / "run"
     records = json.loads((run / "results.json").read_text())["records"]
     labels = {r["method"] for r in records}
-    assert labels == {"pretrained", "promot_lora", "lora", "hft", "wise0:hft", "wise1:hft"}
+    assert labels == {"promot_lora", "lora", "hft", "wise1:hft"}
     for label in ("promot_lora", "lora", "hft"):  # curves: the other checkpoint is scored too
         assert {r["step"] for r in records if r["method"] == label} == {1, 2}
     # promot_lora: the fine-tuned task's rows got its adapter, the unseen tasks' rows none.
@@ -91,11 +90,11 @@ def test_each_new_method_runs_end_to_end_and_stores_peft_adapters(small, tmp_pat
 
     assert interpolated["step"] == 2
     # hft fine-tuned again with other settings: its WiSE rows are scored again, never reused.
-    cfg = load_config(path, [*overrides, methods, "hft.round_steps=2"])
+    cfg = load_config(path, [*overrides, "methods=[hft,wise1:hft]", "hft.round_steps=2"])
     experiment.run_experiment(cfg)
     lines = {line.split("`")[1]: line for line in (run / "report.md").read_text().splitlines()
              if line.startswith("- `")}  # fmt: skip
-    assert "reused (trained" in lines["lora"] and "reused" not in lines["wise1:hft"]
+    assert "trained and scored by this run" in lines["hft"] and "reused" not in lines["wise1:hft"]
     again = json.loads((run / "results.json").read_text())["records"]
     new = next(r["interpolated"] for r in again if r["method"] == "wise1:hft")
     assert new["fingerprint"] != interpolated["fingerprint"]
