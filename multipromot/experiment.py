@@ -588,6 +588,8 @@ def run_experiment(cfg: RunConfig) -> Path:
             step = _final_step(model_dir, cfg.stage2.steps)
             status[method.label] = ("stage 2 reused, scored by this run" if kept
                                     else "trained and scored by this run")  # fmt: skip
+            if method.kind in LORA_KINDS:
+                status[method.label] += f"; LoRA adapters (peft) in {model_dir / lora.ADAPTERS_DIR}"
         elif method.kind == "wise":
             model_dir, step = Path(trained["weights"]), trained["step"]
             status[method.label] = (f"scored by this run: {method.alpha} x the final weights of "
