@@ -28,11 +28,13 @@ __all__ = [
     "LogConfig",
     "RunConfig",
     "DataConfig",
+    "LoraConfig",
+    "HftConfig",
     "load_config",
     "STAGE2_MODES",
 ]
 
-STAGE2_MODES = ("promot", "standard", "random_prompt", "joint")
+STAGE2_MODES = ("promot", "standard", "random_prompt", "joint", "lora", "promot_lora", "hft")
 OPTIMIZERS = ("adafactor", "adamw")
 
 
@@ -75,7 +77,7 @@ class Stage2Config:
     """Model tuning with frozen bank prompts (or one of the paper's baselines, by ``mode``)."""
 
     mixture: str = ""
-    mode: str = "promot"  # promot | standard | random_prompt | joint
+    mode: str = "promot"  # promot | standard | random_prompt | joint | lora | promot_lora | hft
     shots: int = -1  # k-shot exemplars per example; -1 = the mixture's own setting
     optimizer: str = "adafactor"
     lr: float = 1e-3
@@ -136,6 +138,29 @@ class LogConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) of the methods ``lora`` and ``promot_lora`` (train/lora.py)."""
+
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # empty: peft's default for the model
+    # LoRA weights train with these wherever they train (promot_lora's stage 1, lora's stage 2)
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    # promot_lora's stage 2: the folder of per-task adapters (one peft folder per task);
+    # `run` sets it to its own stage 1's
+    adapters: str = ""
+
+
+@dataclass
+class HftConfig:
+    """Half Fine-Tuning (method ``hft``, train/hft.py)."""
+
+    round_steps: int = 50  # a new random half of the parameter tensors is frozen every round
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
@@ -154,6 +179,8 @@ class RunConfig:
     config_file: str = ""  # set by load_config: where relative paths are resolved from
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    hft: HftConfig = field(default_factory=HftConfig)
 
 
 def _validate(cfg: RunConfig, file: str) -> None:
@@ -168,6 +195,7 @@ def _validate(cfg: RunConfig, file: str) -> None:
         ("reuse", cfg.reuse in ("redo", "strict"), "redo or strict"),
         ("stage2.mode", cfg.stage2.mode in STAGE2_MODES, ", ".join(STAGE2_MODES)),
         ("stage2.optimizer", cfg.stage2.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
+        ("lora.optimizer", cfg.lora.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("stage2.decay", cfg.stage2.decay in ("constant", "linear", "cosine"), "constant, linear or cosine"),
         ("stage2.bf16", cfg.stage2.bf16 in ("auto", "true", "false"), "auto, true or false"),
         ("stage2.keep_best_by", cfg.stage2.keep_best_by in ("metric", "loss", "none"), "metric, loss or none"),
@@ -186,6 +214,10 @@ def _validate(cfg: RunConfig, file: str) -> None:
         "stage2.lr": cfg.stage2.lr,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.num_beams": cfg.eval.num_beams,
+        "lora.rank": cfg.lora.rank,
+        "lora.alpha": cfg.lora.alpha,
+        "lora.lr": cfg.lora.lr,
+        "hft.round_steps": cfg.hft.round_steps,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -223,7 +255,8 @@ def parse_size(text: str) -> int | None:
 
 # Keys that hold paths (dotted; "mixtures.*" is every alias). `model` is a path only when it
 # names an existing directory next to the config (otherwise it is a hub id or a built-in).
-PATH_KEYS = ("out_dir", "bank.dir", "stage1.mixture", "stage2.mixture", "eval.suite", "data.mirror")
+PATH_KEYS = ("out_dir", "bank.dir", "stage1.mixture", "stage2.mixture", "eval.suite", "data.mirror",
+             "lora.adapters")  # fmt: skip
 
 
 def _anchor_paths(data: dict, folder: Path) -> dict:
@@ -275,6 +308,8 @@ def _validate_ranges(cfg: RunConfig, file: str) -> None:
             fail(key, f"must be >= 0, got {value}")
     if s2.prompt_lr <= 0:
         fail("stage2.prompt_lr", f"must be > 0, got {s2.prompt_lr}")
+    if not 0 <= cfg.lora.dropout < 1:
+        fail("lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
     if s2.label_smoothing >= 1:
         fail("stage2.label_smoothing", f"must be in [0, 1), got {s2.label_smoothing}")
     if not 0 <= cfg.seed <= MAX_SEED:

@@ -8,6 +8,18 @@ A method names what the paper compares::
     promot                  stage 2 with frozen bank prompts
     joint                   stage 2 training prompt and model together
     random_prompt           stage 2 with a fixed random prompt per task
+    promot_lora             the paper's Table 11: stage 1 trains a LoRA adapter per task instead
+                            of a prompt; stage 2 fine-tunes the model with each row's task
+                            adapter frozen and active (``lora.*`` keys; train/lora.py)
+    lora                    stage 2 trains one LoRA adapter, the model frozen; evaluated merged
+    hft                     Half Fine-Tuning: standard with a random half of the parameter
+                            tensors frozen each ``hft.round_steps`` steps (train/hft.py)
+    wiseA:LABEL             WiSE-FT: the weights (1 - A) * base + A * LABEL's fine-tuned
+                            weights, A in [0, 1] (``wise0.5:standard``, ``wise0.3:promot@multi``),
+                            evaluated as LABEL is (its prompts, its routing) with no training;
+                            LABEL (standard, promot, joint, random_prompt or hft, with its own
+                            ``+Kshot``/``@mixture``) must be listed in ``methods`` too: its final
+                            weights are the ones interpolated, never retrained for this
 
 ``+Kshot`` adds K exemplars to every stage-2 example (``promot+1shot``) and ``@name`` picks the
 stage-2 mixture from ``mixtures`` in the config (``standard@multi``); without it the method uses
@@ -49,11 +61,12 @@ from multipromot.errors import UserError
 from multipromot.eval.report import terminal_summary, write_report
 from multipromot.eval.suites import evaluate_finetuned, evaluate_suite, load_suite
 from multipromot.fsio import write_json
-from multipromot.models import is_encoder_decoder, load_model
+from multipromot.models import is_encoder_decoder, load_model, model_fingerprint, read_lineage
 from multipromot.preflight import STAGE1_KINDS, preflight
-from multipromot.router import calibrated_router
+from multipromot.router import Router, calibrated_router
+from multipromot.router.base import RouterEntry
 from multipromot.soft_prompt import PromptedModel
-from multipromot.train import stage2
+from multipromot.train import lora, stage1_lora, stage2, wise
 from multipromot.train.checkpoint import is_complete, load_checkpoint
 from multipromot.train.common import read_losses
 from multipromot.train.stage1 import made_from as stage1_made_from
@@ -68,10 +81,16 @@ __all__ = [
     "evaluate_method",
 ]
 
-KINDS = ("pretrained", "prompt_tuning", "standard", "promot", "joint", "random_prompt")
+KINDS = ("pretrained", "prompt_tuning", "standard", "promot", "joint", "random_prompt",
+         "promot_lora", "lora", "hft")  # fmt: skip
 _METHOD = re.compile(
     r"^(?P<kind>[a-z_]+)(?:\+(?P<shots>\d+)shot)?(?:@(?P<mixture>[A-Za-z0-9_.-]+))?$"
 )
+# wiseA:LABEL (``@`` already picks the mixture, so the weight is glued to ``wise``)
+_WISE = re.compile(r"^wise(?P<alpha>\d+(?:\.\d+)?):(?P<source>.+)$")
+# the methods whose final weights WiSE-FT interpolates: full fine-tuning of the base model
+WISE_SOURCES = ("standard", "promot", "joint", "random_prompt", "hft")
+LORA_KINDS = ("lora", "promot_lora")
 
 
 @dataclass(frozen=True)
@@ -80,27 +99,35 @@ class Method:
     kind: str
     shots: int | None  # +Kshot of the label; None = stage2.shots, else the mixture's header
     mixture: str  # path of the stage-2 mixture
+    alpha: float | None = None  # wise: the fine-tuned weights' share
+    source: Method | None = None  # wise: the method whose fine-tuned weights are interpolated
 
     @property
     def trains(self) -> bool:
-        return self.kind not in ("pretrained", "prompt_tuning")
+        return self.kind not in ("pretrained", "prompt_tuning", "wise")
 
     @property
     def uses_prompts(self) -> bool:
-        return self.kind != "pretrained" and self.kind != "standard"
+        if self.source is not None:
+            return self.source.uses_prompts
+        return self.kind not in ("pretrained", "standard", "hft", *LORA_KINDS)
 
 
 def parse_method(label: str, cfg: RunConfig) -> Method:
-    """Parse ``kind[+Kshot][@mixture]`` (see the module docstring).
+    """Parse ``kind[+Kshot][@mixture]`` or ``wiseA:LABEL`` (see the module docstring).
 
     Raises:
-        UserError: an unknown kind or mixture alias.
+        UserError: an unknown kind or mixture alias; a wise weight outside [0, 1], or a wise
+            label whose LABEL is not a listed full fine-tuning method.
     """
+    wise = _WISE.match(label)
+    if wise:
+        return _parse_wise(label, wise, cfg)
     m = _METHOD.match(label)
     if not m or m["kind"] not in KINDS:
         raise UserError(
             f"unknown method {label!r}; use one of {', '.join(KINDS)}, optionally with +Kshot "
-            "and @mixture (e.g. promot+1shot@multi)",
+            "and @mixture (e.g. promot+1shot@multi), or wiseA:LABEL (e.g. wise0.5:standard)",
             file=cfg.config_file or None,
             key="methods",
         )
@@ -117,6 +144,23 @@ def parse_method(label: str, cfg: RunConfig) -> Method:
         )
     shots = int(m["shots"]) if m["shots"] is not None else None
     return Method(label, m["kind"], shots, resolve_path(cfg, mixture))
+
+
+def _parse_wise(label: str, match: re.Match, cfg: RunConfig) -> Method:
+    where = dict(file=cfg.config_file or None, key="methods")
+    alpha = float(match["alpha"])
+    if not 0 <= alpha <= 1:
+        raise UserError(f"method {label!r}: the WiSE-FT weight must be in [0, 1], got "
+                        f"{match['alpha']}", **where)  # fmt: skip
+    source = parse_method(match["source"], cfg)
+    if source.kind not in WISE_SOURCES:
+        raise UserError(f"method {label!r}: WiSE-FT interpolates the weights of a full "
+                        f"fine-tuning method ({', '.join(WISE_SOURCES)}), not "
+                        f"{source.kind!r}", **where)  # fmt: skip
+    if source.label not in cfg.methods:
+        raise UserError(f"method {label!r} interpolates {source.label!r}, which `methods` does "
+                        "not list; list it too (its final weights are the ones used)", **where)  # fmt: skip
+    return Method(label, "wise", source.shots, source.mixture, alpha=alpha, source=source)
 
 
 def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
@@ -140,6 +184,28 @@ def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
         print(f"stage 1: {e.ref}: {s1.get('metric')} {s1.get('value', float('nan')):.4g} "
               f"at step {s1.get('best_step')}")  # fmt: skip
     return {e.task: e.ref for e in entries}
+
+
+def _stage1_lora(cfg: RunConfig, out: Path) -> dict:
+    """promot_lora's stage 1 (one adapter per task) unless this run already did it from the same
+    settings; returns what its stage 2 records: the record and the adapters' files."""
+    done = out / "stage1_lora.json"
+    record = stage1_lora.made_from(cfg)
+    folder = out / stage1_lora.ADAPTERS_FOLDER / "adapters"
+    if done.exists():
+        saved = _read_json(done)
+        changed = _changes(saved.get("made_from") if isinstance(saved, dict) else None, record)
+        files = saved.get("files") if isinstance(saved, dict) else None
+        if not changed and folder.is_dir() and files == stage1_lora.adapters_fingerprint(folder):
+            print(f"stage 1 (lora): reusing {folder}")
+            return {"folder": str(folder), "made_from": record, "files": files}
+        _stale(cfg, done, "stage 1 (lora)", changed or "its adapter files changed or are missing")
+    folder, best = stage1_lora.train_adapters(cfg)
+    files = stage1_lora.adapters_fingerprint(folder)
+    write_json(done, {"made_from": record, "files": files, "best": best})
+    for task, b in best.items():
+        print(f"stage 1 (lora): {task}: {b['metric']} {b['value']:.4g} at step {b['best_step']}")
+    return {"folder": str(folder), "made_from": record, "files": files}
 
 
 def _read_json(path: Path):
@@ -204,6 +270,8 @@ def _method_config(cfg: RunConfig, method: Method, method_dir: Path) -> RunConfi
     sub.out_dir = str(method_dir)
     sub.stage2.mode = method.kind  # the trained kinds are exactly the stage-2 modes
     sub.stage2.mixture = method.mixture
+    if method.kind == "promot_lora":  # this run's stage-1 adapters
+        sub.lora.adapters = str(Path(cfg.out_dir) / stage1_lora.ADAPTERS_FOLDER / "adapters")
     if method.shots is not None:  # the label's +Kshot wins over stage2.shots and the mixture
         sub.stage2.shots = method.shots
     return sub
@@ -226,8 +294,10 @@ def _current_refs(cfg: RunConfig, tasks: list[str], stage1_refs: dict) -> dict:
     return refs
 
 
-def _train_record(cfg: RunConfig, method: Method, method_dir: Path, stage1_refs: dict) -> dict:
-    """What a method's stage-2 model is made from (see the module docstring)."""
+def _train_record(cfg: RunConfig, method: Method, method_dir: Path, stage1_refs: dict,
+                  adapters: dict | None = None) -> dict:  # fmt: skip
+    """What a method's stage-2 model is made from (see the module docstring); ``adapters``:
+    promot_lora's stage-1 adapters (their record and files)."""
     s2 = asdict(_method_config(cfg, method, method_dir).stage2)
     for key in _NOT_RESULT_STAGE2:
         s2.pop(key)
@@ -237,7 +307,26 @@ def _train_record(cfg: RunConfig, method: Method, method_dir: Path, stage1_refs:
     if method.kind in ("promot", "joint"):  # they start from the bank's prompts
         record["bank_dir"] = str(Path(cfg.bank.dir).resolve())
         record["bank_refs"] = _current_refs(cfg, mixture.task_names, stage1_refs)
+    if method.kind in LORA_KINDS:
+        record["lora"] = {k: v for k, v in asdict(cfg.lora).items() if k != "adapters"}
+    if method.kind == "promot_lora":
+        record["adapters"] = {"made_from": adapters["made_from"], "files": adapters["files"]}
+    if method.kind == "hft":
+        record["hft"] = asdict(cfg.hft)
     return record
+
+
+def _wise_record(cfg: RunConfig, method: Method, out: Path, stage1_refs: dict) -> dict:
+    """WiSE-FT's model: the source method's final weights (made, or reused when their record
+    matches, exactly as the source's own row), named by path, step and fingerprint."""
+    source_dir = out / "methods" / method.source.label
+    source_dir.mkdir(parents=True, exist_ok=True)
+    made_from = _train_record(cfg, method.source, source_dir, stage1_refs)
+    final, _ = _stage2(cfg, method.source, source_dir, made_from)
+    return {"alpha": method.alpha, "source": method.source.label,
+            "weights": str(final.resolve()), "step": _final_step(final, cfg.stage2.steps),
+            "fingerprint": read_lineage(final).get("fingerprint"),
+            "source_made_from": made_from}  # fmt: skip
 
 
 def _eval_record(cfg: RunConfig, method: Method, trained: dict | None, stage1_refs: dict) -> dict:
@@ -347,15 +436,20 @@ def evaluate_method(
         Flat records (see :mod:`multipromot.eval.report`) tagged with the method and step.
     """
     ev = cfg.eval
+    made = method.source or method  # wise: evaluated as the method whose weights it holds
     model, tokenizer, _ = load_model(str(model_dir), seed=cfg.seed)
     model.eval()
+    if method.alpha is not None:
+        _interpolate(cfg, model, Path(model_dir), method.alpha)
     decoder_only = not is_encoder_decoder(model)
     mixture = load_mixture(method.mixture)
     tasks = [t.name for t in mixture.tasks]
     suite = load_suite(resolve_path(cfg, ev.suite))
-    source = prompt_refs(method, Path(model_dir), cfg, tasks, stage1_refs or {})
+    source = prompt_refs(made, Path(model_dir), cfg, tasks, stage1_refs or {})
     refs: dict[str, str] = {}
-    if source is None:
+    if method.kind in LORA_KINDS:
+        prompted = _adapted(cfg, method, model, Path(model_dir), checkpoint, tasks)
+    elif source is None:
         prompted = PromptedModel(model)
     else:
         bank = PromptBank(source[0])
@@ -364,10 +458,14 @@ def evaluate_method(
             prompted = PromptedModel.from_bank(model, bank, tasks, refs=refs)
         except ValueError as e:  # prompts of different lengths cannot share one table
             raise UserError(str(e), file=bank.root, key="stage2.mixture") from None
-    if checkpoint is not None:
+    if checkpoint is not None and method.kind not in LORA_KINDS:
         load_checkpoint(checkpoint, model=prompted, restore_rng=False)
     rows = {t: i for i, t in enumerate(tasks)} if source is not None else {}
     router = None
+    if method.kind == "promot_lora":  # each task's adapter on its rows, routed by format
+        rows = {t: i for i, t in enumerate(tasks)}
+        if ev.router:  # (a task whose template has no signature is never routed to)
+            router = Router([RouterEntry(t.name, t.template.signature) for t in mixture.tasks])
     if source is not None and ev.router:
         others = [get_task(t.name) for t in suite.tasks]
         router = calibrated_router(bank, mixture.tasks, refs=refs, negatives=others,
@@ -389,11 +487,41 @@ def evaluate_method(
     for r in unseen:
         r["seen"] = False
     records += unseen
-    shots = _read_record(Path(model_dir) / "stage2.json").get("shots") if method.trains else 0
+    shots = _read_record(Path(model_dir) / "stage2.json").get("shots") if made.trains else 0
     for r in records:
         r.update(method=method.label, step=step, selected=selected, bank_refs=refs,
                  train_shots=shots)  # fmt: skip
     return records
+
+
+def _interpolate(cfg: RunConfig, model, final: Path, alpha: float) -> None:
+    """WiSE-FT in place: ``model`` (loaded from ``final``) moves to ``(1 - alpha) * base +
+    alpha * model``; the base must be the one ``final`` was fine-tuned from."""
+    base, _, _ = load_model(cfg.model, seed=cfg.seed)
+    made_from = _read_record(final / "stage2.json").get("base_model", {}).get("fingerprint")
+    if made_from != model_fingerprint(base):
+        raise UserError(f"was fine-tuned from another base model than {cfg.model!r} (fingerprint "
+                        f"{made_from}); WiSE-FT needs the same base", file=final)  # fmt: skip
+    wise.interpolate(model, base, alpha)
+
+
+def _adapted(cfg: RunConfig, method: Method, model, final: Path, checkpoint: Path | None,
+             tasks: list[str]):  # fmt: skip
+    """A LoRA method's model for evaluation. promot_lora: ``final``'s weights with the task
+    adapters (a row gets its task's, or none); lora: the merged weights of ``final``, or, for a
+    checkpoint, its base with the adapter as trained at that step, merged."""
+    if method.kind == "promot_lora":
+        adapted = lora.load_adapters(model, final / lora.ADAPTERS_DIR, tasks)
+        if checkpoint is not None:
+            load_checkpoint(checkpoint, model=adapted, restore_rng=False)
+        return adapted.eval()
+    if checkpoint is None:
+        return PromptedModel(model)
+    base_name = _read_record(final / "stage2.json")["base_model"]["name"]
+    base, _, _ = load_model(base_name, seed=cfg.seed)
+    adapted = lora.load_adapters(base, final / lora.ADAPTERS_DIR, None)
+    load_checkpoint(checkpoint, model=adapted, restore_rng=False)
+    return PromptedModel(adapted.model.merge_and_unload().eval())
 
 
 def _final_step(final: Path, default: int) -> int:
@@ -424,17 +552,26 @@ def run_experiment(cfg: RunConfig) -> Path:
     preflight(cfg, methods)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if any(m.kind in LORA_KINDS for m in methods):  # lora.target_modules, before any training
+        lora.check_targets(load_model(cfg.model, seed=cfg.seed)[2], cfg.lora)
     stage1_refs: dict[str, str] = {}
     if any(m.kind in STAGE1_KINDS for m in methods):
         stage1_refs = _stage1(cfg, out)
+    adapters = None
+    if any(m.kind == "promot_lora" for m in methods):
+        adapters = _stage1_lora(cfg, out)
     _, _, base_dir = load_model(cfg.model, seed=cfg.seed)
 
     records: list[dict] = []
     status: dict[str, str] = {}
-    for method in methods:
+    # WiSE-FT rows come after the methods whose fine-tuned weights they interpolate
+    for method in sorted(methods, key=lambda m: m.kind == "wise"):
         method_dir = out / "methods" / method.label
         method_dir.mkdir(parents=True, exist_ok=True)
-        trained = _train_record(cfg, method, method_dir, stage1_refs) if method.trains else None
+        trained = (_train_record(cfg, method, method_dir, stage1_refs, adapters)
+                   if method.trains else None)  # fmt: skip
+        if method.kind == "wise":
+            trained = _wise_record(cfg, method, out, stage1_refs)
         record = _eval_record(cfg, method, trained, stage1_refs)
         done = method_dir / "eval.json"
         if done.exists():
@@ -453,11 +590,21 @@ def run_experiment(cfg: RunConfig) -> Path:
             step = _final_step(model_dir, cfg.stage2.steps)
             status[method.label] = ("stage 2 reused, scored by this run" if kept
                                     else "trained and scored by this run")  # fmt: skip
+            if method.kind in LORA_KINDS:
+                status[method.label] += f"; LoRA adapters (peft) in {model_dir / lora.ADAPTERS_DIR}"
+        elif method.kind == "wise":
+            model_dir, step = Path(trained["weights"]), trained["step"]
+            status[method.label] = (f"scored by this run: {method.alpha} x the final weights of "
+                                    f"{method.source.label} + {1 - method.alpha:g} x the base")  # fmt: skip
         else:
             model_dir, step = Path(base_dir), 0
             status[method.label] = "scored by this run"
         print(f"evaluating {method.label} (step {step})")
         result = evaluate_method(cfg, method, model_dir, step=step, stage1_refs=stage1_refs)
+        if method.kind == "wise":  # which weights, in results.json
+            interpolated = {k: v for k, v in trained.items() if k != "source_made_from"}
+            for r in result:
+                r["interpolated"] = interpolated
         if method.trains and cfg.eval.curve:
             result += _curve(cfg, method, method_dir, model_dir, skip=step)
         write_json(done, {"made_from": record, "records": result})

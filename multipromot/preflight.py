@@ -23,6 +23,8 @@ __all__ = ["preflight", "STAGE1_KINDS"]
 
 # the methods that need this run's stage-1 prompts
 STAGE1_KINDS = ("prompt_tuning", "promot", "joint")
+# the method whose stage 1 trains a LoRA adapter per task (train/stage1_lora.py)
+STAGE1_LORA_KIND = "promot_lora"
 
 _PREFLIGHT_ROWS = 8  # rows rendered per task and split: a template that fails on data fails now
 
@@ -52,6 +54,14 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
         _check_mixture(cfg, cfg.stage1.mixture, ("train", "validation"))
     if command == "stage2":
         _check_mixture(cfg, cfg.stage2.mixture, ("train", "validation"))
+        adapters = resolve_path(cfg, cfg.lora.adapters)
+        if cfg.stage2.mode == STAGE1_LORA_KIND and not (adapters and Path(adapters).is_dir()):
+            raise UserError("must name the folder of the task adapters promot_lora's stage 2 "
+                            "starts from", file=where, key="lora.adapters")  # fmt: skip
+    lora_methods = [m for m in methods if m.kind == STAGE1_LORA_KIND] if command == "run" else []
+    if lora_methods:
+        _check_mixture(cfg, cfg.stage1.mixture, ("train", "validation"))
+        _check_adapter_tasks(cfg, lora_methods)
     for method in methods if command == "run" else []:
         splits = ("train", "validation", "test") if method.trains else ("test",)
         _check_mixture(cfg, method.mixture, splits)
@@ -72,6 +82,17 @@ def _check_mixture(cfg: RunConfig, value: str, splits) -> None:
                             key="tasks") from None  # fmt: skip
         for split in splits:
             _check_rows(task, split, mixture.file)
+
+
+def _check_adapter_tasks(cfg: RunConfig, methods: list) -> None:
+    """promot_lora's stage 2 needs a stage-1 adapter for every task it fine-tunes."""
+    trained = set(load_mixture(resolve_path(cfg, cfg.stage1.mixture)).task_names)
+    for method in methods:
+        missing = sorted(set(load_mixture(method.mixture).task_names) - trained)
+        if missing:
+            raise UserError(f"method {method.label!r} fine-tunes {', '.join(missing)}, which "
+                            "stage1.mixture trains no adapter for", file=cfg.config_file or None,
+                            key="methods")  # fmt: skip
 
 
 def _check_rows(task, split: str, file) -> None:

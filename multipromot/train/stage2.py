@@ -6,6 +6,11 @@ One config key, ``stage2.mode``, gives ProMoT and the paper's comparisons:
 - ``standard``: no prompt at all (task id -1 on every row); plain multi-task fine-tuning.
 - ``random_prompt``: a fixed random prompt per task (seeded, frozen): the paper's ablation.
 - ``joint``: the bank prompts train together with the model, at their own learning rate.
+- ``hft``: ``standard`` with a random half of the parameter tensors frozen in each round
+  (:mod:`multipromot.train.hft`).
+- ``lora``: one LoRA adapter trains, the model is frozen; ``promot_lora``: the model trains with
+  each row's frozen task adapter (``lora.adapters``) instead of a prompt
+  (:mod:`multipromot.train.lora`). These three train in one process.
 
 Each works with k-shot exemplars. Their number has one owner, :func:`resolve_shots`: the
 method label's ``+Kshot`` (``run`` writes it into ``stage2.shots``), else ``stage2.shots``,
@@ -62,6 +67,7 @@ from multipromot.fsio import publish_dir, temp_dir_for, write_atomic, write_json
 from multipromot.models import load_model, model_fingerprint, read_lineage, save_model
 from multipromot.soft_prompt import PromptedModel, init_prompts
 from multipromot.train import distributed as D
+from multipromot.train import hft, lora
 from multipromot.train.checkpoint import (
     BackgroundCheckpointer,
     latest_checkpoint,
@@ -91,7 +97,12 @@ __all__ = [
 ]
 
 # What trains in each mode (PromptedModel.set_trainable).
-TRAINABLE = {"promot": "model", "standard": "model", "random_prompt": "model", "joint": "both"}
+TRAINABLE = {"promot": "model", "standard": "model", "random_prompt": "model", "joint": "both",
+             "hft": "model"}  # fmt: skip
+# Modes whose model carries LoRA adapters (train/lora.py) instead of a prompt table.
+LORA_MODES = ("lora", "promot_lora")
+# Modes that give no row a prompt (task id -1 everywhere; lora's one adapter is on every row).
+UNPROMPTED_MODES = ("standard", "hft", "lora")
 # Inside an exported model directory: the prompts of the modes whose table is not the bank's
 # (joint trains it, random_prompt draws it), as a prompt bank of its own (checksummed entries).
 PROMPT_BANK_DIR = "prompt_bank"
@@ -101,7 +112,7 @@ PROMPT_BANK_DIR = "prompt_bank"
 RESUME_REFUSED = ("model", "seed", "mixture", "tasks", "mode", "shots", "optimizer", "lr",
                   "prompt_lr", "weight_decay", "warmup_steps", "decay", "batch_size",
                   "max_grad_norm", "label_smoothing", "max_input_length", "max_target_length",
-                  "keep_best_by")  # fmt: skip
+                  "keep_best_by", "lora", "hft")  # fmt: skip
 # Safe to change on resume (the gradient of a step is the same to float rounding, or only the
 # schedule's end moves): applied, and said so. The other keys (save_every, eval_every, ...)
 # are bookkeeping and may change silently.
@@ -150,6 +161,9 @@ def finetune(cfg: RunConfig, *, progress: bool = True) -> Path:
 def _finetune(cfg: RunConfig, progress: bool) -> Path:
     s2 = cfg.stage2
     out = Path(cfg.out_dir)
+    if s2.mode in ("hft", *LORA_MODES) and (D.is_distributed() or s2.export_shard_size):
+        raise UserError(f"{s2.mode} trains in one process, without stage2.export_shard_size",
+                        key="stage2.mode")  # fmt: skip
     rows, accum = _micro_batch(s2.batch_size, s2.grad_accum, D.world_size())
     resume_from = D.on_rank0(resolve_resume, out / "checkpoints", s2.resume)
     saved = read_trainer_state(resume_from) if resume_from else None
@@ -166,14 +180,18 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
     prompted, tokenizer, build, info = _load_prompted(cfg, mixture, saved and saved["bank_refs"])
     decoder_only = not prompted.is_encoder_decoder
     task_ids = (
-        [-1] * len(mixture.tasks) if s2.mode == "standard" else list(range(len(mixture.tasks)))
+        [-1] * len(mixture.tasks)
+        if s2.mode in UNPROMPTED_MODES
+        else list(range(len(mixture.tasks)))
     )
+    # rows of one task per micro-batch where rows cannot mix adapters while training
+    order = "task" if s2.mode == "promot_lora" else "length" if s2.group_by_length else "drawn"
     info.update(shots=shots, shots_from=shots_from)
     if D.is_main() and progress:
         print(f"stage 2 ({s2.mode}, {mixture.name}): {shots}-shot examples ({shots_from})")
     device = D.device()
 
-    optimizer = _optimizer(prompted, s2)
+    optimizer = _optimizer(prompted, s2, cfg.lora)
     scheduler = lr_schedule(optimizer, warmup_steps=s2.warmup_steps, total_steps=s2.steps,
                             decay=s2.decay)  # fmt: skip
     sampler = MixtureSampler(mixture, seed=cfg.seed, rank=D.rank(), world_size=D.world_size())
@@ -222,11 +240,13 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
     prompted.train()
     with D.PreemptionGuard() as guard:
         for step in range(start + 1, s2.steps + 1):
+            if s2.mode == "hft":
+                hft.freeze_for_step(prompted.model, step, seed=cfg.seed,
+                                    round_steps=cfg.hft.round_steps)  # fmt: skip
             # This rank's micro-batches: its next rows * accum draws of the one global stream.
             batches = batches_from_draws(
                 mixture.tasks, sampler.take(rows * accum), collator, batch_size=rows, shots=shots,
-                seed=mixture.exemplar_seed, task_ids=task_ids,
-                order="length" if s2.group_by_length else "drawn",
+                seed=mixture.exemplar_seed, task_ids=task_ids, order=order,
             )  # fmt: skip
             loss, tokens = _forward_backward(prompted, batches, decoder_only=decoder_only,
                                              label_smoothing=s2.label_smoothing, bf16=s2.bf16)  # fmt: skip
@@ -300,6 +320,7 @@ def _settings(cfg: RunConfig, mixture: Mixture, shots: int) -> dict:
         "mixture": mixture.name,
         "tasks": mixture.task_names,
         "shots": shots,
+        **_method_settings(cfg),
     }
 
 
@@ -351,8 +372,12 @@ def _load_prompted(cfg: RunConfig, mixture: Mixture, refs: dict | None):
 
     def load() -> dict:
         model, tokenizer, path = load_model(cfg.model, seed=cfg.seed)
-        table, bank_refs = _prompt_table(cfg, mixture, model, tokenizer, refs)
-        loaded["model"] = _wrap(model, table, names, s2.mode)
+        if s2.mode in LORA_MODES:
+            table, bank_refs = None, {}
+            loaded["model"] = _adapted(cfg, model, names)
+        else:
+            table, bank_refs = _prompt_table(cfg, mixture, model, tokenizer, refs)
+            loaded["model"] = _wrap(model, table, names, s2.mode)
         loaded["tokenizer"] = tokenizer
         lineage = read_lineage(path) if Path(path).is_dir() else {}
         return {
@@ -368,6 +393,7 @@ def _load_prompted(cfg: RunConfig, mixture: Mixture, refs: dict | None):
             "mode": s2.mode,
             "mixture": mixture.name,
             "tasks": names,
+            **_method_settings(cfg),
         }
 
     info = D.on_rank0(load)
@@ -406,6 +432,31 @@ def _load_prompted(cfg: RunConfig, mixture: Mixture, refs: dict | None):
     return prompted, tokenizer, build, info
 
 
+def _adapted(cfg: RunConfig, model, names: list[str]) -> lora.AdaptedModel:
+    """lora: a new adapter shared by every row, the only thing that trains; promot_lora: the
+    tasks' adapters from ``lora.adapters``, frozen, and the model trains."""
+    if cfg.stage2.mode == "lora":
+        adapted = lora.attach(model, cfg.lora, None)
+        adapted.set_trainable("adapters")
+        return adapted
+    if not cfg.lora.adapters:
+        raise UserError("is not set: promot_lora's stage 2 needs its stage-1 task adapters",
+                        key="lora.adapters")  # fmt: skip
+    adapted = lora.load_adapters(model, resolve_path(cfg, cfg.lora.adapters), names)
+    adapted.set_trainable("model")
+    return adapted
+
+
+def _method_settings(cfg: RunConfig) -> dict:
+    """What stage2.json records of the settings only some modes read."""
+    if cfg.stage2.mode == "hft":
+        return {"hft": {"round_steps": cfg.hft.round_steps}}
+    if cfg.stage2.mode in LORA_MODES:
+        return {"lora": {k: v for k, v in vars(cfg.lora).items()
+                         if k != "adapters" or cfg.stage2.mode == "promot_lora"}}  # fmt: skip
+    return {}
+
+
 def _wrap(model, table: torch.Tensor | None, names: list[str], mode: str) -> PromptedModel:
     prompted = PromptedModel(model, table, names if table is not None else None)
     prompted.set_trainable(TRAINABLE[mode])
@@ -419,7 +470,7 @@ def _prompt_table(cfg: RunConfig, mixture: Mixture, model, tokenizer, refs: dict
     meanwhile does not change the prompts halfway through a run.
     """
     mode, names = cfg.stage2.mode, mixture.task_names
-    if mode == "standard":
+    if mode in UNPROMPTED_MODES:
         return None, {}
     if mode == "random_prompt":
         table = init_prompts(model, tokenizer, len(names), cfg.stage1.prompt_length,
@@ -434,13 +485,18 @@ def _prompt_table(cfg: RunConfig, mixture: Mixture, model, tokenizer, refs: dict
     return table, bank_refs
 
 
-def _optimizer(prompted: PromptedModel, s2) -> torch.optim.Optimizer:
-    """The model's parameters at ``lr``; in joint mode the prompt table at ``prompt_lr``.
+def _optimizer(prompted: PromptedModel, s2, lora_cfg) -> torch.optim.Optimizer:
+    """The model's parameters at ``lr``; in joint mode the prompt table at ``prompt_lr``; in
+    lora mode the adapter with ``lora.optimizer`` at ``lora.lr``.
 
     With Adafactor the model's steps scale with each weight's RMS (T5 fine-tuning) and the
     prompt's do not (prompt tuning); AdamW ignores the flag.
     """
     model_params = [p for p in prompted.model.parameters() if p.requires_grad]
+    if s2.mode == "lora":  # a zero-initialised LoRA B has no RMS to scale steps by
+        groups = [{"params": model_params, "lr": lora_cfg.lr, "scale_parameter": False}]
+        optimizer = build_optimizer(groups, lora_cfg.optimizer, lora_cfg.lr)
+        return D.prepare_optimizer(optimizer)
     groups = [{"params": model_params, "lr": s2.lr, "scale_parameter": True}]
     if s2.mode == "joint":
         groups.append({"params": [prompted.prompts], "lr": s2.prompt_lr, "scale_parameter": False})
@@ -578,7 +634,10 @@ def _export(prompted, build: Callable, tokenizer, dest: Path, *, info: dict,
         plain = D.gather_full_model(prompted, build) if D.is_distributed() else prompted
 
     def write() -> None:
-        if shard_bytes is None:
+        if info["mode"] in LORA_MODES:  # weights + the adapters in peft's format
+            lora.export(plain, tokenizer, dest, name=name, parents=parents,
+                        merge=info["mode"] == "lora")  # fmt: skip
+        elif shard_bytes is None:
             save_model(plain.model, tokenizer, dest, name=name, parents=parents)
         record = dict(info)
         if info["mode"] in ("joint", "random_prompt"):

@@ -144,7 +144,7 @@ CASES: list[Case] = [
     Case(
         "config-bad-choice",
         "config",
-        "stage2.mode not one of the four modes",
+        "stage2.mode not one of the stage-2 modes",
         ["run", "run.yaml"],
         {"run.yaml": "stage2: {mode: bogus}\n"},
         ("run.yaml", "stage2.mode"),
@@ -1091,6 +1091,31 @@ CASES: list[Case] = [
         ["bank", "import", "adapter", "--task", "x", "--bank", "bank"],
         {"adapter/adapter_config.json": "[1, 2]\n"},
         ("adapter/adapter_config.json", "JSON object"),
+    ),
+    # -- the methods beyond the paper (issue 17)
+    Case(
+        "run-wise-weight",
+        "config",
+        "a WiSE-FT weight outside [0, 1]",
+        ["run", "run.yaml"],
+        {"run.yaml": "methods: [standard, wise1.5:standard]\n"},
+        ("run.yaml", "methods", "wise1.5:standard"),
+    ),
+    Case(
+        "run-wise-unlisted",
+        "config",
+        "WiSE-FT of a method the run does not list",
+        ["run", "run.yaml"],
+        {"run.yaml": "methods: [wise0.5:standard]\n"},
+        ("run.yaml", "methods", "'standard'"),
+    ),
+    Case(
+        "run-lora-rank",
+        "config",
+        "a LoRA rank of 0",
+        ["run", "run.yaml"],
+        {"run.yaml": "methods: [lora]\nlora: {rank: 0}\n"},
+        ("run.yaml", "lora.rank"),
     ),
 ]
 
