@@ -38,6 +38,11 @@ recorded settings with the config: :data:`RESUME_REFUSED` keys must match,
 ``final/`` as sharded safetensors without gathering the model on one rank; ``async_save``
 writes checkpoints in a background thread (published only once complete; the next save, a
 preemption and the end of training wait for it).
+
+Why one module of this size (about 700 lines): the loop, its resume checks, preemption, saving
+and best-step selection share the loop's state (step, sampler, optimizer, loss history); the
+model variants (FSDP2, LoRA in train/lora.py, HFT in train/hft.py) live in their own modules
+and are only called from here.
 """
 
 from __future__ import annotations
