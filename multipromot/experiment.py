@@ -557,15 +557,15 @@ def run_experiment(cfg: RunConfig) -> Path:
     preflight(cfg, methods)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _, _, base_dir = load_model(cfg.model, seed=cfg.seed)
     if any(m.kind in LORA_KINDS for m in methods):  # lora.target_modules, before any training
-        lora.check_targets(load_model(cfg.model, seed=cfg.seed)[2], cfg.lora)
+        lora.check_targets(base_dir, cfg.lora)
     stage1_refs: dict[str, str] = {}
     if any(m.kind in STAGE1_KINDS for m in methods):
         stage1_refs = _stage1(cfg, out)
     adapters = None
     if any(m.kind == "promot_lora" for m in methods):
         adapters = _stage1_lora(cfg, out)
-    _, _, base_dir = load_model(cfg.model, seed=cfg.seed)
 
     records: list[dict] = []
     status: dict[str, str] = {}

@@ -114,17 +114,17 @@ def test_stage1_never_keeps_the_untrained_prompt_and_breaks_ties_by_loss(run_con
 
 
 def test_tie_rules():
-    from multipromot.train.stage1 import _Best, _better
+    from multipromot.train.stage1 import Best, better
 
     def cand(value, loss, step):
-        return _Best(value, loss, step, "accuracy", None)
+        return Best(value, loss, step, "accuracy", None)
 
-    assert _better(cand(50, 1.0, 20), cand(50, 1.1, 10), True)  # lower loss wins a tie
-    assert not _better(cand(50, 1.2, 20), cand(50, 1.1, 10), True)
-    assert _better(cand(50, 1.0, 20), cand(50, 1.0, 10), True)  # then the later step
-    assert not _better(cand(40, 0.1, 20), cand(50, 1.0, 10), True)  # the value comes first
-    assert not _better(cand(50, 1.0, 20), cand(50, 1.1, 10), True, "first")
-    assert _better(cand(0.5, 9.0, 20), cand(0.6, 9.0, 10), False)  # select_by loss
+    assert better(cand(50, 1.0, 20), cand(50, 1.1, 10), True)  # lower loss wins a tie
+    assert not better(cand(50, 1.2, 20), cand(50, 1.1, 10), True)
+    assert better(cand(50, 1.0, 20), cand(50, 1.0, 10), True)  # then the later step
+    assert not better(cand(40, 0.1, 20), cand(50, 1.0, 10), True)  # the value comes first
+    assert not better(cand(50, 1.0, 20), cand(50, 1.1, 10), True, "first")
+    assert better(cand(0.5, 9.0, 20), cand(0.6, 9.0, 10), False)  # select_by loss
 
 
 def _bank_prompts(bank_dir):

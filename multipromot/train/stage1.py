@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,24 +47,33 @@ from multipromot.train.checkpoint import (
 )
 from multipromot.train.common import MetricsLogger, Throughput, build_optimizer, lr_schedule
 
-__all__ = ["train_prompts", "batch_stream", "format_record", "made_from", "BatchStream"]
+__all__ = [
+    "train_prompts",
+    "batch_stream",
+    "format_record",
+    "made_from",
+    "BatchStream",
+    "Best",
+    "better",
+]
 
 # stage1.* keys that do not change the prompts (how often to log)
 _NOT_RESULT_KEYS = ("log_every",)
 
 
 @dataclass
-class _Best:
-    """The best validation result seen so far for one task."""
+class Best:
+    """The best validation result seen so far for one task, and what was trained at that step
+    (a prompt here; a LoRA adapter's state in promot_lora's stage 1)."""
 
     value: float
     loss: float
     step: int
     metric: str
-    prompt: torch.Tensor
+    weights: Any
 
 
-def _better(new: _Best, old: _Best | None, higher_is_better: bool, ties: str = "loss") -> bool:
+def better(new: Best, old: Best | None, higher_is_better: bool, ties: str = "loss") -> bool:
     """The better candidate: the task's value, then (``ties=loss``) the lower validation loss,
     then the later step, so that a tie does not keep an earlier, less trained prompt;
     ``ties=first`` keeps the earlier step on equal values."""
@@ -151,7 +161,7 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     batches = batch_stream(tasks, sampler, collator, s1.batch_size, by_task=s1.batching == "task")
 
     out_dir = Path(cfg.out_dir) / "stage1"
-    best: dict[str, _Best] = {}
+    best: dict[str, Best] = {}
     select = "score" if s1.select_by == "metric" else "loss"
     record = made_from(cfg, mixture)
     trained = _Trained(prompted.prompts)
@@ -174,14 +184,14 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
         for i, task in enumerate(tasks):
             r = results[task.name]
             name = task.metric if select == "score" else "loss"
-            new = _Best(r[select], r["loss"], step, name, prompted.prompts[i].detach().clone())
-            if _better(new, best.get(task.name), select == "score", s1.ties):
+            new = Best(r[select], r["loss"], step, name, prompted.prompts[i].detach().clone())
+            if better(new, best.get(task.name), select == "score", s1.ties):
                 best[task.name] = new
 
     def checkpoint(step: int) -> None:
         with torch.no_grad():
             for i, task in enumerate(tasks):
-                trained.best[i].copy_(best[task.name].prompt)
+                trained.best[i].copy_(best[task.name].weights)
         saved = {t: {"value": b.value, "loss": b.loss, "step": b.step, "metric": b.metric}
                  for t, b in best.items()}  # fmt: skip
         save_checkpoint(out_dir / "checkpoints", step, model=trained, optimizer=optimizer,
@@ -237,7 +247,7 @@ def _resume(root: Path, record: dict, trained: _Trained, optimizer, scheduler, b
                             sampler=batches)  # fmt: skip
     for i, task in enumerate(tasks):
         b = state["best"][task.name]
-        best[task.name] = _Best(b["value"], b["loss"], b["step"], b["metric"],
+        best[task.name] = Best(b["value"], b["loss"], b["step"], b["metric"],
                                 trained.best[i].detach().clone())  # fmt: skip
     if progress:
         print(f"stage 1: resumed from step {state['step']} ({path})")
@@ -325,7 +335,7 @@ def _write_to_bank(cfg, tasks, best, model, model_path, s1) -> list[BankEntry]:
         entries.append(
             bank.add(
                 task.name,
-                b.prompt,
+                b.weights,
                 base_model=base,
                 init=s1.init,
                 format=format_record(task),

@@ -33,7 +33,7 @@ from multipromot.fsio import publish_dir, sha256_file, temp_dir_for
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.train import lora
 from multipromot.train.common import MetricsLogger, Throughput, build_optimizer, lr_schedule
-from multipromot.train.stage1 import batch_stream
+from multipromot.train.stage1 import Best, batch_stream, better
 from multipromot.train.stage1 import made_from as prompt_made_from
 
 __all__ = ["train_adapters", "made_from", "adapters_fingerprint", "ADAPTERS_FOLDER"]
@@ -95,7 +95,7 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
     logger = MetricsLogger(out_dir, trackers=cfg.log.to)
     speed = Throughput()
     select = "score" if s1.select_by == "metric" else "loss"
-    best: dict[str, dict] = {}  # task -> its best step's record and adapter weights
+    best: dict[str, Best] = {}  # task -> its best step and adapter state
 
     def validate(step: int) -> None:
         results = validate_tasks(adapted, tokenizer, tasks, collator, examples=s1.eval_examples,
@@ -104,13 +104,13 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
         if step == 0:  # the untrained adapter (= the base model) is scored, never kept
             return
         for task in tasks:
-            r, old = results[task.name], best.get(task.name)
-            if old is None or _better(r[select], r["loss"], old, select == "score", s1.ties):
-                state = get_peft_model_state_dict(adapted.model,
-                                                  adapter_name=lora.adapter_name(task.name))  # fmt: skip
-                best[task.name] = {"value": r[select], "loss": r["loss"], "best_step": step,
-                                   "metric": task.metric if select == "score" else "loss",
-                                   "state": {k: v.detach().clone() for k, v in state.items()}}  # fmt: skip
+            r = results[task.name]
+            state = get_peft_model_state_dict(adapted.model,
+                                              adapter_name=lora.adapter_name(task.name))  # fmt: skip
+            new = Best(r[select], r["loss"], step, task.metric if select == "score" else "loss",
+                       {k: v.detach().clone() for k, v in state.items()})  # fmt: skip
+            if better(new, best.get(task.name), select == "score", s1.ties):
+                best[task.name] = new
 
     validate(0)
     bar = tqdm(range(1, s1.steps + 1), desc="stage 1 (lora)", disable=not progress,
@@ -134,18 +134,11 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
             validate(step)
     logger.close()
     for task in tasks:
-        set_peft_model_state_dict(adapted.model, best[task.name]["state"],
+        set_peft_model_state_dict(adapted.model, best[task.name].weights,
                                   adapter_name=lora.adapter_name(task.name))  # fmt: skip
     folder = out_dir / "adapters"
     tmp = temp_dir_for(folder)
     lora.save_adapters(adapted, tmp)
     publish_dir(tmp, folder)
-    return folder, {t: {k: v for k, v in b.items() if k != "state"} for t, b in best.items()}
-
-
-def _better(value: float, loss: float, old: dict, higher_is_better: bool, ties: str) -> bool:
-    """Stage 1's rule (:func:`multipromot.train.stage1._better`): the value, then the lower loss
-    (``ties=loss``; the later step wins a full tie) or the earlier step (``ties=first``)."""
-    if value != old["value"]:
-        return value > old["value"] if higher_is_better else value < old["value"]
-    return ties == "loss" and loss <= old["loss"]
+    return folder, {t: {"best_step": b.step, "metric": b.metric, "value": b.value, "loss": b.loss}
+                    for t, b in best.items()}  # fmt: skip
