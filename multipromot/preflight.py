@@ -17,12 +17,11 @@ from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval.suites import load_suite
+from multipromot.methods import STAGE1_KINDS
 from multipromot.train.common import check_trackers
 
-__all__ = ["preflight", "STAGE1_KINDS"]
+__all__ = ["preflight"]
 
-# the methods that need this run's stage-1 prompts
-STAGE1_KINDS = ("prompt_tuning", "promot", "joint")
 # the method whose stage 1 trains a LoRA adapter per task (train/stage1_lora.py)
 STAGE1_LORA_KIND = "promot_lora"
 
@@ -36,7 +35,7 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
 
     Args:
         cfg: the run config.
-        methods: the methods of ``run`` (:class:`multipromot.experiment.Method`); ignored by
+        methods: the methods of ``run`` (:class:`multipromot.methods.Method`); ignored by
             the other commands.
         command: ``run``, ``stage1``, ``stage2`` or ``eval``.
 

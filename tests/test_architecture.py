@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "multipromot"
 # Lower layers first; a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
     {"errors", "features", "fsio", "yamlio"},
-    {"config", "data"},
+    {"config", "data", "methods"},
     {"models", "soft_prompt"},
     {"bank"},
     {"router"},

@@ -12,6 +12,7 @@ from multipromot.bank import PromptBank
 from multipromot.cli import main
 from multipromot.config import load_config
 from multipromot.errors import UserError
+from multipromot.methods import parse_method
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["pretrained", "prompt_tuning", "standard", "promot", "promot+1shot"]
@@ -110,18 +111,18 @@ def test_unknown_method_is_a_one_line_error(tiny_config, capsys):
     assert err.startswith(f"error: {path.resolve()}: methods: unknown method 'magic'")
     cfg = load_config(path, overrides)
     with pytest.raises(UserError, match="names mixture 'multi'"):
-        experiment.parse_method("promot@multi", cfg)
+        parse_method("promot@multi", cfg)
 
 
 def test_parse_method_grammar(tiny_config):
     path, overrides = tiny_config
     cfg = load_config(path, [*overrides, "mixtures={multi: mixtures/lab_rte_fr.yaml}"])
-    m = experiment.parse_method("promot+1shot@multi", cfg)
+    m = parse_method("promot+1shot@multi", cfg)
     assert (m.kind, m.shots, m.trains, m.uses_prompts) == ("promot", 1, True, True)
-    assert experiment.parse_method("promot", cfg).shots is None  # stage2.shots / mixture decide
+    assert parse_method("promot", cfg).shots is None  # stage2.shots / mixture decide
     assert m.mixture.endswith("mixtures/lab_rte_fr.yaml")
-    assert experiment.parse_method("standard", cfg).uses_prompts is False
-    assert experiment.parse_method("prompt_tuning", cfg).trains is False
+    assert parse_method("standard", cfg).uses_prompts is False
+    assert parse_method("prompt_tuning", cfg).trains is False
 
 
 def test_eval_command_scores_a_model_without_training(tiny_config, tmp_path, capsys):
@@ -194,7 +195,7 @@ def test_shots_precedence_label_then_stage2_shots_then_mixture(tiny_config, tmp_
     ]:
         cfg = load_config(path, [*overrides, f"stage2.mixture={header}", *extra])
         method_dir = tmp_path / f"{label}-{len(extra)}"
-        experiment._stage2(cfg, experiment.parse_method(label, cfg), method_dir, {})
+        experiment._stage2(cfg, parse_method(label, cfg), method_dir, {})
         assert seen[str(method_dir)][0] == want, (label, extra)
 
 

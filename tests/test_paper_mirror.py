@@ -95,7 +95,7 @@ def test_paper_configs_load_validate_and_resolve_every_task(mirror, name):
     from multipromot.config import resolve_path
     from multipromot.data.mixtures import load_mixture
     from multipromot.eval.suites import load_suite
-    from multipromot.experiment import parse_method
+    from multipromot.methods import parse_method
 
     cfg = load_config(ROOT / "configs" / f"paper_{name}.yaml", [f"data.mirror={mirror}"])
     s1, s2, ev = cfg.stage1, cfg.stage2, cfg.eval

@@ -49,8 +49,9 @@ from multipromot.data.collate import Collator
 from multipromot.data.tasks import get_task, list_tasks, local_tasks
 from multipromot.errors import UserError
 from multipromot.eval.generation import predict
-from multipromot.experiment import Method, prompt_refs
+from multipromot.experiment import prompt_refs
 from multipromot.features import IGNORE_INDEX, SEPARATOR, Item
+from multipromot.methods import Method
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.router import calibrated_router
 from multipromot.soft_prompt import PromptedModel
