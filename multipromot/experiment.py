@@ -513,11 +513,15 @@ def run_experiment(cfg: RunConfig) -> Path:
         write_json(done, {"made_from": record, "records": result})
         records += result
 
+    stage1_losses = {}
+    if stage1_refs:
+        stage1_losses["prompts"] = read_losses(out / "stage1")
+    if adapters:
+        stage1_losses["promot_lora's adapters"] = read_losses(out / stage1_lora.ADAPTERS_FOLDER)
     stage2_losses = {m.label: read_losses(out / "methods" / m.label) for m in methods if m.trains}
     report = write_report(records, out, title=f"multipromot run: {Path(cfg.config_file).name}",
                           config=_config_dict(cfg), methods=status,
-                          stage1_loss=read_losses(out / "stage1") if stage1_refs else None,
-                          stage2_losses=stage2_losses)  # fmt: skip
+                          stage1_losses=stage1_losses, stage2_losses=stage2_losses)  # fmt: skip
     print(terminal_summary(records))
     print(f"report: {report}")
     return report

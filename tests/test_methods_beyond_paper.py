@@ -51,10 +51,21 @@ def _outputs(prompted, tokenizer, items):
     return predict(prompted, tokenizer, items, collator, max_new_tokens=4)
 
 
-def test_each_new_method_runs_end_to_end_and_stores_peft_adapters(small, tmp_path):
+def test_each_new_method_runs_end_to_end_and_stores_peft_adapters(small, tmp_path, monkeypatch):
     path, overrides = small
     cfg = load_config(path, [*overrides, "methods=[promot_lora,lora,hft,wise1:hft]"])
+    plotted = {}
+    write_report = experiment.write_report
+
+    def spy(*args, **kwargs):
+        plotted.update(kwargs["stage1_losses"])
+        return write_report(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "write_report", spy)
     experiment.run_experiment(cfg)
+    # promot_lora's stage 1 (its adapters' training losses) has its curve in the loss panel
+    assert list(plotted) == ["promot_lora's adapters"]
+    assert [step for step, _ in plotted["promot_lora's adapters"]] == [2]  # the last step
     run = tmp_path / "run"
     records = json.loads((run / "results.json").read_text())["records"]
     labels = {r["method"] for r in records}

@@ -220,7 +220,7 @@ def test_curves_start_at_step_0_from_the_same_weights_and_prompts():
 
 LOSSES = {"standard": [(50, 2.0), (100, 1.5), (150, 1.2), (200, 1.0)],
           "promot": [(50, 2.2), (100, 1.9), (150, 1.7), (200, 1.6)]}  # fmt: skip
-STAGE1 = [(10, 3.0), (20, 2.5)]
+STAGE1 = {"prompts": [(10, 3.0), (20, 2.5)], "promot_lora's adapters": [(10, 4.0), (20, 3.1)]}
 
 
 def _panels(fig) -> dict:
@@ -231,16 +231,18 @@ def test_curves_have_a_training_loss_panel_and_a_style_per_method(tmp_path):
     from multipromot.eval.report import plot_figures
 
     records = _records()
-    figures = plot_figures(records, stage1_loss=STAGE1, stage2_losses=LOSSES)
+    figures = plot_figures(records, stage1_losses=STAGE1, stage2_losses=LOSSES)
     panels = _panels(figures["norm_avg.png"])
     assert set(panels) == {"Unseen tasks, 1-shot", "Unseen tasks, 4-shot", "Stage-2 training loss",
-                           "Stage-1 training loss (prompt tuning, all tasks)"}  # fmt: skip
+                           "Stage-1 training loss (all tasks)"}  # fmt: skip
     # the loss panels hold the logged losses, per method and for stage 1
     lines = {line.get_label(): line for line in panels["Stage-2 training loss"].get_lines()}
     for method, points in LOSSES.items():
         assert list(zip(*lines[method].get_data(), strict=True)) == points
-    stage1 = panels["Stage-1 training loss (prompt tuning, all tasks)"].get_lines()
-    assert [list(zip(*line.get_data(), strict=True)) for line in stage1] == [STAGE1]
+    stage1 = panels["Stage-1 training loss (all tasks)"].get_lines()
+    # one line per kind of stage 1 (prompts, promot_lora's adapters), told apart by dashes
+    assert {line.get_label(): list(zip(*line.get_data(), strict=True)) for line in stage1} == STAGE1
+    assert len({line.get_linestyle() for line in stage1}) == 2
     # the curves: one line per trained method, each with its own colour and marker (the same
     # in the loss panel), starting at step 0; pretrained is a labelled reference level
     curve = {line.get_label(): line for line in panels["Unseen tasks, 1-shot"].get_lines()}
@@ -253,7 +255,7 @@ def test_curves_have_a_training_loss_panel_and_a_style_per_method(tmp_path):
     legend = [t.get_text() for t in panels["Unseen tasks, 1-shot"].get_legend().get_texts()]
     assert "pretrained (step 0)" in legend
     assert "Stage-1" not in " ".join(_panels(figures["specialization.png"]))  # losses once
-    written = write_plots(records, tmp_path, stage1_loss=STAGE1, stage2_losses=LOSSES)
+    written = write_plots(records, tmp_path, stage1_losses=STAGE1, stage2_losses=LOSSES)
     assert written == ["norm_avg.png", "specialization.png"]
     assert (
         imread(tmp_path / "norm_avg.png").shape[0]

@@ -387,13 +387,18 @@ def _figure(
             ax.legend(fontsize="small")
     for i, (panel_title, xlabel, series) in enumerate(losses):
         ax = fig.add_subplot(rows, cols, cols + i + 1)
+        others = 0  # series that are no method (stage 1's): black, one dash pattern each
         for name, pts in series.items():
             if not pts:
                 continue
-            j = methods.index(name) if name in methods else None
-            style = _style(j) if j is not None else dict(color="black")
+            if name in methods:
+                style = {**_style(methods.index(name)), "linestyle": "-"}
+            else:
+                style = dict(color="black", linestyle=("-", "--", ":")[others % 3])
+                others += 1
             ax.plot(*zip(*sorted(pts), strict=True), label=name, marker=style.get("marker"),
-                    markevery=max(1, len(pts) // 8), markersize=4, color=style["color"])  # fmt: skip
+                    markevery=max(1, len(pts) // 8), markersize=4, color=style["color"],
+                    linestyle=style["linestyle"])  # fmt: skip
         ax.set_title(panel_title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("training loss (mean per target token)")
@@ -478,27 +483,29 @@ def _with_step0(records: list[dict]) -> list[dict]:
     return out
 
 
-def _loss_panels(stage1_loss: list | None, stage2_losses: dict[str, list] | None) -> list:
+def _loss_panels(stage1_losses: dict[str, list] | None,
+                 stage2_losses: dict[str, list] | None) -> list:  # fmt: skip
     panels = []
     if stage2_losses:
         panels.append(("Stage-2 training loss", "stage-2 step", stage2_losses))
-    if stage1_loss:
-        panels.append(("Stage-1 training loss (prompt tuning, all tasks)", "stage-1 step",
-                       {"stage 1": stage1_loss}))  # fmt: skip
+    stage1_losses = {k: v for k, v in (stage1_losses or {}).items() if v}
+    if stage1_losses:
+        panels.append(("Stage-1 training loss (all tasks)", "stage-1 step", stage1_losses))
     return panels
 
 
 def plot_figures(
     records: Iterable[dict],
     *,
-    stage1_loss: list | None = None,
+    stage1_losses: dict[str, list] | None = None,
     stage2_losses: dict[str, list] | None = None,
 ) -> dict:
     """The figures of :func:`write_plots`, as matplotlib Figures (file name -> Figure).
 
     Args:
         records: flat records (see the module docstring).
-        stage1_loss: stage 1's (step, training loss) points.
+        stage1_losses: per kind of stage 1 (prompts, promot_lora's adapters), its (step,
+            training loss) points.
         stage2_losses: per method, stage 2's (step, training loss) points.
 
     Returns:
@@ -515,7 +522,7 @@ def plot_figures(
     curves = any(len(steps) > 1 for steps in evaluated.values())
     points = _unseen_points(_with_step0(records) if curves else records)
     methods = _ordered(r["method"] for r in records)
-    losses = _loss_panels(stage1_loss, stage2_losses)
+    losses = _loss_panels(stage1_losses, stage2_losses)
     plots = {
         "norm_avg.png": ("norm_avg", "Norm. Avg. (0-100)", "Unseen tasks", losses),
         "specialization.png": (
@@ -537,7 +544,7 @@ def write_plots(
     records: Iterable[dict],
     out_dir: str | os.PathLike,
     *,
-    stage1_loss: list | None = None,
+    stage1_losses: dict[str, list] | None = None,
     stage2_losses: dict[str, list] | None = None,
 ) -> list[str]:
     """The curves over stage-2 steps (or, when each method was evaluated once, a bar per
@@ -546,7 +553,8 @@ def write_plots(
     Args:
         records: flat records (see the module docstring).
         out_dir: where the PNGs go.
-        stage1_loss: stage 1's (step, training loss) points (``metrics.jsonl``).
+        stage1_losses: per kind of stage 1, its (step, training loss) points
+            (``metrics.jsonl``).
         stage2_losses: per method, stage 2's (step, training loss) points.
 
     Returns:
@@ -554,7 +562,7 @@ def write_plots(
         was measured), relative to ``out_dir``; empty for a single step.
     """
     written = []
-    for name, fig in plot_figures(records, stage1_loss=stage1_loss,
+    for name, fig in plot_figures(records, stage1_losses=stage1_losses,
                                   stage2_losses=stage2_losses).items():  # fmt: skip
         write_atomic(Path(out_dir) / name, _png(fig))
         written.append(name)
@@ -635,7 +643,7 @@ def write_report(
     config: dict | None = None,
     baseline: str = "pretrained",
     methods: dict[str, str] | None = None,
-    stage1_loss: list | None = None,
+    stage1_losses: dict[str, list] | None = None,
     stage2_losses: dict[str, list] | None = None,
 ) -> Path:
     """Write ``report.md``, ``results.json`` and (over several steps) the PNG curves.
@@ -647,7 +655,8 @@ def write_report(
         config: the run config as a plain dict (for the provenance section and results.json).
         baseline: the method the differences refer to.
         methods: per method, whether its numbers were made by this run or reused.
-        stage1_loss: stage 1's (step, training loss) points, for the loss panel.
+        stage1_losses: per kind of stage 1, its (step, training loss) points, for the loss
+            panel.
         stage2_losses: per method, stage 2's (step, training loss) points.
 
     Returns:
@@ -659,7 +668,7 @@ def write_report(
     out = Path(out_dir)
     records = [dict(r) for r in records]
     s = summary(records, baseline)
-    plots = write_plots(records, out, stage1_loss=stage1_loss, stage2_losses=stage2_losses)
+    plots = write_plots(records, out, stage1_losses=stage1_losses, stage2_losses=stage2_losses)
     lines = [f"# {title}", ""]
     lines += [
         "## Results (each method at its selected stage-2 step: best on its fine-tuned tasks)",
@@ -680,7 +689,7 @@ def write_report(
             "",
             "Unseen tasks over stage-2 steps (a bar per method when each was evaluated at "
             "one step only)"
-            + (", with the training losses below." if stage1_loss or stage2_losses else "."),
+            + (", with the training losses below." if stage1_losses or stage2_losses else "."),
             "",
         ]
         lines += [f"![{name[:-4]}]({name})" for name in plots]
