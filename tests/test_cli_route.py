@@ -81,6 +81,12 @@ def test_route_refuses_a_binary_file_and_zero_eval_examples(bank_dir, tmp_path, 
     assert main(["route", "--bank", bank_dir, "--file", str(binary)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {binary}: --file: not a UTF-8 text file with one input per line"]
+    # the file is read before any model or task loads: its error, not the model's, comes first
+    assert (
+        main(["route", "--bank", bank_dir, "--model", "no-such-model", "--file", str(binary)]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {binary}: --file: not a UTF-8 text file with one input per line"]
     assert main(["route", "--bank", bank_dir, "--eval", "--examples", "0"]) == 2  # was nan%
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--examples" in err[0] and "nan" not in err[0]

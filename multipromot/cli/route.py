@@ -31,6 +31,10 @@ def route(
 
     if not Path(bank_dir).is_dir():
         raise UserError("no prompt bank here (not a directory)", file=bank_dir, key="--bank")
+    # the inputs first: a bad --file is named before the model and the tasks are loaded
+    inputs = [] if evaluate else [*(texts or []), *(_read_lines(file) if file is not None else [])]
+    if not evaluate and not inputs:
+        raise UserError("give inputs to route, --file F, or --eval", key="route")
     bank = PromptBank(bank_dir)
     if model is not None:
         bank = _accepted_view(bank, model)
@@ -40,22 +44,6 @@ def route(
     if evaluate:
         print(_route_eval(router, examples, as_json))
         return
-    inputs = list(texts or [])
-    if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise UserError("no such file", file=file)
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "\0"
-        if "\0" in text:
-            raise UserError("not a UTF-8 text file with one input per line", file=file,
-                            key="--file")  # fmt: skip
-        inputs += [line for line in text.splitlines() if line.strip()]
-    if not inputs:
-        raise UserError("give inputs to route, --file F, or --eval", key="route")
     routes = router.route(inputs)
     if as_json:
         print(json.dumps([r.to_json(t) for t, r in zip(inputs, routes, strict=True)], indent=1))
@@ -63,6 +51,22 @@ def route(
     for text, r in zip(inputs, routes, strict=True):
         short = text if len(text) <= 60 else text[:57] + "..."
         print(f"{r.task or '(none)':<16} {r.score:6.3f}  {r.reason}  | {short!r}")
+
+
+def _read_lines(file: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (one input each)."""
+    path = Path(file)
+    if not path.is_file():
+        raise UserError("no such file", file=file)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise UserError("not a UTF-8 text file with one input per line", file=file,
+                        key="--file")  # fmt: skip
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _accepted_view(bank, model: str):
