@@ -497,8 +497,7 @@ def run_experiment(cfg: RunConfig) -> Path:
                 status[method.label] += f"; LoRA adapters (peft) in {model_dir / lora.ADAPTERS_DIR}"
         elif method.kind == "wise":
             model_dir, step = Path(trained["weights"]), trained["step"]
-            status[method.label] = (f"scored by this run: {method.alpha} x the final weights of "
-                                    f"{method.source.label} + {1 - method.alpha:g} x the base")  # fmt: skip
+            status[method.label] = "interpolated and scored by this run"
         else:
             model_dir, step = Path(base_dir), 0
             status[method.label] = "scored by this run"

@@ -106,6 +106,7 @@ def test_each_new_method_runs_end_to_end_and_stores_peft_adapters(small, tmp_pat
     lines = {line.split("`")[1]: line for line in (run / "report.md").read_text().splitlines()
              if line.startswith("- `")}  # fmt: skip
     assert "trained and scored by this run" in lines["hft"] and "reused" not in lines["wise1:hft"]
+    assert "`wise1:hft`: 1 x hft's stage-2 step 2 weights + 0 x the base;" in lines["wise1:hft"]
     again = json.loads((run / "results.json").read_text())["records"]
     new = next(r["interpolated"] for r in again if r["method"] == "wise1:hft")
     assert new["fingerprint"] != interpolated["fingerprint"]

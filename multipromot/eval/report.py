@@ -624,7 +624,14 @@ def _method_lines(records: list[dict], methods: dict[str, str] | None) -> list[s
             seen[r["method"]] = r
     for label in _ordered(r["method"] for r in records):
         r = seen.get(label, {})
-        parts = [f"stage-2 step {r.get('step', 0)}" if r.get("step") else "base weights"]
+        wise = r.get("interpolated")
+        if wise:  # WiSE-FT: no stage 2 of its own; the step is its source's
+            parts = [f"{wise['alpha']:g} x {wise['source']}'s stage-2 step {wise['step']} weights "
+                     f"+ {1 - wise['alpha']:g} x the base"]  # fmt: skip
+        elif r.get("step"):
+            parts = [f"stage-2 step {r['step']}"]
+        else:
+            parts = ["base weights"]
         if r.get("train_shots"):
             parts.append(f"trained {r['train_shots']}-shot")
         refs = r.get("bank_refs") or {}
