@@ -3,6 +3,7 @@
 import copy
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from peft import PeftModel
 
 from multipromot import experiment
 from multipromot.cli import main
-from multipromot.config import load_config
+from multipromot.config import LoraConfig, load_config
 from multipromot.data.collate import Collator
 from multipromot.data.exemplars import build_item
 from multipromot.data.tasks import get_task
@@ -110,6 +111,18 @@ def test_each_new_method_runs_end_to_end_and_stores_peft_adapters(small, tmp_pat
     again = json.loads((run / "results.json").read_text())["records"]
     new = next(r["interpolated"] for r in again if r["method"] == "wise1:hft")
     assert new["fingerprint"] != interpolated["fingerprint"]
+
+
+def test_attaching_and_loading_adapters_warns_nothing(tmp_path):
+    # peft reads a deprecated transformers property on every wrap; users saw its FutureWarning
+    # once per LoRA load in `run`
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _, _ = load_model("tiny-t5")
+        lora.save_adapters(lora.attach(model, LoraConfig(rank=2), ["lab_rte"]), tmp_path)
+        model, _, _ = load_model("tiny-t5")
+        lora.load_adapters(model, tmp_path, ["lab_rte"])
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
 
 
 def test_wise_end_points_are_the_base_and_the_fine_tuned_weights():

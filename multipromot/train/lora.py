@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -170,6 +171,17 @@ def _checked_names(tasks: list[str] | None) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _peft_quiet():
+    """peft (0.21) reads transformers 5's deprecated ``is_gradient_checkpointing`` when it
+    wraps a model, a FutureWarning on every LoRA load that says nothing about the user's run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        yield
+
+
 def attach(model: nn.Module, lora: LoraConfig, tasks: list[str] | None) -> AdaptedModel:
     """New adapters on ``model`` (in place): one per task, or one shared (``tasks`` None).
 
@@ -179,7 +191,8 @@ def attach(model: nn.Module, lora: LoraConfig, tasks: list[str] | None) -> Adapt
     config = peft_config(lora, model)
     names = _checked_names(tasks)
     try:
-        peft_model = get_peft_model(model, config, adapter_name=names[0])
+        with _peft_quiet():
+            peft_model = get_peft_model(model, config, adapter_name=names[0])
         for name in names[1:]:
             peft_model.add_adapter(name, config)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
@@ -212,7 +225,8 @@ def load_adapters(model: nn.Module, folder: str | Path, tasks: list[str] | None)
     for path in paths:
         if not (path / "adapter_config.json").is_file():
             raise UserError("holds no peft adapter (adapter_config.json)", file=path)
-    peft_model = PeftModel.from_pretrained(model, paths[0], adapter_name=names[0])
+    with _peft_quiet():
+        peft_model = PeftModel.from_pretrained(model, paths[0], adapter_name=names[0])
     for name, path in zip(names[1:], paths[1:], strict=True):
         peft_model.load_adapter(path, adapter_name=name)
     return AdaptedModel(peft_model, tasks)
