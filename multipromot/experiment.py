@@ -483,7 +483,8 @@ def run_experiment(cfg: RunConfig) -> Path:
             changed = _changes(made_from, record)
             if not changed:
                 records += saved["records"]
-                status[method.label] = "reused (trained and scored by an earlier run)"
+                made = "interpolated" if method.kind == "wise" else "trained"
+                status[method.label] = f"reused ({made} and scored by an earlier run)"
                 print(f"{method.label}: reusing {done}")
                 continue
             _stale(cfg, done, f"evaluation of {method.label}", changed)

@@ -108,6 +108,12 @@ def test_each_new_method_runs_end_to_end_and_stores_peft_adapters(small, tmp_pat
              if line.startswith("- `")}  # fmt: skip
     assert "trained and scored by this run" in lines["hft"] and "reused" not in lines["wise1:hft"]
     assert "`wise1:hft`: 1 x hft's stage-2 step 2 weights + 0 x the base;" in lines["wise1:hft"]
+    assert lines["wise1:hft"].endswith("interpolated and scored by this run")
+    # the same command again: the WiSE row is reused, and says it was interpolated, not trained
+    experiment.run_experiment(cfg)
+    lines = {line.split("`")[1]: line for line in (run / "report.md").read_text().splitlines()
+             if line.startswith("- `")}  # fmt: skip
+    assert lines["wise1:hft"].endswith("reused (interpolated and scored by an earlier run)")
     again = json.loads((run / "results.json").read_text())["records"]
     new = next(r["interpolated"] for r in again if r["method"] == "wise1:hft")
     assert new["fingerprint"] != interpolated["fingerprint"]
