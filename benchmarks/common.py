@@ -321,6 +321,34 @@ def interleaved(arms: dict[str, Callable[[], dict]], repeats: int) -> dict[str, 
     return out
 
 
+def interleaved_batches(
+    arms: dict, count: int, repeats: int, label: str = ""
+) -> dict[str, list[dict]]:
+    """Time generation arms batch by batch, arm after arm, so that they see the same machine
+    load. ``arms``: name -> (run(rows) -> one output per row, that arm's batches of row ids);
+    every arm covers the same ``count`` rows. Per arm and repeat: ``ex_per_s``,
+    ``ex_per_cpu_s`` and ``out`` (row id -> output), for the callers' identical-output checks.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    for r in range(repeats):
+        wall, cpu = dict.fromkeys(arms, 0.0), dict.fromkeys(arms, 0.0)
+        outs: dict[str, dict] = {a: {} for a in arms}
+        for j in range(max(len(b) for _, b in arms.values())):
+            for name, (run, batches) in arms.items():
+                if j < len(batches):
+                    with Clock() as c, torch.inference_mode():
+                        ids = run(batches[j])
+                    wall[name] += c.s
+                    cpu[name] += c.cpu
+                    outs[name].update(zip(batches[j], ids, strict=True))
+        for name in arms:
+            runs[name].append({"ex_per_s": count / wall[name], "ex_per_cpu_s": count / cpu[name],
+                               "out": outs[name]})  # fmt: skip
+        print(f"  [{label}repeat {r + 1}] " + ", ".join(
+            f"{a} {count / wall[a]:.1f} ex/s" for a in arms), flush=True)  # fmt: skip
+    return runs
+
+
 def _short(v):
     return f"{v:.4g}" if isinstance(v, float) else v
 

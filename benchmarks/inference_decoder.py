@@ -56,7 +56,6 @@ def llama_model(tok, seed: int = 0):
 
 
 def main() -> None:
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -126,7 +125,7 @@ def main() -> None:
                     "prepend": (lambda rows: prompted_batch(rows, False), mixed),
                     "cached": (lambda rows: prompted_batch(rows, True), mixed),
                 }
-                runs = run_arms(arms, len(items), torch)
+                runs = C.interleaved_batches(arms, len(items), REPEATS)
                 sections.append((p, new_tokens, runs, prompted._prefixes.builds))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,28 +168,6 @@ def main() -> None:
     )
     C.record("inference_decoder", "9. Decoder-only generation with cached bank prompts", body,
              machine)  # fmt: skip
-
-
-def run_arms(arms: dict, count: int, torch) -> dict[str, list[dict]]:
-    """Batch by batch, arm after arm (same machine load); per repeat: rates and outputs."""
-    runs = {name: [] for name in arms}
-    for r in range(REPEATS):
-        wall, cpu = dict.fromkeys(arms, 0.0), dict.fromkeys(arms, 0.0)
-        outs = {a: {} for a in arms}
-        for j in range(max(len(b) for _, b in arms.values())):
-            for name, (run, batches) in arms.items():
-                if j < len(batches):
-                    with C.Clock() as c, torch.inference_mode():
-                        ids = run(batches[j])
-                    wall[name] += c.s
-                    cpu[name] += c.cpu
-                    outs[name].update(zip(batches[j], ids, strict=True))
-        for name in arms:
-            runs[name].append({"ex_per_s": count / wall[name], "ex_per_cpu_s": count / cpu[name],
-                               "out": outs[name]})  # fmt: skip
-        print(f"  [repeat {r + 1}] " + ", ".join(f"{a} {count / wall[a]:.1f} ex/s" for a in arms),
-              flush=True)  # fmt: skip
-    return runs
 
 
 if __name__ == "__main__":

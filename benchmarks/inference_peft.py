@@ -41,7 +41,6 @@ REGIMES = [("8 tasks x 16 requests", 1, 16, 16), ("64 tasks x 4 requests", 8, 4,
 
 def run_regime(tmp: Path, copies: int, per_task: int, batch: int) -> tuple[str, list[list]]:
     """One regime: (its description, its table rows); asserts identical outputs."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
 
@@ -111,27 +110,7 @@ def run_regime(tmp: Path, copies: int, per_task: int, batch: int) -> tuple[str, 
         ),
     }
     padding = {name: positions(batches) for name, (_, batches) in arms.items()}
-    runs = {name: [] for name in arms}
-    for r in range(REPEATS):
-        # Batch by batch, arm after arm: the arms see the same machine load.
-        wall, cpu, outs = (
-            dict.fromkeys(arms, 0.0),
-            dict.fromkeys(arms, 0.0),
-            {a: {} for a in arms},
-        )
-        for j in range(max(len(b) for _, b in arms.values())):
-            for name, (run, batches) in arms.items():
-                if j < len(batches):
-                    with C.Clock() as c, torch.inference_mode():
-                        ids = run(batches[j])
-                    wall[name] += c.s
-                    cpu[name] += c.cpu
-                    outs[name].update(zip(batches[j], ids, strict=True))
-        for name in arms:
-            rates = {"ex_per_s": len(items) / wall[name], "ex_per_cpu_s": len(items) / cpu[name]}
-            runs[name].append({**rates, "out": outs[name]})
-        print(f"  [{len(names)} tasks, repeat {r + 1}] " + ", ".join(
-            f"{a} {len(items) / wall[a]:.1f} ex/s" for a in arms), flush=True)  # fmt: skip
+    runs = C.interleaved_batches(arms, len(items), REPEATS, label=f"{len(names)} tasks, ")
 
     reference = runs["peft"][0]["out"]
     for name, results in runs.items():
