@@ -211,7 +211,7 @@ def _train_record(cfg: RunConfig, method: Method, method_dir: Path, stage1_refs:
         record["bank_dir"] = str(Path(cfg.bank.dir).resolve())
         record["bank_refs"] = _current_refs(cfg, mixture.task_names, stage1_refs)
     if method.kind in LORA_KINDS:
-        record["lora"] = {k: v for k, v in asdict(cfg.lora).items() if k != "adapters"}
+        record["lora"] = lora.settings(cfg.lora)
     if method.kind == "promot_lora":
         record["adapters"] = {"made_from": adapters["made_from"], "files": adapters["files"]}
     if method.kind == "hft":

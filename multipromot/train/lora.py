@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "ADAPTERS_DIR",
     "AdaptedModel",
     "adapter_name",
+    "settings",
     "attach",
     "check_targets",
     "load_adapters",
@@ -58,6 +60,12 @@ def adapter_name(task: str) -> str:
     """The adapter (and folder) name of a task: peft keeps adapters in module dicts, whose keys
     cannot hold a dot (task names may)."""
     return task.replace(".", "_")
+
+
+def settings(lora: LoraConfig) -> dict:
+    """The ``lora.*`` keys that shape an adapter, for the records that decide reuse and resume
+    (``lora.adapters`` only says where promot_lora's stage 2 finds its stage-1 adapters)."""
+    return {k: v for k, v in asdict(lora).items() if k != "adapters"}
 
 
 def peft_config(lora: LoraConfig, model: nn.Module) -> PeftLoraConfig:

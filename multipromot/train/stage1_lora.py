@@ -16,7 +16,6 @@ next to stage 2, and the adapters only count once all of them are written).
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ def made_from(cfg: RunConfig) -> dict:
     record = prompt_made_from(cfg)
     for key in _PROMPT_KEYS:
         record["stage1"].pop(key)
-    record["lora"] = {k: v for k, v in asdict(cfg.lora).items() if k != "adapters"}
+    record["lora"] = lora.settings(cfg.lora)
     return record
 
 

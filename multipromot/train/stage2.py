@@ -456,9 +456,10 @@ def _method_settings(cfg: RunConfig) -> dict:
     """What stage2.json records of the settings only some modes read."""
     if cfg.stage2.mode == "hft":
         return {"hft": {"round_steps": cfg.hft.round_steps}}
-    if cfg.stage2.mode in LORA_MODES:
-        return {"lora": {k: v for k, v in vars(cfg.lora).items()
-                         if k != "adapters" or cfg.stage2.mode == "promot_lora"}}  # fmt: skip
+    if cfg.stage2.mode == "promot_lora":  # and which stage-1 adapters it starts from
+        return {"lora": {**lora.settings(cfg.lora), "adapters": cfg.lora.adapters}}
+    if cfg.stage2.mode == "lora":
+        return {"lora": lora.settings(cfg.lora)}
     return {}
 
 
