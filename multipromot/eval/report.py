@@ -488,8 +488,7 @@ def _loss_panels(stage1_losses: dict[str, list] | None,
     panels = []
     if stage2_losses:
         panels.append(("Stage-2 training loss", "stage-2 step", stage2_losses))
-    stage1_losses = {k: v for k, v in (stage1_losses or {}).items() if v}
-    if stage1_losses:
+    if stage1_losses:  # (empty series and panels are left out when drawn)
         panels.append(("Stage-1 training loss (all tasks)", "stage-1 step", stage1_losses))
     return panels
 
