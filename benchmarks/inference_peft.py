@@ -44,21 +44,17 @@ def run_regime(tmp: Path, copies: int, per_task: int, batch: int) -> tuple[str, 
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
 
-    from multipromot.bank import PromptBank, describe_model
+    from multipromot.bank import PromptBank
     from multipromot.data.collate import Collator
     from multipromot.features import item_chars
     from multipromot.models import load_model
-    from multipromot.soft_prompt import PromptedModel, init_prompts
+    from multipromot.soft_prompt import PromptedModel
 
     model_dir = C.save_bench_model(SHAPE, tmp / "model", embed_scale=0.3)
     mix = C.load_tasks(C.write_mixture(tmp / "data", C.PAPER8, validation=per_task, copies=copies))
     names = mix.task_names
     model, tok, _ = load_model(str(model_dir))
-    table = init_prompts(model, tok, len(names), P, method="vocab", seed=0)
-    bank = PromptBank(tmp / "bank")
-    base = describe_model(model, name=str(model_dir))
-    for name, prompt in zip(names, table, strict=True):
-        bank.add(name, prompt, base_model=base)
+    bank = PromptBank(C.make_bank(model_dir, names, P, tmp / "bank"))
     prompted = PromptedModel.from_bank(model, bank, names).eval()
 
     peft = None
