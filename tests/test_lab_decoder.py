@@ -66,13 +66,14 @@ def test_t5_lab_recipe_is_unchanged():
     """The values the cached T5 lab model was built with (its cache key) stay as they were."""
     from multipromot.lab.model import LAB_SIZES, LAB_VERSION, LabConfig, _recipe
 
-    assert LAB_VERSION == 2
+    assert LAB_VERSION == 3
     assert LAB_SIZES["small"] == {"d_model": 128, "d_kv": 32, "d_ff": 512, "num_layers": 2,
                                   "num_decoder_layers": 2, "num_heads": 4}  # fmt: skip
     assert _recipe(asdict(LabConfig())) == {
         "seed": 0, "size": "small", "steps": 2000, "batch_size": 48, "lr": 0.01,
-        "warmup_steps": 100, "final_fraction": 0.2, "shot_weights": [0.35, 0.35, 0.2, 0.1],
-        "families": list(LabConfig().families), "max_input_length": 256, "max_target_length": 32,
+        "warmup_steps": 100, "final_fraction": 0.2,
+        "shot_weights": [0.2, 0.2, 0.15, 0.1, 0.1, 0.08, 0.07, 0.05, 0.05],
+        "families": list(LabConfig().families), "max_input_length": 512, "max_target_length": 32,
     }  # fmt: skip
 
 
