@@ -66,7 +66,7 @@ def test_t5_lab_recipe_is_unchanged():
     """The values the cached T5 lab model was built with (its cache key) stay as they were."""
     from multipromot.lab.model import LAB_SIZES, LAB_VERSION, LabConfig, _recipe
 
-    assert LAB_VERSION == 3
+    assert LAB_VERSION == 4
     assert LAB_SIZES["small"] == {"d_model": 128, "d_kv": 32, "d_ff": 512, "num_layers": 2,
                                   "num_decoder_layers": 2, "num_heads": 4}  # fmt: skip
     assert _recipe(asdict(LabConfig())) == {

@@ -7,7 +7,7 @@ one with its template, answer set and metric.
 =================  ====================================  ==================  ===========
 family             mirrors                               output              metric
 =================  ====================================  ==================  ===========
-lab_rte            RTE (comparatives, negated or not)    True / False        accuracy
+lab_rte            RTE (comparatives: negated, other)    True / False        accuracy
 lab_cb             CommitmentBank (speaker commitment)   True/False/Neither  accuracy
 lab_wic            WiC (noun sense or verb sense)        no / yes            accuracy
 lab_sentiment      SST-2 (majority of polar adjectives)  negative/positive   accuracy
@@ -94,26 +94,34 @@ def _event(rng: random.Random, world: World) -> tuple[str, str, str, str]:
 
 # ---------------------------------------------------------------------------- the makers
 def _make_rte(rng: random.Random, world: World, i: int) -> Example:
-    """A comparative and a hypothesis about it: "the A is bigger than the B." entails "the A is
-    bigger than the B." and its paraphrase "the B is smaller than the A."; their negations
-    ("the A is not bigger than the B.") are contradicted. Half the premises carry an unrelated
-    fact before or after the comparative.
+    """A comparative and a hypothesis about it. "the A is bigger than the B." entails itself
+    and its paraphrase "the B is smaller than the A." (True). Not entailed (False), half each:
+    their negation ("the A is not bigger than the B.") or the same pair compared on another
+    dimension ("the A is older than the B.", "the B is slower than the A."). Half the premises
+    carry an unrelated fact before or after the comparative.
 
-    label 0 (True) = entailed, 1 (False) = contradicted. The negation decides, as lexical cues
-    decide much of real RTE: the version where the label turned on whether an inverse word
-    and swapped entities cancel out (an XOR) was still at chance after 200 fine-tuning steps.
-    A harder version tried for lab version 3, where half the False hypotheses swap one entity
-    for a third (named in the premise's unrelated fact half the time), was learned by no
-    method at seed 0: prompt tuning, fine-tuning and ProMoT all scored 75, the negation half.
+    label 0 (True) = entailed, 1 (False) = not entailed. Why two ways to be False (lab version
+    3): with the negation alone, a soft prompt on the frozen lab model solved the task at two
+    of three seeds (test 100), so stage 2 had nothing left to learn on it, unlike the paper's
+    RTE. With the other-dimension half, the prompt stayed at 50-66 over seeds 0-2 in a trial
+    while fine-tuning reached 93-100: the model must compare the two comparatives, which its
+    frozen features do not do. Two rules that no method learned in 200 steps: an XOR (an
+    inverse word and swapped entities cancel out; chance), and one entity swapped for a third
+    (75, the negation half only, for prompt tuning and fine-tuning alike).
     """
     a, b = _two(rng, world.entities)
-    word, inverse = rng.choice(COMPARATIVES)
+    dimension = rng.randrange(len(COMPARATIVES))
+    word, inverse = COMPARATIVES[dimension]
     if rng.random() < 0.5:
         word, inverse = inverse, word
     premise = _maybe_distracted(rng, world, f"the {a} is {word} than the {b}.", (a, b))
     label = i % 2
     x, y, w = (b, a, inverse) if rng.random() < 0.5 else (a, b, word)  # paraphrase or restate
-    negation = "not " if label == 1 else ""
+    other_dimension = label == 1 and rng.random() < 0.5
+    if other_dimension:
+        others = [pair for d, pair in enumerate(COMPARATIVES) if d != dimension]
+        w = rng.choice(rng.choice(others))
+    negation = "not " if label == 1 and not other_dimension else ""
     return {
         "premise": premise,
         "hypothesis": f"the {x} is {negation}{w} than the {y}.",
