@@ -287,8 +287,8 @@ def build_lab_model(tokenizer, size: str = "small", seed: int = 0):
 # The decoder-only recipe's departures from LabConfig's defaults. Llama initialises weights at
 # std 0.02 (T5's embeddings at 1.0), so Adafactor's RMS-scaled steps need a larger lr: in
 # 80-step trials of a 4-layer version, lr 0.1 reached loss 1.79, 3e-2 2.04 (from 6.2-6.3). The
-# full 1,500 steps end far from converged (lab version 3, seed 0: loss 0.54, the T5's 0.004;
-# 1-shot summaries 5 ROUGE-2): more steps are the first thing to try for a stronger lab-llama.
+# full 1,500 steps end far from converged (lab version 4, seed 0: loss 0.45, the T5's 0.005;
+# 1-shot summaries 6 ROUGE-2): more steps are the first thing to try for a stronger lab-llama.
 LAB_DECODER_RECIPE: dict[str, Any] = {"lr": 0.1, "steps": 1500}
 
 
