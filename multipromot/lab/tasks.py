@@ -101,11 +101,12 @@ def _make_rte(rng: random.Random, world: World, i: int) -> Example:
     carry an unrelated fact before or after the comparative.
 
     label 0 (True) = entailed, 1 (False) = not entailed. Why two ways to be False (lab version
-    3): with the negation alone, a soft prompt on the frozen lab model solved the task at two
-    of three seeds (test 100), so stage 2 had nothing left to learn on it, unlike the paper's
-    RTE. With the other-dimension half, the prompt stayed at 50-66 over seeds 0-2 in a trial
-    while fine-tuning reached 93-100: the model must compare the two comparatives, which its
-    frozen features do not do. Two rules that no method learned in 200 steps: an XOR (an
+    4): with the negation alone, a soft prompt on the frozen T5 lab model solved the task at
+    two of three seeds (test 100), so stage 2 had nothing left to learn on it, unlike the
+    paper's RTE. With the other-dimension half, the prompt stays at 53-66 over seeds 0-2 while
+    single-task fine-tuning reaches 93-100: the model must compare the two comparatives, which
+    its frozen features do not do (the weaker decoder lab model does not learn it in 200 steps
+    either: 66 at seed 0). Two rules that no method learned in 200 steps: an XOR (an
     inverse word and swapped entities cancel out; chance), and one entity swapped for a third
     (75, the negation half only, for prompt tuning and fine-tuning alike).
     """
