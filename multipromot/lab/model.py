@@ -396,8 +396,8 @@ def pretrain(
     final_fraction: float,
     shot_weights: Sequence[float],
     seed: int,
-    max_input_length: int = 256,
-    max_target_length: int = 32,
+    max_input_length: int,
+    max_target_length: int,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> list[float]:
