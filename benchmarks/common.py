@@ -83,55 +83,70 @@ TASKS = {
         "{{answer_choices[label]}}",
         "answer_choices": "True ||| False",
         "metric": "accuracy",
-        "make": lambda t: {"premise": t.span(43, .5, 8, 240), "hypothesis": t.span(9, .3, 3, 30),
-                           "label": t.pick(2)},
+        "make": lambda t: {
+            "premise": t.span(43, 0.5, 8, 240),
+            "hypothesis": t.span(9, 0.3, 3, 30),
+            "label": t.pick(2),
+        },
     },
     "cb": {
         "jinja": "{{premise}} question: {{hypothesis}} Is it true or false or neither? answer: "
         "||| {{answer_choices[label]}}",
         "answer_choices": "True ||| False ||| Neither",
         "metric": "accuracy",
-        "make": lambda t: {"premise": t.span(60, .5, 10, 250), "hypothesis": t.span(8, .3, 2, 30),
-                           "label": t.pick(3)},
+        "make": lambda t: {
+            "premise": t.span(60, 0.5, 10, 250),
+            "hypothesis": t.span(8, 0.3, 2, 30),
+            "label": t.pick(3),
+        },
     },
     "snli": {
         "jinja": "{{premise}} question: {{hypothesis}} Is it true or false or neither? answer: "
         "||| {{answer_choices[label]}}",
         "answer_choices": "True ||| Neither ||| False",
         "metric": "accuracy",
-        "make": lambda t: {"premise": t.span(13, .4, 3, 60), "hypothesis": t.span(7, .4, 2, 30),
-                           "label": t.pick(3)},
+        "make": lambda t: {
+            "premise": t.span(13, 0.4, 3, 60),
+            "hypothesis": t.span(7, 0.4, 2, 30),
+            "label": t.pick(3),
+        },
     },
     "wic": {
         "jinja": "{{sentence1}} {{sentence2}} question: The word {{word}} is used in the same "
         "way in the two sentences. Is it true or False? answer: ||| {{answer_choices[label]}}",
         "answer_choices": "False ||| True",
         "metric": "accuracy",
-        "make": lambda t: {"sentence1": t.span(9, .4, 3, 40), "sentence2": t.span(9, .4, 3, 40),
-                           "word": t.span(1, 0, 1, 1), "label": t.pick(2)},
+        "make": lambda t: {
+            "sentence1": t.span(9, 0.4, 3, 40),
+            "sentence2": t.span(9, 0.4, 3, 40),
+            "word": t.span(1, 0, 1, 1),
+            "label": t.pick(2),
+        },
     },
     "trivia_qa": {
         "jinja": "Q: {{question}} A: ||| {{answer}}",
         "metric": "exact_match",
-        "make": lambda t: {"question": t.span(14, .4, 4, 60), "answer": t.span(2, .4, 1, 8)},
+        "make": lambda t: {"question": t.span(14, 0.4, 4, 60), "answer": t.span(2, 0.4, 1, 8)},
     },
     "web_questions": {
         "jinja": "Q: {{question}} A: ||| {{answer}}",
         "metric": "exact_match",
-        "make": lambda t: {"question": t.span(7, .3, 3, 20), "answer": t.span(2, .4, 1, 8)},
+        "make": lambda t: {"question": t.span(7, 0.3, 3, 20), "answer": t.span(2, 0.4, 1, 8)},
     },
     "wmt14_en_fr": {
         "jinja": "Translate English to French: {{en}} ||| {{fr}}",
         "metric": "bleu",
-        "make": lambda t: {"en": t.span(25, .6, 3, 150), "fr": t.span(29, .6, 3, 170)},
+        "make": lambda t: {"en": t.span(25, 0.6, 3, 150), "fr": t.span(29, 0.6, 3, 170)},
     },
     "xsum": {
         "jinja": "Article: {{document}} One sentence summary: ||| {{summary}}",
         "metric": "rouge2",
-        "make": lambda t: {"document": t.span(430, .55, 50, 2000),
-                           "summary": t.span(22, .3, 8, 60)},
+        "make": lambda t: {
+            "document": t.span(430, 0.55, 50, 2000),
+            "summary": t.span(22, 0.3, 8, 60),
+        },
     },
-}  # fmt: skip
+}
 PAPER8 = list(TASKS)
 
 
@@ -168,10 +183,21 @@ def write_mixture(
         if "answer_choices" in spec:
             template["answer_choices"] = spec["answer_choices"]
         source = {"files": files, "format": "json"}
-        entries.append({"name": name, "rate": 1.0, "metric": spec["metric"], "source": source,
-                        "template": template})  # fmt: skip
-    mixture = {"name": "bench", "version": 1, "exemplars": {"shots": shots, "seed": 0},
-               "tasks": entries}  # fmt: skip
+        entries.append(
+            {
+                "name": name,
+                "rate": 1.0,
+                "metric": spec["metric"],
+                "source": source,
+                "template": template,
+            }
+        )
+    mixture = {
+        "name": "bench",
+        "version": 1,
+        "exemplars": {"shots": shots, "seed": 0},
+        "tasks": entries,
+    }
     path = root / "mixture.yaml"
     path.write_text(json.dumps(mixture, indent=1))  # JSON is YAML
     return path
@@ -222,10 +248,13 @@ def t5_model(shape: str, tok, seed: int = 0, dropout: float = 0.0, embed_scale: 
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
-        vocab_size=32128, dropout_rate=dropout, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+        vocab_size=32128,
+        dropout_rate=dropout,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
         **T5_SHAPES[shape],
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(config)
     if embed_scale != 1.0:
@@ -264,12 +293,31 @@ def stage2_config(
     path: Path, *, model: Path, bank: Path, mixture: Path, out: Path, **stage2
 ) -> Path:
     """A run config for ``multipromot stage2`` (no validation, one checkpoint at the end)."""
-    s2 = {"mixture": str(mixture), "mode": "promot", "shots": 0, "optimizer": "adafactor",
-          "lr": 1e-3, "batch_size": 8, "max_grad_norm": 1.0, "label_smoothing": 0.1,
-          "bf16": "false", "save_every": 100000, "eval_every": 0, "keep_best_by": "none",
-          "max_input_length": 512, "max_target_length": 128, "log_every": 10, **stage2}  # fmt: skip
-    config = {"seed": 0, "out_dir": str(out), "model": str(model), "bank": {"dir": str(bank)},
-              "stage2": s2}  # fmt: skip
+    s2 = {
+        "mixture": str(mixture),
+        "mode": "promot",
+        "shots": 0,
+        "optimizer": "adafactor",
+        "lr": 1e-3,
+        "batch_size": 8,
+        "max_grad_norm": 1.0,
+        "label_smoothing": 0.1,
+        "bf16": "false",
+        "save_every": 100000,
+        "eval_every": 0,
+        "keep_best_by": "none",
+        "max_input_length": 512,
+        "max_target_length": 128,
+        "log_every": 10,
+        **stage2,
+    }
+    config = {
+        "seed": 0,
+        "out_dir": str(out),
+        "model": str(model),
+        "bank": {"dir": str(bank)},
+        "stage2": s2,
+    }
     path.write_text(json.dumps(config, indent=1))
     return path
 
@@ -342,10 +390,18 @@ def interleaved_batches(
                     cpu[name] += c.cpu
                     outs[name].update(zip(batches[j], ids, strict=True))
         for name in arms:
-            runs[name].append({"ex_per_s": count / wall[name], "ex_per_cpu_s": count / cpu[name],
-                               "out": outs[name]})  # fmt: skip
-        print(f"  [{label}repeat {r + 1}] " + ", ".join(
-            f"{a} {count / wall[a]:.1f} ex/s" for a in arms), flush=True)  # fmt: skip
+            runs[name].append(
+                {
+                    "ex_per_s": count / wall[name],
+                    "ex_per_cpu_s": count / cpu[name],
+                    "out": outs[name],
+                }
+            )
+        print(
+            f"  [{label}repeat {r + 1}] "
+            + ", ".join(f"{a} {count / wall[a]:.1f} ex/s" for a in arms),
+            flush=True,
+        )
     return runs
 
 
@@ -420,8 +476,9 @@ def record(key: str, title: str, body: str, machine_line: str) -> None:
     )
     print("\n" + section)
     text = RESULTS.read_text() if RESULTS.exists() else _RESULTS_HEAD
-    pattern = re.compile(rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->\n",
-                         re.S)  # fmt: skip
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->\n", re.S
+    )
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:

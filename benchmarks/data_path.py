@@ -47,8 +47,14 @@ def main() -> None:
 
     def batches():  # what stage 2 builds each step: the mixture's 1-shot rows, collated
         while True:
-            yield from batches_from_draws(mix.tasks, sampler.take(BATCH), collate, batch_size=BATCH,
-                                          shots=mix.shots, seed=mix.exemplar_seed)  # fmt: skip
+            yield from batches_from_draws(
+                mix.tasks,
+                sampler.take(BATCH),
+                collate,
+                batch_size=BATCH,
+                shots=mix.shots,
+                seed=mix.exemplar_seed,
+            )
 
     stream = batches()
     next(stream)  # first batch: lazy imports
@@ -57,8 +63,9 @@ def main() -> None:
     prompted = PromptedModel(model, init_prompts(model, tok, len(mix.tasks), P), mix.task_names)
     prompted.set_trainable("model")
     prompted.train()
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
-                                "adafactor", 1e-3)  # fmt: skip
+    optimizer = build_optimizer(
+        [p for p in model.parameters() if p.requires_grad], "adafactor", 1e-3
+    )
     batches = [next(stream) for _ in range(MODEL_STEPS * REPEATS)]
 
     def data() -> dict:
@@ -72,8 +79,12 @@ def main() -> None:
             for _ in range(MODEL_STEPS):
                 b = batches.pop()
                 dec = model.prepare_decoder_input_ids_from_labels(labels=b["labels"])
-                out = prompted(b["input_ids"], b["attention_mask"], task_ids=b["task_ids"],
-                               decoder_input_ids=dec)  # fmt: skip
+                out = prompted(
+                    b["input_ids"],
+                    b["attention_mask"],
+                    task_ids=b["task_ids"],
+                    decoder_input_ids=dec,
+                )
                 loss, _ = token_loss(out.logits, b["labels"], label_smoothing=0.1)
                 loss.backward()
                 optimizer.step()

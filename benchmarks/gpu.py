@@ -101,10 +101,19 @@ def setup(tmp: Path, s: dict) -> tuple[Path, Path, int, object]:
     del model
     mixture = C.write_mixture(tmp / "data", TASKS, train=400)
     bank = C.make_bank(model_dir, TASKS, P, tmp / "bank")
-    config = C.stage2_config(tmp / "config.yaml", model=model_dir, bank=bank, mixture=mixture,
-                             out=tmp / "out", steps=s["steps"], batch_size=s["batch"],
-                             max_input_length=s["max_in"], max_target_length=s["max_tgt"],
-                             bf16="true", log_every=1)  # fmt: skip
+    config = C.stage2_config(
+        tmp / "config.yaml",
+        model=model_dir,
+        bank=bank,
+        mixture=mixture,
+        out=tmp / "out",
+        steps=s["steps"],
+        batch_size=s["batch"],
+        max_input_length=s["max_in"],
+        max_target_length=s["max_tgt"],
+        bf16="true",
+        log_every=1,
+    )
     return config, mixture, n_params, tok
 
 
@@ -136,17 +145,23 @@ def run_plain(model_dir: Path, mixture: Path, tok, s: dict) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mix = C.load_tasks(mixture)
     sampler = MixtureSampler(mix, seed=0)
-    collate = Collator(tok, decoder_only=False, max_input_length=s["max_in"],
-                       max_target_length=s["max_tgt"])  # fmt: skip
+    collate = Collator(
+        tok, decoder_only=False, max_input_length=s["max_in"], max_target_length=s["max_tgt"]
+    )
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device)
     model.train()
-    opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True,
-                    warmup_init=False)  # fmt: skip
+    opt = Adafactor(
+        model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True, warmup_init=False
+    )
     _reset_peak()
     times, tokens = [], []
     for _ in range(s["steps"]):
-        b = collate([build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index)
-                     for d in sampler.take(s["batch"])])  # fmt: skip
+        b = collate(
+            [
+                build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index)
+                for d in sampler.take(s["batch"])
+            ]
+        )
         rows = b["input_ids"].shape[0]
         prompt = torch.arange(3, 3 + P).expand(rows, P)
         ids = torch.cat([prompt, b["input_ids"]], 1).to(device)
@@ -154,10 +169,12 @@ def run_plain(model_dir: Path, mixture: Path, tok, s: dict) -> dict:
         labels = b["labels"].to(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(input_ids=ids, attention_mask=mask,
-                           decoder_input_ids=model._shift_right(labels)).logits  # fmt: skip
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               label_smoothing=0.1)  # fmt: skip
+            logits = model(
+                input_ids=ids, attention_mask=mask, decoder_input_ids=model._shift_right(labels)
+            ).logits
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -165,16 +182,27 @@ def run_plain(model_dir: Path, mixture: Path, tok, s: dict) -> dict:
         _sync()
         times.append(time.perf_counter() - t0)
         tokens.append(int(mask.sum()) + int(labels.ne(-100).sum()))
-    return {"step_s": statistics.median(times[1:]), "tokens": statistics.median(tokens[1:]),
-            "peak_gb": _peak_gb()}  # fmt: skip
+    return {
+        "step_s": statistics.median(times[1:]),
+        "tokens": statistics.median(tokens[1:]),
+        "peak_gb": _peak_gb(),
+    }
 
 
 def run_fsdp(config: Path, gpus: int, tmp: Path) -> dict:
     """Arm 3 in a torchrun child (this script with --fsdp-worker); rank 0 writes its result."""
     result = tmp / "fsdp.json"
     env = {**os.environ, "GPU_BENCH_RESULT": str(result)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", __file__, "--fsdp-worker", str(config)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        __file__,
+        "--fsdp-worker",
+        str(config),
+    ]
     env["GPU_BENCH_PROMPT_POSITIONS"] = str(
         P * json.loads(config.read_text())["stage2"]["batch_size"]
     )
@@ -183,9 +211,11 @@ def run_fsdp(config: Path, gpus: int, tmp: Path) -> dict:
 
 
 def fsdp_worker(config: str) -> None:
-    out = run_multipromot(Path(config), ["stage2.mixed_precision=bf16",
-                                         f"out_dir={Path(config).parent / 'out-fsdp'}"],
-                          int(os.environ["GPU_BENCH_PROMPT_POSITIONS"]))  # fmt: skip
+    out = run_multipromot(
+        Path(config),
+        ["stage2.mixed_precision=bf16", f"out_dir={Path(config).parent / 'out-fsdp'}"],
+        int(os.environ["GPU_BENCH_PROMPT_POSITIONS"]),
+    )
     if os.environ.get("RANK", "0") == "0":
         Path(os.environ["GPU_BENCH_RESULT"]).write_text(json.dumps(out))
 
@@ -214,8 +244,15 @@ def main(argv: list[str]) -> int:
     rows = []
     for name, (r, n) in arms.items():
         mfu = 6 * n_params * r["tokens"] / r["step_s"] / (peak * n) if peak else float("nan")
-        rows.append([name, f"{r['step_s']:.3f}", f"{r['tokens'] / r['step_s']:,.0f}",
-                     f"{100 * mfu:.1f}%", f"{r['peak_gb']:.2f}"])  # fmt: skip
+        rows.append(
+            [
+                name,
+                f"{r['step_s']:.3f}",
+                f"{r['tokens'] / r['step_s']:,.0f}",
+                f"{100 * mfu:.1f}%",
+                f"{r['peak_gb']:.2f}",
+            ]
+        )
     device = torch.cuda.get_device_name(0) if gpus else "CPU"
     print(
         f"{s['shape']} ({n_params / 1e9:.2f}B parameters), batch {s['batch']}, P={P}, "

@@ -32,8 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import common as C  # noqa: E402
 
-SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 PROMPT_LENGTHS = (50, 100)
 PER_TASK = 8
 BATCH = 16
@@ -48,9 +53,13 @@ def llama_model(tok, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tok), max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, **SHAPE,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        **SHAPE,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -104,19 +113,29 @@ def main() -> None:
                     peft.load_adapter(adapter, adapter_name=name)
             peft.eval()
             for new_tokens in (NEW_TOKENS, 1):
-                gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, num_beams=1)  # fmt: skip
+                gen = dict(
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                )
 
                 def prompted_batch(rows, cached, gen=gen, prompted=prompted):
                     b = collate([items[i] for i in rows])
-                    return prompted.generate(b["input_ids"], b["attention_mask"], b["task_ids"],
-                                             prefix_cache=cached, **gen).tolist()  # fmt: skip
+                    return prompted.generate(
+                        b["input_ids"],
+                        b["attention_mask"],
+                        b["task_ids"],
+                        prefix_cache=cached,
+                        **gen,
+                    ).tolist()
 
                 def peft_batch(rows, gen=gen, peft=peft):
                     peft.set_adapter(names[items[rows[0]].task_id])  # one task per batch
                     b = collate([items[i] for i in rows])
-                    ids = peft.generate(input_ids=b["input_ids"],
-                                        attention_mask=b["attention_mask"], **gen)  # fmt: skip
+                    ids = peft.generate(
+                        input_ids=b["input_ids"], attention_mask=b["attention_mask"], **gen
+                    )
                     return ids[:, b["input_ids"].shape[1] :].tolist()  # the new tokens only
 
                 arms = {
@@ -140,8 +159,19 @@ def main() -> None:
             differ = max(sum(r["out"][i] != reference[i] for i in reference) for r in runs[name])
             rate = C.med(runs[name], "ex_per_s")
             cpu = C.med(runs[name], "ex_per_cpu_s")
-            rows.append([p, new_tokens, name, rate, rate / peft_rate, rate / per_task_rate,
-                         rate / base, cpu, differ])  # fmt: skip
+            rows.append(
+                [
+                    p,
+                    new_tokens,
+                    name,
+                    rate,
+                    rate / peft_rate,
+                    rate / per_task_rate,
+                    rate / base,
+                    cpu,
+                    differ,
+                ]
+            )
         assert builds >= 1, "the cached arm never built a prefix"
     body = (
         f"Model: random-init Llama ({SHAPE}, vocab {len(tok):,}), 8 bank prompts "
@@ -164,10 +194,11 @@ def main() -> None:
                 "rows differ",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
-    C.record("inference_decoder", "9. Decoder-only generation with cached bank prompts", body,
-             machine)  # fmt: skip
+    C.record(
+        "inference_decoder", "9. Decoder-only generation with cached bank prompts", body, machine
+    )
 
 
 if __name__ == "__main__":

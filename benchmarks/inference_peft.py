@@ -69,19 +69,18 @@ def run_regime(tmp: Path, copies: int, per_task: int, batch: int) -> tuple[str, 
 
     items = C.mixed_requests(mix, per_task)  # requests arrive mixed
     collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, for_generation=True)
-    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-               num_beams=1)  # fmt: skip
+    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1)
 
     def positions(batches: list[list[int]]) -> tuple[int, int]:
         """(encoder positions incl. the P prompt positions, of which real tokens)."""
         masks = [collate([items[i] for i in rows])["attention_mask"] for rows in batches]
-        return sum(m.numel() + P * len(m) for m in masks), sum(int(m.sum()) + P * len(m)
-                                                                for m in masks)  # fmt: skip
+        return sum(m.numel() + P * len(m) for m in masks), sum(
+            int(m.sum()) + P * len(m) for m in masks
+        )
 
     def prompted_batch(rows: list[int]) -> list[list[int]]:
         b = collate([items[i] for i in rows])
-        return prompted.generate(b["input_ids"], b["attention_mask"], b["task_ids"],
-                                 **gen).tolist()  # fmt: skip
+        return prompted.generate(b["input_ids"], b["attention_mask"], b["task_ids"], **gen).tolist()
 
     def peft_batch(rows: list[int]) -> list[list[int]]:
         peft.set_adapter(names[items[rows[0]].task_id])  # one task per batch
@@ -122,9 +121,17 @@ def run_regime(tmp: Path, copies: int, per_task: int, batch: int) -> tuple[str, 
     ):
         rate, cpu_rate = C.med(runs[name], "ex_per_s"), C.med(runs[name], "ex_per_cpu_s")
         total, real = padding[name]
-        rows.append([f"{len(names)} x {per_task}, batch {batch}", label, f"{1 - real / total:.0%}",
-                     rate, rate / peft_rates["ex_per_s"], cpu_rate,
-                     cpu_rate / peft_rates["ex_per_cpu_s"]])  # fmt: skip
+        rows.append(
+            [
+                f"{len(names)} x {per_task}, batch {batch}",
+                label,
+                f"{1 - real / total:.0%}",
+                rate,
+                rate / peft_rates["ex_per_s"],
+                cpu_rate,
+                cpu_rate / peft_rates["ex_per_cpu_s"],
+            ]
+        )
     return f"{len(items)} requests over {len(names)} tasks", rows
 
 
@@ -159,7 +166,7 @@ def main() -> None:
                 "vs PEFT",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
     C.record("inference_peft", "3. Mixed-task inference against PEFT", body, machine)
 

@@ -75,8 +75,17 @@ def worker(config: str, out: str) -> None:
 
 def launch(n: int, config: Path, out: Path) -> list[dict]:
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={n}", __file__, "--worker", str(config), str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        __file__,
+        "--worker",
+        str(config),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -99,9 +108,16 @@ def main() -> None:
         bank = C.make_bank(tmp / "model", TASKS, P, tmp / "bank")
         results = {}
         for n in (1, 2):
-            config = C.stage2_config(tmp / f"config{n}.yaml", model=tmp / "model", bank=bank,
-                                     mixture=mixture, out=tmp / f"out{n}", steps=STEPS,
-                                     optimizer="adamw", lr=1e-4)  # fmt: skip
+            config = C.stage2_config(
+                tmp / f"config{n}.yaml",
+                model=tmp / "model",
+                bank=bank,
+                mixture=mixture,
+                out=tmp / f"out{n}",
+                steps=STEPS,
+                optimizer="adamw",
+                lr=1e-4,
+            )
             with C.Clock() as c:
                 results[n] = launch(n, config, tmp / f"ranks{n}")
             print(f"  [{n} process(es)] {c.s:.1f} s: {results[n]}", flush=True)
@@ -113,10 +129,17 @@ def main() -> None:
     for n, ranks in results.items():
         for r in ranks:
             held = r["params"] + r["state"]
-            rows.append([f"{n} process{'es' if n > 1 else ''}, rank {r['rank']}",
-                         r["params"] / MiB, r["state"] / MiB, held / MiB,
-                         (one["params"] + one["state"]) / held, r["train_rss"] / MiB,
-                         r["peak_rss"] / MiB])  # fmt: skip
+            rows.append(
+                [
+                    f"{n} process{'es' if n > 1 else ''}, rank {r['rank']}",
+                    r["params"] / MiB,
+                    r["state"] / MiB,
+                    held / MiB,
+                    (one["params"] + one["state"]) / held,
+                    r["train_rss"] / MiB,
+                    r["peak_rss"] / MiB,
+                ]
+            )
     body = (
         f"Model: random-init T5 `{SHAPE}` shape ({n_params:.0f}M parameters, fp32), ProMoT "
         f"mode (P = {P}), AdamW, global batch 8 (4 per rank on 2 processes), {STEPS} steps, "
@@ -132,7 +155,7 @@ def main() -> None:
                 "peak RSS (whole run)",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
     C.record("memory", "7. Memory per rank: FSDP2 on 2 processes against 1", body, machine)
 

@@ -60,8 +60,9 @@ def main() -> None:
     prompted.set_trainable("model")
     collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, max_target_length=MAX_TGT)
     draws = MixtureSampler(mix, seed=0).take(STEPS * STEP)
-    items = [build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index)
-             for d in draws]  # fmt: skip
+    items = [
+        build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index) for d in draws
+    ]
 
     def cut(window: int | None):
         if window is None:
@@ -71,23 +72,31 @@ def main() -> None:
         return [collate(b) for b in out]
 
     arms = {"none": cut(None), "step": cut(STEP)}
-    real = sum(int(b["attention_mask"].sum()) + int((b["labels"] != -100).sum())
-               for b in arms["none"])  # fmt: skip
+    real = sum(
+        int(b["attention_mask"].sum()) + int((b["labels"] != -100).sum()) for b in arms["none"]
+    )
 
     def positions(batches) -> int:
-        return sum(b["attention_mask"].numel() + P * len(b["input_ids"]) + b["labels"].numel()
-                   for b in batches)  # fmt: skip
+        return sum(
+            b["attention_mask"].numel() + P * len(b["input_ids"]) + b["labels"].numel()
+            for b in batches
+        )
 
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad],
-                                "adafactor", 1e-3)  # fmt: skip
+    optimizer = build_optimizer(
+        [p for p in model.parameters() if p.requires_grad], "adafactor", 1e-3
+    )
 
     def train(batches) -> dict:
         prompted.train()
         with C.Clock() as c:
             for b in batches:
                 dec = model.prepare_decoder_input_ids_from_labels(labels=b["labels"])
-                out = prompted(b["input_ids"], b["attention_mask"], task_ids=b["task_ids"],
-                               decoder_input_ids=dec)  # fmt: skip
+                out = prompted(
+                    b["input_ids"],
+                    b["attention_mask"],
+                    task_ids=b["task_ids"],
+                    decoder_input_ids=dec,
+                )
                 loss, _ = token_loss(out.logits, b["labels"], label_smoothing=0.1)
                 loss.backward()
                 optimizer.step()
@@ -100,8 +109,9 @@ def main() -> None:
         losses = {}
         for b in batches:
             logits = prompted(**b).logits
-            nll = F.cross_entropy(logits.transpose(1, 2), b["labels"], ignore_index=-100,
-                                  reduction="none")  # fmt: skip
+            nll = F.cross_entropy(
+                logits.transpose(1, 2), b["labels"], ignore_index=-100, reduction="none"
+            )
             rows = (nll.sum(1) / (b["labels"] != -100).sum(1)).tolist()
             # identify a row by its tokens: the same example wherever it was batched
             for ids, mask, loss in zip(b["input_ids"], b["attention_mask"], rows, strict=True):
@@ -109,9 +119,10 @@ def main() -> None:
         return [losses[k] for k in sorted(losses)]
 
     reference = per_example_loss(arms["none"])
-    loss_diff = {name: max(abs(a - b) for a, b in zip(per_example_loss(bs), reference,
-                                                      strict=True))
-                 for name, bs in arms.items()}  # fmt: skip
+    loss_diff = {
+        name: max(abs(a - b) for a, b in zip(per_example_loss(bs), reference, strict=True))
+        for name, bs in arms.items()
+    }
     mean_loss = sum(reference) / len(reference)
     runs = C.interleaved({name: (lambda bs=bs: train(bs)) for name, bs in arms.items()}, REPEATS)
 
@@ -125,8 +136,16 @@ def main() -> None:
         ),
     ):
         rate = C.med(runs[name], "tok_per_s")
-        rows.append([label, len(arms[name]), f"{1 - real / positions(arms[name]):.0%}", rate,
-                     rate / base, f"{loss_diff[name]:.1e}"])  # fmt: skip
+        rows.append(
+            [
+                label,
+                len(arms[name]),
+                f"{1 - real / positions(arms[name]):.0%}",
+                rate,
+                rate / base,
+                f"{loss_diff[name]:.1e}",
+            ]
+        )
     body = (
         f"Stage-2 step on a random-init T5 `{SHAPE}` shape ({C.T5_SHAPES[SHAPE]}, vocab 32,128), "
         f"full fine-tuning (Adafactor, label smoothing 0.1) with frozen prompts (P = {P}); "
@@ -146,7 +165,7 @@ def main() -> None:
                 "max loss diff per example",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
     C.record("padding", "4. Padding waste with and without length grouping", body, machine)
 

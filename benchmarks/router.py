@@ -37,8 +37,11 @@ _LITERALS = str.split(
 
 
 def _cls(t, answers: int) -> dict:
-    return {"premise": t.span(43, 0.5, 8, 240), "hypothesis": t.span(9, 0.3, 3, 30),
-            "label": t.pick(answers)}  # fmt: skip
+    return {
+        "premise": t.span(43, 0.5, 8, 240),
+        "hypothesis": t.span(9, 0.3, 3, 30),
+        "label": t.pick(answers),
+    }
 
 
 def _qa(t) -> dict:
@@ -163,10 +166,15 @@ def main() -> None:
         )
         kinds[kind].append(r.task == want)
     lengths = [len(x.split()) for x in texts]
-    rows = [[
-        BANK, C.med(runs["build"], "s") * 1e3, C.med(runs["single"], "p50_ms"),
-        C.med(runs["single"], "p99_ms"), C.med(runs["batch"], "per_s"),
-    ]]  # fmt: skip
+    rows = [
+        [
+            BANK,
+            C.med(runs["build"], "s") * 1e3,
+            C.med(runs["single"], "p50_ms"),
+            C.med(runs["single"], "p99_ms"),
+            C.med(runs["batch"], "per_s"),
+        ]
+    ]
     body = (
         f"{BANK} bank entries ({BANK - UNSIGNED} with a template signature, {UNSIGNED} routed "
         f"by the similarity fallback), traffic of {len(texts)} inputs (median "
@@ -182,7 +190,7 @@ def main() -> None:
                 "throughput inputs/s (one batch)",
             ],
             rows,
-        )  # fmt: skip
+        )
         + f"\n\nRouting decisions (sanity, not a quality benchmark): {right}/{len(texts)} "
         f"as intended; " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in kinds.items()) + "."
     )

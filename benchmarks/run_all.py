@@ -17,8 +17,16 @@ from pathlib import Path
 HERE = Path(__file__).parent
 # In the order of the issue's items (1-7); item 8 (GPU) needs a GPU: see RESULTS.md; 9 is the
 # decoder-only prefix cache (issue 15).
-SCRIPTS = ["stage2_overhead", "stage1_peft", "inference_peft", "padding", "data_path",
-           "router", "memory", "inference_decoder"]  # fmt: skip
+SCRIPTS = [
+    "stage2_overhead",
+    "stage1_peft",
+    "inference_peft",
+    "padding",
+    "data_path",
+    "router",
+    "memory",
+    "inference_decoder",
+]
 
 
 def main(names: list[str]) -> int:
@@ -34,8 +42,10 @@ def main(names: list[str]) -> int:
         print(f"=== {name}: {time.perf_counter() - t0:.0f} s, exit {result.returncode}", flush=True)
         if result.returncode != 0:
             failed.append(name)
-    print(f"\nall done in {(time.perf_counter() - start) / 60:.1f} min; results in "
-          f"{HERE / 'RESULTS.md'}" + (f"; FAILED: {failed}" if failed else ""))  # fmt: skip
+    print(
+        f"\nall done in {(time.perf_counter() - start) / 60:.1f} min; results in "
+        f"{HERE / 'RESULTS.md'}" + (f"; FAILED: {failed}" if failed else "")
+    )
     return 1 if failed else 0
 
 

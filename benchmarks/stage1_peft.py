@@ -70,8 +70,13 @@ stage1: {{mixture: {mixture}, prompt_length: {P}, init: random, optimizer: adafa
     clock = C.StepClock.last
     loop, loop_cpu = clock.marks[-1] - clock.marks[0], clock.cpu_marks[-1] - clock.cpu_marks[0]
     n = (steps - 1) * BATCH
-    return {"total_s": total.s, "total_cpu": total.cpu, "loop_s": loop, "ex_per_s": n / loop,
-            "ex_per_cpu_s": n / loop_cpu}  # fmt: skip
+    return {
+        "total_s": total.s,
+        "total_cpu": total.cpu,
+        "loop_s": loop,
+        "ex_per_s": n / loop,
+        "ex_per_cpu_s": n / loop_cpu,
+    }
 
 
 def run_peft(model_dir: Path, mixture: Path, work: Path) -> dict:
@@ -91,16 +96,20 @@ def run_peft(model_dir: Path, mixture: Path, work: Path) -> dict:
             model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
             tok = AutoTokenizer.from_pretrained(model_dir)
             config = PromptTuningConfig(
-                task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=P,
-                num_transformer_submodules=1, prompt_tuning_init=PromptTuningInit.RANDOM,
-            )  # fmt: skip
+                task_type=TaskType.SEQ_2_SEQ_LM,
+                num_virtual_tokens=P,
+                num_transformer_submodules=1,
+                prompt_tuning_init=PromptTuningInit.RANDOM,
+            )
             peft_model = get_peft_model(model, config)
             peft_model.eval()  # frozen model, no dropout (as stage 1)
             params = [p for p in peft_model.parameters() if p.requires_grad]
-            opt = Adafactor(params, lr=LR, relative_step=False, scale_parameter=False,
-                            warmup_init=False)  # fmt: skip
-            collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN,
-                               max_target_length=MAX_TGT)  # fmt: skip
+            opt = Adafactor(
+                params, lr=LR, relative_step=False, scale_parameter=False, warmup_init=False
+            )
+            collate = Collator(
+                tok, decoder_only=False, max_input_length=MAX_IN, max_target_length=MAX_TGT
+            )
             train = task.examples("train")
             order = np.random.default_rng(t).permutation(len(train))[:PER_PROMPT]
             items = [Item(-1, *task.render(train[int(i)])) for i in order]
@@ -119,8 +128,13 @@ def run_peft(model_dir: Path, mixture: Path, work: Path) -> dict:
                 batch.pop("task_ids")
                 peft_model(**batch).loss.item()
             peft_model.save_pretrained(work / "adapters" / task.name)
-    return {"total_s": total.s, "total_cpu": total.cpu, "loop_s": loop,
-            "ex_per_s": counted / loop, "ex_per_cpu_s": counted / loop_cpu}  # fmt: skip
+    return {
+        "total_s": total.s,
+        "total_cpu": total.cpu,
+        "loop_s": loop,
+        "ex_per_s": counted / loop,
+        "ex_per_cpu_s": counted / loop_cpu,
+    }
 
 
 def padding(mix, steps: int) -> dict[str, float]:
@@ -132,8 +146,9 @@ def padding(mix, steps: int) -> dict[str, float]:
     from multipromot.features import Item
     from multipromot.train.stage1 import batch_stream
 
-    collate = Collator(C.tokenizer(), decoder_only=False, max_input_length=MAX_IN,
-                       max_target_length=MAX_TGT)  # fmt: skip
+    collate = Collator(
+        C.tokenizer(), decoder_only=False, max_input_length=MAX_IN, max_target_length=MAX_TGT
+    )
     per_task = []
     for t, task in enumerate(mix.tasks):
         train = task.examples("train")
@@ -142,8 +157,9 @@ def padding(mix, steps: int) -> dict[str, float]:
         per_task += [collate(items[s : s + BATCH]) for s in range(0, PER_PROMPT, BATCH)]
     arms = {"peft": per_task}
     for batching in ("task", "mixed"):  # stage 1's own stream, as train_prompts builds it
-        stream = batch_stream(mix.tasks, MixtureSampler(mix, seed=0), collate, BATCH,
-                              by_task=batching == "task")  # fmt: skip
+        stream = batch_stream(
+            mix.tasks, MixtureSampler(mix, seed=0), collate, BATCH, by_task=batching == "task"
+        )
         arms[f"multipromot:{batching}"] = [next(stream) for _ in range(steps)]
     out = {}
     for name, batches in arms.items():
@@ -222,9 +238,18 @@ def main() -> None:
         ("multipromot:mixed", "multipromot, one run, stage1.batching=mixed"),
     ):
         m = {k: C.med(runs[name], k) for k in ("ex_per_s", "ex_per_cpu_s", "total_s")}
-        rows.append([label, f"{padded[name]:.0%}", m["ex_per_s"], m["ex_per_s"] / peft["ex_per_s"],
-                     m["ex_per_cpu_s"], m["ex_per_cpu_s"] / peft["ex_per_cpu_s"], m["total_s"],
-                     peft["total_s"] / m["total_s"]])  # fmt: skip
+        rows.append(
+            [
+                label,
+                f"{padded[name]:.0%}",
+                m["ex_per_s"],
+                m["ex_per_s"] / peft["ex_per_s"],
+                m["ex_per_cpu_s"],
+                m["ex_per_cpu_s"] / peft["ex_per_cpu_s"],
+                m["total_s"],
+                peft["total_s"] / m["total_s"],
+            ]
+        )
     body = (
         f"Model: random-init T5 `{SHAPE}` shape ({C.T5_SHAPES[SHAPE]}, vocab 32,128), "
         f"{N_TASKS} tasks with the paper's templates and realistic lengths (RTE, CB, SNLI, WiC, "
@@ -250,7 +275,7 @@ def main() -> None:
                 "PEFT total / total",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
     body += (
         f"\n\nPEFT's task-by-task runs load the base model once per task: `from_pretrained` "

@@ -131,8 +131,12 @@ def plain_batches(mixture: Path, tok, steps: int) -> list[dict]:
     collate = Collator(tok, decoder_only=False, max_input_length=MAX_IN, max_target_length=MAX_TGT)
     batches = []
     for _ in range(steps):
-        b = collate([build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index)
-                     for d in sampler.take(BATCH)])  # fmt: skip
+        b = collate(
+            [
+                build_item(mix.tasks[d.task_index], d.example_index, task_id=d.task_index)
+                for d in sampler.take(BATCH)
+            ]
+        )
         prompt = torch.arange(3, 3 + P).expand(BATCH, P)
         b["input_ids"] = torch.cat([prompt, b["input_ids"]], 1)
         b["attention_mask"] = torch.cat(
@@ -153,18 +157,23 @@ def plain_loop(model_dir: Path, batches: list[dict]):
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     model.train()
     # stage 2's Adafactor: steps scaled by each weight's RMS (T5 fine-tuning)
-    opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True,
-                    warmup_init=False)  # fmt: skip
+    opt = Adafactor(
+        model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True, warmup_init=False
+    )
     pending = iter(batches)
 
     def step() -> tuple[float, float]:
         b = next(pending)
         t0, c0 = _now()
         labels = b["labels"]
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       decoder_input_ids=model._shift_right(labels)).logits  # fmt: skip
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               label_smoothing=0.1)  # fmt: skip
+        logits = model(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            decoder_input_ids=model._shift_right(labels),
+        ).logits
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -254,10 +263,17 @@ def main(argv: list[str]) -> None:
         del model
         mixture = C.write_mixture(tmp / "data", TASKS, train=max(400, 8 * steps))
         bank = C.make_bank(model_dir, TASKS, P, tmp / "bank")
-        config = C.stage2_config(tmp / "config.yaml", model=model_dir, bank=bank,
-                                 mixture=mixture, out=tmp / "out", steps=steps,
-                                 batch_size=BATCH, max_input_length=MAX_IN,
-                                 max_target_length=MAX_TGT)  # fmt: skip
+        config = C.stage2_config(
+            tmp / "config.yaml",
+            model=model_dir,
+            bank=bank,
+            mixture=mixture,
+            out=tmp / "out",
+            steps=steps,
+            batch_size=BATCH,
+            max_input_length=MAX_IN,
+            max_target_length=MAX_TGT,
+        )
         batches = plain_batches(mixture, tok, steps)
         Lockstep.plain_step = plain_loop(model_dir, batches)
         Lockstep.profile = cProfile.Profile() if args.profile else None
@@ -267,8 +283,11 @@ def main(argv: list[str]) -> None:
         stage2.finetune(load_config(str(config)), progress=False)
         clock = Lockstep.last
         for i, (ours, plain) in enumerate(zip(clock.ours, clock.plain, strict=True)):
-            print(f"  step {i + 1}: multipromot {ours[0]:.3f} s (cpu {ours[1]:.3f}), "
-                  f"plain {plain[0]:.3f} s (cpu {plain[1]:.3f})", flush=True)  # fmt: skip
+            print(
+                f"  step {i + 1}: multipromot {ours[0]:.3f} s (cpu {ours[1]:.3f}), "
+                f"plain {plain[0]:.3f} s (cpu {plain[1]:.3f})",
+                flush=True,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
@@ -278,13 +297,21 @@ def main(argv: list[str]) -> None:
         ours = np.array([t[k] for t in clock.ours[WARMUP:]])
         plain = np.array([t[k] for t in clock.plain[WARMUP:]])
         b = bootstrap(ours, plain)
-        rows.append([what, float(np.median(plain)), float(np.median(ours)),
-                     f"{b['median']:.3f} ({b['median_ci'][0]:.3f}-{b['median_ci'][1]:.3f})",
-                     f"{b['sum']:.3f} ({b['sum_ci'][0]:.3f}-{b['sum_ci'][1]:.3f})",
-                     f"{b['iqr'][0]:.3f}-{b['iqr'][1]:.3f}"])  # fmt: skip
+        rows.append(
+            [
+                what,
+                float(np.median(plain)),
+                float(np.median(ours)),
+                f"{b['median']:.3f} ({b['median_ci'][0]:.3f}-{b['median_ci'][1]:.3f})",
+                f"{b['sum']:.3f} ({b['sum_ci'][0]:.3f}-{b['sum_ci'][1]:.3f})",
+                f"{b['iqr'][0]:.3f}-{b['iqr'][1]:.3f}",
+            ]
+        )
     plain_cpu = float(np.median([t[1] for t in clock.plain[WARMUP:]]))
-    parts = [[label, 1e3 * total / len(clock.ours), f"{100 * total / len(clock.ours) / plain_cpu:.2f}%"]
-             for label, total in Parts.totals.items()]  # fmt: skip
+    parts = [
+        [label, 1e3 * total / len(clock.ours), f"{100 * total / len(clock.ours) / plain_cpu:.2f}%"]
+        for label, total in Parts.totals.items()
+    ]
     positions = sum(b["attention_mask"].numel() + b["labels"].numel() for b in batches)
     positions /= len(batches)
     body = (
@@ -297,13 +324,21 @@ def main(argv: list[str]) -> None:
         f"process (one torch thread) is the robust measure on this shared machine: wall time "
         f"also counts waiting for a core that other jobs hold. Intervals: 95% bootstrap over "
         f"the pairs.\n\n"
-        + C.table(["per step", "plain s (median)", "multipromot s (median)",
-                   "multipromot / plain: median of pair ratios (95% CI)",
-                   "ratio of summed times (95% CI)", "pair ratios, middle half"], rows)
+        + C.table(
+            [
+                "per step",
+                "plain s (median)",
+                "multipromot s (median)",
+                "multipromot / plain: median of pair ratios (95% CI)",
+                "ratio of summed times (95% CI)",
+                "pair ratios, middle half",
+            ],
+            rows,
+        )
         + "\n\nWhere the framework's own work goes (CPU time per multipromot step, all steps, "
         "timed by wrapping each part; share of the plain step's median CPU time):\n\n"
         + C.table(["part", "ms per step", "of a plain step"], parts)
-    )  # fmt: skip
+    )
     if args.profile:
         print(framework_profile(Lockstep.profile, len(clock.ours)))
     if args.no_record:

@@ -196,10 +196,18 @@ def _validate(cfg: RunConfig, file: str) -> None:
         ("stage2.mode", cfg.stage2.mode in STAGE2_MODES, ", ".join(STAGE2_MODES)),
         ("stage2.optimizer", cfg.stage2.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("lora.optimizer", cfg.lora.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
-        ("stage2.decay", cfg.stage2.decay in ("constant", "linear", "cosine"), "constant, linear or cosine"),
+        (
+            "stage2.decay",
+            cfg.stage2.decay in ("constant", "linear", "cosine"),
+            "constant, linear or cosine",
+        ),
         ("stage2.bf16", cfg.stage2.bf16 in ("auto", "true", "false"), "auto, true or false"),
-        ("stage2.keep_best_by", cfg.stage2.keep_best_by in ("metric", "loss", "none"), "metric, loss or none"),
-    ]  # fmt: skip
+        (
+            "stage2.keep_best_by",
+            cfg.stage2.keep_best_by in ("metric", "loss", "none"),
+            "metric, loss or none",
+        ),
+    ]
     for key, ok, allowed in checks:
         if not ok:
             raise UserError(f"must be {allowed}", file=file, key=key)
@@ -230,17 +238,29 @@ def _validate(cfg: RunConfig, file: str) -> None:
     if cfg.stage2.mixed_precision not in ("auto", "bf16", "fp32"):
         raise UserError("must be auto, bf16 or fp32", file=file, key="stage2.mixed_precision")
     if cfg.stage2.keep_last < 0:
-        raise UserError(f"must be >= 0, got {cfg.stage2.keep_last}", file=file,
-                        key="stage2.keep_last")  # fmt: skip
+        raise UserError(
+            f"must be >= 0, got {cfg.stage2.keep_last}", file=file, key="stage2.keep_last"
+        )
     if cfg.stage2.export_shard_size and parse_size(cfg.stage2.export_shard_size) is None:
-        raise UserError("must be a size such as 5GB, 500MB or 2000000000 (bytes)", file=file,
-                        key="stage2.export_shard_size")  # fmt: skip
+        raise UserError(
+            "must be a size such as 5GB, 500MB or 2000000000 (bytes)",
+            file=file,
+            key="stage2.export_shard_size",
+        )
 
 
 def parse_size(text: str) -> int | None:
     """Bytes in ``text`` (``5GB``, ``500MB``, ``1.5GiB``, ``2000000``); None if not a size."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30}  # fmt: skip
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     text = str(text).strip().upper()
     number = text.rstrip("KMGIB")
     unit = text[len(number) :]
@@ -255,8 +275,15 @@ def parse_size(text: str) -> int | None:
 
 # Keys that hold paths (dotted; "mixtures.*" is every alias). `model` is a path only when it
 # names an existing directory next to the config (otherwise it is a hub id or a built-in).
-PATH_KEYS = ("out_dir", "bank.dir", "stage1.mixture", "stage2.mixture", "eval.suite", "data.mirror",
-             "lora.adapters")  # fmt: skip
+PATH_KEYS = (
+    "out_dir",
+    "bank.dir",
+    "stage1.mixture",
+    "stage2.mixture",
+    "eval.suite",
+    "data.mirror",
+    "lora.adapters",
+)
 
 
 def _anchor_paths(data: dict, folder: Path) -> dict:
@@ -297,10 +324,14 @@ def _validate_ranges(cfg: RunConfig, file: str) -> None:
         raise UserError(message, file=file, key=key)
 
     floats = {
-        "stage1.lr": s1.lr, "stage1.weight_decay": s1.weight_decay, "stage2.lr": s2.lr,
-        "stage2.prompt_lr": s2.prompt_lr, "stage2.weight_decay": s2.weight_decay,
-        "stage2.max_grad_norm": s2.max_grad_norm, "stage2.label_smoothing": s2.label_smoothing,
-    }  # fmt: skip
+        "stage1.lr": s1.lr,
+        "stage1.weight_decay": s1.weight_decay,
+        "stage2.lr": s2.lr,
+        "stage2.prompt_lr": s2.prompt_lr,
+        "stage2.weight_decay": s2.weight_decay,
+        "stage2.max_grad_norm": s2.max_grad_norm,
+        "stage2.label_smoothing": s2.label_smoothing,
+    }
     for key, value in floats.items():
         if not math.isfinite(value):
             fail(key, f"must be a finite number, got {value}")
@@ -315,19 +346,24 @@ def _validate_ranges(cfg: RunConfig, file: str) -> None:
     if not 0 <= cfg.seed <= MAX_SEED:
         fail("seed", f"must be an integer in [0, {MAX_SEED}], got {cfg.seed}")
     at_least_one = {
-        "stage1.eval_every": s1.eval_every, "stage1.log_every": s1.log_every,
-        "stage1.eval_examples": s1.eval_examples, "stage2.eval_examples": s2.eval_examples,
+        "stage1.eval_every": s1.eval_every,
+        "stage1.log_every": s1.log_every,
+        "stage1.eval_examples": s1.eval_examples,
+        "stage2.eval_examples": s2.eval_examples,
         "stage1.max_input_length": s1.max_input_length,
         "stage1.max_target_length": s1.max_target_length,
         "stage2.max_input_length": s2.max_input_length,
         "stage2.max_target_length": s2.max_target_length,
-        "eval.examples": ev.examples, "eval.max_new_tokens": ev.max_new_tokens,
-    }  # fmt: skip
+        "eval.examples": ev.examples,
+        "eval.max_new_tokens": ev.max_new_tokens,
+    }
     for key, value in at_least_one.items():
         if value < 1:
             fail(key, f"must be >= 1, got {value}")
-    for key, value in {"stage1.warmup_steps": s1.warmup_steps,
-                       "stage2.warmup_steps": s2.warmup_steps}.items():  # fmt: skip
+    for key, value in {
+        "stage1.warmup_steps": s1.warmup_steps,
+        "stage2.warmup_steps": s2.warmup_steps,
+    }.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
     if s2.shots < -1 or s2.shots > MAX_SHOTS:

@@ -84,8 +84,10 @@ def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
     write_json(done, {"entries": [e.ref for e in entries], "made_from": record})
     for e in entries:
         s1 = e.meta.get("stage1", {})
-        print(f"stage 1: {e.ref}: {s1.get('metric')} {s1.get('value', float('nan')):.4g} "
-              f"at step {s1.get('best_step')}")  # fmt: skip
+        print(
+            f"stage 1: {e.ref}: {s1.get('metric')} {s1.get('value', float('nan')):.4g} "
+            f"at step {s1.get('best_step')}"
+        )
     return {e.task: e.ref for e in entries}
 
 
@@ -197,16 +199,25 @@ def _current_refs(cfg: RunConfig, tasks: list[str], stage1_refs: dict) -> dict:
     return refs
 
 
-def _train_record(cfg: RunConfig, method: Method, method_dir: Path, stage1_refs: dict,
-                  adapters: dict | None = None) -> dict:  # fmt: skip
+def _train_record(
+    cfg: RunConfig,
+    method: Method,
+    method_dir: Path,
+    stage1_refs: dict,
+    adapters: dict | None = None,
+) -> dict:
     """What a method's stage-2 model is made from (see the module docstring); ``adapters``:
     promot_lora's stage-1 adapters (their record and files)."""
     s2 = asdict(_method_config(cfg, method, method_dir).stage2)
     for key in _NOT_RESULT_STAGE2:
         s2.pop(key)
     mixture = load_mixture(method.mixture)
-    record = {"model": cfg.model, "seed": cfg.seed, "stage2": s2,
-              "data": mixture_fingerprint(mixture)}  # fmt: skip
+    record = {
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "stage2": s2,
+        "data": mixture_fingerprint(mixture),
+    }
     if method.kind in ("promot", "joint"):  # they start from the bank's prompts
         record["bank_dir"] = str(Path(cfg.bank.dir).resolve())
         record["bank_refs"] = _current_refs(cfg, mixture.task_names, stage1_refs)
@@ -226,10 +237,14 @@ def _wise_record(cfg: RunConfig, method: Method, out: Path, stage1_refs: dict) -
     source_dir.mkdir(parents=True, exist_ok=True)
     made_from = _train_record(cfg, method.source, source_dir, stage1_refs)
     final, _ = _stage2(cfg, method.source, source_dir, made_from)
-    return {"alpha": method.alpha, "source": method.source.label,
-            "weights": str(final.resolve()), "step": _final_step(final, cfg.stage2.steps),
-            "fingerprint": read_lineage(final).get("fingerprint"),
-            "source_made_from": made_from}  # fmt: skip
+    return {
+        "alpha": method.alpha,
+        "source": method.source.label,
+        "weights": str(final.resolve()),
+        "step": _final_step(final, cfg.stage2.steps),
+        "fingerprint": read_lineage(final).get("fingerprint"),
+        "source_made_from": made_from,
+    }
 
 
 def _eval_record(cfg: RunConfig, method: Method, trained: dict | None, stage1_refs: dict) -> dict:
@@ -243,11 +258,15 @@ def _eval_record(cfg: RunConfig, method: Method, trained: dict | None, stage1_re
         "model": cfg.model,
         "seed": cfg.seed,
         "eval": asdict(cfg.eval),
-        "suite": {"file": str(Path(suite_path).resolve()), "shots": list(suite.shots),
-                  "examples": suite.examples, "split": suite.split,
-                  "tasks": tasks_fingerprint([get_task(n) for n in suite.task_names])},
+        "suite": {
+            "file": str(Path(suite_path).resolve()),
+            "shots": list(suite.shots),
+            "examples": suite.examples,
+            "split": suite.split,
+            "tasks": tasks_fingerprint([get_task(n) for n in suite.task_names]),
+        },
         "data": mixture_fingerprint(mixture),
-    }  # fmt: skip
+    }
     if method.kind == "prompt_tuning":
         record["bank_dir"] = str(Path(cfg.bank.dir).resolve())
         record["bank_refs"] = _current_refs(cfg, mixture.task_names, stage1_refs)
@@ -371,29 +390,42 @@ def evaluate_method(
             router = Router([RouterEntry(t.name, t.template.signature) for t in mixture.tasks])
     if source is not None and ev.router:
         others = [get_task(t.name) for t in suite.tasks]
-        router = calibrated_router(bank, mixture.tasks, refs=refs, negatives=others,
-                                   seed=cfg.seed)  # fmt: skip
+        router = calibrated_router(bank, mixture.tasks, refs=refs, negatives=others, seed=cfg.seed)
     # Format specialization: outputs that fall in a fine-tuned classification task's label set.
     answers = sorted({a for t in mixture.tasks for a in (t.answers or [])})
     progress = method.label if selected else f"{method.label} (step {step})"
-    common = dict(decoder_only=decoder_only, num_beams=ev.num_beams, batch_size=ev.batch_size,
-                  max_new_tokens=ev.max_new_tokens, progress=progress)  # fmt: skip
+    common = dict(
+        decoder_only=decoder_only,
+        num_beams=ev.num_beams,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        progress=progress,
+    )
     records = evaluate_finetuned(
         prompted, tokenizer, mixture.tasks, rows, examples=ev.examples, **common
     )
     for r in records:
         r["seen"] = True
     unseen = evaluate_suite(
-        prompted, tokenizer, suite, shots=ev.shots or None, examples=ev.examples, router=router,
-        prompt_rows=rows, specialization_answers=answers or None, seed=cfg.seed, **common,
-    )  # fmt: skip
+        prompted,
+        tokenizer,
+        suite,
+        shots=ev.shots or None,
+        examples=ev.examples,
+        router=router,
+        prompt_rows=rows,
+        specialization_answers=answers or None,
+        seed=cfg.seed,
+        **common,
+    )
     for r in unseen:
         r["seen"] = False
     records += unseen
     shots = _read_record(Path(model_dir) / "stage2.json").get("shots") if made.trains else 0
     for r in records:
-        r.update(method=method.label, step=step, selected=selected, bank_refs=refs,
-                 train_shots=shots)  # fmt: skip
+        r.update(
+            method=method.label, step=step, selected=selected, bank_refs=refs, train_shots=shots
+        )
     return records
 
 
@@ -403,13 +435,17 @@ def _interpolate(cfg: RunConfig, model, final: Path, alpha: float) -> None:
     base, _, _ = load_model(cfg.model, seed=cfg.seed)
     made_from = _read_record(final / "stage2.json").get("base_model", {}).get("fingerprint")
     if made_from != model_fingerprint(base):
-        raise UserError(f"was fine-tuned from another base model than {cfg.model!r} (fingerprint "
-                        f"{made_from}); WiSE-FT needs the same base", file=final)  # fmt: skip
+        raise UserError(
+            f"was fine-tuned from another base model than {cfg.model!r} (fingerprint "
+            f"{made_from}); WiSE-FT needs the same base",
+            file=final,
+        )
     wise.interpolate(model, base, alpha)
 
 
-def _adapted(cfg: RunConfig, method: Method, model, final: Path, checkpoint: Path | None,
-             tasks: list[str]):  # fmt: skip
+def _adapted(
+    cfg: RunConfig, method: Method, model, final: Path, checkpoint: Path | None, tasks: list[str]
+):
     """A LoRA method's model for evaluation. promot_lora: ``final``'s weights with the task
     adapters (a row gets its task's, or none); lora: the merged weights of ``final``, or, for a
     checkpoint, its base with the adapter as trained at that step, merged."""
@@ -471,8 +507,9 @@ def run_experiment(cfg: RunConfig) -> Path:
     for method in sorted(methods, key=lambda m: m.kind == "wise"):
         method_dir = out / "methods" / method.label
         method_dir.mkdir(parents=True, exist_ok=True)
-        trained = (_train_record(cfg, method, method_dir, stage1_refs, adapters)
-                   if method.trains else None)  # fmt: skip
+        trained = (
+            _train_record(cfg, method, method_dir, stage1_refs, adapters) if method.trains else None
+        )
         if method.kind == "wise":
             trained = _wise_record(cfg, method, out, stage1_refs)
         record = _eval_record(cfg, method, trained, stage1_refs)
@@ -492,8 +529,9 @@ def run_experiment(cfg: RunConfig) -> Path:
         if method.trains:
             model_dir, kept = _stage2(cfg, method, method_dir, trained)
             step = _final_step(model_dir, cfg.stage2.steps)
-            status[method.label] = ("stage 2 reused, scored by this run" if kept
-                                    else "trained and scored by this run")  # fmt: skip
+            status[method.label] = (
+                "stage 2 reused, scored by this run" if kept else "trained and scored by this run"
+            )
             if method.kind in LORA_KINDS:
                 status[method.label] += f"; LoRA adapters (peft) in {model_dir / lora.ADAPTERS_DIR}"
         elif method.kind == "wise":
@@ -519,9 +557,15 @@ def run_experiment(cfg: RunConfig) -> Path:
     if adapters:
         stage1_losses["promot_lora's adapters"] = read_losses(out / stage1_lora.ADAPTERS_FOLDER)
     stage2_losses = {m.label: read_losses(out / "methods" / m.label) for m in methods if m.trains}
-    report = write_report(records, out, title=f"multipromot run: {Path(cfg.config_file).name}",
-                          config=_config_dict(cfg), methods=status,
-                          stage1_losses=stage1_losses, stage2_losses=stage2_losses)  # fmt: skip
+    report = write_report(
+        records,
+        out,
+        title=f"multipromot run: {Path(cfg.config_file).name}",
+        config=_config_dict(cfg),
+        methods=status,
+        stage1_losses=stage1_losses,
+        stage2_losses=stage2_losses,
+    )
     print(terminal_summary(records))
     print(f"report: {report}")
     return report
@@ -537,15 +581,20 @@ def run_eval(cfg: RunConfig) -> Path:
     """
     preflight(cfg, command="eval")
     kind = "prompt_tuning" if cfg.eval.prompts else "pretrained"  # base weights, bank prompts
-    method = Method(label=Path(cfg.model).name or cfg.model, kind=kind, shots=None,
-                    mixture=resolve_path(cfg, cfg.stage2.mixture))  # fmt: skip
+    method = Method(
+        label=Path(cfg.model).name or cfg.model,
+        kind=kind,
+        shots=None,
+        mixture=resolve_path(cfg, cfg.stage2.mixture),
+    )
     _, _, model_dir = load_model(cfg.model, seed=cfg.seed)
     info = Path(model_dir) / "stage2.json"
     step = int(json.loads(info.read_text()).get("step", 0)) if info.is_file() else 0
     records = evaluate_method(cfg, method, model_dir, step=step)
     out = Path(cfg.out_dir) / "eval"
-    report = write_report(records, out, title=f"multipromot eval: {cfg.model}",
-                          config=_config_dict(cfg))  # fmt: skip
+    report = write_report(
+        records, out, title=f"multipromot eval: {cfg.model}", config=_config_dict(cfg)
+    )
     print(terminal_summary(records))
     print(f"report: {report}")
     return report

@@ -40,8 +40,17 @@ from multipromot.errors import UserError
 
 __all__ = ["Method", "parse_method", "KINDS", "STAGE1_KINDS", "LORA_KINDS", "WISE_SOURCES"]
 
-KINDS = ("pretrained", "prompt_tuning", "standard", "promot", "joint", "random_prompt",
-         "promot_lora", "lora", "hft")  # fmt: skip
+KINDS = (
+    "pretrained",
+    "prompt_tuning",
+    "standard",
+    "promot",
+    "joint",
+    "random_prompt",
+    "promot_lora",
+    "lora",
+    "hft",
+)
 _METHOD = re.compile(
     r"^(?P<kind>[a-z_]+)(?:\+(?P<shots>\d+)shot)?(?:@(?P<mixture>[A-Za-z0-9_.-]+))?$"
 )
@@ -111,14 +120,21 @@ def _parse_wise(label: str, match: re.Match, cfg: RunConfig) -> Method:
     where = dict(file=cfg.config_file or None, key="methods")
     alpha = float(match["alpha"])
     if not 0 <= alpha <= 1:
-        raise UserError(f"method {label!r}: the WiSE-FT weight must be in [0, 1], got "
-                        f"{match['alpha']}", **where)  # fmt: skip
+        raise UserError(
+            f"method {label!r}: the WiSE-FT weight must be in [0, 1], got {match['alpha']}", **where
+        )
     source = parse_method(match["source"], cfg)
     if source.kind not in WISE_SOURCES:
-        raise UserError(f"method {label!r}: WiSE-FT interpolates the weights of a full "
-                        f"fine-tuning method ({', '.join(WISE_SOURCES)}), not "
-                        f"{source.kind!r}", **where)  # fmt: skip
+        raise UserError(
+            f"method {label!r}: WiSE-FT interpolates the weights of a full "
+            f"fine-tuning method ({', '.join(WISE_SOURCES)}), not "
+            f"{source.kind!r}",
+            **where,
+        )
     if source.label not in cfg.methods:
-        raise UserError(f"method {label!r} interpolates {source.label!r}, which `methods` does "
-                        "not list; list it too (its final weights are the ones used)", **where)  # fmt: skip
+        raise UserError(
+            f"method {label!r} interpolates {source.label!r}, which `methods` does "
+            "not list; list it too (its final weights are the ones used)",
+            **where,
+        )
     return Method(label, "wise", source.shots, source.mixture, alpha=alpha, source=source)

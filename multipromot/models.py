@@ -82,10 +82,18 @@ def _tiny_t5(seed: int):
 
     tok = _byte_tokenizer()
     config = T5Config(
-        vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-        num_heads=4, dropout_rate=0.0, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config), tok
 
@@ -96,10 +104,18 @@ def _tiny_gpt2(seed: int):
 
     tok = _byte_tokenizer()
     config = GPT2Config(
-        vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config), tok
 
@@ -110,10 +126,17 @@ def _tiny_llama(seed: int):
 
     tok = _byte_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config), tok
 
@@ -230,8 +253,9 @@ def load_pretrained(path: str, dtype: torch.dtype | None = None):
         model = auto.from_pretrained(path, **kwargs)
     except pickle.UnpicklingError as e:  # weights_only=True refused a pickled payload
         first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
-        raise UserError(f"refusing to load pickled weights ({first}); use safetensors",
-                        file=path, key="model") from None  # fmt: skip
+        raise UserError(
+            f"refusing to load pickled weights ({first}); use safetensors", file=path, key="model"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

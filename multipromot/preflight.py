@@ -55,8 +55,11 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
         _check_mixture(cfg, cfg.stage2.mixture, ("train", "validation"))
         adapters = resolve_path(cfg, cfg.lora.adapters)
         if cfg.stage2.mode == STAGE1_LORA_KIND and not (adapters and Path(adapters).is_dir()):
-            raise UserError("must name the folder of the task adapters promot_lora's stage 2 "
-                            "starts from", file=where, key="lora.adapters")  # fmt: skip
+            raise UserError(
+                "must name the folder of the task adapters promot_lora's stage 2 starts from",
+                file=where,
+                key="lora.adapters",
+            )
     lora_methods = [m for m in methods if m.kind == STAGE1_LORA_KIND] if command == "run" else []
     if lora_methods:
         _check_mixture(cfg, cfg.stage1.mixture, ("train", "validation"))
@@ -76,9 +79,13 @@ def _check_mixture(cfg: RunConfig, value: str, splits) -> None:
         try:
             validate_task_name(task.name)
         except UserError as e:
-            raise UserError(f"task {task.name[:40]!r}...: {e.message}" if len(task.name) > 40
-                            else f"task {task.name!r}: {e.message}", file=mixture.file,
-                            key="tasks") from None  # fmt: skip
+            raise UserError(
+                f"task {task.name[:40]!r}...: {e.message}"
+                if len(task.name) > 40
+                else f"task {task.name!r}: {e.message}",
+                file=mixture.file,
+                key="tasks",
+            ) from None
         for split in splits:
             _check_rows(task, split, mixture.file)
 
@@ -89,9 +96,12 @@ def _check_adapter_tasks(cfg: RunConfig, methods: list) -> None:
     for method in methods:
         missing = sorted(set(load_mixture(method.mixture).task_names) - trained)
         if missing:
-            raise UserError(f"method {method.label!r} fine-tunes {', '.join(missing)}, which "
-                            "stage1.mixture trains no adapter for", file=cfg.config_file or None,
-                            key="methods")  # fmt: skip
+            raise UserError(
+                f"method {method.label!r} fine-tunes {', '.join(missing)}, which "
+                "stage1.mixture trains no adapter for",
+                file=cfg.config_file or None,
+                key="methods",
+            )
 
 
 def _check_rows(task, split: str, file) -> None:
@@ -105,8 +115,9 @@ def _check_rows(task, split: str, file) -> None:
 def _check_suite(cfg: RunConfig) -> None:
     where = cfg.config_file or None
     if not cfg.eval.suite:
-        raise UserError("is not set: name an evaluation suite (eval/*.yaml)", file=where,
-                        key="eval.suite")  # fmt: skip
+        raise UserError(
+            "is not set: name an evaluation suite (eval/*.yaml)", file=where, key="eval.suite"
+        )
     suite = load_suite(resolve_path(cfg, cfg.eval.suite))
     shots = max(cfg.eval.shots or suite.shots or [0])
     for entry in suite.tasks:

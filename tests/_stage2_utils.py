@@ -89,8 +89,9 @@ def make_bank(root: Path, model_spec: str) -> Path:
     return root
 
 
-def write_config(path: Path, *, model: str, out_dir: Path, bank: Path, mixture: Path,
-                 **stage2) -> Path:  # fmt: skip
+def write_config(
+    path: Path, *, model: str, out_dir: Path, bank: Path, mixture: Path, **stage2
+) -> Path:
     config = {
         "seed": 0,
         "model": model,
@@ -111,14 +112,23 @@ def run_in_process(config: Path, overrides: list[str] = ()) -> Path:
     return finetune(load_config(config, list(overrides)), progress=False)
 
 
-def run_torchrun(config: Path, *args: str, nproc: int = 2, driver: bool = False,
-                 timeout: float = 240) -> subprocess.CompletedProcess:  # fmt: skip
+def run_torchrun(
+    config: Path, *args: str, nproc: int = 2, driver: bool = False, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N -m multipromot stage2 CONFIG ARGS`` (or the
     test driver, which can inject kills). One thread per rank: 2 cores."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     target = [str(DRIVER)] if driver else ["-m", "multipromot", "stage2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *target, str(config), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *target,
+        str(config),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -595,8 +595,13 @@ def test_peft_import_without_multipromot_sidecar(bank, tmp_path, model_dirs):
 def test_peft_import_of_a_two_submodule_seq2seq_adapter_keeps_the_encoder_rows(bank, tmp_path):
     src = tmp_path / "adapter"
     src.mkdir()
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": 3,
-              "token_dim": 8, "num_transformer_submodules": 2}  # fmt: skip
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "SEQ_2_SEQ_LM",
+        "num_virtual_tokens": 3,
+        "token_dim": 8,
+        "num_transformer_submodules": 2,
+    }
     (src / "adapter_config.json").write_text(json.dumps(config))
     table = _prompt(0, (6, 8))
     save_file({"prompt_embeddings": table}, str(src / "adapter_model.safetensors"))

@@ -67,13 +67,21 @@ def test_round_trip_without_process_group_continues_exactly(tmp_path):
     assert not torch.distributed.is_initialized()
     model, optimizer, scheduler, sampler = _trainer()
     _train(model, optimizer, scheduler, sampler, 3)
-    path = save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler,
-                           sampler=sampler, state={"losses": [1.5]})  # fmt: skip
+    path = save_checkpoint(
+        tmp_path,
+        3,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        state={"losses": [1.5]},
+    )
     expected = _train(model, optimizer, scheduler, sampler, 3)
 
     model2, optimizer2, scheduler2, sampler2 = _trainer(seed=1)
-    trainer = load_checkpoint(path, model=model2, optimizer=optimizer2, scheduler=scheduler2,
-                              sampler=sampler2)  # fmt: skip
+    trainer = load_checkpoint(
+        path, model=model2, optimizer=optimizer2, scheduler=scheduler2, sampler=sampler2
+    )
     assert trainer["step"] == 3 and trainer["losses"] == [1.5] and trainer["world_size"] == 1
     assert sampler2.position == 12
     assert _train(model2, optimizer2, scheduler2, sampler2, 3) == expected
@@ -85,8 +93,9 @@ def test_round_trip_without_process_group_continues_exactly(tmp_path):
 def test_checkpoint_layout_and_latest_pointer(tmp_path):
     model, optimizer, scheduler, sampler = _trainer()
     for step in (2, 4):
-        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        sampler=sampler)  # fmt: skip
+        save_checkpoint(
+            tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_2", "step_4"]
     assert (tmp_path / "latest").read_text() == "step_4\n"
     files = sorted(p.name for p in (tmp_path / "step_4").iterdir())
@@ -208,8 +217,9 @@ def test_resharded_sampler_continues_the_global_stream(saved_world, new_world):
 
     mixture = toy_mixture([50, 7, 20], [3, 1, 2])
     rows = 4  # per rank per step
-    old = [MixtureSampler(mixture, seed=3, rank=r, world_size=saved_world)
-           for r in range(saved_world)]  # fmt: skip
+    old = [
+        MixtureSampler(mixture, seed=3, rank=r, world_size=saved_world) for r in range(saved_world)
+    ]
     for _ in range(3):
         for s in old:
             s.take(rows)

@@ -255,8 +255,16 @@ def test_list_shows_the_healthy_entries_and_flags_a_corrupt_one(capsys, bank):
 def test_export_into_the_bank_is_refused(capsys, bank, tmp_path):
     """An adapter exported into the bank's own folder broke the bank."""
     for inside in (bank.root / "adapter", bank.root / "rte" / "x"):
-        status, _, err = run(capsys, "export", "rte", str(inside), "--task-type", "CAUSAL_LM",
-                             "--bank", str(bank.root))  # fmt: skip
+        status, _, err = run(
+            capsys,
+            "export",
+            "rte",
+            str(inside),
+            "--task-type",
+            "CAUSAL_LM",
+            "--bank",
+            str(bank.root),
+        )
         assert status == 2 and "is inside the prompt bank" in err and not inside.exists()
     assert bank.verify() == []
 
@@ -286,8 +294,16 @@ def test_bank_entries_and_exports_follow_the_umask(capsys, tmp_path):
     try:
         store = PromptBank(tmp_path / "shared")
         entry = store.add("rte", torch.ones(2, 2), base_model=BASE)
-        status, _, err = run(capsys, "export", "rte", str(tmp_path / "out"), "--task-type",
-                             "CAUSAL_LM", "--bank", str(store.root))  # fmt: skip
+        status, _, err = run(
+            capsys,
+            "export",
+            "rte",
+            str(tmp_path / "out"),
+            "--task-type",
+            "CAUSAL_LM",
+            "--bank",
+            str(store.root),
+        )
         assert status == 0, err
     finally:
         os.umask(old)
@@ -301,11 +317,28 @@ def test_import_refuses_a_prompt_of_another_width_than_the_base_model(capsys, tm
     base_dir, _ = gpt2_dirs  # tiny-gpt2: 64 wide
     store = PromptBank(tmp_path / "pb")
     store.add("rte", _prompt(1, (3, 8)), base_model=BASE)
-    status, _, err = run(capsys, "export", "rte", str(tmp_path / "ad"), "--task-type",
-                         "CAUSAL_LM", "--bank", str(store.root))  # fmt: skip
+    status, _, err = run(
+        capsys,
+        "export",
+        "rte",
+        str(tmp_path / "ad"),
+        "--task-type",
+        "CAUSAL_LM",
+        "--bank",
+        str(store.root),
+    )
     assert status == 0, err
-    status, _, err = run(capsys, "import", str(tmp_path / "ad"), "--task", "x", "--base-model",
-                         str(base_dir), "--bank", str(store.root))  # fmt: skip
+    status, _, err = run(
+        capsys,
+        "import",
+        str(tmp_path / "ad"),
+        "--task",
+        "x",
+        "--base-model",
+        str(base_dir),
+        "--bank",
+        str(store.root),
+    )
     assert status == 2
     assert_one_error_line(err, "the prompt is 8 wide", "embeds tokens in 64")
     assert store.tasks() == ["rte"]

@@ -104,9 +104,18 @@ def test_sample_json_is_the_k_shot_input_the_model_gets(capsys, mixture_file):
 
 def test_sample_validation_split_zero_shot(capsys, mixture_file):
     code, out, _ = run(
-        capsys, "mixture", "sample", mixture_file, "-n", "3", "--split", "validation",
-        "--shots", "0", "--json",
-    )  # fmt: skip
+        capsys,
+        "mixture",
+        "sample",
+        mixture_file,
+        "-n",
+        "3",
+        "--split",
+        "validation",
+        "--shots",
+        "0",
+        "--json",
+    )
     rows = json.loads(out)
     assert code == 0
     assert all(r["split"] == "validation" and r["exemplar_indices"] == [] for r in rows)

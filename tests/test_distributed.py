@@ -47,9 +47,14 @@ def ws(tmp_path_factory):
 
 def _config(ws, model: str, name: str):
     bank = make_bank(ws["root"] / f"bank-{model}", model)
-    return write_config(ws["root"] / name / "config.yaml", model=model, bank=bank,
-                        out_dir=ws["root"] / name / "out", mixture=ws["mixture"],
-                        keep_best_by=KEEP_BEST_BY[model])  # fmt: skip
+    return write_config(
+        ws["root"] / name / "config.yaml",
+        model=model,
+        bank=bank,
+        out_dir=ws["root"] / name / "out",
+        mixture=ws["mixture"],
+        keep_best_by=KEEP_BEST_BY[model],
+    )
 
 
 def _torchrun(config, *args, **kwargs):
@@ -177,8 +182,13 @@ def test_a_bad_input_under_torchrun_is_one_line(ws, tmp_path):
     """Two gloo processes; a UserError raised on both inside the process group (ProMoT's
     stage 2 on a bank without the mixture's tasks): one error line in all, no traceback of
     ours, exit status 2 (the rest is torchrun's own failure report)."""
-    config = write_config(tmp_path / "config.yaml", model="tiny-t5", bank=tmp_path / "bank",
-                          out_dir=tmp_path / "out", mixture=ws["mixture"])  # fmt: skip
+    config = write_config(
+        tmp_path / "config.yaml",
+        model="tiny-t5",
+        bank=tmp_path / "bank",
+        out_dir=tmp_path / "out",
+        mixture=ws["mixture"],
+    )
     (tmp_path / "bank").mkdir()
     result = run_torchrun(config, timeout=120)
     output = result.stdout + result.stderr

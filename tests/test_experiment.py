@@ -281,5 +281,16 @@ def test_a_truncated_record_in_the_run_folder_is_redone(tiny_config, tmp_path, c
     )
     assert json.loads(done.read_text())["records"]
     done.write_bytes(done.read_bytes()[:40])
-    assert main(["run", str(path), *overrides, "methods=[pretrained]", "eval.curve=false",
-                 "reuse=strict"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "run",
+                str(path),
+                *overrides,
+                "methods=[pretrained]",
+                "eval.curve=false",
+                "reuse=strict",
+            ]
+        )
+        == 2
+    )

@@ -11,8 +11,10 @@ from multipromot.cli import main
 from multipromot.data.tasks import task_from_spec
 from multipromot.errors import UserError
 
-TEMPLATE = {"jinja": "{{premise}} question: {{hypothesis}} ||| {{answer_choices[label]}}",
-            "answer_choices": "True ||| False"}  # fmt: skip
+TEMPLATE = {
+    "jinja": "{{premise}} question: {{hypothesis}} ||| {{answer_choices[label]}}",
+    "answer_choices": "True ||| False",
+}
 
 
 def _write(path, n):
@@ -21,8 +23,12 @@ def _write(path, n):
 
 
 def _task(tmp_path, files, splits=None):
-    spec = {"name": "one_file", "source": {"files": files, "format": "json"},
-            "template": TEMPLATE, "metric": "accuracy"}  # fmt: skip
+    spec = {
+        "name": "one_file",
+        "source": {"files": files, "format": "json"},
+        "template": TEMPLATE,
+        "metric": "accuracy",
+    }
     if splits is not None:
         spec["splits"] = splits
     return task_from_spec(spec, file=tmp_path / "m.yaml", key="tasks[0]")
@@ -66,8 +72,15 @@ def test_a_one_file_task_trains_through_stage_1(tmp_path, capsys):
         "name: mine\ntasks:\n  - name: one_file\n    source: {files: train.jsonl, format: json}\n"
         f"    template: {json.dumps(TEMPLATE)}\n    metric: accuracy\n"
     )
-    args = [f"out_dir={tmp_path / 'run'}", f"bank.dir={tmp_path / 'bank'}",
-            f"stage1.mixture={mixture}", "stage1.steps=2", "stage1.eval_every=2",
-            "stage1.eval_examples=4", "stage1.prompt_length=4", "stage1.batch_size=4"]  # fmt: skip
+    args = [
+        f"out_dir={tmp_path / 'run'}",
+        f"bank.dir={tmp_path / 'bank'}",
+        f"stage1.mixture={mixture}",
+        "stage1.steps=2",
+        "stage1.eval_every=2",
+        "stage1.eval_examples=4",
+        "stage1.prompt_length=4",
+        "stage1.batch_size=4",
+    ]
     assert main(["stage1", "configs/tiny.yaml", *args]) == 0
     assert "one_file@v0001" in capsys.readouterr().out

@@ -29,8 +29,11 @@ from multipromot.models import load_model  # noqa: E402
 from multipromot.soft_prompt import PromptedModel  # noqa: E402
 from multipromot.train.stage1 import format_record  # noqa: E402
 
-SIGNED = {"template": "t", "answer_choices": None,
-          "signature": {"pieces": [" answer:"], "answers": None}}  # fmt: skip
+SIGNED = {
+    "template": "t",
+    "answer_choices": None,
+    "signature": {"pieces": [" answer:"], "answers": None},
+}
 
 
 def _bank_with_prompt(tmp_path: Path, name: str, task: str = "toy", fmt: dict | None = None):
@@ -54,8 +57,12 @@ def _direct_logprob(prompted: PromptedModel, tok, context: str, continuation: st
     task_ids = torch.tensor([row])
     if prompted.is_encoder_decoder:
         ids = torch.tensor([ctx + [tok.eos_token_id]])
-        out = prompted(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       labels=torch.tensor([cont]), task_ids=task_ids)  # fmt: skip
+        out = prompted(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            labels=torch.tensor([cont]),
+            task_ids=task_ids,
+        )
         logprobs = out.logits.float().log_softmax(-1)[0]
     else:
         ids = torch.tensor([(ctx + cont)[:-1]])
@@ -89,18 +96,30 @@ def test_router_gives_matching_requests_the_prompt_and_others_none(tmp_path, nam
     routed = MultiPromotLM(pretrained=name, bank=str(bank.root), router=True, batch_size=2)
     forced = MultiPromotLM(pretrained=name, bank=str(bank.root), task="toy")
     bare = MultiPromotLM(pretrained=name, bank=str(bank.root))  # prompts loaded, none used
-    requests = [_ll("Is it? answer:", " yes"), _ll("Translate: cat", " chat"),
-                _ll("Why not? answer:", " no"), _ll("", "a whole text")]  # fmt: skip
+    requests = [
+        _ll("Is it? answer:", " yes"),
+        _ll("Translate: cat", " chat"),
+        _ll("Why not? answer:", " no"),
+        _ll("", "a whole text"),
+    ]
     assert routed.route([r.args[0] for r in requests]) == ["toy", None, "toy", None]
     got = routed.loglikelihood(requests)
-    want = [forced.loglikelihood([requests[i]])[0] if i in (0, 2) else
-            bare.loglikelihood([requests[i]])[0] for i in range(len(requests))]  # fmt: skip
+    want = [
+        forced.loglikelihood([requests[i]])[0]
+        if i in (0, 2)
+        else bare.loglikelihood([requests[i]])[0]
+        for i in range(len(requests))
+    ]
     assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
     # batched (mixed prompted and bare rows, batch_size 2) equals one request at a time
     one_by_one = [routed.loglikelihood([r])[0][0] for r in requests]
     assert [g[0] for g in got] == pytest.approx(one_by_one, abs=1e-4)
-    gen = [Instance("generate_until", {}, (r.args[0] or "x", {"until": ["\n\n"],
-                    "max_gen_toks": 5}), 0) for r in requests]  # fmt: skip
+    gen = [
+        Instance(
+            "generate_until", {}, (r.args[0] or "x", {"until": ["\n\n"], "max_gen_toks": 5}), 0
+        )
+        for r in requests
+    ]
     assert routed.generate_until(gen) == [routed.generate_until([g])[0] for g in gen]
 
 
@@ -139,8 +158,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 # The same items through `multipromot eval` and through lm-eval
 
 
-QUESTIONS = ["where is the red box", "who wrote the note", "what is two and two",
-             "when does it open", "why is it late", "how far is the lake"]  # fmt: skip
+QUESTIONS = [
+    "where is the red box",
+    "who wrote the note",
+    "what is two and two",
+    "when does it open",
+    "why is it late",
+    "how far is the lake",
+]
 MAX_NEW = 4
 
 
@@ -172,15 +197,21 @@ def _write_task_files(tmp_path: Path, name: str) -> tuple[Path, Path, str]:
     (data / "test.jsonl").write_text((data / "train.jsonl").read_text())
     task = load_mixture(mixture).tasks[0]
     dim = model.get_input_embeddings().weight.shape[1]
-    bank.add("lm_local", torch.randn(4, dim), base_model=describe_model(model, name=path),
-             format=format_record(task))  # fmt: skip
+    bank.add(
+        "lm_local",
+        torch.randn(4, dim),
+        base_model=describe_model(model, name=path),
+        format=format_record(task),
+    )
     prompted = PromptedModel.from_bank(model, bank, ["lm_local"])
     decoder_only = not prompted.is_encoder_decoder
     collator = Collator(tok, decoder_only=decoder_only, for_generation=True)
     items = [Item(task_id=0, input=f"{q} answer:", target="") for q in QUESTIONS]
     outputs = predict(prompted, tok, items, collator, max_new_tokens=MAX_NEW)
-    rows = [{"question": q, "answer": out if i % 2 == 0 else "zzz"}
-            for i, (q, out) in enumerate(zip(QUESTIONS, outputs, strict=True))]  # fmt: skip
+    rows = [
+        {"question": q, "answer": out if i % 2 == 0 else "zzz"}
+        for i, (q, out) in enumerate(zip(QUESTIONS, outputs, strict=True))
+    ]
     (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     tasks_dir = tmp_path / "lm_tasks"
@@ -213,11 +244,20 @@ def _write_task_files(tmp_path: Path, name: str) -> tuple[Path, Path, str]:
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-gpt2"])
 def test_lm_eval_scores_equal_multipromot_eval_on_the_same_items(tmp_path, name):
     mixture, suite, include = _write_task_files(tmp_path, name)
-    cfg = load_config(None, [f"model={name}", f"out_dir={tmp_path / 'run'}",
-                             f"bank.dir={tmp_path / 'bank'}", f"stage2.mixture={mixture}",
-                             f"eval.suite={suite}", f"eval.examples={len(QUESTIONS)}",
-                             f"eval.max_new_tokens={MAX_NEW}", "eval.shots=[0]",
-                             "eval.router=false"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model={name}",
+            f"out_dir={tmp_path / 'run'}",
+            f"bank.dir={tmp_path / 'bank'}",
+            f"stage2.mixture={mixture}",
+            f"eval.suite={suite}",
+            f"eval.examples={len(QUESTIONS)}",
+            f"eval.max_new_tokens={MAX_NEW}",
+            "eval.shots=[0]",
+            "eval.router=false",
+        ],
+    )
     run_eval(cfg)
     records = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["records"]
     [ours] = [r for r in records if r["task"] == "lm_local"]
@@ -225,9 +265,11 @@ def test_lm_eval_scores_equal_multipromot_eval_on_the_same_items(tmp_path, name)
 
     lm = MultiPromotLM(pretrained=name, bank=str(tmp_path / "bank"), router=True)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=["mp_local"], task_manager=TaskManager(include_path=include, include_defaults=False),
+        model=lm,
+        tasks=["mp_local"],
+        task_manager=TaskManager(include_path=include, include_defaults=False),
         log_samples=True,
-    )  # fmt: skip
+    )
     theirs = results["results"]["mp_local"]["score,none"]
     assert ours["score"] == pytest.approx(50.0)  # the even items, by construction
     assert theirs == pytest.approx(ours["score"])
@@ -251,10 +293,20 @@ def test_documented_command_runs_the_registered_model(tmp_path, monkeypatch, wit
         monkeypatch.setattr(manager.TaskManager, "__init__", local_only)
     _, _, include = _write_task_files(tmp_path, "tiny-gpt2")
     out = tmp_path / "out"
-    lmeval_main(["--model", "multipromot", "--model_args",
-                 f"pretrained=tiny-gpt2,bank={tmp_path / 'bank'},router=true",
-                 "--tasks", "mp_local", "--include_path", include,
-                 "--output_path", str(out)])  # fmt: skip
+    lmeval_main(
+        [
+            "--model",
+            "multipromot",
+            "--model_args",
+            f"pretrained=tiny-gpt2,bank={tmp_path / 'bank'},router=true",
+            "--tasks",
+            "mp_local",
+            "--include_path",
+            include,
+            "--output_path",
+            str(out),
+        ]
+    )
     [written] = list(out.rglob("results_*.json"))
     result = json.loads(written.read_text())
     assert result["results"]["mp_local"]["score,none"] == pytest.approx(50.0)

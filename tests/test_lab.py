@@ -82,8 +82,16 @@ def test_classification_labels_are_balanced(family):
 
 def test_labels_follow_the_generating_rule():
     world = get_world()
-    inverse = {a: b for pair in [("bigger", "smaller"), ("older", "younger"), ("faster", "slower"),
-                                 ("taller", "shorter")] for a, b in (pair, pair[::-1])}  # fmt: skip
+    inverse = {
+        a: b
+        for pair in [
+            ("bigger", "smaller"),
+            ("older", "younger"),
+            ("faster", "slower"),
+            ("taller", "shorter"),
+        ]
+        for a, b in (pair, pair[::-1])
+    }
     kinds: Counter[str] = Counter()
     for e in generate("lab_rte", "test", 0):
         words = e["hypothesis"].rstrip(".").split()
@@ -106,8 +114,9 @@ def test_labels_follow_the_generating_rule():
     for e in generate("lab_cb", "test", 0):
         # The clause the speaker embeds is the hypothesis; the embedding phrase is the label's.
         premise = f" {e['premise']} "
-        said = [p for p in COMMITMENT[("True", "False", "Neither")[e["label"]]]
-                if f" {p} " in premise]  # fmt: skip
+        said = [
+            p for p in COMMITMENT[("True", "False", "Neither")[e["label"]]] if f" {p} " in premise
+        ]
         assert len(said) == 1
         assert f" {said[0]} {e['hypothesis']}" in premise
         others = [p for phrases in COMMITMENT.values() for p in phrases if p != said[0]]
@@ -269,17 +278,32 @@ def test_micro_lab_model_runs_the_demo_config_end_to_end(tmp_path, capsys):
 
     root = Path(__file__).resolve().parents[1]
     model = ensure_lab_model(
-        tmp_path / "lab", seed=0, size="micro", steps=10, batch_size=8, warmup_steps=2,
-        eval_examples=0, progress=False,
-    )  # fmt: skip
+        tmp_path / "lab",
+        seed=0,
+        size="micro",
+        steps=10,
+        batch_size=8,
+        warmup_steps=2,
+        eval_examples=0,
+        progress=False,
+    )
     overrides = [
-        f"model={model}", f"out_dir={tmp_path / 'run'}", f"bank.dir={tmp_path / 'bank'}",
+        f"model={model}",
+        f"out_dir={tmp_path / 'run'}",
+        f"bank.dir={tmp_path / 'bank'}",
         "methods=[pretrained,standard,promot+1shot,promot@multi]",
-        "stage1.steps=2", "stage1.eval_every=2", "stage1.eval_examples=2",
-        "stage2.steps=2", "stage2.save_every=2", "stage2.eval_every=2",
-        "stage2.eval_examples=2", "stage2.batch_size=4",
-        "eval.examples=2", "eval.max_new_tokens=3", "eval.shots=[1]",
-    ]  # fmt: skip
+        "stage1.steps=2",
+        "stage1.eval_every=2",
+        "stage1.eval_examples=2",
+        "stage2.steps=2",
+        "stage2.save_every=2",
+        "stage2.eval_every=2",
+        "stage2.eval_examples=2",
+        "stage2.batch_size=4",
+        "eval.examples=2",
+        "eval.max_new_tokens=3",
+        "eval.shots=[1]",
+    ]
     assert main(["run", str(root / "configs" / "demo.yaml"), *overrides]) == 0
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'run' / 'report.md'}" in out

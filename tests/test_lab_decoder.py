@@ -14,8 +14,9 @@ import pytest
 
 from multipromot.lab import FAMILIES
 
-RECIPE = dict(seed=0, size="llama-micro", lr=0.1, steps=25, batch_size=8, warmup_steps=5,
-              progress=False)  # fmt: skip
+RECIPE = dict(
+    seed=0, size="llama-micro", lr=0.1, steps=25, batch_size=8, warmup_steps=5, progress=False
+)
 
 
 def test_micro_decoder_pretrain_writes_a_loadable_model_whose_loss_went_down(tmp_path):
@@ -67,14 +68,27 @@ def test_t5_lab_recipe_is_unchanged():
     from multipromot.lab.model import LAB_SIZES, LAB_VERSION, LabConfig, _recipe
 
     assert LAB_VERSION == 4
-    assert LAB_SIZES["small"] == {"d_model": 128, "d_kv": 32, "d_ff": 512, "num_layers": 2,
-                                  "num_decoder_layers": 2, "num_heads": 4}  # fmt: skip
+    assert LAB_SIZES["small"] == {
+        "d_model": 128,
+        "d_kv": 32,
+        "d_ff": 512,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+    }
     assert _recipe(asdict(LabConfig())) == {
-        "seed": 0, "size": "small", "steps": 2000, "batch_size": 48, "lr": 0.01,
-        "warmup_steps": 100, "final_fraction": 0.2,
+        "seed": 0,
+        "size": "small",
+        "steps": 2000,
+        "batch_size": 48,
+        "lr": 0.01,
+        "warmup_steps": 100,
+        "final_fraction": 0.2,
         "shot_weights": [0.2, 0.2, 0.15, 0.1, 0.1, 0.08, 0.07, 0.05, 0.05],
-        "families": list(LabConfig().families), "max_input_length": 512, "max_target_length": 32,
-    }  # fmt: skip
+        "families": list(LabConfig().families),
+        "max_input_length": 512,
+        "max_target_length": 32,
+    }
 
 
 @pytest.mark.slow
@@ -86,13 +100,22 @@ def test_micro_lab_llama_runs_the_decoder_demo_config_end_to_end(tmp_path, capsy
     root = Path(__file__).resolve().parents[1]
     model = ensure_lab_model(tmp_path / "lab", eval_examples=0, **{**RECIPE, "steps": 10})
     overrides = [
-        f"model={model}", f"out_dir={tmp_path / 'run'}", f"bank.dir={tmp_path / 'bank'}",
+        f"model={model}",
+        f"out_dir={tmp_path / 'run'}",
+        f"bank.dir={tmp_path / 'bank'}",
         "methods=[pretrained,promot@multi]",
-        "stage1.steps=2", "stage1.eval_every=2", "stage1.eval_examples=2",
-        "stage2.steps=2", "stage2.save_every=2", "stage2.eval_every=2",
-        "stage2.eval_examples=2", "stage2.batch_size=4",
-        "eval.examples=2", "eval.max_new_tokens=3", "eval.shots=[1]",
-    ]  # fmt: skip
+        "stage1.steps=2",
+        "stage1.eval_every=2",
+        "stage1.eval_examples=2",
+        "stage2.steps=2",
+        "stage2.save_every=2",
+        "stage2.eval_every=2",
+        "stage2.eval_examples=2",
+        "stage2.batch_size=4",
+        "eval.examples=2",
+        "eval.max_new_tokens=3",
+        "eval.shots=[1]",
+    ]
     assert main(["run", str(root / "configs" / "demo_decoder.yaml"), *overrides]) == 0
     assert "promot@multi" in capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "results.json").read_text())

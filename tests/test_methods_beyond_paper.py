@@ -32,14 +32,25 @@ def small(tmp_path):
         shutil.copytree(ROOT / sub, tmp_path / sub, ignore=shutil.ignore_patterns("data"))
     rte = tmp_path / "mixtures" / "lab_rte.yaml"
     return tmp_path / "configs" / "tiny.yaml", [
-        f"out_dir={tmp_path / 'run'}", f"bank.dir={tmp_path / 'bank'}",
-        f"stage1.mixture={rte}", f"stage2.mixture={rte}",
-        "stage1.steps=2", "stage1.eval_every=2", "stage1.eval_examples=2",
-        "stage2.steps=2", "stage2.save_every=1", "stage2.eval_every=2", "stage2.eval_examples=2",
+        f"out_dir={tmp_path / 'run'}",
+        f"bank.dir={tmp_path / 'bank'}",
+        f"stage1.mixture={rte}",
+        f"stage2.mixture={rte}",
+        "stage1.steps=2",
+        "stage1.eval_every=2",
+        "stage1.eval_examples=2",
+        "stage2.steps=2",
+        "stage2.save_every=1",
+        "stage2.eval_every=2",
+        "stage2.eval_examples=2",
         "stage2.keep_best_by=none",
-        "eval.examples=2", "eval.max_new_tokens=3", "eval.shots=[1]", "eval.curve=true",
-        "hft.round_steps=1", "lora.rank=2",
-    ]  # fmt: skip
+        "eval.examples=2",
+        "eval.max_new_tokens=3",
+        "eval.shots=[1]",
+        "eval.curve=true",
+        "hft.round_steps=1",
+        "lora.rank=2",
+    ]
 
 
 def _items(n=3):
@@ -104,15 +115,21 @@ def test_each_new_method_runs_end_to_end_and_stores_peft_adapters(small, tmp_pat
     # hft fine-tuned again with other settings: its WiSE rows are scored again, never reused.
     cfg = load_config(path, [*overrides, "methods=[hft,wise1:hft]", "hft.round_steps=2"])
     experiment.run_experiment(cfg)
-    lines = {line.split("`")[1]: line for line in (run / "report.md").read_text().splitlines()
-             if line.startswith("- `")}  # fmt: skip
+    lines = {
+        line.split("`")[1]: line
+        for line in (run / "report.md").read_text().splitlines()
+        if line.startswith("- `")
+    }
     assert "trained and scored by this run" in lines["hft"] and "reused" not in lines["wise1:hft"]
     assert "`wise1:hft`: 1 x hft's stage-2 step 2 weights + 0 x the base;" in lines["wise1:hft"]
     assert lines["wise1:hft"].endswith("interpolated and scored by this run")
     # the same command again: the WiSE row is reused, and says it was interpolated, not trained
     experiment.run_experiment(cfg)
-    lines = {line.split("`")[1]: line for line in (run / "report.md").read_text().splitlines()
-             if line.startswith("- `")}  # fmt: skip
+    lines = {
+        line.split("`")[1]: line
+        for line in (run / "report.md").read_text().splitlines()
+        if line.startswith("- `")
+    }
     assert lines["wise1:hft"].endswith("reused (interpolated and scored by an earlier run)")
     again = json.loads((run / "results.json").read_text())["records"]
     new = next(r["interpolated"] for r in again if r["method"] == "wise1:hft")
@@ -198,8 +215,9 @@ def test_a_mixed_task_training_batch_gives_the_loss_and_logits_of_routed_rows():
         ("[lora@multi]", "names mixture 'multi'"),
     ],
 )
-def test_bad_method_labels_are_one_line_errors_before_training(small, tmp_path, capsys,
-                                                               methods, message):  # fmt: skip
+def test_bad_method_labels_are_one_line_errors_before_training(
+    small, tmp_path, capsys, methods, message
+):
     path, overrides = small
     assert main(["run", str(path), *overrides, f"methods={methods}"]) == 2
     err = capsys.readouterr().err.strip()

@@ -198,36 +198,84 @@ def test_registered_metric_until_reset():
 # En-Fr) and Table 5 (multi-task RTE + En-Fr).
 PAPER_ROWS = {
     "table3_pretrained_1shot": (
-        {"cb": 46.43, "wic": 49.69, "triviaqa": 17.58, "web_questions": 9.70,
-         "wmt16_ende": 3.97, "wmt16_enro": 1.82, "xsum": 6.41, "wikilingua_en": 4.59},
+        {
+            "cb": 46.43,
+            "wic": 49.69,
+            "triviaqa": 17.58,
+            "web_questions": 9.70,
+            "wmt16_ende": 3.97,
+            "wmt16_enro": 1.82,
+            "xsum": 6.41,
+            "wikilingua_en": 4.59,
+        },
         17.52,
     ),
     "table3_pretrained_4shot": (
-        {"cb": 51.79, "wic": 49.69, "triviaqa": 19.02, "web_questions": 13.04,
-         "wmt16_ende": 8.83, "wmt16_enro": 3.92, "xsum": 2.35, "wikilingua_en": 1.33},
+        {
+            "cb": 51.79,
+            "wic": 49.69,
+            "triviaqa": 19.02,
+            "web_questions": 13.04,
+            "wmt16_ende": 8.83,
+            "wmt16_enro": 3.92,
+            "xsum": 2.35,
+            "wikilingua_en": 1.33,
+        },
         18.75,
     ),
     "table3_standard_ft_1shot": (
-        {"cb": 73.21, "wic": 50.00, "triviaqa": 0.15, "web_questions": 0.05,
-         "wmt16_ende": 0.00, "wmt16_enro": 0.00, "xsum": 0.00, "wikilingua_en": 0.00},
+        {
+            "cb": 73.21,
+            "wic": 50.00,
+            "triviaqa": 0.15,
+            "web_questions": 0.05,
+            "wmt16_ende": 0.00,
+            "wmt16_enro": 0.00,
+            "xsum": 0.00,
+            "wikilingua_en": 0.00,
+        },
         15.43,
     ),
     "table3_promot_1shot": (
-        {"cb": 66.07, "wic": 51.41, "triviaqa": 17.64, "web_questions": 11.07,
-         "wmt16_ende": 2.02, "wmt16_enro": 0.70, "xsum": 7.02, "wikilingua_en": 4.84},
+        {
+            "cb": 66.07,
+            "wic": 51.41,
+            "triviaqa": 17.64,
+            "web_questions": 11.07,
+            "wmt16_ende": 2.02,
+            "wmt16_enro": 0.70,
+            "xsum": 7.02,
+            "wikilingua_en": 4.84,
+        },
         20.10,
     ),
     "table4_promot_1shot": (
-        {"cb": 41.07, "wic": 50.16, "triviaqa": 13.63, "web_questions": 9.40,
-         "wmt16_ende": 15.52, "wmt16_enro": 18.54, "xsum": 1.49, "wikilingua_en": 1.14},
+        {
+            "cb": 41.07,
+            "wic": 50.16,
+            "triviaqa": 13.63,
+            "web_questions": 9.40,
+            "wmt16_ende": 15.52,
+            "wmt16_enro": 18.54,
+            "xsum": 1.49,
+            "wikilingua_en": 1.14,
+        },
         18.87,
     ),
     "table5_multi_promot_1shot": (
-        {"cb": 83.93, "wic": 51.41, "triviaqa": 16.99, "web_questions": 10.04,
-         "wmt16_ende": 18.83, "wmt16_enro": 18.41, "xsum": 4.50, "wikilingua_en": 2.89},
+        {
+            "cb": 83.93,
+            "wic": 51.41,
+            "triviaqa": 16.99,
+            "web_questions": 10.04,
+            "wmt16_ende": 18.83,
+            "wmt16_enro": 18.41,
+            "xsum": 4.50,
+            "wikilingua_en": 2.89,
+        },
         25.88,
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("row", sorted(PAPER_ROWS))

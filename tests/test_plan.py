@@ -33,13 +33,25 @@ def _shape(name: str):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, MT5Config
 
     if name == "llama-7b":
-        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                             num_attention_heads=32, vocab_size=32000)  # fmt: skip
+        config = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=32000,
+        )
         auto = AutoModelForCausalLM
     else:
-        config = MT5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-                           vocab_size=250112, feed_forward_proj="gated-gelu",
-                           decoder_start_token_id=0)  # fmt: skip
+        config = MT5Config(
+            d_model=4096,
+            d_ff=10240,
+            d_kv=64,
+            num_heads=64,
+            num_layers=24,
+            vocab_size=250112,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0,
+        )
         auto = AutoModelForSeq2SeqLM
     with torch.device("meta"):
         return auto.from_config(config, dtype=torch.float32)
@@ -84,8 +96,16 @@ def test_plan_matches_measured_memory_of_a_t5_small_shape(optimizer):
     2 ranks (fake group) equal the plan's."""
     from transformers import AutoModelForSeq2SeqLM, T5Config
 
-    config = T5Config(d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64,
-                      vocab_size=32128, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    config = T5Config(
+        d_model=512,
+        d_ff=2048,
+        num_layers=6,
+        num_heads=8,
+        d_kv=64,
+        vocab_size=32128,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     cfg = _cfg(optimizer=optimizer, batch_size=8)
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(config)
@@ -149,16 +169,19 @@ def _saved_activation_bytes(model, rows: int, lengths: tuple[int, ...]) -> int:
 
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (rows, lengths[0]))
-    kwargs = {"inputs_embeds": model.get_input_embeddings()(ids).detach(),  # as PromptedModel
-              "attention_mask": torch.ones_like(ids)}  # fmt: skip
+    kwargs = {
+        "inputs_embeds": model.get_input_embeddings()(ids).detach(),  # as PromptedModel
+        "attention_mask": torch.ones_like(ids),
+    }
     labels = ids
     if model.config.is_encoder_decoder:
         labels = torch.randint(5, 1000, (rows, lengths[1]))
         kwargs["decoder_input_ids"] = model._shift_right(labels)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(**kwargs).logits
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                          label_smoothing=0.1)  # fmt: skip
+        torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), label_smoothing=0.1
+        )
     return sum(saved.values()) + logits.numel() * logits.element_size()
 
 
@@ -175,19 +198,43 @@ def test_activation_estimate_matches_what_autograd_keeps_on_cpu(shape):
     than one block's share."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, T5Config
 
-    t5 = dict(d_model=256, d_kv=32, num_heads=8, vocab_size=32128, decoder_start_token_id=0,
-              pad_token_id=0, dropout_rate=0.1)  # fmt: skip
+    t5 = dict(
+        d_model=256,
+        d_kv=32,
+        num_heads=8,
+        vocab_size=32128,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        dropout_rate=0.1,
+    )
     config, auto = {
         "t5": (T5Config(d_ff=1024, num_layers=4, **t5), AutoModelForSeq2SeqLM),
-        "mt5-gated-gelu": (T5Config(d_ff=640, num_layers=3, feed_forward_proj="gated-gelu", **t5),
-                           AutoModelForSeq2SeqLM),
-        "llama": (LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                              num_attention_heads=8, vocab_size=32000), AutoModelForCausalLM),
-    }[shape]  # fmt: skip
+        "mt5-gated-gelu": (
+            T5Config(d_ff=640, num_layers=3, feed_forward_proj="gated-gelu", **t5),
+            AutoModelForSeq2SeqLM,
+        ),
+        "llama": (
+            LlamaConfig(
+                hidden_size=256,
+                intermediate_size=688,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                vocab_size=32000,
+            ),
+            AutoModelForCausalLM,
+        ),
+    }[shape]
     rows, prompt, text, target = 4, 16, 112, 32
-    cfg = load_config(None, [f"stage2.batch_size={rows}", f"stage2.max_input_length={text}",
-                             f"stage2.max_target_length={target}", f"stage1.prompt_length={prompt}",
-                             "stage2.mixed_precision=fp32"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"stage2.batch_size={rows}",
+            f"stage2.max_input_length={text}",
+            f"stage2.max_target_length={target}",
+            f"stage1.prompt_length={prompt}",
+            "stage2.mixed_precision=fp32",
+        ],
+    )
     with torch.device("meta"):
         meta = auto.from_config(config, attn_implementation="eager")
     plan = plan_memory(cfg, nodes=1, gpus=1, model=meta, cpu_kernels=True)

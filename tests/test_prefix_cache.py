@@ -38,10 +38,16 @@ def _batch(tok, texts: list[str]) -> dict[str, torch.Tensor]:
 def _generate(pm, batch, task_ids, num_beams: int, cached: bool):
     # Random-init models emit EOS at once: no EOS and a fixed budget, scores compared too.
     return pm.generate(
-        **batch, task_ids=torch.tensor(task_ids), prefix_cache=cached,
-        max_new_tokens=6, eos_token_id=None, num_beams=num_beams, do_sample=False,
-        return_dict_in_generate=True, output_scores=True,
-    )  # fmt: skip
+        **batch,
+        task_ids=torch.tensor(task_ids),
+        prefix_cache=cached,
+        max_new_tokens=6,
+        eos_token_id=None,
+        num_beams=num_beams,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
 
 
 def _assert_same(got, ref, num_beams: int) -> None:
@@ -123,8 +129,13 @@ def test_changed_weights_are_not_served_stale(name):
 def test_cached_generate_with_several_returned_sequences(num_beams):
     pm, tok = _prompted("tiny-gpt2")
     batch = _batch(tok, TEXTS[:3])
-    opts = dict(max_new_tokens=4, eos_token_id=None, num_beams=num_beams, do_sample=num_beams == 1,
-                num_return_sequences=2)  # fmt: skip
+    opts = dict(
+        max_new_tokens=4,
+        eos_token_id=None,
+        num_beams=num_beams,
+        do_sample=num_beams == 1,
+        num_return_sequences=2,
+    )
     torch.manual_seed(5)
     ref = pm.generate(**batch, task_ids=torch.tensor([0, -1, 1]), **opts)
     torch.manual_seed(5)

@@ -18,8 +18,14 @@ TRIVIA = [  # mandarjoshi/trivia_qa rc.nocontext: the answer record as the datas
         "question_id": "tc_1",
         "question_source": "http://www.quiz.example",
         "entity_pages": {"doc_source": [], "filename": [], "title": [], "wiki_context": []},
-        "search_results": {"description": [], "filename": [], "rank": [], "title": [],
-                           "url": [], "search_context": []},
+        "search_results": {
+            "description": [],
+            "filename": [],
+            "rank": [],
+            "title": [],
+            "url": [],
+            "search_context": [],
+        },
         "answer": {
             "aliases": ["Paris", "Paris, France", "City of Light"],
             "normalized_aliases": ["paris", "paris france", "city of light"],
@@ -30,20 +36,28 @@ TRIVIA = [  # mandarjoshi/trivia_qa rc.nocontext: the answer record as the datas
             "value": "Paris",
         },
     }
-]  # fmt: skip
+]
 WEBQ = [  # stanfordnlp/web_questions
-    {"url": "http://www.freebase.com/view/en/x", "question": "what does jamaican people speak?",
-     "answers": ["Jamaican English", "Jamaican Creole English Language"]},
-]  # fmt: skip
+    {
+        "url": "http://www.freebase.com/view/en/x",
+        "question": "what does jamaican people speak?",
+        "answers": ["Jamaican English", "Jamaican Creole English Language"],
+    },
+]
 
 
 @pytest.fixture
 def mirror(tmp_path):
     rows = datasets.Dataset.from_list
-    write_snapshot(tmp_path, "mandarjoshi/trivia_qa", "rc.nocontext",
-                   {"train": rows(TRIVIA), "validation": rows(TRIVIA)})  # fmt: skip
-    write_snapshot(tmp_path, "stanfordnlp/web_questions", None,
-                   {"train": rows(WEBQ), "test": rows(WEBQ)})  # fmt: skip
+    write_snapshot(
+        tmp_path,
+        "mandarjoshi/trivia_qa",
+        "rc.nocontext",
+        {"train": rows(TRIVIA), "validation": rows(TRIVIA)},
+    )
+    write_snapshot(
+        tmp_path, "stanfordnlp/web_questions", None, {"train": rows(WEBQ), "test": rows(WEBQ)}
+    )
     set_mirror(tmp_path)
     yield tmp_path
     set_mirror(None)
@@ -72,8 +86,12 @@ def test_triviaqa_normalisation_turns_punctuation_into_spaces():
 
 
 def test_references_are_checked_when_the_task_is_read(tmp_path):
-    spec = {"name": "t", "source": {"generator": "lab_qa"}, "metric": "exact_match",
-            "template": {"jinja": "{{question}} ||| {{answer}}"}}  # fmt: skip
+    spec = {
+        "name": "t",
+        "source": {"generator": "lab_qa"},
+        "metric": "exact_match",
+        "template": {"jinja": "{{question}} ||| {{answer}}"},
+    }
     with pytest.raises(UserError, match=r"tasks\[0\]\.references: .* is not a valid expression"):
         task_from_spec({**spec, "references": "answers[("}, file="m.yaml", key="tasks[0]")
     task = task_from_spec({**spec, "references": "42"}, file="m.yaml", key="tasks[0]")

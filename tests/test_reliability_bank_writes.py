@@ -43,8 +43,12 @@ class ForkServer:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, str(WRITER), "forkserver"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
     def ask(self, **request) -> dict:
@@ -74,8 +78,9 @@ def _kill_trials(server: ForkServer, tmp_path: Path, trials: int, seed: int, max
     survived = 0
     for trial in range(trials):
         delay = rng.uniform(0.0, max_delay)
-        answer = server.ask(bank=str(bank_dir), log=str(log), writer="k",
-                            seed=seed * 100_000 + trial, delay=delay)  # fmt: skip
+        answer = server.ask(
+            bank=str(bank_dir), log=str(log), writer="k", seed=seed * 100_000 + trial, delay=delay
+        )
         assert answer["killed"], answer
 
         check_bank(bank_dir, read_log(log), one_writer=True)  # the killed op: done or not at all
@@ -99,9 +104,13 @@ def _kill_trials(server: ForkServer, tmp_path: Path, trials: int, seed: int, max
         assert PromptBank(bank_dir).verify() == []
         assert not any(leftovers(bank_dir).values()), leftovers(bank_dir)
         survived += 1
-    return {"trials": trials, "survived": survived, "seen": dict(seen),
-            "entries_at_end": len(PromptBank(bank_dir).entries()),
-            "operations_finished": expected.done_ops}  # fmt: skip
+    return {
+        "trials": trials,
+        "survived": survived,
+        "seen": dict(seen),
+        "entries_at_end": len(PromptBank(bank_dir).entries()),
+        "operations_finished": expected.done_ops,
+    }
 
 
 def _record_kills(name: str, result: dict, max_delay: float) -> None:
@@ -160,16 +169,24 @@ def _concurrent_round(server: ForkServer, tmp_path: Path, writers: int, ops: int
             running.add(r["w"])
         else:
             running.discard(r["w"])
-    return {"added": len(added), "overlapping_operations": overlaps,
-            "operations": sum(r["phase"] != "begin" for r in records)}  # fmt: skip
+    return {
+        "added": len(added),
+        "overlapping_operations": overlaps,
+        "operations": sum(r["phase"] != "begin" for r in records),
+    }
 
 
 def test_concurrent_writers_lose_and_mix_up_nothing(server, tmp_path):
     result = _concurrent_round(server, tmp_path, writers=4, ops=12, seed=0)
     assert result["added"] > 0 and result["overlapping_operations"] > 0
-    tally.record("bank_concurrent_fast",
-                 fault="4 processes adding/recording/moving current/removing on one bank at once",
-                 trials=1, survived=1, data_lost=0, **result)  # fmt: skip
+    tally.record(
+        "bank_concurrent_fast",
+        fault="4 processes adding/recording/moving current/removing on one bank at once",
+        trials=1,
+        survived=1,
+        data_lost=0,
+        **result,
+    )
     # the checker is not blind: an entry that vanishes is reported as lost
     records = read_log(tmp_path / "writers.jsonl")
     task, version = next(iter(replay(records).present)).split("@")
@@ -184,9 +201,14 @@ def test_concurrent_writers_stress(server, tmp_path):
     for round_ in range(rounds):
         totals.update(_concurrent_round(server, tmp_path, writers=6, ops=30, seed=round_ * 10))
     assert totals["overlapping_operations"] > 0
-    tally.record("bank_concurrent_stress",
-                 fault="6 processes writing one bank at once, 30 operations each (10 rounds)",
-                 trials=rounds, survived=rounds, data_lost=0, **dict(totals))  # fmt: skip
+    tally.record(
+        "bank_concurrent_stress",
+        fault="6 processes writing one bank at once, 30 operations each (10 rounds)",
+        trials=rounds,
+        survived=rounds,
+        data_lost=0,
+        **dict(totals),
+    )
 
 
 def _hold_lock(path: Path) -> subprocess.Popen:
@@ -195,8 +217,9 @@ def _hold_lock(path: Path) -> subprocess.Popen:
         "import sys, time\nfrom filelock import FileLock\n"
         "lock = FileLock(sys.argv[1])\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(120)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 

@@ -82,9 +82,14 @@ def test_end_to_end_exit_status_and_one_line(tmp_path):
         root = tmp_path / name
         prepare(cases[name], root)
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "multipromot", *cases[name].argv], cwd=root, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_memory_cap,
-        )  # fmt: skip
+            [sys.executable, "-m", "multipromot", *cases[name].argv],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_memory_cap,
+        )
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         lines = err.strip().splitlines()

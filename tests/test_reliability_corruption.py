@@ -42,8 +42,13 @@ def pristine(tmp_path_factory) -> Path:
         "signature": {"pieces": ["question:", "True or False?"], "answers": ["True", "False"]},
     }
     for seed in range(2):
-        bank.add("rte", torch.randn(12, 16, generator=gen), base_model=BASE, format=fmt,
-                 stage1={"steps": 100, "metric": "accuracy", "value": 61.5 + seed})  # fmt: skip
+        bank.add(
+            "rte",
+            torch.randn(12, 16, generator=gen),
+            base_model=BASE,
+            format=fmt,
+            stage1={"steps": 100, "metric": "accuracy", "value": 61.5 + seed},
+        )
     bank.add("cb", torch.randn(12, 16, generator=gen), base_model=BASE)
     bank.set_current("rte@v1")
     bank.record_stage2("rte@v1", "runs/x/final")
@@ -126,10 +131,15 @@ def _bank_trials(pristine: Path, tmp_path: Path, trials: int, seed: int) -> dict
 
 def test_bank_file_corruption_is_detected(pristine, tmp_path):
     counts = _bank_trials(pristine, tmp_path, trials=60, seed=0)
-    tally.record("bank_corruption_fast",
-                 fault="random byte flips (1-3 bytes) and truncations of prompt.safetensors, "
-                       "meta.json, index.json", trials=60, survived=60, data_lost=0,
-                 outcomes=counts)  # fmt: skip
+    tally.record(
+        "bank_corruption_fast",
+        fault="random byte flips (1-3 bytes) and truncations of prompt.safetensors, "
+        "meta.json, index.json",
+        trials=60,
+        survived=60,
+        data_lost=0,
+        outcomes=counts,
+    )
     detected = sum(v for k, v in counts.items() if "error" in k)
     assert detected >= 55  # harmless flips (whitespace) are rare
 
@@ -137,10 +147,15 @@ def test_bank_file_corruption_is_detected(pristine, tmp_path):
 @pytest.mark.slow
 def test_bank_file_corruption_is_detected_stress(pristine, tmp_path):
     counts = _bank_trials(pristine, tmp_path, trials=1200, seed=1)
-    tally.record("bank_corruption_stress",
-                 fault="random byte flips (1-3 bytes) and truncations of prompt.safetensors, "
-                       "meta.json, index.json", trials=1200, survived=1200, data_lost=0,
-                 outcomes=counts)  # fmt: skip
+    tally.record(
+        "bank_corruption_stress",
+        fault="random byte flips (1-3 bytes) and truncations of prompt.safetensors, "
+        "meta.json, index.json",
+        trials=1200,
+        survived=1200,
+        data_lost=0,
+        outcomes=counts,
+    )
 
 
 @pytest.mark.parametrize(
@@ -194,8 +209,9 @@ def pristine_checkpoint(tmp_path_factory) -> Path:
     model, optimizer, scheduler, sampler = _trainer()
     _train(model, optimizer, scheduler, sampler, 3)
     root = tmp_path_factory.mktemp("checkpoint")
-    return save_checkpoint(root / "ckpts", 3, model=model, optimizer=optimizer,
-                           scheduler=scheduler, sampler=sampler)  # fmt: skip
+    return save_checkpoint(
+        root / "ckpts", 3, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler
+    )
 
 
 def _load_checkpoint_everything(path: Path) -> dict:
@@ -208,18 +224,29 @@ def _load_checkpoint_everything(path: Path) -> dict:
     from multipromot.train.checkpoint import load_checkpoint
 
     model, optimizer, scheduler, sampler = _trainer(seed=1)
-    trainer = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
-                              sampler=sampler)  # fmt: skip
+    trainer = load_checkpoint(
+        path, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler
+    )
     optim = optimizer.state_dict()["state"]
     return {
-        "tensors": {**{f"model.{k}": v.clone() for k, v in model.state_dict().items()},
-                    **{f"optim.{i}.{k}": v.clone() for i, s in optim.items()
-                       for k, v in s.items() if isinstance(v, torch.Tensor)},
-                    "rng.torch": torch.get_rng_state()},
-        "plain": {"trainer": json.dumps(trainer, sort_keys=True, default=str),
-                  "sampler": sampler.position, "scheduler": scheduler.state_dict(),
-                  "python": pyrandom.getstate(), "numpy": np.random.get_state()[1].tolist()},
-    }  # fmt: skip
+        "tensors": {
+            **{f"model.{k}": v.clone() for k, v in model.state_dict().items()},
+            **{
+                f"optim.{i}.{k}": v.clone()
+                for i, s in optim.items()
+                for k, v in s.items()
+                if isinstance(v, torch.Tensor)
+            },
+            "rng.torch": torch.get_rng_state(),
+        },
+        "plain": {
+            "trainer": json.dumps(trainer, sort_keys=True, default=str),
+            "sampler": sampler.position,
+            "scheduler": scheduler.state_dict(),
+            "python": pyrandom.getstate(),
+            "numpy": np.random.get_state()[1].tolist(),
+        },
+    }
 
 
 def _same_checkpoint(a: dict, b: dict) -> bool:
@@ -274,14 +301,18 @@ def _weight_flip(path: Path) -> None:
 CHECKPOINT_DAMAGE = {
     ".metadata truncated": (".metadata", lambda p: p.write_bytes(p.read_bytes()[:100])),
     "trainer_state.json truncated": (
-        "trainer_state.json", lambda p: p.write_bytes(p.read_bytes()[:100])),
+        "trainer_state.json",
+        lambda p: p.write_bytes(p.read_bytes()[:100]),
+    ),
     ".metadata unpickles to a bad structure": (".metadata", lambda p: p.write_bytes(b"}]]s.")),
     "__0_0.distcp weight byte flipped": ("__0_0.distcp", _weight_flip),
     "__0_0.distcp truncated": ("__0_0.distcp", lambda p: p.write_bytes(p.read_bytes()[:1000])),
     "trainer_state.json not UTF-8": (
-        "trainer_state.json", lambda p: p.write_bytes(p.read_bytes()[:50] + b"\xff" + p.read_bytes()[51:])),
+        "trainer_state.json",
+        lambda p: p.write_bytes(p.read_bytes()[:50] + b"\xff" + p.read_bytes()[51:]),
+    ),
     "rng.safetensors tensor byte flipped": ("rng.safetensors", _payload_flip),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
@@ -296,9 +327,8 @@ def test_checkpoint_file_damage_is_one_line_naming_the_file(pristine_checkpoint,
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"", b"step_99\n", b"../../etc\n", b"step_3/../../x\n",
-     b"\xff\xfe"],
-)  # fmt: skip
+    [b"", b"step_99\n", b"../../etc\n", b"step_3/../../x\n", b"\xff\xfe"],
+)
 def test_a_bad_latest_pointer_falls_back_to_a_complete_checkpoint(
     pristine_checkpoint, tmp_path, garbage
 ):
@@ -334,9 +364,13 @@ def test_checkpoint_corruption_random_trials(pristine_checkpoint, tmp_path):
         for k, v in counts.items()
         if not k.endswith(("naming the file", "harmless (content unchanged)", "identical"))
     )
-    tally.record("checkpoint_corruption_stress",
-                 fault="random byte flips and truncations of every checkpoint file",
-                 trials=trials, survived=trials - bad, data_lost=0,
-                 silently_wrong_values=sum(v for k, v in counts.items() if "DIFFERENT" in k),
-                 outcomes=dict(counts))  # fmt: skip
+    tally.record(
+        "checkpoint_corruption_stress",
+        fault="random byte flips and truncations of every checkpoint file",
+        trials=trials,
+        survived=trials - bad,
+        data_lost=0,
+        silently_wrong_values=sum(v for k, v in counts.items() if "DIFFERENT" in k),
+        outcomes=dict(counts),
+    )
     assert bad == 0, counts

@@ -114,17 +114,21 @@ def test_disk_full_during_a_bank_write_keeps_earlier_state(tmp_path, monkeypatch
         bank.add("cb", torch.zeros(4, 8), base_model=BASE)  # the next writer
         assert bank.verify() == []
         assert not [p for p in root.rglob(".*") if p.name != ".lock"]
-    tally.record(f"disk_full_bank_{name}",
-                 fault=f"ENOSPC at every durable write of bank {name}", trials=points,
-                 survived=points, data_lost=0, verify_right_after=outcomes)  # fmt: skip
+    tally.record(
+        f"disk_full_bank_{name}",
+        fault=f"ENOSPC at every durable write of bank {name}",
+        trials=points,
+        survived=points,
+        data_lost=0,
+        verify_right_after=outcomes,
+    )
 
 
 def _checkpoint_dir(tmp_path: Path):
     model, optimizer, scheduler, sampler = _trainer()
     _train(model, optimizer, scheduler, sampler, 2)
     root = tmp_path / "ckpts"
-    save_checkpoint(root, 2, model=model, optimizer=optimizer, scheduler=scheduler,
-                    sampler=sampler)  # fmt: skip
+    save_checkpoint(root, 2, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
     good = {k: v.clone() for k, v in model.state_dict().items()}
     _train(model, optimizer, scheduler, sampler, 2)
     return root, good, (model, optimizer, scheduler, sampler)
@@ -153,8 +157,9 @@ def test_disk_full_during_a_checkpoint_save_keeps_the_last_good_one(tmp_path, mo
             else:
                 m.setattr(os, "fsync", DiskFull(fail_at))
             with pytest.raises(BaseException) as err:  # noqa: B017 (dcp wraps it in a BaseException)
-                save_checkpoint(root, 4, model=model, optimizer=optimizer, scheduler=scheduler,
-                                sampler=sampler)  # fmt: skip
+                save_checkpoint(
+                    root, 4, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler
+                )
         assert not isinstance(err.value, KeyboardInterrupt)
         kinds[str(fail_at)] = type(err.value).__name__
         latest = latest_checkpoint(root)
@@ -169,8 +174,14 @@ def test_disk_full_during_a_checkpoint_save_keeps_the_last_good_one(tmp_path, mo
         # the next save clears what the failed one left
         save_checkpoint(root, 6, model=model, optimizer=optimizer)
         assert sorted(p.name for p in root.iterdir() if ".tmp" in p.name) == []
-    tally.record("disk_full_checkpoint", fault="ENOSPC at every durable write of a checkpoint save",
-                 trials=len(kinds), survived=len(kinds), data_lost=0, raised=kinds)  # fmt: skip
+    tally.record(
+        "disk_full_checkpoint",
+        fault="ENOSPC at every durable write of a checkpoint save",
+        trials=len(kinds),
+        survived=len(kinds),
+        data_lost=0,
+        raised=kinds,
+    )
 
 
 # ----------------------------------------------------------------------------- NaN / Inf
@@ -183,10 +194,14 @@ def _stage2_config(tmp_path_factory, name: str, **stage2):
     setup_env(base)
     ws = base / "stage2-ws"
     model = dropout_model(ws / "t5-dropout")
-    return write_config(tmp_path_factory.mktemp(name) / "config.yaml", model=model,
-                        out_dir=tmp_path_factory.getbasetemp() / name / "out",
-                        bank=make_bank(ws / "bank", model), mixture=write_mixture(ws / "mixture"),
-                        **stage2)  # fmt: skip
+    return write_config(
+        tmp_path_factory.mktemp(name) / "config.yaml",
+        model=model,
+        out_dir=tmp_path_factory.getbasetemp() / name / "out",
+        bank=make_bank(ws / "bank", model),
+        mixture=write_mixture(ws / "mixture"),
+        **stage2,
+    )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

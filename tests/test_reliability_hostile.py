@@ -194,10 +194,15 @@ def _mixture(tmp_path: Path, template: dict, extra_source: dict | None = None) -
     data.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(4)))
     spec = {
         "name": "hostile",
-        "tasks": [{"name": "evil", "source": {"files": "data.jsonl", "format": "json",
-                                              **(extra_source or {})},
-                   "template": template, "metric": "accuracy"}],
-    }  # fmt: skip
+        "tasks": [
+            {
+                "name": "evil",
+                "source": {"files": "data.jsonl", "format": "json", **(extra_source or {})},
+                "template": template,
+                "metric": "accuracy",
+            }
+        ],
+    }
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -217,8 +222,13 @@ def test_template_cannot_escape_the_sandbox(tmp_path, capsys, payload):
 def test_answer_choices_and_source_filter_are_sandboxed_too(tmp_path, capsys):
     marker = tmp_path / "pwned"
     touch = f"lipsum.__globals__.os.system('touch {marker}')"
-    path = _mixture(tmp_path, {"jinja": "{{text}} ||| {{answer_choices[label]}}",
-                               "answer_choices": "{{ " + touch + " }} ||| b"})  # fmt: skip
+    path = _mixture(
+        tmp_path,
+        {
+            "jinja": "{{text}} ||| {{answer_choices[label]}}",
+            "answer_choices": "{{ " + touch + " }} ||| b",
+        },
+    )
     assert main(["mixture", "sample", str(path)]) == 2
     assert "tasks[0].template" in _one_error_line(capsys)
     path = _mixture(tmp_path, {"jinja": "{{text}} ||| x"}, {"filter": touch})
@@ -246,23 +256,34 @@ for jinja in json.loads(sys.argv[1]):
 print(json.dumps(outcomes))
 """
 # the wall-time bound's own case: 2**40 macro calls in a handful of loop iterations
-_DEADLINE_BOMB = ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}"
-                  "{% endmacro %}{{ f(40) }}")  # fmt: skip
+_DEADLINE_BOMB = (
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}"
+)
 
 
 def test_template_resource_bombs_end_in_the_meter_under_a_memory_cap(tmp_path):
     bombs = [jinja for jinja, _ in RESOURCE_BOMBS] + [_DEADLINE_BOMB]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _BOMB_SCRIPT, json.dumps(bombs)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _BOMB_SCRIPT, json.dumps(bombs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     outcomes = json.loads(done.stdout.strip().splitlines()[-1])
     limits = Counter()
     for outcome, _ in outcomes:
         assert "(a limit per render)" in outcome, outcome
         reason = outcome.split(": ", 2)[-1]
-        limits["time" if "took more than" in reason else "steps" if "loop iterations" in reason
-               else "size"] += 1  # fmt: skip
+        limits[
+            "time"
+            if "took more than" in reason
+            else "steps"
+            if "loop iterations" in reason
+            else "size"
+        ] += 1
     slowest = max(seconds for _, seconds in outcomes)
     assert slowest < 15  # the 5 s deadline plus a loaded machine's slack
     tally.record(
@@ -318,8 +339,18 @@ def test_unsafe_yaml_tags_are_refused_in_mixtures_configs_and_suites(tmp_path, c
 
 # ----------------------------------------------------------------------------- names and paths
 
-TRAVERSALS = ["../evil", "..", "a/../../b", "/etc/passwd", "rte/../../x", "~root", ".hidden",
-              "a\\..\\b", "nul\x00byte", ""]  # fmt: skip
+TRAVERSALS = [
+    "../evil",
+    "..",
+    "a/../../b",
+    "/etc/passwd",
+    "rte/../../x",
+    "~root",
+    ".hidden",
+    "a\\..\\b",
+    "nul\x00byte",
+    "",
+]
 
 
 @pytest.mark.parametrize("name", TRAVERSALS)

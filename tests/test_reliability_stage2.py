@@ -67,9 +67,13 @@ def ws(tmp_path_factory):
 
 
 def _config(ws, name: str) -> Path:
-    return write_config(ws["root"] / name / "config.yaml", model=ws["model"],
-                        out_dir=ws["root"] / name / "out", bank=ws["bank"],
-                        mixture=ws["mixture"])  # fmt: skip
+    return write_config(
+        ws["root"] / name / "config.yaml",
+        model=ws["model"],
+        out_dir=ws["root"] / name / "out",
+        bank=ws["bank"],
+        mixture=ws["mixture"],
+    )
 
 
 def _straight(ws) -> Path:
@@ -90,8 +94,14 @@ def _checkpoint_weights(ws, path: Path) -> dict[str, torch.Tensor]:
 
 def _kill(config: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(KILLER), str(config), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(KILLER), str(config), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _trial(ws, name: str, args: list[str], seen: Counter) -> None:
@@ -128,12 +138,21 @@ def _trial(ws, name: str, args: list[str], seen: Counter) -> None:
 def test_kill_9_inside_a_checkpoint_save_then_resume_is_exact(ws):
     fraction = random.Random(0).random()
     seen: Counter = Counter()
-    _trial(ws, "reliability-killed-in-save", ["--in-save", "--save", "2", "--fraction", f"{fraction:.6f}"],
-           seen)  # fmt: skip
+    _trial(
+        ws,
+        "reliability-killed-in-save",
+        ["--in-save", "--save", "2", "--fraction", f"{fraction:.6f}"],
+        seen,
+    )
     assert seen["killed"] == 1 and seen["1 checkpoint(s) published before the kill"] == 1
-    tally.record("stage2_kill_fast",
-                 fault="kill -9 at a random moment inside the second checkpoint save, then resume",
-                 trials=1, survived=1, data_lost=0, seen=dict(seen))  # fmt: skip
+    tally.record(
+        "stage2_kill_fast",
+        fault="kill -9 at a random moment inside the second checkpoint save, then resume",
+        trials=1,
+        survived=1,
+        data_lost=0,
+        seen=dict(seen),
+    )
 
 
 @pytest.mark.slow
@@ -157,13 +176,20 @@ def test_kill_9_at_random_moments_of_stage2_then_resume_is_exact(ws, tmp_path):
         trials += 1
     for i in range(6):
         fraction = f"{rng.random():.6f}"
-        _trial(ws, f"killed-in-save-{i}", ["--in-save", "--save", "2", "--fraction", fraction],
-               seen)  # fmt: skip
+        _trial(
+            ws, f"killed-in-save-{i}", ["--in-save", "--save", "2", "--fraction", fraction], seen
+        )
         trials += 1
-    tally.record("stage2_kill_stress",
-                 fault="kill -9 at a random moment of a stage-2 run (10) or inside a checkpoint "
-                       "save (6), then resume", trials=trials, survived=trials, data_lost=0,
-                 events_per_run=total, seen=dict(seen))  # fmt: skip
+    tally.record(
+        "stage2_kill_stress",
+        fault="kill -9 at a random moment of a stage-2 run (10) or inside a checkpoint "
+        "save (6), then resume",
+        trials=trials,
+        survived=trials,
+        data_lost=0,
+        events_per_run=total,
+        seen=dict(seen),
+    )
 
 
 def _fail_in_second_save(m, stage2, fail_at: int) -> dict:
@@ -220,6 +246,11 @@ def test_disk_full_in_a_stage2_save_then_resume_is_exact(ws, monkeypatch):
         resumed = run_in_process(config)
         assert loss_diff(train_losses(resumed), train_losses(straight)) == 0.0
         assert max_diff(final_weights(resumed), final_weights(straight)) == 0.0
-    tally.record("disk_full_stage2_stress",
-                 fault="ENOSPC at every durable write of the second checkpoint save of a "
-                       "stage-2 run, then resume", trials=points, survived=points, data_lost=0)  # fmt: skip
+    tally.record(
+        "disk_full_stage2_stress",
+        fault="ENOSPC at every durable write of the second checkpoint save of a "
+        "stage-2 run, then resume",
+        trials=points,
+        survived=points,
+        data_lost=0,
+    )

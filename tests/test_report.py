@@ -32,9 +32,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _rec(method, step, task, shots, score, spec=None, seen=False, metric="accuracy", random=0.0):
     return {
-        "method": method, "step": step, "task": task, "shots": shots, "metric": metric,
-        "score": score, "specialization": spec, "prompt": None, "seen": seen, "random": random,
-    }  # fmt: skip
+        "method": method,
+        "step": step,
+        "task": task,
+        "shots": shots,
+        "metric": metric,
+        "score": score,
+        "specialization": spec,
+        "prompt": None,
+        "seen": seen,
+        "random": random,
+    }
 
 
 def _records() -> list[dict]:
@@ -58,8 +66,10 @@ def _records() -> list[dict]:
 def test_final_records_are_each_methods_last_step():
     final = final_records(_records())
     assert {(r["method"], r["step"]) for r in final} == {
-        ("pretrained", 0), ("standard", 200), ("promot", 200),
-    }  # fmt: skip
+        ("pretrained", 0),
+        ("standard", 200),
+        ("promot", 200),
+    }
     assert len(final) == 3 * 5
 
 
@@ -68,7 +78,10 @@ def test_summary_norm_avg_differences_and_specialization():
     assert s["methods"] == ["pretrained", "standard", "promot"]
     assert s["shots"] == [1, 4]
     assert s["unseen_tasks"] == ["cb", "qa"] and s["seen_tasks"] == ["rte"]
-    got = {(u["method"], u["shots"]): (u["norm_avg"], u["diff"], u["specialization"]) for u in s["unseen"]}  # fmt: skip
+    got = {
+        (u["method"], u["shots"]): (u["norm_avg"], u["diff"], u["specialization"])
+        for u in s["unseen"]
+    }
     assert got == {
         ("pretrained", 1): (30.0, 0.0, 0.0),
         ("pretrained", 4): (40.0, 0.0, 0.0),
@@ -82,8 +95,10 @@ def test_summary_norm_avg_differences_and_specialization():
     assert promot_1["norm_avg_random"] == pytest.approx(7.5)
     assert promot_1["step"] == 200 and promot_1["tasks"] == ["cb", "qa"]
     assert [(f["method"], f["task"], f["shots"], f["score"]) for f in s["finetuned"]] == [
-        ("pretrained", "rte", 0, 50), ("standard", "rte", 0, 90), ("promot", "rte", 0, 88),
-    ]  # fmt: skip
+        ("pretrained", "rte", 0, 50),
+        ("standard", "rte", 0, 90),
+        ("promot", "rte", 0, 88),
+    ]
 
 
 def test_summary_without_the_baseline_has_no_differences():
@@ -147,8 +162,12 @@ def test_bad_records_are_refused():
 
 def test_write_report_files_and_round_trip(tmp_path):
     records = _records()
-    config = {"config_file": "configs/tiny.yaml", "model": "tiny-t5", "seed": 0,
-              "eval": {"suite": "eval/tiny.yaml", "shots": [1, 4]}}  # fmt: skip
+    config = {
+        "config_file": "configs/tiny.yaml",
+        "model": "tiny-t5",
+        "seed": 0,
+        "eval": {"suite": "eval/tiny.yaml", "shots": [1, 4]},
+    }
     path = write_report(records, tmp_path, title="Tiny run", config=config)
     assert path == tmp_path / "report.md"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -156,7 +175,7 @@ def test_write_report_files_and_round_trip(tmp_path):
         "report.md",
         "results.json",
         "specialization.png",
-    ]  # fmt: skip  (no temp files left behind)
+    ]
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["records"] == records
@@ -218,8 +237,10 @@ def test_curves_start_at_step_0_from_the_same_weights_and_prompts():
     assert final_records(_with_step0(records)) == final_records(records)  # the table is unchanged
 
 
-LOSSES = {"standard": [(50, 2.0), (100, 1.5), (150, 1.2), (200, 1.0)],
-          "promot": [(50, 2.2), (100, 1.9), (150, 1.7), (200, 1.6)]}  # fmt: skip
+LOSSES = {
+    "standard": [(50, 2.0), (100, 1.5), (150, 1.2), (200, 1.0)],
+    "promot": [(50, 2.2), (100, 1.9), (150, 1.7), (200, 1.6)],
+}
 STAGE1 = {"prompts": [(10, 3.0), (20, 2.5)], "promot_lora's adapters": [(10, 4.0), (20, 3.1)]}
 
 
@@ -233,8 +254,12 @@ def test_curves_have_a_training_loss_panel_and_a_style_per_method(tmp_path):
     records = _records()
     figures = plot_figures(records, stage1_losses=STAGE1, stage2_losses=LOSSES)
     panels = _panels(figures["norm_avg.png"])
-    assert set(panels) == {"Unseen tasks, 1-shot", "Unseen tasks, 4-shot", "Stage-2 training loss",
-                           "Stage-1 training loss (all tasks)"}  # fmt: skip
+    assert set(panels) == {
+        "Unseen tasks, 1-shot",
+        "Unseen tasks, 4-shot",
+        "Stage-2 training loss",
+        "Stage-1 training loss (all tasks)",
+    }
     # the loss panels hold the logged losses, per method and for stage 1
     lines = {line.get_label(): line for line in panels["Stage-2 training loss"].get_lines()}
     for method, points in LOSSES.items():
@@ -278,7 +303,7 @@ def test_one_evaluation_per_method_is_bars_not_curves(tmp_path):
         "pretrained (step 0)": 30.0,
         "standard (step 200)": 7.5,
         "promot (step 200)": 35.0,
-    }  # fmt: skip  (the table's Norm. Avg.)
+    }
     assert len({p.get_facecolor() for p in bars.patches}) == 3
     ticks = [t.get_text() for t in bars.get_xticklabels()]
     assert ticks == ["pretrained\n(step 0)", "standard\n(step 200)", "promot\n(step 200)"]

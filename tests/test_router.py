@@ -29,7 +29,7 @@ from multipromot.router import (
 from multipromot.router.base import signature_from_dict
 
 SEP = SEPARATOR
-# fmt: off
+# fmt: off  (word lists: one word per line would be 60 lines of noise)
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "shi", "ben", "dar", "ost", "pel", "qui",
              "zan", "tor", "ila", "mon", "fer", "gal", "hu"]
 COMMON = ["the", "a", "of", "to", "in", "is", "was", "for", "on", "with", "as", "by", "at", "from",
@@ -277,9 +277,10 @@ def test_template_with_the_separator_in_its_own_text():
     # Template.signature drops the template's "\n\n" (pieces are whitespace-normalised); the
     # task's examples show that the template puts the separator before each piece.
     boolq = Template(
-        "boolq", "{{passage}}\n\nQuestion: {{question}}\n\nAnswer: ||| {{answer_choices[label]}}",
+        "boolq",
+        "{{passage}}\n\nQuestion: {{question}}\n\nAnswer: ||| {{answer_choices[label]}}",
         "no ||| yes",
-    )  # fmt: skip
+    )
     assert boolq.signature == FormatSignature(("Question:", "Answer:"), ("no", "yes"))
     rng = random.Random(0)
     entry = RouterEntry("boolq", boolq.signature, _render(boolq, rng, 20))

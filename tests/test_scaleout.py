@@ -45,13 +45,22 @@ def ws(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     setup_env(base)
     root = base / "scaleout-ws"
-    return {"root": root, "mixture": write_mixture(root / "mixture"),
-            "bank": make_bank(root / "bank-tiny-t5", "tiny-t5")}  # fmt: skip
+    return {
+        "root": root,
+        "mixture": write_mixture(root / "mixture"),
+        "bank": make_bank(root / "bank-tiny-t5", "tiny-t5"),
+    }
 
 
 def _config(ws, name: str, **stage2):
-    return write_config(ws["root"] / name / "config.yaml", model="tiny-t5", bank=ws["bank"],
-                        out_dir=ws["root"] / name / "out", mixture=ws["mixture"], **stage2)  # fmt: skip
+    return write_config(
+        ws["root"] / name / "config.yaml",
+        model="tiny-t5",
+        bank=ws["bank"],
+        out_dir=ws["root"] / name / "out",
+        mixture=ws["mixture"],
+        **stage2,
+    )
 
 
 def _straight(ws):
@@ -66,9 +75,14 @@ def _signalled_one_process(ws):
     def make():
         config = _config(ws, "sigterm-1", keep_last=1)
         env = {"OMP_NUM_THREADS": "1", **dict(__import__("os").environ)}
-        result = subprocess.run([sys.executable, str(DRIVER), str(config), "--signal-after-step",
-                                 "3"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=240)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, str(DRIVER), str(config), "--signal-after-step", "3"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         ckpt = config.parent / "out" / "checkpoints" / "step_3"
         if ckpt.is_dir():  # kept aside: the resume below prunes it (keep_last=1)
             shutil.copytree(ckpt, config.parent / "aside" / "step_3")
@@ -82,8 +96,9 @@ def _signalled_two_ranks(ws):
 
     def make():
         config = _config(ws, "sigterm-2")
-        return config, run_torchrun(config, "--signal-after-step", "3", "--signal-rank", "1",
-                                    driver=True)  # fmt: skip
+        return config, run_torchrun(
+            config, "--signal-after-step", "3", "--signal-rank", "1", driver=True
+        )
 
     return cached_run("sigterm-2", make)
 
@@ -139,8 +154,12 @@ def test_one_rank_checkpoint_resumes_on_two_with_memory_options(ws):
     config = _config(ws, "elastic-1-2")
     ckpt = config.parent / "from" / "step_3"
     shutil.copytree(source.parent / "aside" / "step_3", ckpt)
-    result = run_torchrun(config, f"stage2.resume={ckpt}", "stage2.activation_checkpointing=true",
-                          "stage2.export_shard_size=60KB")  # fmt: skip
+    result = run_torchrun(
+        config,
+        f"stage2.resume={ckpt}",
+        "stage2.activation_checkpointing=true",
+        "stage2.export_shard_size=60KB",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "written by 1 process(es), now 2" in result.stdout
     assert "applied: activation_checkpointing False -> True" in result.stdout
@@ -213,9 +232,14 @@ def test_kill_while_an_async_save_is_in_flight_keeps_the_previous_checkpoint(ws)
     straight = _straight(ws)
     config = _config(ws, "async-killed", async_save=True, save_every=1, keep_last=1)
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(DRIVER), str(config), "--hold-save", "2",
-                             "--die-after-step", "3"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=240)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(DRIVER), str(config), "--hold-save", "2", "--die-after-step", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     # The driver's os._exit status: reached only by step 3's optimizer step, taken while
     # step 2's save was still in flight (before step 3's loss is logged).
     assert result.returncode == 17, result.stderr[-3000:]
@@ -265,21 +289,36 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(model):
 
     def loss_and_grads(checkpointing: bool):
         base, _ = build_tiny(model)
-        prompted = PromptedModel(base, torch.randn(2, 3, base.config.hidden_size
-                                                   if hasattr(base.config, "hidden_size")
-                                                   else base.config.d_model))  # fmt: skip
+        prompted = PromptedModel(
+            base,
+            torch.randn(
+                2,
+                3,
+                base.config.hidden_size
+                if hasattr(base.config, "hidden_size")
+                else base.config.d_model,
+            ),
+        )
         prompted.set_trainable("both")
         if checkpointing:
             assert D.enable_activation_checkpointing(prompted) >= 2
         prompted.train()
         ids = torch.randint(3, 100, (4, 10))
-        kwargs = {"labels": torch.randint(3, 100, (4, 5))} if base.config.is_encoder_decoder \
-            else {"labels": ids}  # fmt: skip
-        out = prompted(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       task_ids=torch.tensor([0, 1, -1, 0]), **kwargs)  # fmt: skip
+        kwargs = (
+            {"labels": torch.randint(3, 100, (4, 5))}
+            if base.config.is_encoder_decoder
+            else {"labels": ids}
+        )
+        out = prompted(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            task_ids=torch.tensor([0, 1, -1, 0]),
+            **kwargs,
+        )
         out.loss.backward()
-        return out.loss.item(), {n: p.grad.clone() for n, p in prompted.named_parameters()
-                                 if p.grad is not None}  # fmt: skip
+        return out.loss.item(), {
+            n: p.grad.clone() for n, p in prompted.named_parameters() if p.grad is not None
+        }
 
     torch.manual_seed(0)
     loss_plain, grads_plain = loss_and_grads(False)
@@ -308,9 +347,11 @@ def test_scale_keys_are_validated(tmp_path):
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("1.5KiB") == 1536
     assert parse_size("5XB") is None and parse_size("-1MB") is None
-    for bad, key in [("stage2.mixed_precision=fp16", "mixed_precision"),
-                     ("stage2.keep_last=-1", "keep_last"),
-                     ("stage2.export_shard_size=lots", "export_shard_size")]:  # fmt: skip
+    for bad, key in [
+        ("stage2.mixed_precision=fp16", "mixed_precision"),
+        ("stage2.keep_last=-1", "keep_last"),
+        ("stage2.export_shard_size=lots", "export_shard_size"),
+    ]:
         with pytest.raises(UserError, match=key):
             load_config(None, [bad])
 
@@ -342,7 +383,8 @@ def test_sharded_export_loads_and_a_failed_write_leaves_nothing(tmp_path, monkey
     write_shard = export._write_shard
     monkeypatch.setattr(export, "_write_shard", full_disk)
     with pytest.raises(OSError, match="No space"):
-        export.export_sharded(model, tok, tmp_path / "other", max_shard_bytes=40_000, name="t",
-                              parents=[])  # fmt: skip
+        export.export_sharded(
+            model, tok, tmp_path / "other", max_shard_bytes=40_000, name="t", parents=[]
+        )
     assert calls == [0, 1]  # stopped writing at the failure, still walked every tensor
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

@@ -261,9 +261,13 @@ def test_generate_batched_equals_per_row_and_bare(tiny, num_beams):
     # Random-init models emit EOS at once: no EOS, a fixed budget, and compare scores as well
     # as tokens (random T5 tends to repeat one token, so tokens alone say little).
     opts = dict(
-        max_new_tokens=5, eos_token_id=None, num_beams=num_beams, do_sample=False,
-        return_dict_in_generate=True, output_scores=True,
-    )  # fmt: skip
+        max_new_tokens=5,
+        eos_token_id=None,
+        num_beams=num_beams,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     batch = gen_batch(tok, texts, decoder_only)
     out = pm.generate(**batch, task_ids=torch.tensor(MIXED_IDS), **opts)
     assert out.sequences.shape == (len(texts), 5)  # new tokens only, both families
@@ -396,10 +400,14 @@ class FakeBank:
 
 def test_from_bank_stacks_current_or_pinned_prompts():
     model, _ = build_tiny("tiny-gpt2")
-    bank = FakeBank({
-        "rte": torch.full((P, 64), 1.0), "cb": torch.full((P, 64), 2.0),
-        "cb@v0001": torch.full((P, 64), 3.0), "short": torch.zeros(2, 64),
-    })  # fmt: skip
+    bank = FakeBank(
+        {
+            "rte": torch.full((P, 64), 1.0),
+            "cb": torch.full((P, 64), 2.0),
+            "cb@v0001": torch.full((P, 64), 3.0),
+            "short": torch.zeros(2, 64),
+        }
+    )
     pm = PromptedModel.from_bank(model, bank, ["cb", "rte"])
     assert pm.task_names == ["cb", "rte"]
     assert pm.prompts[:, 0, 0].tolist() == [2.0, 1.0]

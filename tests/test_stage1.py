@@ -98,8 +98,9 @@ def test_stage1_cli_prints_entries_and_rejects_bad_config(run_config, tmp_path, 
 def test_stage1_never_keeps_the_untrained_prompt_and_breaks_ties_by_loss(run_config, tmp_path):
     """tiny-t5 scores the same accuracy at every step (a tie): the stored prompt must be a
     trained one, the one with the lowest validation loss (was: step 0, the initial prompt)."""
-    cfg = load_config(run_config, ["stage1.select_by=metric", "stage1.steps=20",
-                                   "stage1.eval_every=10"])  # fmt: skip
+    cfg = load_config(
+        run_config, ["stage1.select_by=metric", "stage1.steps=20", "stage1.eval_every=10"]
+    )
     entries = train_prompts(cfg, progress=False)
     losses = validation_losses(tmp_path / "run")
     assert sorted(losses) == [0, 10, 20]
@@ -139,10 +140,17 @@ def test_stage1_resumes_after_an_interrupt_with_the_same_prompts(
     step 8 and stores bit-identical prompts to an uninterrupted run."""
     import multipromot.train.stage1 as stage1
 
-    settings = ["stage1.steps=12", "stage1.eval_every=4", "stage1.optimizer=adamw",
-                "stage1.lr=0.05", "stage1.warmup_steps=3"]  # fmt: skip
-    whole = load_config(run_config, [*settings, f"out_dir={tmp_path / 'whole'}",
-                                     f"bank.dir={tmp_path / 'whole_bank'}"])  # fmt: skip
+    settings = [
+        "stage1.steps=12",
+        "stage1.eval_every=4",
+        "stage1.optimizer=adamw",
+        "stage1.lr=0.05",
+        "stage1.warmup_steps=3",
+    ]
+    whole = load_config(
+        run_config,
+        [*settings, f"out_dir={tmp_path / 'whole'}", f"bank.dir={tmp_path / 'whole_bank'}"],
+    )
     train_prompts(whole, progress=False)
 
     cut = load_config(run_config, settings)
@@ -187,12 +195,22 @@ def test_stage1_killed_with_sigkill_then_run_again_stores_the_same_prompts(run_c
 
     from multipromot.train.checkpoint import is_complete
 
-    settings = ["stage1.steps=60", "stage1.eval_every=4", "stage1.optimizer=adamw",
-                "stage1.lr=0.05", "stage1.warmup_steps=3"]  # fmt: skip
+    settings = [
+        "stage1.steps=60",
+        "stage1.eval_every=4",
+        "stage1.optimizer=adamw",
+        "stage1.lr=0.05",
+        "stage1.warmup_steps=3",
+    ]
     command = [sys.executable, "-m", "multipromot", "stage1", str(run_config), *settings]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*command, f"out_dir={tmp_path / 'whole'}", f"bank.dir={tmp_path / 'whole_bank'}"],
-                   env=env, check=True, capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [*command, f"out_dir={tmp_path / 'whole'}", f"bank.dir={tmp_path / 'whole_bank'}"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
     killed = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -46,9 +46,14 @@ def ws(tmp_path_factory):
 
 
 def _config(ws, name: str, **stage2):
-    return write_config(ws["root"] / name / "config.yaml", model=ws["model"],
-                        out_dir=ws["root"] / name / "out", bank=ws["bank"],
-                        mixture=ws["mixture"], **stage2)  # fmt: skip
+    return write_config(
+        ws["root"] / name / "config.yaml",
+        model=ws["model"],
+        out_dir=ws["root"] / name / "out",
+        bank=ws["bank"],
+        mixture=ws["mixture"],
+        **stage2,
+    )
 
 
 def _straight(ws):
@@ -216,16 +221,22 @@ def test_export_loads_in_transformers_with_the_same_logits(ws):
     checkpoint.load_checkpoint(out / "checkpoints" / "step_4", model=trained, restore_rng=False)
     trained.eval()
 
-    items = [Item(0, "alpha beta odd or even?", "odd"), Item(1, "shout: mu", "MU"),
-             Item(-1, "eta eta", "x")]  # fmt: skip
+    items = [
+        Item(0, "alpha beta odd or even?", "odd"),
+        Item(1, "shout: mu", "MU"),
+        Item(-1, "eta eta", "x"),
+    ]
     batch = Collator(tokenizer, decoder_only=False)(items)
     with torch.no_grad():
         a = served(**batch).logits
         b = trained(**batch).logits
     assert torch.equal(a, b)
     assert read_lineage(final)["lineage"][0] == read_lineage(ws["model"])["fingerprint"]
-    used = [e.ref for e in bank.entries() if any(s["checkpoint"] == str(final.resolve())
-                                                 for s in e.stage2)]  # fmt: skip
+    used = [
+        e.ref
+        for e in bank.entries()
+        if any(s["checkpoint"] == str(final.resolve()) for s in e.stage2)
+    ]
     assert sorted(used) == ["lab_qa@v0001", "lab_rte@v0001"]
 
 

@@ -31,7 +31,18 @@ from multipromot.soft_prompt import PromptedModel
 from tests.conftest import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORD_KEYS = {"task", "shots", "metric", "score", "n", "random", "specialization", "prompt", "prompted", "split"}  # fmt: skip
+RECORD_KEYS = {
+    "task",
+    "shots",
+    "metric",
+    "score",
+    "n",
+    "random",
+    "specialization",
+    "prompt",
+    "prompted",
+    "split",
+}
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -39,25 +50,49 @@ RECORD_KEYS = {"task", "shots", "metric", "score", "n", "random", "specializatio
 
 def test_shipped_suites_name_the_expected_tasks():
     lab = load_suite(ROOT / "eval" / "lab.yaml")
-    assert lab.task_names == ["lab_cb", "lab_wic", "lab_qa", "lab_trans_de", "lab_trans_ro", "lab_sum"]  # fmt: skip
+    assert lab.task_names == [
+        "lab_cb",
+        "lab_wic",
+        "lab_qa",
+        "lab_trans_de",
+        "lab_trans_ro",
+        "lab_sum",
+    ]
     assert lab.shots == (1, 4) == DEFAULT_SHOTS
     assert lab.split == "test"
     # The fine-tuned lab tasks are not "unseen".
     assert not {"lab_rte", "lab_trans_fr"} & set(lab.task_names)
     assert lab.random_baselines == {
-        "lab_cb": 33.33, "lab_wic": 50.0, "lab_qa": 0.0, "lab_trans_de": 0.0,
-        "lab_trans_ro": 0.0, "lab_sum": 0.0,
-    }  # fmt: skip
+        "lab_cb": 33.33,
+        "lab_wic": 50.0,
+        "lab_qa": 0.0,
+        "lab_trans_de": 0.0,
+        "lab_trans_ro": 0.0,
+        "lab_sum": 0.0,
+    }
 
     paper = load_suite(ROOT / "eval" / "paper8.yaml")  # names only: nothing is downloaded
     assert paper.task_names == [
-        "cb", "wic", "trivia_qa", "web_questions", "wmt16_en_de", "wmt16_en_ro", "xsum",
+        "cb",
+        "wic",
+        "trivia_qa",
+        "web_questions",
+        "wmt16_en_de",
+        "wmt16_en_ro",
+        "xsum",
         "wiki_lingua_en",
-    ]  # fmt: skip
+    ]
     assert paper.random_baselines["cb"] == 33.33 and paper.random_baselines["wic"] == 50.0
     assert [get_task(n).metric for n in paper.task_names] == [
-        "accuracy", "accuracy", "triviaqa_exact_match", "exact_match", "bleu", "bleu", "rouge2", "rouge2",
-    ]  # fmt: skip
+        "accuracy",
+        "accuracy",
+        "triviaqa_exact_match",
+        "exact_match",
+        "bleu",
+        "bleu",
+        "rouge2",
+        "rouge2",
+    ]
 
     tiny = load_suite(ROOT / "eval" / "tiny.yaml")
     assert tiny.task_names == ["lab_cb", "lab_qa"] and tiny.examples == 4
@@ -140,9 +175,11 @@ class FakeRouter:
     def route(self, texts):
         self.texts.extend(texts)
         return [
-            Route("lab_rte", "test", 1.0) if "true, false, or neither" in t else Route(None, "test", 0.0)
+            Route("lab_rte", "test", 1.0)
+            if "true, false, or neither" in t
+            else Route(None, "test", 0.0)
             for t in texts
-        ]  # fmt: skip
+        ]
 
 
 FIXED = {  # outputs per input prefix, in item order
@@ -182,12 +219,19 @@ def test_scores_and_specialization_from_the_outputs(tiny_t5, fixed_predict):
     prompted, tok = tiny_t5
     suite = load_suite(ROOT / "eval" / "tiny.yaml")
     records = evaluate_suite(
-        prompted, tok, suite, decoder_only=False, shots=[1, 2],
+        prompted,
+        tok,
+        suite,
+        decoder_only=False,
+        shots=[1, 2],
         specialization_answers=["True", "False"],
-    )  # fmt: skip
+    )
     assert [(r["task"], r["shots"]) for r in records] == [
-        ("lab_cb", 1), ("lab_qa", 1), ("lab_cb", 2), ("lab_qa", 2),
-    ]  # fmt: skip
+        ("lab_cb", 1),
+        ("lab_qa", 1),
+        ("lab_cb", 2),
+        ("lab_qa", 2),
+    ]
     for r in records:
         assert set(r) == RECORD_KEYS
         assert r["n"] == 4 and r["prompt"] is None and r["prompted"] == 0.0
@@ -221,15 +265,25 @@ def test_router_decisions_map_to_prompt_rows(tiny_t5, fixed_predict):
 
     fixed_predict.clear()
     evaluate_suite(
-        prompted, tok, suite, decoder_only=False, shots=[1], router=router,
+        prompted,
+        tok,
+        suite,
+        decoder_only=False,
+        shots=[1],
+        router=router,
         prompt_rows={"lab_rte": 7},
-    )  # fmt: skip
+    )
     assert [i.task_id for i in fixed_predict[0]][:4] == [7, 7, 7, 7]
     with pytest.raises(ValueError, match="no row in the prompt table"):
         evaluate_suite(
-            prompted, tok, suite, decoder_only=False, shots=[1], router=router,
+            prompted,
+            tok,
+            suite,
+            decoder_only=False,
+            shots=[1],
+            router=router,
             prompt_rows={"lab_trans_fr": 0},
-        )  # fmt: skip
+        )
 
 
 def test_finetuned_tasks_use_their_own_prompt(tiny_t5, monkeypatch):
@@ -242,9 +296,13 @@ def test_finetuned_tasks_use_their_own_prompt(tiny_t5, monkeypatch):
 
     monkeypatch.setattr(generation, "predict", gold)
     records = evaluate_finetuned(
-        prompted, tok, ["lab_rte", "lab_trans_fr"], {"lab_rte": 1}, decoder_only=False,
+        prompted,
+        tok,
+        ["lab_rte", "lab_trans_fr"],
+        {"lab_rte": 1},
+        decoder_only=False,
         examples=3,
-    )  # fmt: skip
+    )
     assert len(calls) == 1  # both tasks in one batched call
     assert [i.task_id for i in calls[0]] == [1, 1, 1, -1, -1, -1]
     assert all(i.exemplars == [] for i in calls[0])
@@ -255,7 +313,12 @@ def test_finetuned_tasks_use_their_own_prompt(tiny_t5, monkeypatch):
         100.0,
         "lab_rte",
     )
-    assert (fr["task"], fr["metric"], fr["prompt"], fr["prompted"]) == ("lab_trans_fr", "bleu", None, 0.0)  # fmt: skip
+    assert (fr["task"], fr["metric"], fr["prompt"], fr["prompted"]) == (
+        "lab_trans_fr",
+        "bleu",
+        None,
+        0.0,
+    )
     assert fr["score"] == pytest.approx(100.0)
     assert rte["specialization"] is None
 
@@ -276,13 +339,19 @@ def test_real_router_prompts_only_inputs_in_a_bank_format(tiny_t5, monkeypatch):
     records = evaluate_suite(prompted, tok, suite, decoder_only=False, shots=[1], router=router)
     assert [i.task_id for i in calls[0]] == [-1] * 6
     assert [(r["prompt"], r["prompted"], r["score"]) for r in records] == [
-        (None, 0.0, 100.0), (None, 0.0, pytest.approx(100.0)),
-    ]  # fmt: skip
+        (None, 0.0, 100.0),
+        (None, 0.0, pytest.approx(100.0)),
+    ]
     # The fine-tuned tasks' own inputs get their own rows.
     evaluate_finetuned(
-        prompted, tok, ["lab_rte", "lab_trans_fr"], {n: i for i, n in enumerate(bank)},
-        decoder_only=False, examples=3, router=router,
-    )  # fmt: skip
+        prompted,
+        tok,
+        ["lab_rte", "lab_trans_fr"],
+        {n: i for i, n in enumerate(bank)},
+        decoder_only=False,
+        examples=3,
+        router=router,
+    )
     assert [i.task_id for i in calls[1]] == [1, 1, 1, 0, 0, 0]
 
 
@@ -293,14 +362,20 @@ def test_untrained_tiny_t5_end_to_end_is_deterministic(tiny_t5):
     prompted, tok = tiny_t5
     suite = load_suite(ROOT / "eval" / "tiny.yaml")
     kwargs = dict(
-        decoder_only=False, examples=2, shots=[1], router=FakeRouter(), max_new_tokens=4,
-        specialization_answers=["True", "False"], batch_size=4,
-    )  # fmt: skip
+        decoder_only=False,
+        examples=2,
+        shots=[1],
+        router=FakeRouter(),
+        max_new_tokens=4,
+        specialization_answers=["True", "False"],
+        batch_size=4,
+    )
     first = evaluate_suite(prompted, tok, suite, **kwargs)
     second = evaluate_suite(prompted, tok, suite, **kwargs)
     assert first == second
     assert [(r["task"], r["shots"], r["n"], r["prompt"]) for r in first] == [
-        ("lab_cb", 1, 2, "lab_rte"), ("lab_qa", 1, 2, None),
-    ]  # fmt: skip
+        ("lab_cb", 1, 2, "lab_rte"),
+        ("lab_qa", 1, 2, None),
+    ]
     for r in first:
         assert 0.0 <= r["score"] <= 100.0 and 0.0 <= r["specialization"] <= 100.0

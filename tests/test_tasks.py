@@ -48,7 +48,7 @@ PAPER_TASKS = {
         "triviaqa_exact_match",
         "prefix",
         {"test": "validation"},
-    ),  # fmt: skip
+    ),
     "web_questions": ("stanfordnlp/web_questions", None, "exact_match", "prefix", {}),
     "wmt14_en_fr": ("wmt/wmt14", "fr-en", "bleu", "prefix", {}),
     "wmt16_en_de": ("wmt/wmt16", "de-en", "bleu", "prefix", {}),
@@ -300,8 +300,12 @@ def test_list_and_unknown_tasks():
 
 def test_registered_task_shadows_the_catalogue():
     register_generator("test_rte")(lambda split, seed: list(TRAIN))
-    mine = Task("rte", task_from_spec(_inline_spec(source={"generator": "test_rte"})).source,
-                Template("rte", RTE_JINJA, "True ||| False"), "accuracy")  # fmt: skip
+    mine = Task(
+        "rte",
+        task_from_spec(_inline_spec(source={"generator": "test_rte"})).source,
+        Template("rte", RTE_JINJA, "True ||| False"),
+        "accuracy",
+    )
     get_task("rte")  # the catalogue task is built first; registering still works
     assert register_task(mine) is mine
     assert get_task("rte") is mine
@@ -320,8 +324,12 @@ def test_every_yaml_in_the_catalogue_dir_is_loaded(tmp_path, monkeypatch):
         (tmp_path / filename).write_text(yaml.safe_dump({"tasks": list(entries)}))
 
     def use_rte_fmt(name):
-        return {"name": name, "source": {"generator": "test_rte"}, "template": "rte_fmt",
-                "metric": "accuracy"}  # fmt: skip
+        return {
+            "name": name,
+            "source": {"generator": "test_rte"},
+            "template": "rte_fmt",
+            "metric": "accuracy",
+        }
 
     template = {"jinja": RTE_JINJA, "answer_choices": "True ||| False"}
     write("a.yaml", {**use_rte_fmt("rte_fmt"), "template": template})

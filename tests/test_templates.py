@@ -471,14 +471,24 @@ def test_templates_pickle_for_worker_processes():
 # Each would take hours or gigabytes without the per-render meter; each is refused in well
 # under a second with a message naming the limit.
 RESOURCE_BOMBS = [
-    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
-     "loop iterations"),
-    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-     "loop iterations"),
-    ("{% set n = namespace(s='x') %}{% for i in range(40) %}{% set n.s = n.s ~ n.s %}"
-     "{% endfor %}{{ n.s }}", "'~' would build"),
-    ("{% set n = namespace(s='x') %}{% for i in range(40) %}{% set n.s = n.s + n.s %}"
-     "{% endfor %}{{ n.s }}", "'+' would build"),
+    (
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        "loop iterations",
+    ),
+    (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "loop iterations",
+    ),
+    (
+        "{% set n = namespace(s='x') %}{% for i in range(40) %}{% set n.s = n.s ~ n.s %}"
+        "{% endfor %}{{ n.s }}",
+        "'~' would build",
+    ),
+    (
+        "{% set n = namespace(s='x') %}{% for i in range(40) %}{% set n.s = n.s + n.s %}"
+        "{% endfor %}{{ n.s }}",
+        "'+' would build",
+    ),
     ("{{ ''|center(10**9) }}", "center filter with a width"),
     ("{{ ''|indent(10**9) }}", "indent filter with a width"),
     ("{{ ''.ljust(10**9) }}", "str.ljust with a width"),
@@ -489,7 +499,7 @@ RESOURCE_BOMBS = [
     ("{{ ([('x' * 1000000)] * 1000000)|join }}", "join filter would build"),
     ("{{ ('x' * 1000000).replace('x', 'x' * 1000000) }}", "str.replace would build"),
     ("{{ ('x' * 1000000)|replace('x', 'x' * 1000000) }}", "replace filter would build"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("jinja", "message"), RESOURCE_BOMBS)
@@ -516,8 +526,10 @@ def test_the_render_stops_at_its_deadline(monkeypatch):
     """A macro calling itself twice per level does 2**40 calls in few loop iterations: the
     wall-time deadline (not the step count) ends it."""
     monkeypatch.setattr("multipromot.data.templates._MAX_SECONDS", 0.2)
-    jinja = ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
-             "{{ f(40) }} ||| y")  # fmt: skip
+    jinja = (
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+        "{{ f(40) }} ||| y"
+    )
     with pytest.raises(UserError, match=r"took more than 0.2 s"):
         Template("t", jinja).apply({})
 

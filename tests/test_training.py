@@ -99,13 +99,18 @@ def test_batches_ordered_by_task_keep_the_rows_and_separate_tasks(tmp_path):
 
     def rows(group: bool) -> list[list[tuple[int, tuple[int, ...]]]]:
         draws = MixtureSampler(mixture, seed=3).take(32)  # one window of 8 batches
-        batches = batches_from_draws(mixture.tasks, draws, collator, batch_size=4,
-                                     order="task" if group else "drawn")  # fmt: skip
+        batches = batches_from_draws(
+            mixture.tasks, draws, collator, batch_size=4, order="task" if group else "drawn"
+        )
         return [
-            [(int(t), tuple(ids[m.bool()].tolist())) for t, ids, m in
-             zip(b["task_ids"], b["input_ids"], b["attention_mask"], strict=True)]
+            [
+                (int(t), tuple(ids[m.bool()].tolist()))
+                for t, ids, m in zip(
+                    b["task_ids"], b["input_ids"], b["attention_mask"], strict=True
+                )
+            ]
             for b in batches
-        ]  # fmt: skip
+        ]
 
     drawn, grouped = rows(False), rows(True)
     # The same rows (the same draws), only their order inside the window moved.
@@ -117,8 +122,9 @@ def test_batches_ordered_by_task_keep_the_rows_and_separate_tasks(tmp_path):
 
     # Sorted by length inside each task: far less padding than the drawn order.
     def padding(batches) -> int:
-        return sum(max(len(ids) for _, ids in b) * len(b) - sum(len(ids) for _, ids in b)
-                   for b in batches)  # fmt: skip
+        return sum(
+            max(len(ids) for _, ids in b) * len(b) - sum(len(ids) for _, ids in b) for b in batches
+        )
 
     assert padding(grouped) < padding(drawn) / 2
 

@@ -38,7 +38,9 @@ def _bank_with(tmp_path, name: str, dtype: torch.dtype = torch.float32):
     model, tok, _ = load_model(str(model_dir))
     model.eval()
     store = PromptBank(tmp_path / "pb")
-    prompt = torch.randn(P, model.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(3))  # fmt: skip
+    prompt = torch.randn(
+        P, model.get_input_embeddings().weight.shape[1], generator=torch.Generator().manual_seed(3)
+    )
     store.add("rte", prompt, base_model=describe_model(model))
     return model, tok, store
 
@@ -48,8 +50,16 @@ def test_exported_prompt_embeds_reproduce_prompted_logits(capsys, tmp_path, name
     model, tok, store = _bank_with(tmp_path, name)
     out_dir = tmp_path / "served"
     status, out, err = _run(
-        capsys, "export", "rte", "--format", "vllm", str(out_dir), "--bank", str(store.root), "--json"
-    )  # fmt: skip
+        capsys,
+        "export",
+        "rte",
+        "--format",
+        "vllm",
+        str(out_dir),
+        "--bank",
+        str(store.root),
+        "--json",
+    )
     assert status == 0, err
     info = json.loads(out)
     assert info["ref"] == "rte@v0001" and info["dtype"] == "float32" and info["shape"] == [P, 64]
@@ -107,6 +117,14 @@ def test_t5_entry_is_refused_with_one_line(capsys, tmp_path):
 def test_vllm_is_an_export_format_only(capsys, tmp_path):
     _, _, store = _bank_with(tmp_path, "tiny-gpt2")
     status, _, err = _run(
-        capsys, "import", str(tmp_path), "--format", "vllm", "--task", "x", "--bank", str(store.root)
-    )  # fmt: skip
+        capsys,
+        "import",
+        str(tmp_path),
+        "--format",
+        "vllm",
+        "--task",
+        "x",
+        "--bank",
+        str(store.root),
+    )
     assert status == 2 and "error: " in err and "'vllm'" in err

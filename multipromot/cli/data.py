@@ -52,9 +52,14 @@ def check_tasks(names: list[str]) -> list[dict[str, Any]]:
             except UserError as e:
                 error = error or e.message
         out.append(
-            {"task": name, "source": task.source.describe(), "where": where, "rows": rows,
-             "error": error}
-        )  # fmt: skip
+            {
+                "task": name,
+                "source": task.source.describe(),
+                "where": where,
+                "rows": rows,
+                "error": error,
+            }
+        )
     return out
 
 

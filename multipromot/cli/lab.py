@@ -120,9 +120,14 @@ def pretrain_cmd(
     record_file = path / PRETRAIN_RECORD
     before = record_file.stat().st_mtime_ns if record_file.is_file() else None
     ensure_lab_model(
-        path, seed=seed, steps=steps, size=size, device=device, rebuild=rebuild,
+        path,
+        seed=seed,
+        steps=steps,
+        size=size,
+        device=device,
+        rebuild=rebuild,
         progress=not as_json,
-    )  # fmt: skip
+    )
     reused = before is not None and record_file.stat().st_mtime_ns == before
     record = read_pretrain_record(path)
     if as_json:

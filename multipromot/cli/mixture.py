@@ -99,8 +99,14 @@ def sample_mixture(
     out = []
     for draw in sampler.take(n):
         task = mixture.tasks[draw.task_index]
-        item = build_item(task, draw.example_index, split=split, shots=shots,
-                          seed=mixture.exemplar_seed, task_id=draw.task_index)  # fmt: skip
+        item = build_item(
+            task,
+            draw.example_index,
+            split=split,
+            shots=shots,
+            seed=mixture.exemplar_seed,
+            task_id=draw.task_index,
+        )
         exemplar_indices = choose_exemplars(
             task, draw.example_index, shots, mixture.exemplar_seed, split
         )

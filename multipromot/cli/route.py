@@ -64,8 +64,7 @@ def _read_lines(file: str) -> list[str]:
     except UnicodeDecodeError:
         text = "\0"
     if "\0" in text:
-        raise UserError("not a UTF-8 text file with one input per line", file=file,
-                        key="--file")  # fmt: skip
+        raise UserError("not a UTF-8 text file with one input per line", file=file, key="--file")
     return [line for line in text.splitlines() if line.strip()]
 
 

@@ -90,10 +90,16 @@ def batches_from_draws(
     """
     rows = list(range(len(tasks))) if task_ids is None else task_ids
     items = [
-        build_item(tasks[d.task_index], d.example_index, split=split, shots=shots, seed=seed,
-                   task_id=rows[d.task_index])
+        build_item(
+            tasks[d.task_index],
+            d.example_index,
+            split=split,
+            shots=shots,
+            seed=seed,
+            task_id=rows[d.task_index],
+        )
         for d in draws
-    ]  # fmt: skip
+    ]
     if order == "task":
         chunks = group_by_length(
             items, batch_size, window=len(items), key=lambda it: (it.task_id, item_chars(it))

@@ -480,14 +480,16 @@ def tasks_fingerprint(tasks: list[Any]) -> list[dict]:
     records = []
     for task in tasks:
         template = task.template
-        records.append({
-            "name": task.name,
-            "source": source_fingerprint(task.source),
-            "template": [template.id, template.jinja, template.answer_choices],
-            "metric": task.metric,
-            "postprocess": task.postprocess,
-            "splits": task.splits,
-        })  # fmt: skip
+        records.append(
+            {
+                "name": task.name,
+                "source": source_fingerprint(task.source),
+                "template": [template.id, template.jinja, template.answer_choices],
+                "metric": task.metric,
+                "postprocess": task.postprocess,
+                "splits": task.splits,
+            }
+        )
     return records
 
 
@@ -502,6 +504,10 @@ def mixture_fingerprint(mixture: Mixture) -> str:
     Returns:
         A hex digest.
     """
-    record = {"tasks": tasks_fingerprint(mixture.tasks), "rates": mixture.rates,
-              "shots": mixture.shots, "exemplar_seed": mixture.exemplar_seed}  # fmt: skip
+    record = {
+        "tasks": tasks_fingerprint(mixture.tasks),
+        "rates": mixture.rates,
+        "shots": mixture.shots,
+        "exemplar_seed": mixture.exemplar_seed,
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()

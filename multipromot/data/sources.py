@@ -330,8 +330,9 @@ def _check_utf8(path: str, *, file, key) -> None:
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        raise UserError(f"{Path(path).name} ends inside a UTF-8 character", file=file,
-                        key=key) from None  # fmt: skip
+        raise UserError(
+            f"{Path(path).name} ends inside a UTF-8 character", file=file, key=key
+        ) from None
 
 
 def _resolve_patterns(
@@ -467,8 +468,7 @@ class FileSource:
             }
         else:
             paths = _resolve_patterns(files, base, file=file, key=files_key)
-            self.files = _splits_by_name(paths, split, not infer_splits, file=file,
-                                         key=files_key)  # fmt: skip
+            self.files = _splits_by_name(paths, split, not infer_splits, file=file, key=files_key)
 
     def describe(self) -> str:
         """A one-line description.
@@ -877,8 +877,9 @@ def _files_from_spec(spec: Mapping[str, Any], *, file, key) -> FileSource:
         )
     base_dir = Path(file).resolve().parent if file is not None else None
     infer = "split" not in spec and not isinstance(files, Mapping)
-    return FileSource(files, fmt, split=split, infer_splits=infer, base_dir=base_dir, file=file,
-                      key=key)  # fmt: skip
+    return FileSource(
+        files, fmt, split=split, infer_splits=infer, base_dir=base_dir, file=file, key=key
+    )
 
 
 def _generator_from_spec(spec: Mapping[str, Any], *, file, key) -> GeneratorSource:
@@ -914,8 +915,12 @@ def source_fingerprint(source: Any) -> Any:
         files = {s: [[p, sha256_file(p)] for p in paths] for s, paths in source.files.items()}
         return {"files": files, "format": source.format}
     if isinstance(source, HubSource):
-        return {"hub": source.path, "name": source.name, "revision": source.revision,
-                "data_dir": source.data_dir}  # fmt: skip
+        return {
+            "hub": source.path,
+            "name": source.name,
+            "revision": source.revision,
+            "data_dir": source.data_dir,
+        }
     if isinstance(source, GeneratorSource):
         return {"generator": source.name, "seed": source.seed, "kwargs": repr(source.kwargs)}
     if isinstance(source, FilteredSource):

@@ -64,8 +64,15 @@ __all__ = [
 METRICS = ("accuracy", "exact_match", "triviaqa_exact_match", "bleu", "rouge2")
 POSTPROCESSORS = ("none", "prefix", "first_line", "first_word")
 TASK_KEYS = (
-    "name", "source", "template", "metric", "postprocess", "splits", "description", "references",
-)  # fmt: skip
+    "name",
+    "source",
+    "template",
+    "metric",
+    "postprocess",
+    "splits",
+    "description",
+    "references",
+)
 
 # Task names become bank directories (prompt_bank/<task>/), so they must be safe path parts.
 # A split a local source lacks is held out from its train rows: this share, at most this many.
@@ -251,8 +258,11 @@ class Task:
             return rows
         _log.warning(
             "task %s: dropped %d of %d %s rows with a negative label (no gold label)",
-            self.name, len(rows) - len(keep), len(rows), split,
-        )  # fmt: skip
+            self.name,
+            len(rows) - len(keep),
+            len(rows),
+            split,
+        )
         return Subset(rows, keep)
 
     def num_examples(self, split: str) -> int:
@@ -362,8 +372,11 @@ def _check_splits(splits: Any, *, file, key) -> tuple[dict[str, str], dict[str, 
             )
         size = value["size"]
         if value["from"] != "train" or name == "train":
-            raise UserError("only splits other than train are held out, from train", file=file,
-                            key=f"{where}.from")  # fmt: skip
+            raise UserError(
+                "only splits other than train are held out, from train",
+                file=file,
+                key=f"{where}.from",
+            )
         ok = isinstance(size, int | float) and not isinstance(size, bool)
         if not ok or not (0 < size < 1 or (size >= 1 and float(size).is_integer())):
             raise UserError(

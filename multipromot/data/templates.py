@@ -233,14 +233,16 @@ class _Metering(NodeTransformer):
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         self.generic_visit(node)
-        node.iter = nodes.Call(nodes.ImportedName(_LOOP), [node.iter], [], None, None,
-                               lineno=node.lineno)  # fmt: skip
+        node.iter = nodes.Call(
+            nodes.ImportedName(_LOOP), [node.iter], [], None, None, lineno=node.lineno
+        )
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
         self.generic_visit(node)
-        return nodes.Call(nodes.ImportedName(_CONCAT), node.nodes, [], None, None,
-                          lineno=node.lineno)  # fmt: skip
+        return nodes.Call(
+            nodes.ImportedName(_CONCAT), node.nodes, [], None, None, lineno=node.lineno
+        )
 
 
 # Imported by the compiled template itself: no name a template (or an example field) can see.
@@ -484,8 +486,9 @@ class Template:
                 message = f"unknown {name.group(1)} {name.group(2)!r} in {what}{hint}"
             else:
                 message = f"{message} in {what}"
-            raise UserError(f"template {self.id!r}: {message}", file=self.file,
-                            key=self.key) from None  # fmt: skip
+            raise UserError(
+                f"template {self.id!r}: {message}", file=self.file, key=self.key
+            ) from None
 
     def _render(self, compiled, context: dict[str, Any], what: str) -> str:
         token = _METER.set(_Meter(deadline=time.monotonic() + _MAX_SECONDS))
@@ -504,8 +507,10 @@ class Template:
             if message.startswith("reads an undefined value") and missing:
                 # e.g. answer_choices[lable]: Jinja's message says "no element Undefined"
                 fields = ", ".join(sorted(k for k in context if k != "answer_choices"))
-                message = (f"needs field {missing[0]!r}, which the example lacks "
-                           f"(fields: {fields or 'none'})")  # fmt: skip
+                message = (
+                    f"needs field {missing[0]!r}, which the example lacks "
+                    f"(fields: {fields or 'none'})"
+                )
             self._fail(message)
         except RecursionError:
             self._fail(f"recursed too deeply in {what} (a macro that calls itself?)")

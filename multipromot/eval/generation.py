@@ -69,8 +69,14 @@ def predict(
     order = sorted(range(len(items)), key=lambda i: item_chars(items[i]), reverse=True)
     outputs: list[str] = [""] * len(items)
     # disable=None: tqdm shows the bar only when stderr is a terminal
-    bar = tqdm(total=len(items), desc=progress, unit="row", disable=None if progress else True,
-               dynamic_ncols=True, leave=False)  # fmt: skip
+    bar = tqdm(
+        total=len(items),
+        desc=progress,
+        unit="row",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+        leave=False,
+    )
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = _to(collator([items[i] for i in rows]), device)
@@ -145,8 +151,14 @@ def validate_tasks(
             count += int(n)
         result = {"loss": total / max(count, 1), "n": len(items)}
         if with_metric:
-            raw = predict(prompted, tokenizer, items, gen_collator, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens)  # fmt: skip
+            raw = predict(
+                prompted,
+                tokenizer,
+                items,
+                gen_collator,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+            )
             preds = [postprocess(text, task.postprocess) for text in raw]
             refs = [item.gold for item in items]
             result["score"] = score(task.metric, preds, refs)

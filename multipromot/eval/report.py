@@ -396,9 +396,15 @@ def _figure(
             else:
                 style = dict(color="black", linestyle=("-", "--", ":")[others % 3])
                 others += 1
-            ax.plot(*zip(*sorted(pts), strict=True), label=name, marker=style.get("marker"),
-                    markevery=max(1, len(pts) // 8), markersize=4, color=style["color"],
-                    linestyle=style["linestyle"])  # fmt: skip
+            ax.plot(
+                *zip(*sorted(pts), strict=True),
+                label=name,
+                marker=style.get("marker"),
+                markevery=max(1, len(pts) // 8),
+                markersize=4,
+                color=style["color"],
+                linestyle=style["linestyle"],
+            )
         ax.set_title(panel_title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("training loss (mean per target token)")
@@ -425,8 +431,13 @@ def _draw_curves(ax, points: dict, methods: list[str], key: str, k: int, span) -
         line = _series(points, method, key, k)
         style = _style(j)
         if len(line) == 1:  # one evaluation (the pretrained model): a reference level
-            ax.hlines(line[0][1], *span, linestyles=_DASHES[j % len(_DASHES)],
-                      color=style["color"], label=f"{method} (step {line[0][0]})")  # fmt: skip
+            ax.hlines(
+                line[0][1],
+                *span,
+                linestyles=_DASHES[j % len(_DASHES)],
+                color=style["color"],
+                label=f"{method} (step {line[0][0]})",
+            )
         elif line:
             ax.plot(*zip(*line, strict=True), markersize=4, label=method, **style)
 
@@ -439,8 +450,14 @@ def _draw_bars(ax, points: dict, methods: list[str], key: str, k: int) -> None:
             continue
         step, value = line[-1]
         x = len(ticks)
-        ax.bar(x, value, color=_COLORS[j % len(_COLORS)], hatch=_HATCHES[j % len(_HATCHES)],
-               edgecolor="black", label=f"{method} (step {step})")  # fmt: skip
+        ax.bar(
+            x,
+            value,
+            color=_COLORS[j % len(_COLORS)],
+            hatch=_HATCHES[j % len(_HATCHES)],
+            edgecolor="black",
+            label=f"{method} (step {step})",
+        )
         ticks.append(x)
         names.append(f"{method}\n(step {step})")
     ax.set_xticks(ticks, names, fontsize="small")
@@ -452,8 +469,18 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
-           "tab:pink", "tab:olive", "tab:cyan", "tab:gray")  # fmt: skip
+_COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:gray",
+)
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _DASHES = ("--", ":", "-.", (0, (5, 1, 1, 1)))
 _HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
@@ -483,8 +510,9 @@ def _with_step0(records: list[dict]) -> list[dict]:
     return out
 
 
-def _loss_panels(stage1_losses: dict[str, list] | None,
-                 stage2_losses: dict[str, list] | None) -> list:  # fmt: skip
+def _loss_panels(
+    stage1_losses: dict[str, list] | None, stage2_losses: dict[str, list] | None
+) -> list:
     panels = []
     if stage2_losses:
         panels.append(("Stage-2 training loss", "stage-2 step", stage2_losses))
@@ -529,7 +557,7 @@ def plot_figures(
             "% in fine-tuned answer set",
             "Specialization",
             [],
-        ),  # fmt: skip
+        ),
     }
     figures = {}
     for name, (key, ylabel, title, panels) in plots.items():
@@ -561,8 +589,9 @@ def write_plots(
         was measured), relative to ``out_dir``; empty for a single step.
     """
     written = []
-    for name, fig in plot_figures(records, stage1_losses=stage1_losses,
-                                  stage2_losses=stage2_losses).items():  # fmt: skip
+    for name, fig in plot_figures(
+        records, stage1_losses=stage1_losses, stage2_losses=stage2_losses
+    ).items():
         write_atomic(Path(out_dir) / name, _png(fig))
         written.append(name)
     return written
@@ -625,8 +654,10 @@ def _method_lines(records: list[dict], methods: dict[str, str] | None) -> list[s
         r = seen.get(label, {})
         wise = r.get("interpolated")
         if wise:  # WiSE-FT: no stage 2 of its own; the step is its source's
-            parts = [f"{wise['alpha']:g} x {wise['source']}'s stage-2 step {wise['step']} weights "
-                     f"+ {1 - wise['alpha']:g} x the base"]  # fmt: skip
+            parts = [
+                f"{wise['alpha']:g} x {wise['source']}'s stage-2 step {wise['step']} weights "
+                f"+ {1 - wise['alpha']:g} x the base"
+            ]
         elif r.get("step"):
             parts = [f"stage-2 step {r['step']}"]
         else:

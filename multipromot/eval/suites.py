@@ -387,8 +387,10 @@ def _run(
 def _report(progress: str | None, record: dict) -> dict:
     """One line per scored (task, shots) when asked: the progress of a long evaluation."""
     if progress:
-        print(f"{progress}: {record['task']} {record['shots']}-shot: {record['n']} items, "
-              f"{record['metric']} {record['score']:.1f}")  # fmt: skip
+        print(
+            f"{progress}: {record['task']} {record['shots']}-shot: {record['n']} items, "
+            f"{record['metric']} {record['score']:.1f}"
+        )
     return record
 
 
@@ -466,10 +468,16 @@ def evaluate_suite(
                     item.task_id = row
             groups.append((task, items, names))
         outputs = _run(
-            prompted, tokenizer, groups, decoder_only=decoder_only, num_beams=num_beams,
-            batch_size=batch_size, max_new_tokens=max_new_tokens, max_input_length=max_input_length,
+            prompted,
+            tokenizer,
+            groups,
+            decoder_only=decoder_only,
+            num_beams=num_beams,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_input_length=max_input_length,
             progress=f"{progress} {k}-shot" if progress else None,
-        )  # fmt: skip
+        )
         for (task, items, names), outs in zip(groups, outputs, strict=True):
             records.append(
                 _report(
@@ -484,7 +492,7 @@ def evaluate_suite(
                         specialization_answers=specialization_answers,
                         split=suite.split,
                     ),
-                )  # fmt: skip
+                )
             )
     return records
 
@@ -540,16 +548,22 @@ def evaluate_finetuned(
             item.task_id = row
         groups.append((task, items, names))
     outputs = _run(
-        prompted, tokenizer, groups, decoder_only=decoder_only, num_beams=num_beams,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, max_input_length=max_input_length,
+        prompted,
+        tokenizer,
+        groups,
+        decoder_only=decoder_only,
+        num_beams=num_beams,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_input_length=max_input_length,
         progress=f"{progress} 0-shot" if progress else None,
-    )  # fmt: skip
+    )
     return [
         _report(
             progress,
             _record(
                 task, 0, items, outs, names, random=0.0, specialization_answers=None, split=split
             ),
-        )  # fmt: skip
+        )
         for (task, items, names), outs in zip(groups, outputs, strict=True)
     ]

@@ -99,16 +99,42 @@ LAB_VERSION = 4
 
 # Architecture per size. "small" is the demo's model; "micro" is for tests (seconds, not minutes).
 LAB_SIZES: dict[str, dict[str, int]] = {
-    "small": {"d_model": 128, "d_kv": 32, "d_ff": 512, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
-    "micro": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4},
-}  # fmt: skip
+    "small": {
+        "d_model": 128,
+        "d_kv": 32,
+        "d_ff": 512,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+    },
+    "micro": {
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 1,
+        "num_decoder_layers": 1,
+        "num_heads": 4,
+    },
+}
 # The decoder-only lab model (``lab-llama``): Llama shapes per size. Two layers, not four: a
 # decoder runs every layer over input + target; four layers took about 0.5 CPU-s per step at
 # batch 48 in an 80-step trial here, against the T5's ~0.17 s (2,000 steps in 330 s, STACK.md).
 LAB_DECODER_SIZES: dict[str, dict[str, int]] = {
-    "llama-small": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4},
-    "llama-micro": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4},
-}  # fmt: skip
+    "llama-small": {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "llama-micro": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+}
 
 # Generation budget per family for the 1-shot check: labels are one or two tokens, sentences
 # at most ~12 words.
@@ -423,17 +449,22 @@ def pretrain(
     rendered = [_Rendered(task) for task in tasks]
     decoder_only = _is_decoder_only(model)
     collator = Collator(
-        tokenizer, decoder_only=decoder_only, max_input_length=max_input_length,
+        tokenizer,
+        decoder_only=decoder_only,
+        max_input_length=max_input_length,
         max_target_length=max_target_length,
-    )  # fmt: skip
+    )
     # Decoder-only: through PromptedModel (no prompts), which counts positions over real tokens
     # as generation and the stages do; left padding would otherwise shift every position.
     forward = PromptedModel(model, None) if decoder_only else model
     optimizer = build_optimizer(model.parameters(), "adafactor", lr, scale_parameter=True)
     scheduler = lr_schedule(
-        optimizer, warmup_steps=warmup_steps, total_steps=steps, decay="cosine",
+        optimizer,
+        warmup_steps=warmup_steps,
+        total_steps=steps,
+        decay="cosine",
         final_fraction=final_fraction,
-    )  # fmt: skip
+    )
     throughput = Throughput()
     losses: list[float] = []
     device = next(model.parameters()).device if device is None else torch.device(device)
@@ -503,9 +534,13 @@ def evaluate_lab_model(
         # The evaluation suites' own k-shot items, so these scores match `multipromot eval`'s.
         items = build_items(task, shots, examples=examples, split=split, seed=seed)
         outputs = predict(
-            bare, tokenizer, items, collator, batch_size=batch_size,
+            bare,
+            tokenizer,
+            items,
+            collator,
+            batch_size=batch_size,
             max_new_tokens=_MAX_NEW_TOKENS.get(task.name, _LABEL_TOKENS),
-        )  # fmt: skip
+        )
         predictions = [postprocess(o, task.postprocess) for o in outputs]
         scores[task.name] = round(score(task.metric, predictions, [i.gold for i in items]), 2)
     return scores
@@ -529,12 +564,21 @@ def train_lab_model(config: LabConfig, *, progress: bool = True) -> tuple[Any, A
     tokenizer = build_lab_tokenizer(lab_corpus(tasks))
     model = build_lab_model(tokenizer, config.size, config.seed)
     losses = pretrain(
-        model, tokenizer, [t for t in tasks if t.name in config.families], steps=config.steps,
-        batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
-        final_fraction=config.final_fraction, shot_weights=config.shot_weights, seed=config.seed,
-        max_input_length=config.max_input_length, max_target_length=config.max_target_length,
-        device=config.device, progress=progress,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        [t for t in tasks if t.name in config.families],
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        warmup_steps=config.warmup_steps,
+        final_fraction=config.final_fraction,
+        shot_weights=config.shot_weights,
+        seed=config.seed,
+        max_input_length=config.max_input_length,
+        max_target_length=config.max_target_length,
+        device=config.device,
+        progress=progress,
+    )
     model.cpu()
     tail = max(1, len(losses) // 20)
     record = {
@@ -625,9 +669,13 @@ def ensure_lab_model(
         if config.eval_examples > 0:
             start = time.perf_counter()
             record["one_shot_test_scores"] = evaluate_lab_model(
-                model, tokenizer, lab_tasks(FAMILIES), shots=1, examples=config.eval_examples,
+                model,
+                tokenizer,
+                lab_tasks(FAMILIES),
+                shots=1,
+                examples=config.eval_examples,
                 seed=config.seed,
-            )  # fmt: skip
+            )
             record["eval_seconds"] = round(time.perf_counter() - start, 1)
             _write_record(path, record)
     return path

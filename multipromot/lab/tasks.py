@@ -345,9 +345,16 @@ _MAKERS: dict[str, Maker] = {
 }
 
 FAMILIES: tuple[str, ...] = (
-    "lab_rte", "lab_cb", "lab_wic", "lab_sentiment", "lab_qa",
-    "lab_trans_fr", "lab_trans_de", "lab_trans_ro", "lab_sum",
-)  # fmt: skip
+    "lab_rte",
+    "lab_cb",
+    "lab_wic",
+    "lab_sentiment",
+    "lab_qa",
+    "lab_trans_fr",
+    "lab_trans_de",
+    "lab_trans_ro",
+    "lab_sum",
+)
 # RTE-like stays out of pretraining, so fine-tuning on it has something to learn (the paper's
 # pretrained mT5 is at chance on RTE too).
 PRETRAIN_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f != "lab_rte")

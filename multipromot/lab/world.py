@@ -150,9 +150,16 @@ def get_world(seed: int = WORLD_SEED) -> World:
     polysemes = _fresh(rng, "src", 8, used)
     facts = {e: {r: rng.choice(values[r]) for r in RELATIONS} for e in entities}
     world = World(
-        entities=entities, values=values, facts=facts, verbs=verbs, positive=positive,
-        negative=negative, neutral=neutral, polysemes=polysemes, lexicons={},
-    )  # fmt: skip
+        entities=entities,
+        values=values,
+        facts=facts,
+        verbs=verbs,
+        positive=positive,
+        negative=negative,
+        neutral=neutral,
+        polysemes=polysemes,
+        lexicons={},
+    )
     for language in TARGET_LANGUAGES:
         targets = _fresh(rng, language, len(world.source_words), used)
         world.lexicons[language] = dict(zip(world.source_words, targets, strict=True))

@@ -168,8 +168,9 @@ class SimilarityFallback:
         if not chosen:
             return
         pool = [x for e in entries for x in e.examples] + list(negatives)
-        owner = np.array([i for i, e in enumerate(entries) for _ in e.examples]
-                         + [-1] * len(negatives))  # fmt: skip
+        owner = np.array(
+            [i for i, e in enumerate(entries) for _ in e.examples] + [-1] * len(negatives)
+        )
         corpus, starts = _segments(pool, separator)
         self.vectorizer = _CharTfidf(corpus)
         # The pool is vectorised once and kept while calibrating: each task scores every other
@@ -177,13 +178,16 @@ class SimilarityFallback:
         # quadratic in the bank size (3 s for 10 such tasks in a bank of 100, now 1.5 s;
         # benchmarks/router.py).
         text_of_part = np.repeat(np.arange(len(pool)), np.diff(np.append(starts, len(corpus))))
-        pool_vectors = [(chunk, text_of_part[start + chunk.row])
-                        for start, chunk in self.vectorizer.transform_corpus()]  # fmt: skip
+        pool_vectors = [
+            (chunk, text_of_part[start + chunk.row])
+            for start, chunk in self.vectorizer.transform_corpus()
+        ]
         index = {e.task: i for i, e in enumerate(entries)}
         for t, entry in enumerate(chosen):
             own = np.flatnonzero(owner == index[entry.task])
-            self.thresholds[t] = self._calibrate(own, owner != index[entry.task], pool_vectors,
-                                                 starts)  # fmt: skip
+            self.thresholds[t] = self._calibrate(
+                own, owner != index[entry.task], pool_vectors, starts
+            )
             self.centroids[t] = self._centroid(own, pool_vectors, len(pool))
 
     @staticmethod
@@ -215,8 +219,9 @@ class SimilarityFallback:
         halves = [own[0::2], own[1::2]]
         if not halves[1].size:
             halves[1] = halves[0]
-        centroids = np.stack([self._centroid(h, pool_vectors, len(starts))
-                              for h in (halves[1], halves[0], own)])  # fmt: skip
+        centroids = np.stack(
+            [self._centroid(h, pool_vectors, len(starts)) for h in (halves[1], halves[0], own)]
+        )
         sims = np.concatenate([chunk.dot(centroids) for chunk, _ in pool_vectors])
         scores = np.minimum.reduceat(sims, starts, axis=0)  # per text: its lowest part
         pos = np.concatenate([scores[halves[0], 0], scores[halves[1], 1]])

@@ -167,8 +167,9 @@ def prune_checkpoints(
     root = Path(root)
     if keep_last <= 0 or not root.is_dir():
         return []
-    steps = sorted((p for p in root.glob("step_*") if is_complete(p)),
-                   key=lambda p: int(p.name.split("_")[1]))  # fmt: skip
+    steps = sorted(
+        (p for p in root.glob("step_*") if is_complete(p)), key=lambda p: int(p.name.split("_")[1])
+    )
     latest = latest_checkpoint(root)
     keep = set(steps[-keep_last:]) | {latest} | {root / f"step_{s}" for s in protect}
     removed = []
@@ -281,8 +282,12 @@ class BackgroundCheckpointer:
         tensors = _state_tensors(model, optimizer)
         trainer, ranks = _trainer_state(step, scheduler, sampler, state)
         with _quiet_single_process():
-            written = dcp.async_save(tensors, storage_writer=FileSystemWriter(tmp),
-                                     process_group=self._group, no_dist=_no_dist())  # fmt: skip
+            written = dcp.async_save(
+                tensors,
+                storage_writer=FileSystemWriter(tmp),
+                process_group=self._group,
+                no_dist=_no_dist(),
+            )
 
         def finish() -> Path:
             written.result()
@@ -528,13 +533,18 @@ def load_checkpoint(
         tensors["optim"] = get_optimizer_state_dict(model, optimizer)
     try:
         with _quiet_single_process():
-            dcp.load(tensors, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner(),
-                     no_dist=_no_dist())  # fmt: skip
+            dcp.load(
+                tensors,
+                storage_reader=_SafeReader(path),
+                planner=_SafeLoadPlanner(),
+                no_dist=_no_dist(),
+            )
     except CheckpointException as e:  # dcp gathers every rank's failure into one of these
         exc = next(iter(e.failures.values()))[0]
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise UserError(f"cannot load the checkpoint ({type(exc).__name__}: {first})",
-                        file=path) from None  # fmt: skip
+        raise UserError(
+            f"cannot load the checkpoint ({type(exc).__name__}: {first})", file=path
+        ) from None
     set_model_state_dict(model, tensors["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, tensors["optim"])
@@ -579,8 +589,9 @@ def reshard_sampler_state(saved: list[dict], sampler, path: Path | None = None) 
                 file=path,
                 key="stage2.resume",
             )
-    one = type(sampler)(sampler.mixture, seed=sampler.seed, rank=0, world_size=1,
-                        split=sampler.split)  # fmt: skip
+    one = type(sampler)(
+        sampler.mixture, seed=sampler.seed, rank=0, world_size=1, split=sampler.split
+    )
     one.load_state_dict({**saved[0], "rank": 0, "world_size": 1})
     one.take(sampler.rank)
     return {**one.state_dict(), "rank": sampler.rank, "world_size": sampler.world_size}

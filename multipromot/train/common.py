@@ -55,9 +55,13 @@ def build_optimizer(
         from transformers.optimization import Adafactor
 
         return Adafactor(
-            params, lr=lr, relative_step=False, scale_parameter=scale_parameter,
-            warmup_init=False, weight_decay=weight_decay,
-        )  # fmt: skip
+            params,
+            lr=lr,
+            relative_step=False,
+            scale_parameter=scale_parameter,
+            warmup_init=False,
+            weight_decay=weight_decay,
+        )
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
@@ -162,11 +166,13 @@ def check_trackers(names: Sequence[str], *, file: str | None = None) -> list[str
     chosen = list(dict.fromkeys(names))
     for name in chosen:
         if name not in TRACKERS:
-            raise UserError(f"unknown tracker {name!r}; use {', '.join(TRACKERS)}",
-                            file=file, key="log.to")  # fmt: skip
+            raise UserError(
+                f"unknown tracker {name!r}; use {', '.join(TRACKERS)}", file=file, key="log.to"
+            )
         if importlib.util.find_spec(_TRACKER_MODULES[name]) is None:
-            raise UserError(f"{name} is not installed (pip install {name})",
-                            file=file, key="log.to")  # fmt: skip
+            raise UserError(
+                f"{name} is not installed (pip install {name})", file=file, key="log.to"
+            )
     return chosen
 
 
@@ -242,8 +248,12 @@ class _Mlflow:
         self.client.set_terminated(self.run_id)
 
 
-_TRACKER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio,
-                    "mlflow": _Mlflow}  # fmt: skip
+_TRACKER_CLASSES = {
+    "tensorboard": _TensorBoard,
+    "wandb": _Wandb,
+    "trackio": _Trackio,
+    "mlflow": _Mlflow,
+}
 
 
 class MetricsLogger:

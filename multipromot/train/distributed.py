@@ -334,8 +334,11 @@ def build_sharded(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     full = source.state_dict() if is_main() and source is not None else {}
-    extra = {name: b.detach().cpu() for name, b in (source.named_buffers() if full else [])
-             if name not in full}  # fmt: skip
+    extra = {
+        name: b.detach().cpu()
+        for name, b in (source.named_buffers() if full else [])
+        if name not in full
+    }
     extra = broadcast_object(extra)
     with torch.device("meta"):
         model = build()

@@ -90,8 +90,16 @@ def export_sharded(
         if current:
             _write_shard(tmp, len(shards), current)
             shards.append(list(current))
-        _finish(model, tokenizer, tmp, dest, shards, weight_map, total,
-                {"name": name, "fingerprint": fingerprint, "lineage": list(parents)})  # fmt: skip
+        _finish(
+            model,
+            tokenizer,
+            tmp,
+            dest,
+            shards,
+            weight_map,
+            total,
+            {"name": name, "fingerprint": fingerprint, "lineage": list(parents)},
+        )
 
     try:
         D.on_rank0(finish)  # rank 0's error, if any, is raised on every rank

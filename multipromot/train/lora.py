@@ -72,9 +72,13 @@ def peft_config(lora: LoraConfig, model: nn.Module) -> PeftLoraConfig:
     """peft's LoraConfig from the ``lora.*`` keys (target modules: peft's default for the
     architecture when the list is empty)."""
     task_type = TaskType.SEQ_2_SEQ_LM if is_encoder_decoder(model) else TaskType.CAUSAL_LM
-    return PeftLoraConfig(task_type=task_type, r=lora.rank, lora_alpha=lora.alpha,
-                          lora_dropout=lora.dropout,
-                          target_modules=list(lora.target_modules) or None)  # fmt: skip
+    return PeftLoraConfig(
+        task_type=task_type,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) or None,
+    )
 
 
 class AdaptedModel(nn.Module):
@@ -123,29 +127,47 @@ class AdaptedModel(nn.Module):
         self.model.set_adapter(name, inference_mode=not self._adapters_train)
         yield
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
-                task_ids: Tensor | None = None, **kwargs):  # fmt: skip
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        task_ids: Tensor | None = None,
+        **kwargs,
+    ):
         """PromptedModel.forward with adapters instead of prompts (same arguments and logits)."""
         names = self._names(task_ids, input_ids.shape[0])
         if not self.training:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                              adapter_names=names, **kwargs)  # fmt: skip
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                adapter_names=names,
+                **kwargs,
+            )
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             groups.setdefault(name, []).append(i)
         if len(groups) == 1:
             with self._active(names[0]):
-                return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  labels=labels, **kwargs)  # fmt: skip
+                return self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+                )
         outputs, order, loss_sum, count = [], [], 0.0, 0
         for name, rows in groups.items():
             index = torch.tensor(rows, device=input_ids.device)
-            sub = {k: v[index] if isinstance(v, Tensor) and v.shape[:1] == input_ids.shape[:1]
-                   else v for k, v in kwargs.items()}  # fmt: skip
+            sub = {
+                k: v[index] if isinstance(v, Tensor) and v.shape[:1] == input_ids.shape[:1] else v
+                for k, v in kwargs.items()
+            }
             sub_labels = None if labels is None else labels[index]
             with self._active(name):
-                out = self.model(input_ids=input_ids[index], attention_mask=attention_mask[index],
-                                 labels=sub_labels, **sub)  # fmt: skip
+                out = self.model(
+                    input_ids=input_ids[index],
+                    attention_mask=attention_mask[index],
+                    labels=sub_labels,
+                    **sub,
+                )
             if sub_labels is not None:
                 # the model's mean over its target tokens -> the whole batch's token mean
                 scored = sub_labels if self.is_encoder_decoder else sub_labels[:, 1:]
@@ -161,21 +183,30 @@ class AdaptedModel(nn.Module):
         return first  # only loss and logits describe the whole batch
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, task_ids: Tensor | None = None,
-                 *, prefix_cache: bool = False, **gen_kwargs) -> Tensor:  # fmt: skip
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        task_ids: Tensor | None = None,
+        *,
+        prefix_cache: bool = False,
+        **gen_kwargs,
+    ) -> Tensor:
         """PromptedModel.generate's contract: the new tokens only, [B, N]. ``prefix_cache`` is
         accepted and ignored (there is no prompt prefix to cache)."""
         names = self._names(task_ids, input_ids.shape[0])
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                  adapter_names=names, **gen_kwargs)  # fmt: skip
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, adapter_names=names, **gen_kwargs
+        )
         return out[:, 1:] if self.is_encoder_decoder else out[:, input_ids.shape[1] :]
 
 
 def _checked_names(tasks: list[str] | None) -> list[str]:
     names = [adapter_name(t) for t in tasks] if tasks else [SHARED]
     if len(set(names)) != len(names):
-        raise UserError(f"tasks {tasks} give the same adapter name twice ('.' reads as '_')",
-                        key="lora")  # fmt: skip
+        raise UserError(
+            f"tasks {tasks} give the same adapter name twice ('.' reads as '_')", key="lora"
+        )
     return names
 
 
@@ -246,8 +277,9 @@ def save_adapters(adapted: AdaptedModel, folder: str | Path) -> None:
     adapted.model.save_pretrained(str(folder), save_embedding_layers=False)
 
 
-def export(adapted: AdaptedModel, tokenizer, dest: Path, *, name: str, parents: list[str],
-           merge: bool) -> None:  # fmt: skip
+def export(
+    adapted: AdaptedModel, tokenizer, dest: Path, *, name: str, parents: list[str], merge: bool
+) -> None:
     """Write a stage-2 model directory: the weights (``merge``: with the shared adapter merged
     in; else the model's own weights, adapters left out) + tokenizer + lineage, then the
     adapters in ``dest/adapters``. Works on a copy: training goes on with the adapters."""

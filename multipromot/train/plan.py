@@ -75,15 +75,21 @@ def meta_model(spec: str, seed: int = 0) -> nn.Module:
             try:
                 config = build_builtin(spec, seed)[0].config  # the tiny ones build in a blink
             except UserError:
-                raise UserError(f"built-in model {spec!r} is not built yet; run stage 1 or "
-                                "`multipromot lab` first", key="model") from None  # fmt: skip
+                raise UserError(
+                    f"built-in model {spec!r} is not built yet; run stage 1 or "
+                    "`multipromot lab` first",
+                    key="model",
+                ) from None
     else:
         try:
             config = AutoConfig.from_pretrained(spec)
         except (OSError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"cannot read the config of {spec!r} ({first}); a directory holding "
-                            "only config.json is enough", key="model") from None  # fmt: skip
+            raise UserError(
+                f"cannot read the config of {spec!r} ({first}); a directory holding "
+                "only config.json is enough",
+                key="model",
+            ) from None
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
@@ -141,16 +147,25 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         return {
-            "model": self.model, "parameters": self.parameters_total, "world_size": self.world,
-            "gpu_gb": self.gpu_bytes / GB, "rows_per_rank": self.rows, "seq": self.seq,
-            "compute_dtype": self.compute_dtype, "parameters_gb": self.param_bytes / GB,
-            "gradients_gb": self.grad_bytes / GB, "optimizer_gb": self.optimizer_bytes / GB,
+            "model": self.model,
+            "parameters": self.parameters_total,
+            "world_size": self.world,
+            "gpu_gb": self.gpu_bytes / GB,
+            "rows_per_rank": self.rows,
+            "seq": self.seq,
+            "compute_dtype": self.compute_dtype,
+            "parameters_gb": self.param_bytes / GB,
+            "gradients_gb": self.grad_bytes / GB,
+            "optimizer_gb": self.optimizer_bytes / GB,
             "all_gathered_gb": self.gathered_bytes / GB,
             "activations_gb": self.activation_bytes / GB,
             "activations_checkpointed_gb": self.activation_ckpt_bytes / GB,
-            "total_gb": self.total(False) / GB, "total_checkpointed_gb": self.total(True) / GB,
-            "fits": self.fits(False), "fits_checkpointed": self.fits(True), "notes": self.notes,
-        }  # fmt: skip
+            "total_gb": self.total(False) / GB,
+            "total_checkpointed_gb": self.total(True) / GB,
+            "fits": self.fits(False),
+            "fits_checkpointed": self.fits(True),
+            "notes": self.notes,
+        }
 
     def table(self) -> str:
         """The plan as a small text table (GB = 1e9 bytes)."""
@@ -166,7 +181,7 @@ class MemoryPlan:
             f"{'all-gathered units + their grads':34} {self.gathered_bytes / GB:8.2f}",
             f"{'activations (estimate)':34} {self.activation_bytes / GB:8.2f}",
             f"{'  with activation checkpointing':34} {self.activation_ckpt_bytes / GB:8.2f}",
-        ]  # fmt: skip
+        ]
         for ckpt in (False, True):
             label = "total, activation checkpointing" if ckpt else "total"
             verdict = "fits" if self.fits(ckpt) else "does NOT fit"
@@ -175,8 +190,15 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def plan_memory(cfg: RunConfig, *, nodes: int, gpus: int, gpu_gb: float = 80.0,
-                model: nn.Module | None = None, cpu_kernels: bool = False) -> MemoryPlan:  # fmt: skip
+def plan_memory(
+    cfg: RunConfig,
+    *,
+    nodes: int,
+    gpus: int,
+    gpu_gb: float = 80.0,
+    model: nn.Module | None = None,
+    cpu_kernels: bool = False,
+) -> MemoryPlan:
     """Plan stage 2 of ``cfg`` on ``nodes x gpus`` ranks of ``gpu_gb`` GB each.
 
     Args:
@@ -203,8 +225,10 @@ def plan_memory(cfg: RunConfig, *, nodes: int, gpus: int, gpu_gb: float = 80.0,
     notes = []
     rows = s2.batch_size // (s2.grad_accum * world)
     if rows == 0 or s2.batch_size % (s2.grad_accum * world):
-        notes.append(f"stage2.batch_size {s2.batch_size} does not split over grad_accum "
-                     f"{s2.grad_accum} x {world} ranks; planned with 1 row per rank")  # fmt: skip
+        notes.append(
+            f"stage2.batch_size {s2.batch_size} does not split over grad_accum "
+            f"{s2.grad_accum} x {world} ranks; planned with 1 row per rank"
+        )
         rows = max(rows, 1)
 
     params = dict(model.named_parameters())  # tied weights once
@@ -225,19 +249,31 @@ def plan_memory(cfg: RunConfig, *, nodes: int, gpus: int, gpu_gb: float = 80.0,
     act, act_ckpt, seq = _activations(model, cfg, rows, c_size, cpu_kernels)
     if getattr(model.config, "_attn_implementation", "") == "eager":
         notes.append("eager attention: the s x s attention scores are counted")
-    notes.append("activations: what autograd keeps, checked on CPU only (within 1% for "
-                 "small T5/mT5/Llama); not transient buffers; measure with benchmarks/gpu.py")  # fmt: skip
+    notes.append(
+        "activations: what autograd keeps, checked on CPU only (within 1% for "
+        "small T5/mT5/Llama); not transient buffers; measure with benchmarks/gpu.py"
+    )
     return MemoryPlan(
-        model=f"{cfg.model} ({model.config.model_type})", parameters_total=sum(
-            p.numel() for p in params.values()), world=world, gpu_bytes=gpu_gb * GB,
-        rows=rows, seq=seq, compute_dtype=compute_dtype, param_bytes=local * p_size,
-        grad_bytes=local * p_size, optimizer_bytes=opt * 4, gathered_bytes=gathered,
-        activation_bytes=act, activation_ckpt_bytes=act_ckpt, notes=notes,
-    )  # fmt: skip
+        model=f"{cfg.model} ({model.config.model_type})",
+        parameters_total=sum(p.numel() for p in params.values()),
+        world=world,
+        gpu_bytes=gpu_gb * GB,
+        rows=rows,
+        seq=seq,
+        compute_dtype=compute_dtype,
+        param_bytes=local * p_size,
+        grad_bytes=local * p_size,
+        optimizer_bytes=opt * 4,
+        gathered_bytes=gathered,
+        activation_bytes=act,
+        activation_ckpt_bytes=act_ckpt,
+        notes=notes,
+    )
 
 
-def _activations(model: nn.Module, cfg: RunConfig, rows: int, e: int,
-                 cpu_kernels: bool = False) -> tuple[int, int, dict]:  # fmt: skip
+def _activations(
+    model: nn.Module, cfg: RunConfig, rows: int, e: int, cpu_kernels: bool = False
+) -> tuple[int, int, dict]:
     """(bytes without checkpointing, bytes with, the sequence lengths) for one micro-batch.
 
     Counts, per token, what autograd keeps for backward (``e``-byte activations, ``h`` the
@@ -271,9 +307,11 @@ def _activations(model: nn.Module, cfg: RunConfig, rows: int, e: int,
     ff = getattr(c, "d_ff", None) or getattr(c, "intermediate_size", None) or 4 * h
     heads = getattr(c, "num_heads", None) or c.num_attention_heads
     gated = bool(getattr(c, "is_gated_act", False)) or c.model_type == "llama"
-    act = getattr(c, "dense_act_fn", None) or getattr(c, "hidden_act", None) or getattr(
-        c, "activation_function", ""
-    )  # fmt: skip
+    act = (
+        getattr(c, "dense_act_fn", None)
+        or getattr(c, "hidden_act", None)
+        or getattr(c, "activation_function", "")
+    )
     eager = getattr(c, "_attn_implementation", "") == "eager"
     mask = e if cpu_kernels else 1
     m = mask if _dropout(c, _HIDDEN_DROPOUT) > 0 else 0
@@ -323,5 +361,9 @@ def _dropout(config, keys: tuple[str, ...]) -> float:
 
 # Where transformers configs keep their hidden and attention dropout probabilities.
 _HIDDEN_DROPOUT = ("dropout_rate", "resid_pdrop", "hidden_dropout", "hidden_dropout_prob")
-_ATTENTION_DROPOUT = ("dropout_rate", "attn_pdrop", "attention_dropout",
-                      "attention_probs_dropout_prob")  # fmt: skip
+_ATTENTION_DROPOUT = (
+    "dropout_rate",
+    "attn_pdrop",
+    "attention_dropout",
+    "attention_probs_dropout_prob",
+)

@@ -105,8 +105,12 @@ def made_from(cfg: RunConfig, mixture=None) -> dict:
         s1.pop(key)
     s1["mixture"] = resolve_path(cfg, cfg.stage1.mixture)
     mixture = mixture or load_mixture(s1["mixture"])
-    return {"model": cfg.model, "seed": cfg.seed, "stage1": s1,
-            "data": mixture_fingerprint(mixture)}  # fmt: skip
+    return {
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "stage1": s1,
+        "data": mixture_fingerprint(mixture),
+    }
 
 
 class _Trained(nn.Module):
@@ -165,8 +169,17 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     select = "score" if s1.select_by == "metric" else "loss"
     record = made_from(cfg, mixture)
     trained = _Trained(prompted.prompts)
-    start = _resume(out_dir / "checkpoints", record, trained, optimizer, scheduler, batches, best,
-                    tasks, progress=progress)  # fmt: skip
+    start = _resume(
+        out_dir / "checkpoints",
+        record,
+        trained,
+        optimizer,
+        scheduler,
+        batches,
+        best,
+        tasks,
+        progress=progress,
+    )
     _trim_metrics(out_dir / "metrics.jsonl", start)  # a fresh start keeps no old lines
     logger = MetricsLogger(out_dir, trackers=cfg.log.to)
     speed = Throughput()
@@ -175,9 +188,13 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
         """Score every task; keep each task's best trained prompt so far (step 0, the initial
         prompt, is scored for the curve but never kept)."""
         results = validate_tasks(
-            prompted, tokenizer, tasks, collator, examples=s1.eval_examples,
+            prompted,
+            tokenizer,
+            tasks,
+            collator,
+            examples=s1.eval_examples,
             with_metric=select == "score",
-        )  # fmt: skip
+        )
         logger.log({"stage": 1, "step": step, "validation": results})
         if step == 0:
             return
@@ -192,16 +209,25 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
         with torch.no_grad():
             for i, task in enumerate(tasks):
                 trained.best[i].copy_(best[task.name].weights)
-        saved = {t: {"value": b.value, "loss": b.loss, "step": b.step, "metric": b.metric}
-                 for t, b in best.items()}  # fmt: skip
-        save_checkpoint(out_dir / "checkpoints", step, model=trained, optimizer=optimizer,
-                        scheduler=scheduler, sampler=batches,
-                        state={"made_from": record, "best": saved})  # fmt: skip
+        saved = {
+            t: {"value": b.value, "loss": b.loss, "step": b.step, "metric": b.metric}
+            for t, b in best.items()
+        }
+        save_checkpoint(
+            out_dir / "checkpoints",
+            step,
+            model=trained,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            sampler=batches,
+            state={"made_from": record, "best": saved},
+        )
 
     if start == 0:
         validate(0)
-    bar = tqdm(range(start + 1, s1.steps + 1), desc="stage 1", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        range(start + 1, s1.steps + 1), desc="stage 1", disable=not progress, dynamic_ncols=True
+    )
     for step in bar:
         batch = next(batches)
         loss = prompted(**batch).loss
@@ -219,8 +245,16 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
         tokens_per_s = speed.update(int(batch["attention_mask"].sum()))
         if step % s1.log_every == 0 or step == s1.steps:
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            logger.log({"stage": 1, "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
+            logger.log(
+                {
+                    "stage": 1,
+                    "step": step,
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_per_s,
+                },
+                step=step,
+            )
         if step % s1.eval_every == 0 or step == s1.steps:
             validate(step)
             checkpoint(step)
@@ -228,8 +262,18 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     return _write_to_bank(cfg, tasks, best, model, model_path, s1)
 
 
-def _resume(root: Path, record: dict, trained: _Trained, optimizer, scheduler, batches,
-            best: dict, tasks, *, progress: bool) -> int:  # fmt: skip
+def _resume(
+    root: Path,
+    record: dict,
+    trained: _Trained,
+    optimizer,
+    scheduler,
+    batches,
+    best: dict,
+    tasks,
+    *,
+    progress: bool,
+) -> int:
     """Load the latest stage-1 checkpoint made from the same settings; returns its step (0 when
     there is none, or it was made from other settings)."""
     path = latest_checkpoint(root)
@@ -243,12 +287,14 @@ def _resume(root: Path, record: dict, trained: _Trained, optimizer, scheduler, b
         if progress:
             print(f"stage 1: not resuming {path} (made from other settings or data)")
         return 0
-    state = load_checkpoint(path, model=trained, optimizer=optimizer, scheduler=scheduler,
-                            sampler=batches)  # fmt: skip
+    state = load_checkpoint(
+        path, model=trained, optimizer=optimizer, scheduler=scheduler, sampler=batches
+    )
     for i, task in enumerate(tasks):
         b = state["best"][task.name]
-        best[task.name] = Best(b["value"], b["loss"], b["step"], b["metric"],
-                                trained.best[i].detach().clone())  # fmt: skip
+        best[task.name] = Best(
+            b["value"], b["loss"], b["step"], b["metric"], trained.best[i].detach().clone()
+        )
     if progress:
         print(f"stage 1: resumed from step {state['step']} ({path})")
     return int(state["step"])
@@ -261,8 +307,11 @@ def _trim_metrics(path: Path, step: int) -> None:
         return
     kept = []
     if step:
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if json.loads(line).get("step", 0) <= step]  # fmt: skip
+        kept = [
+            line
+            for line in path.read_text().splitlines(keepends=True)
+            if json.loads(line).get("step", 0) <= step
+        ]
     write_atomic(path, "".join(kept).encode())
 
 
@@ -292,9 +341,12 @@ class BatchStream:
     def _draw(self) -> list[dict]:
         rows = 32 * self.batch_size if self.by_task else self.batch_size
         return batches_from_draws(
-            self.tasks, self.sampler.take(rows), self.collator, batch_size=self.batch_size,
+            self.tasks,
+            self.sampler.take(rows),
+            self.collator,
+            batch_size=self.batch_size,
             order="task" if self.by_task else "drawn",
-        )  # fmt: skip
+        )
 
     def state_dict(self) -> dict:
         """JSON-able position: the window's starting sampler state and the batches taken."""

@@ -57,8 +57,9 @@ def adapters_fingerprint(folder: str | Path) -> dict:
     """sha256 of every adapter file under ``folder`` (relative path -> digest): what a stage-2
     record compares, so other adapters never pass for the ones a model was trained with."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
@@ -85,11 +86,19 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
     trainable = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.lora.optimizer, cfg.lora.lr)
     scheduler = lr_schedule(optimizer, warmup_steps=s1.warmup_steps, total_steps=s1.steps)
-    collator = Collator(tokenizer, decoder_only=not is_encoder_decoder(model),
-                        max_input_length=s1.max_input_length,
-                        max_target_length=s1.max_target_length)  # fmt: skip
-    batches = batch_stream(tasks, MixtureSampler(mixture, seed=cfg.seed), collator,
-                           s1.batch_size, by_task=s1.batching == "task")  # fmt: skip
+    collator = Collator(
+        tokenizer,
+        decoder_only=not is_encoder_decoder(model),
+        max_input_length=s1.max_input_length,
+        max_target_length=s1.max_target_length,
+    )
+    batches = batch_stream(
+        tasks,
+        MixtureSampler(mixture, seed=cfg.seed),
+        collator,
+        s1.batch_size,
+        by_task=s1.batching == "task",
+    )
     out_dir = Path(cfg.out_dir) / ADAPTERS_FOLDER
     logger = MetricsLogger(out_dir, trackers=cfg.log.to)
     speed = Throughput()
@@ -97,29 +106,45 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
     best: dict[str, Best] = {}  # task -> its best step and adapter state
 
     def validate(step: int) -> None:
-        results = validate_tasks(adapted, tokenizer, tasks, collator, examples=s1.eval_examples,
-                                 with_metric=select == "score")  # fmt: skip
+        results = validate_tasks(
+            adapted,
+            tokenizer,
+            tasks,
+            collator,
+            examples=s1.eval_examples,
+            with_metric=select == "score",
+        )
         logger.log({"stage": 1, "step": step, "validation": results})
         if step == 0:  # the untrained adapter (= the base model) is scored, never kept
             return
         for task in tasks:
             r = results[task.name]
-            state = get_peft_model_state_dict(adapted.model,
-                                              adapter_name=lora.adapter_name(task.name))  # fmt: skip
-            new = Best(r[select], r["loss"], step, task.metric if select == "score" else "loss",
-                       {k: v.detach().clone() for k, v in state.items()})  # fmt: skip
+            state = get_peft_model_state_dict(
+                adapted.model, adapter_name=lora.adapter_name(task.name)
+            )
+            new = Best(
+                r[select],
+                r["loss"],
+                step,
+                task.metric if select == "score" else "loss",
+                {k: v.detach().clone() for k, v in state.items()},
+            )
             if better(new, best.get(task.name), select == "score", s1.ties):
                 best[task.name] = new
 
     validate(0)
-    bar = tqdm(range(1, s1.steps + 1), desc="stage 1 (lora)", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        range(1, s1.steps + 1), desc="stage 1 (lora)", disable=not progress, dynamic_ncols=True
+    )
     for step in bar:
         batch = next(batches)
         loss = adapted(**batch).loss
         if not torch.isfinite(loss):
-            raise UserError(f"non-finite loss ({loss.item()}) at step {step}; no adapter was "
-                            "written (lower lora.lr or check the data)", key="lora.lr")  # fmt: skip
+            raise UserError(
+                f"non-finite loss ({loss.item()}) at step {step}; no adapter was "
+                "written (lower lora.lr or check the data)",
+                key="lora.lr",
+            )
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -127,17 +152,28 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
         tokens_per_s = speed.update(int(batch["attention_mask"].sum()))
         if step % s1.log_every == 0 or step == s1.steps:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            logger.log({"stage": 1, "step": step, "loss": loss.item(),
-                        "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
+            logger.log(
+                {
+                    "stage": 1,
+                    "step": step,
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_per_s,
+                },
+                step=step,
+            )
         if step % s1.eval_every == 0 or step == s1.steps:
             validate(step)
     logger.close()
     for task in tasks:
-        set_peft_model_state_dict(adapted.model, best[task.name].weights,
-                                  adapter_name=lora.adapter_name(task.name))  # fmt: skip
+        set_peft_model_state_dict(
+            adapted.model, best[task.name].weights, adapter_name=lora.adapter_name(task.name)
+        )
     folder = out_dir / "adapters"
     tmp = temp_dir_for(folder)
     lora.save_adapters(adapted, tmp)
     publish_dir(tmp, folder)
-    return folder, {t: {"best_step": b.step, "metric": b.metric, "value": b.value, "loss": b.loss}
-                    for t, b in best.items()}  # fmt: skip
+    return folder, {
+        t: {"best_step": b.step, "metric": b.metric, "value": b.value, "loss": b.loss}
+        for t, b in best.items()
+    }

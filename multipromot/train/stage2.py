@@ -102,8 +102,13 @@ __all__ = [
 ]
 
 # What trains in each mode (PromptedModel.set_trainable).
-TRAINABLE = {"promot": "model", "standard": "model", "random_prompt": "model", "joint": "both",
-             "hft": "model"}  # fmt: skip
+TRAINABLE = {
+    "promot": "model",
+    "standard": "model",
+    "random_prompt": "model",
+    "joint": "both",
+    "hft": "model",
+}
 # Modes whose model carries LoRA adapters (train/lora.py) instead of a prompt table.
 LORA_MODES = ("lora", "promot_lora")
 # Modes that give no row a prompt (task id -1 everywhere; lora's one adapter is on every row).
@@ -114,15 +119,40 @@ PROMPT_BANK_DIR = "prompt_bank"
 
 # Recorded in every checkpoint and compared on resume. Changing one of these midway would make
 # the continued run neither the old one nor the new one: refused, naming the keys.
-RESUME_REFUSED = ("model", "seed", "mixture", "tasks", "mode", "shots", "optimizer", "lr",
-                  "prompt_lr", "weight_decay", "warmup_steps", "decay", "batch_size",
-                  "max_grad_norm", "label_smoothing", "max_input_length", "max_target_length",
-                  "keep_best_by", "lora", "hft")  # fmt: skip
+RESUME_REFUSED = (
+    "model",
+    "seed",
+    "mixture",
+    "tasks",
+    "mode",
+    "shots",
+    "optimizer",
+    "lr",
+    "prompt_lr",
+    "weight_decay",
+    "warmup_steps",
+    "decay",
+    "batch_size",
+    "max_grad_norm",
+    "label_smoothing",
+    "max_input_length",
+    "max_target_length",
+    "keep_best_by",
+    "lora",
+    "hft",
+)
 # Safe to change on resume (the gradient of a step is the same to float rounding, or only the
 # schedule's end moves): applied, and said so. The other keys (save_every, eval_every, ...)
 # are bookkeeping and may change silently.
-RESUME_APPLIED = ("steps", "grad_accum", "group_by_length", "bf16", "mixed_precision",
-                  "activation_checkpointing", "cpu_offload")  # fmt: skip
+RESUME_APPLIED = (
+    "steps",
+    "grad_accum",
+    "group_by_length",
+    "bf16",
+    "mixed_precision",
+    "activation_checkpointing",
+    "cpu_offload",
+)
 
 
 class Preempted(SystemExit):
@@ -167,14 +197,19 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
     s2 = cfg.stage2
     out = Path(cfg.out_dir)
     if s2.mode in ("hft", *LORA_MODES) and (D.is_distributed() or s2.export_shard_size):
-        raise UserError(f"{s2.mode} trains in one process, without stage2.export_shard_size",
-                        key="stage2.mode")  # fmt: skip
+        raise UserError(
+            f"{s2.mode} trains in one process, without stage2.export_shard_size", key="stage2.mode"
+        )
     rows, accum = _micro_batch(s2.batch_size, s2.grad_accum, D.world_size())
     resume_from = D.on_rank0(resolve_resume, out / "checkpoints", s2.resume)
     saved = read_trainer_state(resume_from) if resume_from else None
     if saved is not None and saved.get("mode") != s2.mode:
-        raise UserError(f"the checkpoint was trained with mode {saved.get('mode')!r}, this run "
-                        f"asks for {s2.mode!r}", file=resume_from, key="stage2.mode")  # fmt: skip
+        raise UserError(
+            f"the checkpoint was trained with mode {saved.get('mode')!r}, this run "
+            f"asks for {s2.mode!r}",
+            file=resume_from,
+            key="stage2.mode",
+        )
 
     torch.manual_seed(cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s2.mixture))
@@ -197,20 +232,28 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
     device = D.device()
 
     optimizer = _optimizer(prompted, s2, cfg.lora)
-    scheduler = lr_schedule(optimizer, warmup_steps=s2.warmup_steps, total_steps=s2.steps,
-                            decay=s2.decay)  # fmt: skip
+    scheduler = lr_schedule(
+        optimizer, warmup_steps=s2.warmup_steps, total_steps=s2.steps, decay=s2.decay
+    )
     sampler = MixtureSampler(mixture, seed=cfg.seed, rank=D.rank(), world_size=D.world_size())
-    collator = Collator(tokenizer, decoder_only=decoder_only, max_input_length=s2.max_input_length,
-                        max_target_length=s2.max_target_length)  # fmt: skip
+    collator = Collator(
+        tokenizer,
+        decoder_only=decoder_only,
+        max_input_length=s2.max_input_length,
+        max_target_length=s2.max_target_length,
+    )
 
     start, losses, best = 0, [], {"by": s2.keep_best_by, "step": None, "value": None}
     if resume_from is not None:
-        trainer = load_checkpoint(resume_from, model=prompted, optimizer=optimizer,
-                                  scheduler=scheduler, sampler=sampler)  # fmt: skip
+        trainer = load_checkpoint(
+            resume_from, model=prompted, optimizer=optimizer, scheduler=scheduler, sampler=sampler
+        )
         start, losses, best = trainer["step"], trainer["losses"], trainer["best"]
         if D.is_main() and progress:
-            print(f"stage 2: resumed from step {start} ({resume_from}, written by "
-                  f"{trainer['world_size']} process(es), now {D.world_size()})")  # fmt: skip
+            print(
+                f"stage 2: resumed from step {start} ({resume_from}, written by "
+                f"{trainer['world_size']} process(es), now {D.world_size()})"
+            )
     D.on_rank0(_trim_metrics, out / "metrics.jsonl", start)  # drop records a kill left behind
     shard_bytes = parse_size(s2.export_shard_size) if s2.export_shard_size else None
 
@@ -219,10 +262,21 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
     def save(step: int) -> Path:
         write = save_checkpoint if background is None else background.save
         settle()  # a background save still in flight: published (and pruned) first
-        path = write(out / "checkpoints", step, model=prompted, optimizer=optimizer,
-                     scheduler=scheduler, sampler=sampler, state={"mode": s2.mode,
-                     "bank_refs": info["bank_refs"], "losses": losses, "best": best,
-                     "settings": settings})  # fmt: skip
+        path = write(
+            out / "checkpoints",
+            step,
+            model=prompted,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            sampler=sampler,
+            state={
+                "mode": s2.mode,
+                "bank_refs": info["bank_refs"],
+                "losses": losses,
+                "best": best,
+                "settings": settings,
+            },
+        )
         if background is None:
             prune()
         return path
@@ -239,22 +293,39 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
 
     logger = MetricsLogger(out, enabled=D.is_main(), trackers=cfg.log.to)
     speed = Throughput()
-    bar = tqdm(total=s2.steps, initial=start, desc=f"stage 2 ({s2.mode})", dynamic_ncols=True,
-               disable=not (progress and D.is_main()))  # fmt: skip
+    bar = tqdm(
+        total=s2.steps,
+        initial=start,
+        desc=f"stage 2 ({s2.mode})",
+        dynamic_ncols=True,
+        disable=not (progress and D.is_main()),
+    )
     trainable = [p for p in prompted.parameters() if p.requires_grad]
     prompted.train()
     with D.PreemptionGuard() as guard:
         for step in range(start + 1, s2.steps + 1):
             if s2.mode == "hft":
-                hft.freeze_for_step(prompted.model, step, seed=cfg.seed,
-                                    round_steps=cfg.hft.round_steps)  # fmt: skip
+                hft.freeze_for_step(
+                    prompted.model, step, seed=cfg.seed, round_steps=cfg.hft.round_steps
+                )
             # This rank's micro-batches: its next rows * accum draws of the one global stream.
             batches = batches_from_draws(
-                mixture.tasks, sampler.take(rows * accum), collator, batch_size=rows, shots=shots,
-                seed=mixture.exemplar_seed, task_ids=task_ids, order=order,
-            )  # fmt: skip
-            loss, tokens = _forward_backward(prompted, batches, decoder_only=decoder_only,
-                                             label_smoothing=s2.label_smoothing, bf16=s2.bf16)  # fmt: skip
+                mixture.tasks,
+                sampler.take(rows * accum),
+                collator,
+                batch_size=rows,
+                shots=shots,
+                seed=mixture.exemplar_seed,
+                task_ids=task_ids,
+                order=order,
+            )
+            loss, tokens = _forward_backward(
+                prompted,
+                batches,
+                decoder_only=decoder_only,
+                label_smoothing=s2.label_smoothing,
+                bf16=s2.bf16,
+            )
             max_norm = s2.max_grad_norm if s2.max_grad_norm > 0 else float("inf")
             grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -276,17 +347,36 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
             bar.update(1)
             if _due(step, s2.log_every, s2.steps):
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                logger.log({"stage": 2, "step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step=step)  # fmt: skip
+                logger.log(
+                    {
+                        "stage": 2,
+                        "step": step,
+                        "loss": loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_s,
+                    },
+                    step=step,
+                )
 
             if s2.eval_every > 0 and _due(step, s2.eval_every, s2.steps):
                 record = _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device)
                 logger.log({"stage": 2, "step": step, **record}, step=step)
                 if _improved(best, record):
                     best.update(step=step, value=record[_best_key(best["by"])])
-                    _export(prompted, build, tokenizer, out / "best", info={**info, "step": step,
-                            "selected_by": best["by"], "value": best["value"]},
-                            shard_bytes=shard_bytes)  # fmt: skip
+                    _export(
+                        prompted,
+                        build,
+                        tokenizer,
+                        out / "best",
+                        info={
+                            **info,
+                            "step": step,
+                            "selected_by": best["by"],
+                            "value": best["value"],
+                        },
+                        shard_bytes=shard_bytes,
+                    )
 
             saved_now = _due(step, s2.save_every, s2.steps)
             if saved_now:
@@ -299,15 +389,26 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
                 bar.close()
                 logger.close()
                 if D.is_main():
-                    print(f"stage 2: {signal.Signals(signum).name} at step {step}: checkpoint "
-                          f"{path}; run the same command again to continue (stage2.resume="
-                          f"latest), with any number of processes", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"stage 2: {signal.Signals(signum).name} at step {step}: checkpoint "
+                        f"{path}; run the same command again to continue (stage2.resume="
+                        f"latest), with any number of processes",
+                        file=sys.stderr,
+                    )
                 raise Preempted(128 + signum)
     settle()
     bar.close()
     logger.close()
-    _finish(prompted, build, tokenizer, out, best, info, step=max(start, s2.steps),
-            shard_bytes=shard_bytes)  # fmt: skip
+    _finish(
+        prompted,
+        build,
+        tokenizer,
+        out,
+        best,
+        info,
+        step=max(start, s2.steps),
+        shard_bytes=shard_bytes,
+    )
     return out
 
 
@@ -389,7 +490,7 @@ def _load_prompted(cfg: RunConfig, mixture: Mixture, refs: dict | None):
             "base_model": {
                 "name": str(path),
                 "fingerprint": lineage.get("fingerprint") or model_fingerprint(model),
-            },  # fmt: skip
+            },
             "parents": list(lineage.get("lineage", [])),
             "bank_refs": bank_refs,
             "bank_dir": resolve_path(cfg, cfg.bank.dir),
@@ -445,8 +546,9 @@ def _adapted(cfg: RunConfig, model, names: list[str]) -> lora.AdaptedModel:
         adapted.set_trainable("adapters")
         return adapted
     if not cfg.lora.adapters:
-        raise UserError("is not set: promot_lora's stage 2 needs its stage-1 task adapters",
-                        key="lora.adapters")  # fmt: skip
+        raise UserError(
+            "is not set: promot_lora's stage 2 needs its stage-1 task adapters", key="lora.adapters"
+        )
     adapted = lora.load_adapters(model, resolve_path(cfg, cfg.lora.adapters), names)
     adapted.set_trainable("model")
     return adapted
@@ -479,8 +581,9 @@ def _prompt_table(cfg: RunConfig, mixture: Mixture, model, tokenizer, refs: dict
     if mode in UNPROMPTED_MODES:
         return None, {}
     if mode == "random_prompt":
-        table = init_prompts(model, tokenizer, len(names), cfg.stage1.prompt_length,
-                             method="random", seed=cfg.seed)  # fmt: skip
+        table = init_prompts(
+            model, tokenizer, len(names), cfg.stage1.prompt_length, method="random", seed=cfg.seed
+        )
         return table, {}
     bank = PromptBank(resolve_path(cfg, cfg.bank.dir))
     bank_refs = {name: bank.get((refs or {}).get(name, name)).ref for name in names}
@@ -548,10 +651,15 @@ def _forward_backward(
                 labels=batch["labels"]
             )
         with _autocast(bf16, device):
-            out = prompted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           task_ids=batch["task_ids"], **extra)  # fmt: skip
-        loss, n = token_loss(out.logits, batch["labels"], label_smoothing=label_smoothing,
-                             shift=decoder_only)  # fmt: skip
+            out = prompted(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                task_ids=batch["task_ids"],
+                **extra,
+            )
+        loss, n = token_loss(
+            out.logits, batch["labels"], label_smoothing=label_smoothing, shift=decoder_only
+        )
         (loss * n * scale).backward()
         loss_sum += float(loss.detach() * n)
         tokens += int(batch["attention_mask"].sum()) + (0 if decoder_only else local[i])
@@ -594,10 +702,15 @@ def _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device) -> d
     """
     with _autocast(s2.bf16, device):
         results = validate_tasks(
-            prompted, tokenizer, mixture.tasks, collator, examples=s2.eval_examples,
-            with_metric=s2.keep_best_by == "metric", task_ids=task_ids,
+            prompted,
+            tokenizer,
+            mixture.tasks,
+            collator,
+            examples=s2.eval_examples,
+            with_metric=s2.keep_best_by == "metric",
+            task_ids=task_ids,
             max_new_tokens=s2.max_target_length,
-        )  # fmt: skip
+        )
     record: dict = {"validation": results}
     record["val_loss"] = sum(r["loss"] for r in results.values()) / len(results)
     if all("score" in r for r in results.values()):
@@ -621,8 +734,9 @@ def _improved(best: dict, record: dict) -> bool:
 # -- outputs ----------------------------------------------------------------------------------
 
 
-def _export(prompted, build: Callable, tokenizer, dest: Path, *, info: dict,
-            shard_bytes: int | None = None) -> None:  # fmt: skip
+def _export(
+    prompted, build: Callable, tokenizer, dest: Path, *, info: dict, shard_bytes: int | None = None
+) -> None:
     """Write full weights + tokenizer (+ the prompt table when it is not the bank's) to
     ``dest`` on rank 0; a collective under FSDP.
 
@@ -633,16 +747,18 @@ def _export(prompted, build: Callable, tokenizer, dest: Path, *, info: dict,
     name = f"stage2:{info['mode']}:{info['mixture']}"
     parents = [info["base_model"]["fingerprint"], *info["parents"]]
     if shard_bytes is not None:
-        export_sharded(prompted.model, tokenizer, dest, max_shard_bytes=shard_bytes, name=name,
-                       parents=parents)  # fmt: skip
+        export_sharded(
+            prompted.model, tokenizer, dest, max_shard_bytes=shard_bytes, name=name, parents=parents
+        )
         plain = _prompts_only(prompted) if info["mode"] in ("joint", "random_prompt") else None
     else:
         plain = D.gather_full_model(prompted, build) if D.is_distributed() else prompted
 
     def write() -> None:
         if info["mode"] in LORA_MODES:  # weights + the adapters in peft's format
-            lora.export(plain, tokenizer, dest, name=name, parents=parents,
-                        merge=info["mode"] == "lora")  # fmt: skip
+            lora.export(
+                plain, tokenizer, dest, name=name, parents=parents, merge=info["mode"] == "lora"
+            )
         elif shard_bytes is None:
             save_model(plain.model, tokenizer, dest, name=name, parents=parents)
         record = dict(info)
@@ -675,22 +791,42 @@ def _own_prompt_bank(plain, tokenizer, dest: Path, info: dict) -> dict:
     base = {"name": str(dest.resolve()), "fingerprint": read_lineage(dest)["fingerprint"]}
     refs = {}
     for i, task in enumerate(info["tasks"]):
-        entry = bank.add(task, plain.prompts[i].detach(), base_model=base, init=info["mode"],
-                         extra={"stage2_mode": info["mode"], "mixture": info["mixture"]})  # fmt: skip
+        entry = bank.add(
+            task,
+            plain.prompts[i].detach(),
+            base_model=base,
+            init=info["mode"],
+            extra={"stage2_mode": info["mode"], "mixture": info["mixture"]},
+        )
         refs[task] = entry.ref
     return refs
 
 
-def _finish(prompted, build, tokenizer, out: Path, best: dict, info: dict, *, step: int,
-            shard_bytes: int | None = None) -> None:  # fmt: skip
+def _finish(
+    prompted,
+    build,
+    tokenizer,
+    out: Path,
+    best: dict,
+    info: dict,
+    *,
+    step: int,
+    shard_bytes: int | None = None,
+) -> None:
     """``final/`` = the best validated weights (``keep_best_by``) or the last; then record the
     bank entries' use."""
     final = out / "final"
     if best["by"] != "none" and best["step"] is not None and (out / "best").is_dir():
         D.on_rank0(_copy_dir, out / "best", final)
     else:
-        _export(prompted, build, tokenizer, final, shard_bytes=shard_bytes,
-                info={**info, "step": step, "selected_by": "last", "value": None})  # fmt: skip
+        _export(
+            prompted,
+            build,
+            tokenizer,
+            final,
+            shard_bytes=shard_bytes,
+            info={**info, "step": step, "selected_by": "last", "value": None},
+        )
 
     def record() -> None:
         bank = PromptBank(info["bank_dir"])

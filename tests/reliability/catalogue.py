@@ -874,7 +874,7 @@ CASES: list[Case] = [
             ("lr-inf", "stage2.lr: .inf", "stage2", "stage2: {lr: .inf}\n", "stage2.lr"),
             ("reuse-unknown", "reuse: sometimes", "run", "reuse: sometimes\n", "reuse"),
         ]
-    ],  # fmt: skip
+    ],
     Case(
         "preflight-no-suite",
         "config",
@@ -886,7 +886,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("run.yaml", "eval.suite", "is not set"),
-    ),  # fmt: skip
+    ),
     Case(
         "preflight-bank-is-a-file",
         "config",
@@ -899,7 +899,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("run.yaml", "bank.dir", "is a file"),
-    ),  # fmt: skip
+    ),
     Case(
         "preflight-long-task-name",
         "mixture",
@@ -911,7 +911,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("mix.yaml", "longer than 128"),
-    ),  # fmt: skip
+    ),
     Case(
         "mixture-tiny-temperature",
         "mixture",
@@ -924,7 +924,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("mix.yaml", "overflows"),
-    ),  # fmt: skip
+    ),
     Case(
         "mixture-huge-rate",
         "mixture",
@@ -943,7 +943,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("mix.yaml", "tasks[0].template", "unknown filter 'lowr'", "lower"),
-    ),  # fmt: skip
+    ),
     Case(
         "template-undefined-key",
         "template",
@@ -959,7 +959,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("mix.yaml", "tasks[0].template", "'lable'"),
-    ),  # fmt: skip
+    ),
     Case(
         "template-recursive-macro",
         "template",
@@ -975,7 +975,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("mix.yaml", "tasks[0].template", "recursed"),
-    ),  # fmt: skip
+    ),
     Case(
         "data-latin1",
         "data",
@@ -983,7 +983,7 @@ CASES: list[Case] = [
         ["mixture", "sample", "mix.yaml", "-n", "1"],
         {"mix.yaml": MIXTURE, "data.jsonl": '{"text": "caf\xe9", "label": 0}\n'.encode("latin-1")},
         ("mix.yaml", "data.jsonl is not UTF-8"),
-    ),  # fmt: skip
+    ),
     Case(
         "data-glob-mixed-splits",
         "data",
@@ -996,7 +996,7 @@ CASES: list[Case] = [
             "extra.jsonl": DATA,
         },
         ("mix.yaml", "tasks[0].source.files", "extra.jsonl"),
-    ),  # fmt: skip
+    ),
     Case(
         "template-loop-bomb",
         "template",
@@ -1014,7 +1014,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("mix.yaml", "tasks[0].template", "loop iterations"),
-    ),  # fmt: skip
+    ),
     Case(
         "template-doubling-bomb",
         "template",
@@ -1030,7 +1030,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("mix.yaml", "tasks[0].template", "would build more than"),
-    ),  # fmt: skip
+    ),
     Case(
         "template-padding-bomb",
         "template",
@@ -1043,7 +1043,7 @@ CASES: list[Case] = [
             "data.jsonl": DATA,
         },
         ("mix.yaml", "tasks[0].template", "width"),
-    ),  # fmt: skip
+    ),
     Case(
         "config-unresolvable-interpolation",
         "config",

@@ -37,13 +37,26 @@ FIGURES_END = "<!-- figures:end -->"
 
 # rows of the figures table, in this order (file name in the results directory)
 FIGURE_ORDER = [
-    "bank_kill_fast", "bank_kill_stress", "bank_concurrent_fast", "bank_concurrent_stress",
-    "bank_corruption_fast", "bank_corruption_stress", "checkpoint_corruption_fast",
-    "checkpoint_corruption_stress", "stage2_kill_fast", "stage2_kill_stress",
-    "disk_full_bank_add", "disk_full_bank_add_new_task", "disk_full_bank_record_stage2",
-    "disk_full_bank_remove", "disk_full_bank_set_current", "disk_full_bank_rebuild_index",
-    "disk_full_checkpoint", "disk_full_stage2_stress", "template_bombs",
-]  # fmt: skip
+    "bank_kill_fast",
+    "bank_kill_stress",
+    "bank_concurrent_fast",
+    "bank_concurrent_stress",
+    "bank_corruption_fast",
+    "bank_corruption_stress",
+    "checkpoint_corruption_fast",
+    "checkpoint_corruption_stress",
+    "stage2_kill_fast",
+    "stage2_kill_stress",
+    "disk_full_bank_add",
+    "disk_full_bank_add_new_task",
+    "disk_full_bank_record_stage2",
+    "disk_full_bank_remove",
+    "disk_full_bank_set_current",
+    "disk_full_bank_rebuild_index",
+    "disk_full_checkpoint",
+    "disk_full_stage2_stress",
+    "template_bombs",
+]
 
 
 def _cell(text: str) -> str:
@@ -105,8 +118,10 @@ def _stress_lines(text: str) -> dict[str, str]:
     lines = [line for line in block.splitlines() if "| make stress |" in line]
     names = [name for name in FIGURE_ORDER if name.endswith("_stress")]
     if len(lines) != len(names):
-        raise SystemExit(f"RELIABILITY.md has {len(lines)} make-stress rows, expected "
-                         f"{len(names)}: run without --fast")  # fmt: skip
+        raise SystemExit(
+            f"RELIABILITY.md has {len(lines)} make-stress rows, expected "
+            f"{len(names)}: run without --fast"
+        )
     return dict(zip(names, lines, strict=True))
 
 
@@ -153,8 +168,9 @@ def _replace(text: str, start: str, end: str, block: str) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, help="figures recorded by an earlier run")
-    parser.add_argument("--fast", action="store_true",
-                        help="run only the fast tests; keep the make-stress rows")  # fmt: skip
+    parser.add_argument(
+        "--fast", action="store_true", help="run only the fast tests; keep the make-stress rows"
+    )
     parser.add_argument("--catalogue-only", action="store_true")
     args = parser.parse_args(argv)
     text = REPORT.read_text() if REPORT.exists() else "# Reliability\n"
@@ -165,8 +181,12 @@ def main(argv: list[str]) -> int:
             env = {**os.environ, "MULTIPROMOT_RELIABILITY_OUT": str(results)}
             tests = sorted(str(p) for p in (ROOT / "tests").glob("test_reliability_*.py"))
             marks = "not slow" if args.fast else "slow or not slow"
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", marks, *tests],
-                           cwd=ROOT, env=env, check=True)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-m", marks, *tests],
+                cwd=ROOT,
+                env=env,
+                check=True,
+            )
         kept = _stress_lines(text) if args.fast else {}
         section = figures_section(results, len(CASES), kept)
         text = _replace(text, FIGURES_START, FIGURES_END, section)

@@ -98,8 +98,11 @@ class MultiPromotLM(LM):
         self.task_names = list(self.prompted.task_names)
         self.forced = str(task) if task else None
         if self.forced is not None and self.forced not in self.task_names:
-            raise UserError(f"task {self.forced!r} has no prompt here; the prompts are "
-                            f"{self.task_names or 'none'}", key=f"{ARGS} task")  # fmt: skip
+            raise UserError(
+                f"task {self.forced!r} has no prompt here; the prompts are "
+                f"{self.task_names or 'none'}",
+                key=f"{ARGS} task",
+            )
         self.router = None
         if router and self.forced is None:
             if not self.task_names:
@@ -108,12 +111,21 @@ class MultiPromotLM(LM):
             # calibrated on their own inputs against every local task of another format.
             known = [get_task(name) for name in self.task_names if name in list_tasks()]
             others = local_tasks(exclude=self.task_names)
-            self.router = calibrated_router(self.bank, known, refs=refs, negatives=others,
-                                            seed=seed)  # fmt: skip
-        self.collator = Collator(tokenizer, decoder_only=self.decoder_only,
-                                 max_input_length=NO_LIMIT, for_generation=True)  # fmt: skip
-        self.gen_collator = Collator(tokenizer, decoder_only=self.decoder_only,
-                                     max_input_length=self.max_length, for_generation=True)  # fmt: skip
+            self.router = calibrated_router(
+                self.bank, known, refs=refs, negatives=others, seed=seed
+            )
+        self.collator = Collator(
+            tokenizer,
+            decoder_only=self.decoder_only,
+            max_input_length=NO_LIMIT,
+            for_generation=True,
+        )
+        self.gen_collator = Collator(
+            tokenizer,
+            decoder_only=self.decoder_only,
+            max_input_length=self.max_length,
+            for_generation=True,
+        )
 
     # ------------------------------------------------------------------------------------
     # Routing
@@ -142,8 +154,10 @@ class MultiPromotLM(LM):
         for i, req in enumerate(requests):
             kwargs = dict(req.args[1] or {})
             if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
-                raise UserError("multipromot generates greedily: set do_sample false and "
-                                "temperature 0", key="generation_kwargs")  # fmt: skip
+                raise UserError(
+                    "multipromot generates greedily: set do_sample false and temperature 0",
+                    key="generation_kwargs",
+                )
             until = kwargs.get("until") or []
             stops.append([until] if isinstance(until, str) else [s for s in until if s])
             budget = int(kwargs.get("max_gen_toks") or DEFAULT_MAX_GEN_TOKS)
@@ -151,8 +165,14 @@ class MultiPromotLM(LM):
         outputs = [""] * len(requests)
         for budget, indices in budgets.items():
             items = [_item(contexts[i], rows[i]) for i in indices]
-            texts = predict(self.prompted, self.tokenizer, items, self.gen_collator,
-                            batch_size=self.batch_size, max_new_tokens=budget)  # fmt: skip
+            texts = predict(
+                self.prompted,
+                self.tokenizer,
+                items,
+                self.gen_collator,
+                batch_size=self.batch_size,
+                max_new_tokens=budget,
+            )
             for i, text in zip(indices, texts, strict=True):
                 outputs[i] = _cut(text, stops[i])
         return outputs
@@ -173,9 +193,11 @@ class MultiPromotLM(LM):
         windows, owners, window_rows = [], [], []
         for i, text in enumerate(texts):
             for pair in get_rolling_token_windows(
-                token_list=self._text_ids(text), prefix_token=start,
-                max_seq_len=self.max_length, context_len=1,
-            ):  # fmt: skip
+                token_list=self._text_ids(text),
+                prefix_token=start,
+                max_seq_len=self.max_length,
+                context_len=1,
+            ):
                 windows.append(make_disjoint_window(pair))
                 owners.append(i)
                 window_rows.append(rows[i])
@@ -219,8 +241,11 @@ class MultiPromotLM(LM):
         """Log-prob sum and greediness of each continuation, batched by length."""
         for _, cont in encoded:
             if len(cont) > self.max_length:
-                raise UserError(f"a continuation of {len(cont)} tokens is longer than "
-                                f"max_length={self.max_length}", key=f"{ARGS} max_length")  # fmt: skip
+                raise UserError(
+                    f"a continuation of {len(cont)} tokens is longer than "
+                    f"max_length={self.max_length}",
+                    key=f"{ARGS} max_length",
+                )
         # an empty continuation has log-prob 0 and is trivially greedy: no forward needed
         scored = [i for i in range(len(encoded)) if encoded[i][1]]
         order = sorted(scored, key=lambda i: -sum(map(len, encoded[i])))
@@ -249,8 +274,9 @@ class MultiPromotLM(LM):
         width = max(map(len, inputs))
         pad = self.collator.pad_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in inputs], device=self._device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in inputs],
-                            device=self._device)  # fmt: skip
+        mask = torch.tensor(
+            [[0] * (width - len(r)) + [1] * len(r) for r in inputs], device=self._device
+        )
         logits = self.prompted(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
         targets = [torch.tensor(cont, device=self._device) for _, cont in pairs]
         return logits, targets
@@ -262,10 +288,12 @@ class MultiPromotLM(LM):
         twidth = max(len(cont) for _, cont in pairs)
         pad = self.collator.pad_id
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in inputs], device=self._device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in inputs],
-                            device=self._device)  # fmt: skip
-        labels = torch.tensor([c + [IGNORE_INDEX] * (twidth - len(c)) for _, c in pairs],
-                              device=self._device)  # fmt: skip
+        mask = torch.tensor(
+            [[1] * len(r) + [0] * (width - len(r)) for r in inputs], device=self._device
+        )
+        labels = torch.tensor(
+            [c + [IGNORE_INDEX] * (twidth - len(c)) for _, c in pairs], device=self._device
+        )
         out = self.prompted(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
         targets = [torch.tensor(cont, device=self._device) for _, cont in pairs]
         return out.logits, targets
@@ -294,8 +322,9 @@ def _batch_size(value: int | str) -> int:
     except ValueError:
         size = 0
     if size < 1:
-        raise UserError(f"must be a positive integer or auto, got {value!r}",
-                        key=f"{ARGS} batch_size")  # fmt: skip
+        raise UserError(
+            f"must be a positive integer or auto, got {value!r}", key=f"{ARGS} batch_size"
+        )
     return size
 
 
@@ -331,8 +360,9 @@ def _prompted(model, model_dir: Path, bank_dir: str) -> tuple[PromptedModel, obj
         if not bank_dir:
             return PromptedModel(model), None, {}
         if not Path(bank_dir).is_dir():
-            raise UserError("no prompt bank here (not a directory)", file=bank_dir,
-                            key=f"{ARGS} bank")  # fmt: skip
+            raise UserError(
+                "no prompt bank here (not a directory)", file=bank_dir, key=f"{ARGS} bank"
+            )
         store = PromptBank(bank_dir)
         accepted = store.accepted_fingerprints(model)
         recorded = sorted(
