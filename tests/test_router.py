@@ -29,15 +29,12 @@ from multipromot.router import (
 from multipromot.router.base import signature_from_dict
 
 SEP = SEPARATOR
-# fmt: off  (word lists: one word per line would be 60 lines of noise)
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "shi", "ben", "dar", "ost", "pel", "qui",
-             "zan", "tor", "ila", "mon", "fer", "gal", "hu"]
-COMMON = ["the", "a", "of", "to", "in", "is", "was", "for", "on", "with", "as", "by", "at", "from",
-          "his", "her", "their", "city", "river", "king", "team", "year", "people", "music",
-          "water", "game", "film", "school", "war", "island", "party", "season", "world", "house",
-          "church", "road", "village", "company", "station", "club", "line", "group", "album",
-          "song", "book", "north", "south", "old", "new"]
-# fmt: on
+SYLLABLES = "ka lo mi ne ru ta vo shi ben dar ost pel qui zan tor ila mon fer gal hu".split()
+COMMON = (
+    "the a of to in is was for on with as by at from his her their city river king team "
+    "year people music water game film school war island party season world house church "
+    "road village company station club line group album song book north south old new"
+).split()
 
 
 def _word(rng: random.Random) -> str:
