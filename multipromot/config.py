@@ -40,93 +40,213 @@ OPTIMIZERS = ("adafactor", "adamw")
 
 @dataclass
 class BankConfig:
-    dir: str = "prompt_bank"
+    dir: str = field(
+        default="prompt_bank",
+        metadata={"help": "the prompt bank folder: stage 1 writes into it, stage 2 reads from it"},
+    )
 
 
 @dataclass
 class Stage1Config:
     """Prompt tuning: the model is frozen, one soft prompt per task of the mixture."""
 
-    mixture: str = ""
-    prompt_length: int = 100  # the paper: 100 (50 for decoder-only models)
-    init: str = "vocab"  # random | vocab | text
-    init_text: str = ""  # for init=text; empty = each task's answer choices
-    optimizer: str = "adafactor"
-    lr: float = 0.3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    steps: int = 5000
-    batch_size: int = 32
-    eval_every: int = 1000  # validation per task; the best step per task goes to the bank
-    eval_examples: int = 200
-    select_by: str = "metric"  # metric (the task's own) | loss
-    # equal validation values: loss (the lower validation loss, then the later step) | first
-    # (the earlier step); the step-0 prompt, never trained, is never selected
-    ties: str = "loss"
-    # task: each batch holds one task's rows, sorted by length inside windows of 32 batches
-    # (little padding; each prompt gets fewer, larger updates, as in prompt tuning task by
-    # task); mixed: rows in drawn order, every prompt updated at every step
-    batching: str = "task"
-    max_input_length: int = 512
-    max_target_length: int = 128
-    log_every: int = 10
+    mixture: str = field(
+        default="", metadata={"help": "the mixture YAML whose tasks each get a soft prompt"}
+    )
+    prompt_length: int = field(
+        default=100,
+        metadata={
+            "help": "positions per soft prompt, P (the paper: 100; 50 for decoder-only models)"
+        },
+    )
+    init: str = field(
+        default="vocab",
+        metadata={
+            "help": "how a prompt starts: random | vocab (embeddings of sampled vocabulary "
+            "tokens) | text (the embeddings of init_text)"
+        },
+    )
+    init_text: str = field(
+        default="", metadata={"help": "for init=text; empty = each task's answer choices"}
+    )
+    optimizer: str = field(default="adafactor", metadata={"help": "adafactor | adamw"})
+    lr: float = field(default=0.3, metadata={"help": "the prompts' learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "the optimizer's weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear learning-rate warmup"})
+    steps: int = field(default=5000, metadata={"help": "training steps"})
+    batch_size: int = field(default=32, metadata={"help": "rows per training step"})
+    eval_every: int = field(
+        default=1000,
+        metadata={
+            "help": "steps between validations (per task); the best step per task goes to the bank"
+        },
+    )
+    eval_examples: int = field(default=200, metadata={"help": "validation examples per task"})
+    select_by: str = field(
+        default="metric",
+        metadata={"help": "what picks each task's best step: metric (the task's own) | loss"},
+    )
+    ties: str = field(
+        default="loss",
+        metadata={
+            "help": "equal validation values: loss (the lower validation loss, then the later "
+            "step) | first (the earlier step); the step-0 prompt, never trained, is never "
+            "selected"
+        },
+    )
+    batching: str = field(
+        default="task",
+        metadata={
+            "help": "task: each batch holds one task's rows, sorted by length inside windows of "
+            "32 batches (little padding; each prompt gets fewer, larger updates, as in prompt "
+            "tuning task by task); mixed: rows in drawn order, every prompt updated at every step"
+        },
+    )
+    max_input_length: int = field(default=512, metadata={"help": "token budget of an input"})
+    max_target_length: int = field(default=128, metadata={"help": "token budget of a target"})
+    log_every: int = field(
+        default=10, metadata={"help": "steps between training records in metrics.jsonl"}
+    )
 
 
 @dataclass
 class Stage2Config:
     """Model tuning with frozen bank prompts (or one of the paper's baselines, by ``mode``)."""
 
-    mixture: str = ""
-    mode: str = "promot"  # promot | standard | random_prompt | joint | lora | promot_lora | hft
-    shots: int = -1  # k-shot exemplars per example; -1 = the mixture's own setting
-    optimizer: str = "adafactor"
-    lr: float = 1e-3
-    prompt_lr: float = 0.3  # joint mode: the prompt's learning rate
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    decay: str = "constant"  # constant | linear | cosine
-    steps: int = 1000
-    batch_size: int = 64  # global batch (split over ranks and accumulation steps)
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    label_smoothing: float = 0.1
-    bf16: str = "auto"  # auto (when the device supports it) | true | false
-    group_by_length: bool = False
-    max_input_length: int = 512
-    max_target_length: int = 128
-    save_every: int = 100
-    eval_every: int = 100
-    eval_examples: int = 200
-    keep_best_by: str = "metric"  # metric | loss | none (keep the last)
-    resume: str = ""  # "" (start fresh unless a checkpoint exists) | latest | a checkpoint dir
-    log_every: int = 10
+    mixture: str = field(
+        default="",
+        metadata={
+            "help": "the mixture YAML stage 2 trains on (a method label's @alias picks another)"
+        },
+    )
+    mode: str = field(
+        default="promot",
+        metadata={
+            "help": "the method kind stage 2 trains: promot | standard | random_prompt | joint "
+            "| lora | promot_lora | hft"
+        },
+    )
+    shots: int = field(
+        default=-1,
+        metadata={"help": "k-shot exemplars per example; -1 = the mixture's own setting"},
+    )
+    optimizer: str = field(default="adafactor", metadata={"help": "adafactor | adamw"})
+    lr: float = field(default=1e-3, metadata={"help": "the model's learning rate"})
+    prompt_lr: float = field(
+        default=0.3, metadata={"help": "joint mode: the prompt's learning rate"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "the optimizer's weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear learning-rate warmup"})
+    decay: str = field(
+        default="constant",
+        metadata={"help": "learning rate after warmup: constant | linear | cosine"},
+    )
+    steps: int = field(default=1000, metadata={"help": "training steps"})
+    batch_size: int = field(
+        default=64,
+        metadata={"help": "global batch (split over ranks and accumulation steps)"},
+    )
+    grad_accum: int = field(
+        default=1, metadata={"help": "gradient accumulation steps per optimizer step"}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "gradient-norm clipping; 0 disables clipping"}
+    )
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "label smoothing of the token loss, in [0, 1)"}
+    )
+    bf16: str = field(
+        default="auto",
+        metadata={"help": "bf16 autocast: auto (when the device supports it) | true | false"},
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "sort each step's rows by length before batching them (less padding)"},
+    )
+    max_input_length: int = field(default=512, metadata={"help": "token budget of an input"})
+    max_target_length: int = field(default=128, metadata={"help": "token budget of a target"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    eval_every: int = field(
+        default=100, metadata={"help": "steps between validations of the fine-tuned tasks"}
+    )
+    eval_examples: int = field(default=200, metadata={"help": "validation examples per task"})
+    keep_best_by: str = field(
+        default="metric",
+        metadata={
+            "help": "which step becomes best/ and final/: metric | loss | none (keep the last)"
+        },
+    )
+    resume: str = field(
+        default="",
+        metadata={
+            "help": '"" (start fresh unless a checkpoint exists) | latest | a checkpoint dir'
+        },
+    )
+    log_every: int = field(
+        default=10, metadata={"help": "steps between training records in metrics.jsonl"}
+    )
     # -- scale-out options (train/stage2.py, train/distributed.py); defaults keep today's run
-    keep_last: int = 0  # checkpoints kept (the latest and the best are never pruned); 0 = all
-    async_save: bool = False  # write checkpoints in a background thread while training goes on
-    mixed_precision: str = "auto"  # FSDP2 policy when sharded: auto (bf16 on GPUs) | bf16 | fp32
-    activation_checkpointing: bool = False  # recompute each transformer block in backward
-    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, optimizer on CPU
-    export_shard_size: str = ""  # e.g. 5GB: final/ as sharded safetensors + index, streamed
+    keep_last: int = field(
+        default=0,
+        metadata={"help": "checkpoints kept (the latest and the best are never pruned); 0 = all"},
+    )
+    async_save: bool = field(
+        default=False,
+        metadata={"help": "write checkpoints in a background thread while training goes on"},
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "FSDP2 policy when sharded: auto (bf16 on GPUs) | bf16 | fp32"},
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each transformer block in backward"}
+    )
+    cpu_offload: bool = field(
+        default=False,
+        metadata={"help": "FSDP2 CPUOffloadPolicy: sharded params, grads, optimizer on CPU"},
+    )
+    export_shard_size: str = field(
+        default="",
+        metadata={"help": "e.g. 5GB: final/ as sharded safetensors + index, streamed"},
+    )
 
 
 @dataclass
 class EvalConfig:
-    suite: str = ""  # eval/*.yaml
-    shots: list[int] = field(default_factory=lambda: [1, 4])
-    num_beams: int = 1
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    examples: int = 100  # per task
-    router: bool = True  # route each input to a bank prompt or none
-    prompts: bool = True  # `multipromot eval`: use the bank prompts of stage2.mixture's tasks
-    curve: bool = False  # also evaluate every stage-2 checkpoint (curves over steps)
+    suite: str = field(default="", metadata={"help": "the evaluation suite YAML (eval/*.yaml)"})
+    shots: list[int] = field(
+        default_factory=lambda: [1, 4],
+        metadata={"help": "the k-shot settings the suite's unseen tasks are scored at"},
+    )
+    num_beams: int = field(
+        default=1, metadata={"help": "beam width (1 = greedy; the paper uses 4)"}
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "generation budget per row"})
+    batch_size: int = field(default=32, metadata={"help": "rows per generate call"})
+    examples: int = field(default=100, metadata={"help": "scored examples per task"})
+    router: bool = field(
+        default=True, metadata={"help": "route each input to a bank prompt or none"}
+    )
+    prompts: bool = field(
+        default=True,
+        metadata={"help": "`multipromot eval`: use the bank prompts of stage2.mixture's tasks"},
+    )
+    curve: bool = field(
+        default=False,
+        metadata={"help": "also evaluate every stage-2 checkpoint (curves over steps)"},
+    )
 
 
 @dataclass
 class DataConfig:
-    # A folder of hub dataset snapshots (`multipromot data pull`); hub sources load from
-    # <mirror>/<org>/<name> first. Empty: $MULTIPROMOT_DATA_MIRROR, else the hub or its cache.
-    mirror: str = ""
+    mirror: str = field(
+        default="",
+        metadata={
+            "help": "a folder of hub dataset snapshots (`multipromot data pull`); hub sources "
+            "load from <mirror>/<org>/<name> first. Empty: $MULTIPROMOT_DATA_MIRROR, else the "
+            "hub or its cache"
+        },
+    )
 
 
 @dataclass
@@ -134,53 +254,104 @@ class LogConfig:
     """Where training metrics go besides ``metrics.jsonl`` (checked by
     ``train.common.check_trackers``): tensorboard, wandb, trackio, mlflow."""
 
-    to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={
+            "help": "trackers that get the training scalars: tensorboard, wandb, trackio, mlflow"
+        },
+    )
 
 
 @dataclass
 class LoraConfig:
     """LoRA adapters (peft) of the methods ``lora`` and ``promot_lora`` (train/lora.py)."""
 
-    rank: int = 4
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=list)  # empty: peft's default for the model
-    # LoRA weights train with these wherever they train (promot_lora's stage 1, lora's stage 2)
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    # promot_lora's stage 2: the folder of per-task adapters (one peft folder per task);
-    # `run` sets it to its own stage 1's
-    adapters: str = ""
+    rank: int = field(default=4, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=8.0, metadata={"help": "LoRA scaling alpha"})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout, in [0, 1)"})
+    target_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "modules that get an adapter; empty: peft's default for the model"},
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "LoRA weights train with this wherever they train (promot_lora's stage 1, "
+            "lora's stage 2): adafactor | adamw"
+        },
+    )
+    lr: float = field(default=1e-3, metadata={"help": "the LoRA weights' learning rate"})
+    adapters: str = field(
+        default="",
+        metadata={
+            "help": "promot_lora's stage 2: the folder of per-task adapters (one peft folder "
+            "per task); `run` sets it to its own stage 1's"
+        },
+    )
 
 
 @dataclass
 class HftConfig:
     """Half Fine-Tuning (method ``hft``, train/hft.py)."""
 
-    round_steps: int = 50  # a new random half of the parameter tensors is frozen every round
+    round_steps: int = field(
+        default=50,
+        metadata={"help": "a new random half of the parameter tensors is frozen every round"},
+    )
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
-    out_dir: str = "runs/default"
-    # `run` on a folder with results made from other settings: redo (train and evaluate those
-    # parts again) | strict (stop with one line naming what changed)
-    reuse: str = "redo"
-    model: str = "tiny-t5"  # a hub id, a local directory, or a built-in model
-    bank: BankConfig = field(default_factory=BankConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    methods: list[str] = field(default_factory=list)  # for `multipromot run` (experiment.py)
+    seed: int = field(default=0, metadata={"help": "the run's seed (a 32-bit integer)"})
+    out_dir: str = field(default="runs/default", metadata={"help": "the run folder"})
+    reuse: str = field(
+        default="redo",
+        metadata={
+            "help": "`run` on a folder with results made from other settings: redo (train and "
+            "evaluate those parts again) | strict (stop with one line naming what changed)"
+        },
+    )
+    model: str = field(
+        default="tiny-t5",
+        metadata={"help": "a hub id, a local directory, or a built-in model"},
+    )
+    bank: BankConfig = field(
+        default_factory=BankConfig, metadata={"help": "the prompt bank (bank.*)"}
+    )
+    stage1: Stage1Config = field(
+        default_factory=Stage1Config, metadata={"help": "stage 1, prompt tuning (stage1.*)"}
+    )
+    stage2: Stage2Config = field(
+        default_factory=Stage2Config, metadata={"help": "stage 2, model tuning (stage2.*)"}
+    )
+    eval: EvalConfig = field(
+        default_factory=EvalConfig, metadata={"help": "k-shot evaluation (eval.*)"}
+    )
+    methods: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "the methods `multipromot run` compares: kind[+Kshot][@mixture] or "
+            "wiseA:LABEL labels"
+        },
+    )
     mixtures: dict[str, str] = field(
-        default_factory=dict
-    )  # stage-2 mixtures by alias: promot@multi
-    config_file: str = ""  # set by load_config: where relative paths are resolved from
-    data: DataConfig = field(default_factory=DataConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    hft: HftConfig = field(default_factory=HftConfig)
+        default_factory=dict,
+        metadata={"help": "stage-2 mixtures by alias: promot@multi"},
+    )
+    config_file: str = field(
+        default="",
+        metadata={"help": "set by load_config: where relative paths are resolved from"},
+    )
+    data: DataConfig = field(
+        default_factory=DataConfig, metadata={"help": "dataset sources (data.*)"}
+    )
+    log: LogConfig = field(
+        default_factory=LogConfig, metadata={"help": "experiment trackers (log.*)"}
+    )
+    lora: LoraConfig = field(
+        default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora.*)"}
+    )
+    hft: HftConfig = field(default_factory=HftConfig, metadata={"help": "Half Fine-Tuning (hft.*)"})
 
 
 def _validate(cfg: RunConfig, file: str) -> None:
