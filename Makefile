@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the whole mission on the embedded lab model (CPU, no network).
-# make test: set up .venv and run the tests.
+# make test: set up .venv and run the tests (after ruff and the docs build).
+# make docs: build the docs site into site/ (mkdocs --strict: a warning or a broken link fails).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-decoder test test-slow stress lint format bench setup clean lock
+.PHONY: demo demo-decoder test test-slow stress lint format bench setup clean lock docs
 
 setup: $(STAMP)
 
@@ -32,7 +33,12 @@ demo-decoder: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check multipromot tests benchmarks
 	$(BIN)/ruff format --check multipromot tests benchmarks
+	# not -q: quiet mode hides the warnings --strict counts, so a broken link would pass
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	$(BIN)/python -m pytest -q
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

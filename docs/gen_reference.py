@@ -205,7 +205,7 @@ def render_commands() -> str:
         if hasattr(cmd, "list_commands"):
             subs = cmd.list_commands(ctx)
             links = ", ".join(f"[`{sub}`](#{_slug(name + ' ' + sub)})" for sub in subs)
-            out.append(f"\nSubcommands: {links}.\n")
+            out.append(f"{chr(10) if rows else ''}Subcommands: {links}.\n")
     return "".join(out)
 
 
