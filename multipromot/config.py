@@ -16,8 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from multipromot.data.mirror import set_mirror
 from multipromot.errors import UserError
+from multipromot.methods import MAX_SHOTS, Method, method_kind, parse_method
 from multipromot.yamlio import read_yaml
 
 __all__ = [
@@ -31,10 +31,10 @@ __all__ = [
     "LoraConfig",
     "HftConfig",
     "load_config",
-    "STAGE2_MODES",
+    "resolve_path",
+    "run_methods",
 ]
 
-STAGE2_MODES = ("promot", "standard", "random_prompt", "joint", "lora", "promot_lora", "hft")
 OPTIMIZERS = ("adafactor", "adamw")
 
 
@@ -364,7 +364,6 @@ def _validate(cfg: RunConfig, file: str) -> None:
         ("stage1.batching", cfg.stage1.batching in ("task", "mixed"), "task or mixed"),
         ("stage1.ties", cfg.stage1.ties in ("loss", "first"), "loss or first"),
         ("reuse", cfg.reuse in ("redo", "strict"), "redo or strict"),
-        ("stage2.mode", cfg.stage2.mode in STAGE2_MODES, ", ".join(STAGE2_MODES)),
         ("stage2.optimizer", cfg.stage2.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         ("lora.optimizer", cfg.lora.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         (
@@ -382,6 +381,7 @@ def _validate(cfg: RunConfig, file: str) -> None:
     for key, ok, allowed in checks:
         if not ok:
             raise UserError(f"must be {allowed}", file=file, key=key)
+    method_kind(cfg.stage2.mode, file=file)
     positive = {
         "stage1.prompt_length": cfg.stage1.prompt_length,
         "stage1.steps": cfg.stage1.steps,
@@ -483,7 +483,6 @@ def _anchor_paths(data: dict, folder: Path) -> dict:
 
 
 MAX_SEED = 2**32 - 1  # numpy's and the sampler's seeds are 32-bit
-MAX_SHOTS = 64  # exemplars per input; more fit no input length this runs with
 
 
 def _validate_ranges(cfg: RunConfig, file: str) -> None:
@@ -594,12 +593,28 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         raise UserError(str(e).splitlines()[0], file=file, key=key) from None
     cfg.config_file = str(Path(path).resolve()) if path is not None else ""
     _validate(cfg, file)
-    if cfg.data.mirror:
-        mirror = resolve_path(cfg, cfg.data.mirror)
-        if not Path(mirror).is_dir():
-            raise UserError("no such folder", file=file, key="data.mirror")
-        set_mirror(mirror)  # the config's mirror is the one in force for this process
+    if cfg.data.mirror and not Path(resolve_path(cfg, cfg.data.mirror)).is_dir():
+        raise UserError("no such folder", file=file, key="data.mirror")
+    run_methods(cfg)  # a bad method label is refused with the rest of the config
     return cfg
+
+
+def run_methods(cfg: RunConfig) -> list[Method]:
+    """The config's ``methods``, parsed (:func:`multipromot.methods.parse_method`), with their
+    mixture paths resolved.
+
+    Raises:
+        UserError: a label the grammar refuses.
+    """
+    mixtures = {alias: resolve_path(cfg, path) for alias, path in cfg.mixtures.items()}
+    default = resolve_path(cfg, cfg.stage2.mixture)
+    file = cfg.config_file or None
+    return [
+        parse_method(
+            label, mixtures=mixtures, default_mixture=default, listed=cfg.methods, file=file
+        )
+        for label in cfg.methods
+    ]
 
 
 def resolve_path(cfg: RunConfig, value: str) -> str:

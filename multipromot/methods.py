@@ -1,140 +1,313 @@
-"""The method grammar of ``run``: a label in the config's ``methods`` -> :class:`Method`.
+"""The methods ``run`` compares: one table entry per kind (:data:`KINDS`), and the label grammar.
 
-::
+Every "does this kind ...?" question in the package is answered by its :class:`MethodKind`
+entry (what stage 2 trains, where the prompts come from, which adapters, which stage 1, one
+process or sharded, whether WiSE-FT may interpolate it); no other module compares a kind with a
+string. Adding a kind is one entry here plus its training code.
 
-    pretrained              the base model, no prompt
-    prompt_tuning           the base model with the bank prompts (stage 1 only)
-    standard                stage 2 without prompts
-    promot                  stage 2 with frozen bank prompts
-    joint                   stage 2 training prompt and model together
-    random_prompt           stage 2 with a fixed random prompt per task
-    promot_lora             the paper's Table 11: stage 1 trains a LoRA adapter per task instead
-                            of a prompt; stage 2 fine-tunes the model with each row's task
-                            adapter frozen and active (``lora.*`` keys)
-    lora                    stage 2 trains one LoRA adapter, the model frozen; evaluated merged
-    hft                     Half Fine-Tuning: standard with a random half of the parameter
-                            tensors frozen each ``hft.round_steps`` steps
-    wiseA:LABEL             WiSE-FT: the weights (1 - A) * base + A * LABEL's fine-tuned
-                            weights, A in [0, 1] (``wise0.5:standard``, ``wise0.3:promot@multi``),
-                            evaluated as LABEL is (its prompts, its routing) with no training;
-                            LABEL (standard, promot, joint, random_prompt or hft, with its own
-                            ``+Kshot``/``@mixture``) must be listed in ``methods`` too: its final
-                            weights are the ones interpolated, never retrained for this
+A label in a config's ``methods`` is ``kind[+Kshot][@mixture]`` or ``wiseA:LABEL``:
 
-``+Kshot`` adds K exemplars to every stage-2 example (``promot+1shot``) and ``@name`` picks the
-stage-2 mixture from ``mixtures`` in the config (``standard@multi``); without it the method uses
-``stage2.mixture``. ``@`` already picks the mixture, so WiSE-FT's weight is glued to ``wise``.
-
-This module only says which labels exist and what they name, so ``run``
-(:mod:`multipromot.experiment`), its preflight and the lm-evaluation-harness bridge read a
-label the same way; what each kind trains and how it is evaluated is ``run``'s.
+- ``+Kshot`` adds K same-task exemplars to every stage-2 example (``promot+1shot``);
+- ``@name`` picks the stage-2 mixture from the config's ``mixtures`` (``standard@multi``);
+  without it the method uses ``stage2.mixture``;
+- ``wiseA:LABEL`` is WiSE-FT: the weights ``(1 - A) * base + A * LABEL's`` fine-tuned weights,
+  A in [0, 1] (``wise0.5:standard``), evaluated as LABEL is (its prompts, its routing) with no
+  training; LABEL must be a kind with ``wise_source`` and be listed in ``methods`` too (its final
+  weights are the ones interpolated, never retrained for this). ``@`` already picks the
+  mixture, so WiSE-FT's weight is glued to ``wise``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from multipromot.config import RunConfig, resolve_path
 from multipromot.errors import UserError
 
-__all__ = ["Method", "parse_method", "KINDS", "STAGE1_KINDS", "LORA_KINDS", "WISE_SOURCES"]
+__all__ = [
+    "MethodKind",
+    "KINDS",
+    "STAGE2_MODES",
+    "Method",
+    "parse_method",
+    "method_kind",
+    "MAX_SHOTS",
+]
 
-KINDS = (
-    "pretrained",
-    "prompt_tuning",
-    "standard",
-    "promot",
-    "joint",
-    "random_prompt",
-    "promot_lora",
-    "lora",
-    "hft",
+
+@dataclass(frozen=True)
+class MethodKind:
+    """What one kind of method is. Every field answers one question other modules ask.
+
+    Attributes:
+        name: the kind, as written in a method label and in ``stage2.mode``.
+        summary: one line for ``--help`` and the docs' methods table.
+        weights: which weights are evaluated: ``base`` (the model as loaded), ``stage2`` (this
+            method's fine-tuned ``final/``) or ``interpolated`` (WiSE-FT of another method's).
+        trainable: what stage 2 trains: ``model``, ``both`` (the model and the prompt table),
+            ``adapters`` (a LoRA adapter, the model frozen); None: no stage 2.
+        prompts: the prompt table a row gets: ``none``, ``bank`` (the stage-1 prompts of the
+            bank, frozen unless ``trainable`` is ``both``) or ``random`` (a fixed random
+            prompt per task, drawn by stage 2).
+        adapters: LoRA adapters: None, ``shared`` (one new adapter on every row, merged into
+            the weights for evaluation) or ``per_task`` (stage 1's adapter of each row's task,
+            frozen, routed by format at evaluation).
+        stage1: which stage 1 ``run`` does for it first: None, ``prompts`` (one soft prompt
+            per task into the bank) or ``adapters`` (one LoRA adapter per task).
+        single_process: trains in one process only (no FSDP2, no streamed export).
+        wise_source: WiSE-FT may interpolate its final weights with the base model's (a full
+            fine-tuning of the base model's own parameters).
+        freezing: None, or ``half_per_round`` (Half Fine-Tuning: a random half of the
+            parameter tensors frozen in each round of ``hft.round_steps`` steps).
+        settings: the config sections besides ``stage2`` that shape its weights (recorded in
+            ``stage2.json`` and in what ``run`` compares before reusing a model).
+    """
+
+    name: str
+    summary: str
+    weights: str = "stage2"
+    trainable: str | None = "model"
+    prompts: str = "none"
+    adapters: str | None = None
+    stage1: str | None = None
+    single_process: bool = False
+    wise_source: bool = False
+    freezing: str | None = None
+    settings: tuple[str, ...] = ()
+
+    @property
+    def trains(self) -> bool:
+        """Whether stage 2 runs for it (it is a ``stage2.mode``)."""
+        return self.trainable is not None
+
+    @property
+    def prompted(self) -> bool:
+        """Whether rows carry a soft prompt (a task id into a prompt table)."""
+        return self.prompts != "none"
+
+    @property
+    def stores_prompts(self) -> bool:
+        """Whether its prompts exist only next to its weights (trained or drawn in stage 2),
+        stored there as a bank of their own (``final/prompt_bank``)."""
+        return self.prompts == "random" or self.trainable == "both"
+
+    @property
+    def routed(self) -> bool:
+        """Whether evaluation routes each input to a task's prompt or adapter (or none)."""
+        return self.prompted or self.adapters == "per_task"
+
+
+_TABLE = (
+    MethodKind("pretrained", "the base model, no prompt", weights="base", trainable=None),
+    MethodKind(
+        "prompt_tuning",
+        "the base model with this run's stage-1 prompts (stage 1 only)",
+        weights="base",
+        trainable=None,
+        prompts="bank",
+        stage1="prompts",
+    ),
+    MethodKind(
+        "standard",
+        "stage 2 without prompts (plain multi-task fine-tuning)",
+        wise_source=True,
+    ),
+    MethodKind(
+        "promot",
+        "stage 2 with each row's frozen stage-1 prompt (ProMoT)",
+        prompts="bank",
+        stage1="prompts",
+        wise_source=True,
+    ),
+    MethodKind(
+        "joint",
+        "stage 2 training the stage-1 prompts and the model together",
+        trainable="both",
+        prompts="bank",
+        stage1="prompts",
+        wise_source=True,
+    ),
+    MethodKind(
+        "random_prompt",
+        "stage 2 with a fixed random prompt per task (the paper's ablation)",
+        prompts="random",
+        wise_source=True,
+    ),
+    MethodKind(
+        "promot_lora",
+        "stage 1 trains a LoRA adapter per task instead of a prompt; stage 2 fine-tunes the "
+        "model with each row's adapter frozen (the paper's Table 11)",
+        adapters="per_task",
+        stage1="adapters",
+        single_process=True,
+        settings=("lora",),
+    ),
+    MethodKind(
+        "lora",
+        "stage 2 trains one LoRA adapter, the model frozen; evaluated merged",
+        trainable="adapters",
+        adapters="shared",
+        single_process=True,
+        settings=("lora",),
+    ),
+    MethodKind(
+        "hft",
+        "Half Fine-Tuning: standard with a random half of the parameter tensors frozen in each "
+        "round of hft.round_steps steps",
+        single_process=True,
+        wise_source=True,
+        freezing="half_per_round",
+        settings=("hft",),
+    ),
+    MethodKind(
+        "wise",
+        "WiSE-FT (label wiseA:LABEL): (1 - A) x base + A x LABEL's fine-tuned weights, no training",
+        weights="interpolated",
+        trainable=None,
+    ),
 )
-_METHOD = re.compile(
-    r"^(?P<kind>[a-z_]+)(?:\+(?P<shots>\d+)shot)?(?:@(?P<mixture>[A-Za-z0-9_.-]+))?$"
-)
-# wiseA:LABEL
-_WISE = re.compile(r"^wise(?P<alpha>\d+(?:\.\d+)?):(?P<source>.+)$")
-# the methods whose final weights WiSE-FT interpolates: full fine-tuning of the base model
-WISE_SOURCES = ("standard", "promot", "joint", "random_prompt", "hft")
-LORA_KINDS = ("lora", "promot_lora")
-# the kinds that need this run's stage-1 prompts
-STAGE1_KINDS = ("prompt_tuning", "promot", "joint")
+
+KINDS: dict[str, MethodKind] = {kind.name: kind for kind in _TABLE}
+# The kinds stage 2 trains: the values of ``stage2.mode``.
+STAGE2_MODES = tuple(name for name, kind in KINDS.items() if kind.trains)
+# Exemplars per input (a label's +Kshot, stage2.shots, eval.shots): more fit no input length
+# this runs with.
+MAX_SHOTS = 64
+
+
+def method_kind(name: str, *, file: str | None = None, key: str = "stage2.mode") -> MethodKind:
+    """The entry of a stage-2 mode.
+
+    Raises:
+        UserError: ``name`` is not a kind that stage 2 trains.
+    """
+    kind = KINDS.get(name)
+    if kind is None or not kind.trains:
+        raise UserError(
+            f"must be one of {', '.join(STAGE2_MODES)}, got {name!r}", file=file, key=key
+        )
+    return kind
 
 
 @dataclass(frozen=True)
 class Method:
+    """One label of ``methods``, parsed.
+
+    Attributes:
+        label: as written (``promot+1shot@multi``).
+        kind: the :class:`MethodKind` entry's name.
+        shots: the label's ``+Kshot``; None = ``stage2.shots``, else the mixture's header.
+        mixture: the path of its stage-2 mixture.
+        alpha: WiSE-FT: the fine-tuned weights' share.
+        source: WiSE-FT: the method whose fine-tuned weights are interpolated.
+    """
+
     label: str
     kind: str
-    shots: int | None  # +Kshot of the label; None = stage2.shots, else the mixture's header
-    mixture: str  # path of the stage-2 mixture
-    alpha: float | None = None  # wise: the fine-tuned weights' share
-    source: Method | None = None  # wise: the method whose fine-tuned weights are interpolated
+    shots: int | None
+    mixture: str
+    alpha: float | None = None
+    source: Method | None = None
+
+    @property
+    def spec(self) -> MethodKind:
+        """Its kind's table entry."""
+        return KINDS[self.kind]
+
+    @property
+    def made(self) -> Method:
+        """The method whose weights, prompts and routing it is evaluated with (WiSE-FT: its
+        source; every other method: itself)."""
+        return self.source or self
 
     @property
     def trains(self) -> bool:
-        return self.kind not in ("pretrained", "prompt_tuning", "wise")
+        return self.spec.trains
 
     @property
     def uses_prompts(self) -> bool:
-        if self.source is not None:
-            return self.source.uses_prompts
-        return self.kind not in ("pretrained", "standard", "hft", *LORA_KINDS)
+        return self.made.spec.prompted
 
 
-def parse_method(label: str, cfg: RunConfig) -> Method:
+_METHOD = re.compile(
+    r"^(?P<kind>[a-z_]+)(?:\+(?P<shots>\d+)shot)?(?:@(?P<mixture>[A-Za-z0-9_.-]+))?$"
+)
+_WISE = re.compile(r"^wise(?P<alpha>\d+(?:\.\d+)?):(?P<source>.+)$")
+
+
+def parse_method(
+    label: str,
+    *,
+    mixtures: Mapping[str, str],
+    default_mixture: str,
+    listed: Sequence[str],
+    file: str | None = None,
+) -> Method:
     """Parse ``kind[+Kshot][@mixture]`` or ``wiseA:LABEL`` (see the module docstring).
 
+    Args:
+        label: the label.
+        mixtures: the config's ``mixtures`` (alias -> resolved path).
+        default_mixture: the resolved ``stage2.mixture``, for labels without ``@``.
+        listed: every label of the config's ``methods`` (a WiSE-FT source must be one).
+        file: the config file, for errors.
+
     Raises:
-        UserError: an unknown kind or mixture alias; a wise weight outside [0, 1], or a wise
-            label whose LABEL is not a listed full fine-tuning method.
+        UserError: an unknown kind or mixture alias, +Kshot above :data:`MAX_SHOTS`; a
+            wise weight outside [0, 1], or a wise label whose LABEL is not a listed method of
+            a kind with ``wise_source``.
     """
+    where = dict(file=file, key="methods")
     wise = _WISE.match(label)
     if wise:
-        return _parse_wise(label, wise, cfg)
+        alpha = float(wise["alpha"])
+        if not 0 <= alpha <= 1:
+            raise UserError(
+                f"method {label!r}: the WiSE-FT weight must be in [0, 1], got {wise['alpha']}",
+                **where,
+            )
+        source = parse_method(
+            wise["source"],
+            mixtures=mixtures,
+            default_mixture=default_mixture,
+            listed=listed,
+            file=file,
+        )
+        if not source.spec.wise_source:
+            sources = ", ".join(k.name for k in _TABLE if k.wise_source)
+            raise UserError(
+                f"method {label!r}: WiSE-FT interpolates the weights of a full fine-tuning "
+                f"method ({sources}), not {source.kind!r}",
+                **where,
+            )
+        if source.label not in listed:
+            raise UserError(
+                f"method {label!r} interpolates {source.label!r}, which `methods` does not "
+                "list; list it too (its final weights are the ones used)",
+                **where,
+            )
+        return Method(label, "wise", source.shots, source.mixture, alpha=alpha, source=source)
     m = _METHOD.match(label)
-    if not m or m["kind"] not in KINDS:
+    if not m or m["kind"] not in KINDS or m["kind"] == "wise":
+        kinds = ", ".join(name for name in KINDS if name != "wise")
         raise UserError(
-            f"unknown method {label!r}; use one of {', '.join(KINDS)}, optionally with +Kshot "
-            "and @mixture (e.g. promot+1shot@multi), or wiseA:LABEL (e.g. wise0.5:standard)",
-            file=cfg.config_file or None,
-            key="methods",
+            f"unknown method {label!r}; use one of {kinds}, optionally with +Kshot and "
+            "@mixture (e.g. promot+1shot@multi), or wiseA:LABEL (e.g. wise0.5:standard)",
+            **where,
         )
     alias = m["mixture"]
     if alias is None:
-        mixture = cfg.stage2.mixture
-    elif alias in cfg.mixtures:
-        mixture = cfg.mixtures[alias]
+        mixture = default_mixture
+    elif alias in mixtures:
+        mixture = mixtures[alias]
     else:
         raise UserError(
-            f"method {label!r} names mixture {alias!r}, which `mixtures` does not define",
-            file=cfg.config_file or None,
-            key="methods",
+            f"method {label!r} names mixture {alias!r}, which `mixtures` does not define", **where
         )
     shots = int(m["shots"]) if m["shots"] is not None else None
-    return Method(label, m["kind"], shots, resolve_path(cfg, mixture))
-
-
-def _parse_wise(label: str, match: re.Match, cfg: RunConfig) -> Method:
-    where = dict(file=cfg.config_file or None, key="methods")
-    alpha = float(match["alpha"])
-    if not 0 <= alpha <= 1:
+    if shots is not None and shots > MAX_SHOTS:
         raise UserError(
-            f"method {label!r}: the WiSE-FT weight must be in [0, 1], got {match['alpha']}", **where
+            f"method {label!r}: +Kshot must be at most {MAX_SHOTS}, got {shots}", **where
         )
-    source = parse_method(match["source"], cfg)
-    if source.kind not in WISE_SOURCES:
-        raise UserError(
-            f"method {label!r}: WiSE-FT interpolates the weights of a full "
-            f"fine-tuning method ({', '.join(WISE_SOURCES)}), not "
-            f"{source.kind!r}",
-            **where,
-        )
-    if source.label not in cfg.methods:
-        raise UserError(
-            f"method {label!r} interpolates {source.label!r}, which `methods` does "
-            "not list; list it too (its final weights are the ones used)",
-            **where,
-        )
-    return Method(label, "wise", source.shots, source.mixture, alpha=alpha, source=source)
+    return Method(label, m["kind"], shots, mixture)

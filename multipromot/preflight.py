@@ -17,13 +17,10 @@ from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval.suites import load_suite
-from multipromot.methods import STAGE1_KINDS
-from multipromot.train.common import check_trackers
+from multipromot.methods import method_kind
+from multipromot.train.common import check_trackers, use_data_mirror
 
 __all__ = ["preflight"]
-
-# the method whose stage 1 trains a LoRA adapter per task (train/stage1_lora.py)
-STAGE1_LORA_KIND = "promot_lora"
 
 _PREFLIGHT_ROWS = 8  # rows rendered per task and split: a template that fails on data fails now
 
@@ -43,28 +40,30 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
         UserError: the first bad input, in one line naming its file and key.
     """
     where = cfg.config_file or None
+    use_data_mirror(cfg)  # before any task loads its data
     for key, value in (("out_dir", cfg.out_dir), ("bank.dir", cfg.bank.dir)):
         if Path(value).exists() and not Path(value).is_dir():
             raise UserError(f"{value} is a file, not a folder", file=where, key=key)
     if command != "eval":  # a tracker asked for but not installed fails here, not mid-run
         check_trackers(cfg.log.to, file=where)
-    methods = methods or []
-    if command == "stage1" or (command == "run" and any(m.kind in STAGE1_KINDS for m in methods)):
+    methods = (methods or []) if command == "run" else []
+    if command == "stage1" or any(m.spec.stage1 == "prompts" for m in methods):
         _check_mixture(cfg, cfg.stage1.mixture, ("train", "validation"))
     if command == "stage2":
         _check_mixture(cfg, cfg.stage2.mixture, ("train", "validation"))
         adapters = resolve_path(cfg, cfg.lora.adapters)
-        if cfg.stage2.mode == STAGE1_LORA_KIND and not (adapters and Path(adapters).is_dir()):
+        kind = method_kind(cfg.stage2.mode, file=where)
+        if kind.stage1 == "adapters" and not (adapters and Path(adapters).is_dir()):
             raise UserError(
-                "must name the folder of the task adapters promot_lora's stage 2 starts from",
+                f"must name the folder of the task adapters {kind.name}'s stage 2 starts from",
                 file=where,
                 key="lora.adapters",
             )
-    lora_methods = [m for m in methods if m.kind == STAGE1_LORA_KIND] if command == "run" else []
+    lora_methods = [m for m in methods if m.spec.stage1 == "adapters"]
     if lora_methods:
         _check_mixture(cfg, cfg.stage1.mixture, ("train", "validation"))
         _check_adapter_tasks(cfg, lora_methods)
-    for method in methods if command == "run" else []:
+    for method in methods:
         splits = ("train", "validation", "test") if method.trains else ("test",)
         _check_mixture(cfg, method.mixture, splits)
     if command == "eval":
@@ -91,7 +90,7 @@ def _check_mixture(cfg: RunConfig, value: str, splits) -> None:
 
 
 def _check_adapter_tasks(cfg: RunConfig, methods: list) -> None:
-    """promot_lora's stage 2 needs a stage-1 adapter for every task it fine-tunes."""
+    """A kind that starts from stage-1 adapters needs one for every task it fine-tunes."""
     trained = set(load_mixture(resolve_path(cfg, cfg.stage1.mixture)).task_names)
     for method in methods:
         missing = sorted(set(load_mixture(method.mixture).task_names) - trained)

@@ -157,20 +157,20 @@ class PromptedModel(nn.Module):
             ids.append(-1 if name is None else index[name])
         return torch.tensor(ids, dtype=torch.long)
 
-    def set_trainable(self, mode: str) -> None:
+    def set_trainable(self, what: str) -> None:
         """Choose what trains: ``"prompt"`` (stage 1), ``"model"`` (stage 2) or ``"both"`` (joint).
 
         Raises:
-            ValueError: an unknown mode, or ``"prompt"``/``"both"`` without a prompt table.
+            ValueError: an unknown choice, or ``"prompt"``/``"both"`` without a prompt table.
         """
-        if mode not in TRAINABLE_MODES:
-            raise ValueError(f"unknown trainable mode {mode!r}; choose one of {TRAINABLE_MODES}")
-        if mode != "model" and self.prompts is None:
-            raise ValueError(f"mode {mode!r} trains the prompts, but there is no prompt table")
+        if what not in TRAINABLE_MODES:
+            raise ValueError(f"unknown trainable part {what!r}; choose one of {TRAINABLE_MODES}")
+        if what != "model" and self.prompts is None:
+            raise ValueError(f"{what!r} trains the prompts, but there is no prompt table")
         for param in self.model.parameters():
-            param.requires_grad_(mode != "prompt")
+            param.requires_grad_(what != "prompt")
         if self.prompts is not None:
-            self.prompts.requires_grad_(mode != "model")
+            self.prompts.requires_grad_(what != "model")
 
     def forward(
         self,

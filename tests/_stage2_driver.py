@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         checkpoint.FileSystemWriter = HeldWriter
 
     if die_after is not None:
-        build = stage2.build_optimizer
+        build = stage2.build_stage2_optimizer
 
         def dying_build(*a, **kw):
             optimizer = build(*a, **kw)
@@ -78,12 +78,12 @@ def main(argv: list[str]) -> int:
             optimizer.register_step_post_hook(die)
             return optimizer
 
-        stage2.build_optimizer = dying_build
+        stage2.build_stage2_optimizer = dying_build
 
     if signal_after is not None and int(os.environ.get("RANK", "0")) == signal_rank:
         import signal
 
-        build_sig = stage2.build_optimizer
+        build_sig = stage2.build_stage2_optimizer
 
         def signalling_build(*a, **kw):
             optimizer = build_sig(*a, **kw)
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
             optimizer.register_step_post_hook(send)
             return optimizer
 
-        stage2.build_optimizer = signalling_build
+        stage2.build_stage2_optimizer = signalling_build
 
     cfg = load_config(args[0], args[1:])
     stage2.finetune(cfg, progress=False)

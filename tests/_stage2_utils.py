@@ -7,7 +7,6 @@ against is trained once.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from multipromot.train.metrics_log import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("_stage2_driver.py")
@@ -148,8 +149,7 @@ def val_losses(out_dir: Path) -> dict[int, float]:
 
 
 def _records(out_dir: Path) -> list[dict]:
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("stage") == 2]
+    return [r for r in MetricsLog(out_dir).records() if r.get("stage") == 2]
 
 
 def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:

@@ -10,13 +10,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "multipromot"
 # Lower layers first; a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
     {"errors", "features", "fsio", "yamlio"},
-    {"config", "data", "methods"},
+    {"methods"},
+    {"config"},
+    {"data"},
     {"models", "soft_prompt"},
     {"bank"},
     {"router"},
     {"eval"},
     {"train"},
-    {"experiment", "preflight"},
+    {"experiment", "preflight", "reuse", "method_eval"},
     {"integrations"},
     {"lab"},
     {"cli", "__main__"},

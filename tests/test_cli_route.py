@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from multipromot.bank import PromptBank
+from multipromot.bank.entry import format_record
 from multipromot.cli import main
 from multipromot.data.tasks import get_task
-from multipromot.train.stage1 import format_record
 
 BASE = {"name": "base", "fingerprint": "0123456789abcdef"}
 

@@ -123,6 +123,48 @@ def test_two_processes_match_one(ws, model):
     assert info == json.loads((one / "final" / "stage2.json").read_text())
 
 
+def test_accelerate_launch_shards_like_torchrun(ws):
+    """`accelerate launch --multi_gpu --num_processes 2 -m multipromot stage2 CONFIG` (how many
+    users start jobs) sets torchrun's environment, so stage 2 shards with FSDP2 over gloo here
+    and trains what one process does. (`--multi_gpu` only picks accelerate's torchrun
+    launcher; without it, on a CPU, accelerate starts one unsharded process.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = _config(ws, "tiny-t5", "accelerate-2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu"]
+    flags = [
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
+    result = subprocess.run(
+        [*accelerate, *flags, "-m", "multipromot", "stage2", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out, one = config.parent / "out", _one(ws, "tiny-t5")
+    assert sorted(p.name for p in (out / "checkpoints" / "step_4").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    assert loss_diff(train_losses(one), train_losses(out)) < PARITY
+    assert max_diff(final_weights(one), final_weights(out)) < PARITY
+
+
 def test_two_process_kill_during_save_then_resume(ws):
     """2 ranks (Llama): rank 0 is killed while step 4 is saved, after both ranks wrote their
     shards of the straight run's step 4; latest still names step 2; resuming with 2 ranks

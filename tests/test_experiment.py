@@ -10,9 +10,8 @@ import pytest
 from multipromot import experiment
 from multipromot.bank import PromptBank
 from multipromot.cli import main
-from multipromot.config import load_config
+from multipromot.config import load_config, run_methods
 from multipromot.errors import UserError
-from multipromot.methods import parse_method
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["pretrained", "prompt_tuning", "standard", "promot", "promot+1shot"]
@@ -109,20 +108,20 @@ def test_unknown_method_is_a_one_line_error(tiny_config, capsys):
     assert main(["run", str(path), *overrides, "methods=[promot,magic]"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path.resolve()}: methods: unknown method 'magic'")
-    cfg = load_config(path, overrides)
     with pytest.raises(UserError, match="names mixture 'multi'"):
-        parse_method("promot@multi", cfg)
+        load_config(path, [*overrides, "methods=[promot@multi]"])  # refused when it loads
 
 
 def test_parse_method_grammar(tiny_config):
     path, overrides = tiny_config
-    cfg = load_config(path, [*overrides, "mixtures={multi: mixtures/lab_rte_fr.yaml}"])
-    m = parse_method("promot+1shot@multi", cfg)
+    labels = "methods=[promot+1shot@multi,promot,standard,prompt_tuning]"
+    cfg = load_config(path, [*overrides, "mixtures={multi: mixtures/lab_rte_fr.yaml}", labels])
+    m, promot, standard, prompt_tuning = run_methods(cfg)
     assert (m.kind, m.shots, m.trains, m.uses_prompts) == ("promot", 1, True, True)
-    assert parse_method("promot", cfg).shots is None  # stage2.shots / mixture decide
+    assert promot.shots is None  # stage2.shots / mixture decide
     assert m.mixture.endswith("mixtures/lab_rte_fr.yaml")
-    assert parse_method("standard", cfg).uses_prompts is False
-    assert parse_method("prompt_tuning", cfg).trains is False
+    assert standard.uses_prompts is False
+    assert prompt_tuning.trains is False
 
 
 def test_eval_command_scores_a_model_without_training(tiny_config, tmp_path, capsys):
@@ -194,8 +193,9 @@ def test_shots_precedence_label_then_stage2_shots_then_mixture(tiny_config, tmp_
         ("promot+3shot", ["stage2.shots=0"], 3),  # the label over both
     ]:
         cfg = load_config(path, [*overrides, f"stage2.mixture={header}", *extra])
+        cfg.methods = [label]
         method_dir = tmp_path / f"{label}-{len(extra)}"
-        experiment._stage2(cfg, parse_method(label, cfg), method_dir, {})
+        experiment._stage2(cfg, run_methods(cfg)[0], method_dir, {})
         assert seen[str(method_dir)][0] == want, (label, extra)
 
 

@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from multipromot.bank import PromptBank  # noqa: E402
-from multipromot.bank.entry import describe_model  # noqa: E402
+from multipromot.bank.entry import describe_model, format_record  # noqa: E402
 from multipromot.config import load_config  # noqa: E402
 from multipromot.data.collate import Collator  # noqa: E402
 from multipromot.data.mixtures import load_mixture  # noqa: E402
@@ -27,7 +27,6 @@ from multipromot.integrations.lmeval.__main__ import main as lmeval_main  # noqa
 from multipromot.integrations.lmeval.model import _item  # noqa: E402
 from multipromot.models import load_model  # noqa: E402
 from multipromot.soft_prompt import PromptedModel  # noqa: E402
-from multipromot.train.stage1 import format_record  # noqa: E402
 
 SIGNED = {
     "template": "t",

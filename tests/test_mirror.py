@@ -21,6 +21,7 @@ from multipromot.data.mirror import (
 from multipromot.data.sources import HubSource
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
+from multipromot.train.common import use_data_mirror
 
 # Rows with the real field layout of SuperGLUE RTE / CB and SNLI (label -1 = no gold label).
 RTE = [
@@ -78,7 +79,9 @@ def test_the_config_key_and_the_environment_set_the_mirror(mirror, tmp_path, mon
     monkeypatch.setenv(ENV_VAR, str(mirror))
     assert find_snapshot("aps/super_glue") == mirror / "aps" / "super_glue"
     monkeypatch.delenv(ENV_VAR)
-    load_config(None, [f"data.mirror={mirror}"])
+    cfg = load_config(None, [f"data.mirror={mirror}"])
+    assert find_snapshot("aps/super_glue") is None  # loading a config sets nothing
+    use_data_mirror(cfg)  # what every command that reads the config's data does first
     assert find_snapshot("aps/super_glue") == mirror / "aps" / "super_glue"
     with pytest.raises(UserError, match="data.mirror: no such folder"):
         load_config(None, [f"data.mirror={tmp_path / 'nope'}"])

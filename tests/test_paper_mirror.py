@@ -13,6 +13,7 @@ from multipromot.cli import main
 from multipromot.config import load_config
 from multipromot.data.mirror import set_mirror, write_snapshot
 from multipromot.data.tasks import get_task, list_tasks
+from multipromot.train.common import use_data_mirror
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 4
@@ -156,12 +157,12 @@ def test_eval_scores_the_paper_suite_from_a_mirror(mirror, tmp_path, capfd):
 
 @pytest.mark.parametrize("name", ["rte", "enfr", "rte_enfr", "snli", "openbookqa"])
 def test_paper_configs_load_validate_and_resolve_every_task(mirror, name):
-    from multipromot.config import resolve_path
+    from multipromot.config import resolve_path, run_methods
     from multipromot.data.mixtures import load_mixture
     from multipromot.eval.suites import load_suite
-    from multipromot.methods import parse_method
 
     cfg = load_config(ROOT / "configs" / f"paper_{name}.yaml", [f"data.mirror={mirror}"])
+    use_data_mirror(cfg)  # as every command does before it reads the data
     s1, s2, ev = cfg.stage1, cfg.stage2, cfg.eval
     assert cfg.model == "google/mt5-xxl"
     assert (s1.prompt_length, s1.optimizer, s1.lr, s1.steps, s1.eval_every) == (
@@ -185,7 +186,7 @@ def test_paper_configs_load_validate_and_resolve_every_task(mirror, name):
         4,
         [1, 4],
     )
-    methods = [parse_method(label, cfg) for label in cfg.methods]
+    methods = run_methods(cfg)
     tasks = []
     for path in {s1.mixture, s2.mixture, *(m.mixture for m in methods)}:
         tasks += load_mixture(resolve_path(cfg, path)).tasks

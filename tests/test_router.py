@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
+from multipromot.bank.entry import BankEntry, signature_from_record
 from multipromot.data.templates import FormatSignature, Template
 from multipromot.errors import BankError, UserError
 from multipromot.features import SEPARATOR
@@ -26,7 +28,6 @@ from multipromot.router import (
     SimilarityFallback,
     evaluate_routing,
 )
-from multipromot.router.base import signature_from_dict
 
 SEP = SEPARATOR
 SYLLABLES = "ka lo mi ne ru ta vo shi ben dar ost pel qui zan tor ila mon fer gal hu".split()
@@ -350,36 +351,33 @@ def test_duplicate_entries_are_rejected():
         Router([RouterEntry("rte"), RouterEntry("rte")])
 
 
-def test_signature_from_dict_reads_bank_meta_and_rejects_bad_shapes():
-    assert signature_from_dict({"pieces": ["Q:", "A:"], "answers": None}) == FormatSignature(
+def test_signature_from_record_reads_bank_meta_and_rejects_bad_shapes():
+    assert signature_from_record({"pieces": ["Q:", "A:"], "answers": None}) == FormatSignature(
         ("Q:", "A:"), None
     )
-    assert signature_from_dict({"pieces": ["Q:", " "], "answers": []}) == FormatSignature(
+    assert signature_from_record({"pieces": ["Q:", " "], "answers": []}) == FormatSignature(
         ("Q:", " "), None
     )
-    assert signature_from_dict(RTE_SIG) == RTE_SIG
-    assert signature_from_dict({"pieces": [" ", ""], "answers": None}) is None
-    assert signature_from_dict(None) is None
+    assert signature_from_record(RTE_SIG) == RTE_SIG
+    assert signature_from_record({"pieces": [" ", ""], "answers": None}) is None
+    assert signature_from_record(None) is None
     with pytest.raises(BankError, match="pieces must be a list"):
-        signature_from_dict({"pieces": "Q:"}, key="qa: format.signature")
+        signature_from_record({"pieces": "Q:"}, key="qa: format.signature")
 
 
-class _FakeEntry:
-    def __init__(self, task, version, current, signature):
-        self.task, self.version, self.current = task, version, current
-        self.meta = {"format": {"template": "t", "signature": signature}}
+def _entry(task, version, current, signature):
+    meta = {"format": {"template": "t", "signature": signature}}
+    return BankEntry(task, version, Path(task), meta, current)
 
 
 class _FakeBank:
-    """What Router.from_bank uses of PromptBank: entries() with .task, .current, .meta."""
+    """What Router.from_bank uses of PromptBank: entries() (BankEntry records)."""
 
     def entries(self):
         return [
-            _FakeEntry("qa", 1, False, {"pieces": ["Translate English to French: "]}),
-            _FakeEntry("qa", 2, True, {"pieces": ["Q: ", " A:"], "answers": None}),
-            _FakeEntry(
-                "rte", 1, True, {"pieces": list(RTE_SIG.pieces), "answers": ["True", "False"]}
-            ),
+            _entry("qa", 1, False, {"pieces": ["Translate English to French: "]}),
+            _entry("qa", 2, True, {"pieces": ["Q: ", " A:"], "answers": None}),
+            _entry("rte", 1, True, {"pieces": list(RTE_SIG.pieces), "answers": ["True", "False"]}),
         ]
 
 

@@ -324,7 +324,7 @@ def test_bad_inputs_raise():
         PromptedModel(model, torch.zeros(2, P, 32))
     with pytest.raises(ValueError, match="3 task names"):
         PromptedModel(model, torch.zeros(2, P, 64), ["a", "b", "c"])
-    with pytest.raises(ValueError, match="unknown trainable mode"):
+    with pytest.raises(ValueError, match="unknown trainable part"):
         pm.set_trainable("all")
 
 

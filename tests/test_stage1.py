@@ -136,8 +136,9 @@ def _bank_prompts(bank_dir):
 def test_stage1_resumes_after_an_interrupt_with_the_same_prompts(
     run_config, tmp_path, monkeypatch, capsys
 ):
-    """Interrupted after its second checkpoint (step 8 of 12), stage 1 run again continues from
-    step 8 and stores bit-identical prompts to an uninterrupted run."""
+    """Interrupted after its second checkpoint (step 8 of 12), with the half line a kill
+    leaves at the end of metrics.jsonl, stage 1 run again continues from step 8, stores
+    bit-identical prompts to an uninterrupted run and logs what it would have."""
     import multipromot.train.stage1 as stage1
 
     settings = [
@@ -169,6 +170,8 @@ def test_stage1_resumes_after_an_interrupt_with_the_same_prompts(
         train_prompts(cut, progress=False)
     monkeypatch.setattr(stage1, "save_checkpoint", real_save)
     assert saves == [4, 8] and not (tmp_path / "bank").exists()
+    with (tmp_path / "run" / "stage1" / "metrics.jsonl").open("a") as log:
+        log.write('{"stage": 1, "step": 9, "lo')  # the half line a kill mid-write leaves
 
     capsys.readouterr()
     train_prompts(cut, progress=True)

@@ -28,6 +28,7 @@ from multipromot.config import load_config
 from multipromot.models import load_model, read_lineage
 from multipromot.soft_prompt import PromptedModel, init_prompts
 from multipromot.train import checkpoint, stage2
+from multipromot.train.metrics_log import MetricsLog
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ class Killed(BaseException):
 
 
 def _dying_optimizer(build, after: int):
-    """build_optimizer whose optimizer raises Killed right after its ``after``-th step."""
+    """build_stage2_optimizer whose optimizer raises Killed right after its ``after``-th step."""
 
     def wrapped(*args, **kwargs):
         optimizer = build(*args, **kwargs)
@@ -151,18 +152,22 @@ def test_one_step_per_mode(ws, monkeypatch, mode, prompt, task_ids):
 
 
 def test_resume_after_kill_is_exact(ws, monkeypatch, capsys):
-    """4 steps straight == 3 steps, killed, resumed from step 2 to 4: same losses (with
-    dropout on, so the RNG must continue too) and the same final weights; the resume says
-    where it continues from."""
+    """4 steps straight == 3 steps, killed (a half line at the end of metrics.jsonl),
+    resumed from step 2 to 4: same losses (with dropout on, so the RNG must continue too),
+    the same log and the same final weights; the resume says where it continues from."""
     straight = _straight(ws)
     config = _config(ws, "killed")
     with monkeypatch.context() as m:
-        m.setattr(stage2, "build_optimizer", _dying_optimizer(stage2.build_optimizer, 3))
+        m.setattr(
+            stage2, "build_stage2_optimizer", _dying_optimizer(stage2.build_stage2_optimizer, 3)
+        )
         with pytest.raises(Killed):
             run_in_process(config)
     out = config.parent / "out"
     assert checkpoint.latest_checkpoint(out / "checkpoints").name == "step_2"
     assert max(train_losses(out)) == 2  # step 3 died before it was logged
+    with (out / "metrics.jsonl").open("a") as log:
+        log.write('{"stage": 2, "step": 3, "lo')  # the half line a kill mid-write leaves
 
     capsys.readouterr()
     resumed = stage2.finetune(load_config(config), progress=True)
@@ -170,6 +175,8 @@ def test_resume_after_kill_is_exact(ws, monkeypatch, capsys):
     assert loss_diff(train_losses(resumed), train_losses(straight)) == 0.0
     assert loss_diff(val_losses(resumed), val_losses(straight)) == 0.0
     assert max_diff(final_weights(resumed), final_weights(straight)) == 0.0
+    steps = [r["step"] for r in MetricsLog(resumed).records() if "loss" in r]
+    assert steps == [r["step"] for r in MetricsLog(straight).records() if "loss" in r]
 
 
 def test_kill_during_save_keeps_last_good_checkpoint(ws, monkeypatch):

@@ -13,6 +13,7 @@ from multipromot.config import load_config
 from multipromot.errors import UserError
 from multipromot.train import common
 from multipromot.train.common import MetricsLogger, check_trackers
+from multipromot.train.metrics_log import MetricsLog
 
 RECORDS = [
     ({"step": 10, "loss": 2.5, "lr": 0.3, "tokens_per_s": 1200}, 10),
@@ -159,7 +160,7 @@ def test_log_to_is_a_config_key(tmp_path):
         load_config(None, ["log.too=[wandb]"])
 
 
-def test_read_losses_gives_the_logged_training_losses_in_step_order(tmp_path):
+def test_metrics_log_gives_the_logged_training_losses_in_step_order(tmp_path):
     """The report's loss panel reads what the logger wrote: training losses only (not the
     validation records), a step logged again by a resumed run once, a torn last line skipped."""
     logger = MetricsLogger(tmp_path, trackers=[])
@@ -169,5 +170,19 @@ def test_read_losses_gives_the_logged_training_losses_in_step_order(tmp_path):
     logger.log({"stage": 2, "step": 10, "loss": 1.4}, step=10)  # the resumed run's step 10
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"stage": 2, "step": 15, "lo')
-    assert common.read_losses(tmp_path) == [(5, 2.0), (10, 1.4)]
-    assert common.read_losses(tmp_path / "nothing") == []
+    assert MetricsLog(tmp_path).losses() == [(5, 2.0), (10, 1.4)]
+    assert MetricsLog(tmp_path / "nothing").losses() == []
+
+
+def test_metrics_log_trim_keeps_earlier_steps_and_other_stages_and_drops_a_torn_line(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in (0, 10, 20, 30):
+        log.append({"stage": 1, "step": step, "loss": 1.0})
+    log.append({"stage": 2, "step": 40, "loss": 2.0})
+    with log.path.open("a") as f:
+        f.write('{"stage": 1, "step": 40, "lo')  # a kill mid-write
+    log.trim(20, stage=1)
+    assert [(r["stage"], r["step"]) for r in log.records()] == [(1, 0), (1, 10), (1, 20), (2, 40)]
+    assert log.path.read_text().endswith("}\n")  # the torn line is gone, not only skipped
+    log.trim(0, stage=1)  # starting over: none of stage 1's records stay
+    assert [(r["stage"], r["step"]) for r in log.records()] == [(2, 40)]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from multipromot.data.templates import FormatSignature
 from multipromot.errors import BankError
 from multipromot.fsio import content_sha256
 from multipromot.models import load_model, model_fingerprint, read_lineage
@@ -31,6 +33,8 @@ __all__ = [
     "validate_task_name",
     "describe_model",
     "base_model_record",
+    "format_record",
+    "signature_from_record",
     "INDEX_SCHEMA_VERSION",
     "META_SCHEMA_VERSION",
 ]
@@ -127,6 +131,58 @@ def parse_version_dir(name: str) -> int | None:
 # ----------------------------------------------------------------------------- records
 
 
+def format_record(task: Any) -> dict:
+    """An entry's ``format``: the template id, answer choices and input signature of the task a
+    prompt is tuned on (what the router matches inputs against; :attr:`BankEntry.signature`
+    reads it back).
+
+    Args:
+        task: a :class:`multipromot.data.tasks.Task` (its ``template`` and ``answers``).
+    """
+    sig = task.template.signature
+    return {
+        "template": task.template.id,
+        "answer_choices": task.answers,
+        "signature": {"pieces": list(sig.pieces), "answers": sig.answers and list(sig.answers)},
+    }
+
+
+def signature_from_record(data: Any, *, key: str | None = None) -> FormatSignature | None:
+    """A signature from an entry's ``format.signature`` (or a signature object).
+
+    Args:
+        data: ``{"pieces": [...], "answers": [...] | None}``, an object with ``.pieces`` and
+            ``.answers``, or None.
+        key: the bank entry, for error messages.
+
+    Returns:
+        The signature, or None when ``data`` is None or has no non-blank piece (such a template
+        has no literal text to recognise it by).
+
+    Raises:
+        BankError: ``data`` is not of that shape.
+    """
+    if data is None:
+        return None
+    if isinstance(data, Mapping):
+        pieces, answers = data.get("pieces"), data.get("answers")
+    elif hasattr(data, "pieces"):
+        pieces, answers = data.pieces, getattr(data, "answers", None)
+    else:
+        raise BankError("format.signature must be {pieces: [...], answers: [...]}", key=key)
+    if not isinstance(pieces, Sequence) or isinstance(pieces, str):
+        raise BankError("format.signature.pieces must be a list of strings", key=key)
+    if answers is not None and (not isinstance(answers, Sequence) or isinstance(answers, str)):
+        raise BankError("format.signature.answers must be a list of strings or null", key=key)
+    if not all(isinstance(p, str) for p in pieces) or not all(
+        isinstance(a, str) for a in answers or ()
+    ):
+        raise BankError("format.signature holds a value that is not a string", key=key)
+    if not any(p.strip() for p in pieces):
+        return None
+    return FormatSignature(pieces=tuple(pieces), answers=tuple(answers) if answers else None)
+
+
 @dataclass(frozen=True)
 class BankEntry:
     """One immutable version of one task's prompt.
@@ -173,6 +229,22 @@ class BankEntry:
     @property
     def stage2(self) -> list[dict]:
         return list(self.meta.get("stage2") or [])
+
+    @property
+    def format(self) -> dict:
+        """The task format the prompt was tuned on (:func:`format_record`; {} when unknown)."""
+        return dict(self.meta.get("format") or {})
+
+    @property
+    def signature(self) -> FormatSignature | None:
+        """The input format the router recognises this task by (None: no literal text).
+
+        Raises:
+            BankError: the entry's ``format.signature`` is malformed.
+        """
+        return signature_from_record(
+            self.format.get("signature"), key=f"{self.task}: format.signature"
+        )
 
     def summary(self) -> dict:
         """The entry's line in ``index.json`` and in ``bank list --json``."""

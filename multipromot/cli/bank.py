@@ -150,7 +150,7 @@ def show(
         table.add_row(key, str(entry.meta.get(key)))
     base = entry.meta["base_model"]
     table.add_row("base model", f"{base.get('name')} (fingerprint {base.get('fingerprint')})")
-    fmt = entry.meta.get("format") or {}
+    fmt = entry.format
     table.add_row("template", str(fmt.get("template", "-")))
     table.add_row("answer choices", str(fmt.get("answer_choices", "-")))
     stage1 = entry.meta.get("stage1") or {}

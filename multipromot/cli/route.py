@@ -14,7 +14,7 @@ from multipromot.data.tasks import get_task, list_tasks, local_tasks
 from multipromot.errors import UserError
 from multipromot.eval.suites import routing_sets
 from multipromot.models import load_model
-from multipromot.router import calibrated_router, evaluate_routing
+from multipromot.router import calibrated_router, evaluate_routing, router_entries
 
 
 @app.command()
@@ -40,7 +40,7 @@ def route(
         bank = _accepted_view(bank, model)
     names = sorted({e.task for e in bank.entries()})
     known = [get_task(name) for name in names if name in list_tasks()]
-    router = calibrated_router(bank, known, negatives=local_tasks(exclude=names))
+    router = calibrated_router(router_entries(bank), known, negatives=local_tasks(exclude=names))
     if evaluate:
         print(_route_eval(router, examples, as_json))
         return

@@ -813,21 +813,16 @@ def source_from_spec(
             file=file,
             key=key,
         )
-    kinds = [kind for kind in ("hub", "files", "generator") if kind in spec]
-    if len(kinds) != 1:
+    builders = {"hub": _hub_from_spec, "files": _files_from_spec, "generator": _generator_from_spec}
+    given = [name for name in builders if name in spec]
+    if len(given) != 1:
         raise UserError(
             "a source needs exactly one of 'hub', 'files' or 'generator'"
-            + (f" (got {', '.join(kinds)})" if kinds else ""),
+            + (f" (got {', '.join(given)})" if given else ""),
             file=file,
             key=key,
         )
-    kind = kinds[0]
-    if kind == "hub":
-        source = _hub_from_spec(spec, file=file, key=key)
-    elif kind == "files":
-        source = _files_from_spec(spec, file=file, key=key)
-    else:
-        source = _generator_from_spec(spec, file=file, key=key)
+    source = builders[given[0]](spec, file=file, key=key)
     condition = spec.get("filter")
     if condition is not None:
         _check_str(condition, "'filter'", file=file, key=_sub(key, "filter"))

@@ -855,16 +855,19 @@ def _load(spec, *, file, key, id, depth) -> Template:
                 file=file,
                 key=_sub(key, str(name)),
             )
-    if kind == "catalogue":
-        name = spec["catalogue"]
-        if not isinstance(name, str):
-            raise UserError(
-                "'catalogue' must be a task name", file=file, key=_sub(key, "catalogue")
-            )
-        return _named_template(name, file=file, key=_sub(key, "catalogue"), depth=depth)
-    if kind == "promptsource":
-        return _promptsource_template(spec, file=file, key=key)
-    return _inline_template(spec, file=file, key=key, id=id)
+    builders = {
+        "catalogue": lambda: _catalogue_template(spec, file=file, key=key, depth=depth),
+        "promptsource": lambda: _promptsource_template(spec, file=file, key=key),
+        "jinja": lambda: _inline_template(spec, file=file, key=key, id=id),
+    }
+    return builders[kind]()
+
+
+def _catalogue_template(spec: Mapping[str, Any], *, file, key, depth: int) -> Template:
+    name = spec["catalogue"]
+    if not isinstance(name, str):
+        raise UserError("'catalogue' must be a task name", file=file, key=_sub(key, "catalogue"))
+    return _named_template(name, file=file, key=_sub(key, "catalogue"), depth=depth)
 
 
 def _inline_template(spec: Mapping[str, Any], *, file, key, id) -> Template:

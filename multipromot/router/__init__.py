@@ -5,7 +5,7 @@ the two format tests, ``router`` the :class:`Router` that chains them (see its d
 """
 
 from multipromot.router.base import ExplicitTask, Route, RouterEntry, RouteStrategy
-from multipromot.router.router import Router, calibrated_router, evaluate_routing
+from multipromot.router.router import Router, calibrated_router, evaluate_routing, router_entries
 from multipromot.router.signature import SignatureMatch
 from multipromot.router.similarity import SimilarityFallback
 
@@ -18,5 +18,6 @@ __all__ = [
     "SignatureMatch",
     "SimilarityFallback",
     "calibrated_router",
+    "router_entries",
     "evaluate_routing",
 ]

@@ -4,50 +4,14 @@ named the task)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from multipromot.data.templates import FormatSignature
-from multipromot.errors import BankError, UserError
+from multipromot.errors import UserError
 
-__all__ = ["Route", "RouterEntry", "RouteStrategy", "ExplicitTask", "signature_from_dict"]
-
-
-def signature_from_dict(data: Any, *, key: str | None = None) -> FormatSignature | None:
-    """A signature from a bank entry's ``meta["format"]["signature"]`` (or a signature object).
-
-    Args:
-        data: ``{"pieces": [...], "answers": [...] | None}``, an object with ``.pieces`` and
-            ``.answers``, or None.
-        key: the bank entry, for error messages.
-
-    Returns:
-        The signature, or None when ``data`` is None or has no non-blank piece (such a template
-        has no literal text to recognise it by).
-
-    Raises:
-        BankError: ``data`` is not of that shape.
-    """
-    if data is None:
-        return None
-    if isinstance(data, Mapping):
-        pieces, answers = data.get("pieces"), data.get("answers")
-    elif hasattr(data, "pieces"):
-        pieces, answers = data.pieces, getattr(data, "answers", None)
-    else:
-        raise BankError("format.signature must be {pieces: [...], answers: [...]}", key=key)
-    if not isinstance(pieces, Sequence) or isinstance(pieces, str):
-        raise BankError("format.signature.pieces must be a list of strings", key=key)
-    if answers is not None and (not isinstance(answers, Sequence) or isinstance(answers, str)):
-        raise BankError("format.signature.answers must be a list of strings or null", key=key)
-    if not all(isinstance(p, str) for p in pieces) or not all(
-        isinstance(a, str) for a in answers or ()
-    ):
-        raise BankError("format.signature holds a value that is not a string", key=key)
-    if not any(p.strip() for p in pieces):
-        return None
-    return FormatSignature(pieces=tuple(pieces), answers=tuple(answers) if answers else None)
+__all__ = ["Route", "RouterEntry", "RouteStrategy", "ExplicitTask"]
 
 
 @dataclass(frozen=True)

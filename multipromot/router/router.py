@@ -34,12 +34,11 @@ from multipromot.router.base import (
     Route,
     RouterEntry,
     RouteStrategy,
-    signature_from_dict,
 )
 from multipromot.router.signature import SignatureMatch
 from multipromot.router.similarity import SimilarityFallback
 
-__all__ = ["Router", "calibrated_router", "evaluate_routing"]
+__all__ = ["Router", "router_entries", "calibrated_router", "evaluate_routing"]
 
 
 class Router:
@@ -105,8 +104,8 @@ class Router:
         """A router over the current entry of every task in a prompt bank, or over given entries.
 
         Args:
-            bank: a :class:`~multipromot.bank.PromptBank` (anything whose ``entries()`` gives
-                objects with ``.task``, ``.current`` and ``.meta``, and ``get(ref)``).
+            bank: a :class:`~multipromot.bank.PromptBank` (anything whose ``entries()`` and
+                ``get(ref)`` give :class:`~multipromot.bank.BankEntry` records).
             refs: ``{task: bank ref}``: route among exactly these entries (e.g. the versions a
                 stage-2 model was trained with); default: every task's current entry.
             examples: ``{task: validation inputs}``; enables the similarity fallback for those
@@ -122,14 +121,10 @@ class Router:
             BankError: an entry's ``format.signature`` is malformed.
         """
         examples = examples or {}
-        chosen = [bank.get(ref) for ref in refs.values()] if refs is not None else bank.entries()
-        entries = []
-        for entry in chosen:
-            if refs is None and not entry.current:
-                continue
-            fmt = entry.meta.get("format") or {}
-            sig = signature_from_dict(fmt.get("signature"), key=f"{entry.task}: format.signature")
-            entries.append(RouterEntry(entry.task, sig, list(examples.get(entry.task, ()))))
+        entries = [
+            RouterEntry(e.task, e.signature, list(examples.get(e.task, ())))
+            for e in router_entries(bank, refs)
+        ]
         return cls(entries, negatives, **kwargs)
 
     def route(self, texts: Sequence[str], tasks: Sequence[str | None] | None = None) -> list[Route]:
@@ -163,11 +158,29 @@ class Router:
         return [r for r in routes if r is not None]
 
 
+def router_entries(bank: Any, refs: Mapping[str, str] | None = None) -> list[RouterEntry]:
+    """The bank tasks a router chooses among, with the signature of each entry's format.
+
+    Args:
+        bank: a :class:`~multipromot.bank.PromptBank` (anything whose ``entries()`` and
+            ``get(ref)`` give :class:`~multipromot.bank.BankEntry` records).
+        refs: ``{task: bank ref}``: exactly these entries (e.g. the versions a stage-2 model
+            was trained with); default: every task's current entry.
+
+    Raises:
+        BankError: an entry's ``format.signature`` is malformed.
+    """
+    if refs is not None:
+        chosen = [bank.get(ref) for ref in refs.values()]
+    else:
+        chosen = [entry for entry in bank.entries() if entry.current]
+    return [RouterEntry(entry.task, entry.signature) for entry in chosen]
+
+
 def calibrated_router(
-    bank: Any,
+    entries: Sequence[RouterEntry],
     tasks: Sequence[Any],
     *,
-    refs: Mapping[str, str] | None = None,
     negatives: Sequence[Any] = (),
     examples: int = 50,
     shots: Sequence[int] = (0, 1),
@@ -175,32 +188,31 @@ def calibrated_router(
     seed: int = 0,
 ) -> Router:
     """The router ``run``, ``eval`` and ``route`` use: signature match, then the similarity
-    fallback calibrated for the bank tasks that have no signature.
+    fallback calibrated for the tasks that have no signature.
 
     A task with a signature is decided by its template alone (the fallback leaves it out), so
     only signature-less tasks get example inputs: their own ``split`` inputs (0- and k-shot)
     against the other-format inputs of ``negatives``.
 
     Args:
-        bank: the prompt bank.
-        tasks: the Task objects of the bank tasks (by ``.name``); a bank task missing here is
-            routed by its signature only.
-        refs: the entries to route among (default: every task's current entry).
+        entries: the tasks to route among (:func:`router_entries` of a bank's prompts, or a
+            method's own tasks and their template signatures).
+        tasks: the Task objects of those tasks (by ``.name``); an entry missing here is routed
+            by its signature only.
         negatives: tasks of other formats (their ``train`` inputs calibrate the thresholds,
             never rows that are scored).
         examples: inputs per task and shots setting.
         shots: the k-shot settings rendered.
-        split: the split of the bank tasks' own inputs.
+        split: the split of the tasks' own inputs.
         seed: the exemplar seed.
 
     Returns:
         The router.
     """
-    plain = Router.from_bank(bank, refs=refs)
     by_name = {t.name: t for t in tasks}
-    unsigned = [e.task for e in plain.entries if e.signature is None and e.task in by_name]
+    unsigned = [e.task for e in entries if e.signature is None and e.task in by_name]
     if not unsigned:
-        return plain
+        return Router(entries)
     own = {
         name: kshot_inputs(by_name[name], split=split, examples=examples, shots=shots, seed=seed)
         for name in unsigned
@@ -211,7 +223,8 @@ def calibrated_router(
         if task.name not in by_name
         for text in kshot_inputs(task, split="train", examples=examples, shots=shots, seed=seed)
     ]
-    return Router.from_bank(bank, refs=refs, examples=own, negatives=others)
+    with_examples = [RouterEntry(e.task, e.signature, list(own.get(e.task, ()))) for e in entries]
+    return Router(with_examples, others)
 
 
 def evaluate_routing(

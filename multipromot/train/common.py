@@ -9,7 +9,6 @@ Batches come from :mod:`multipromot.data.batches`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import time
@@ -19,18 +18,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from multipromot.config import RunConfig, resolve_path
+from multipromot.data.mirror import set_mirror
 from multipromot.errors import UserError
 from multipromot.features import IGNORE_INDEX
+from multipromot.train.metrics_log import MetricsLog
 
 __all__ = [
     "build_optimizer",
     "lr_schedule",
     "token_loss",
     "MetricsLogger",
-    "read_losses",
     "Throughput",
     "TRACKERS",
     "check_trackers",
+    "use_data_mirror",
 ]
 
 
@@ -282,10 +284,10 @@ class MetricsLogger:
     ):
         names = check_trackers(trackers)
         self.enabled = enabled
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.file = MetricsLog(out_dir)
         self._trackers: list = []
         if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
             name = run_name or Path(out_dir).resolve().name
             for tracker in names:
                 self._trackers.append(_TRACKER_CLASSES[tracker](Path(out_dir), name))
@@ -293,8 +295,7 @@ class MetricsLogger:
     def log(self, record: dict, *, step: int | None = None) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        self.file.append(record)
         if step is None or not self._trackers:
             return
         scalars = {
@@ -312,27 +313,8 @@ class MetricsLogger:
         self._trackers = []
 
 
-def read_losses(out_dir: str | os.PathLike) -> list[tuple[int, float]]:
-    """The training losses a :class:`MetricsLogger` wrote to ``out_dir/metrics.jsonl``.
-
-    Args:
-        out_dir: the stage's directory.
-
-    Returns:
-        ``(step, loss)`` in step order (a step logged twice, by a resumed run, counts once: the
-        last line); empty when there is no log. Unreadable lines (a kill mid-write) are skipped.
-    """
-    path = Path(out_dir) / "metrics.jsonl"
-    losses: dict[int, float] = {}
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("loss"), int | float):
-            losses[int(record.get("step", 0))] = float(record["loss"])
-    return sorted(losses.items())
+def use_data_mirror(cfg: RunConfig) -> None:
+    """Make the config's ``data.mirror`` (if set) the folder hub datasets load from in this
+    process; every command that reads a config's data calls it before loading any."""
+    if cfg.data.mirror:
+        set_mirror(resolve_path(cfg, cfg.data.mirror))

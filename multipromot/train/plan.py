@@ -45,6 +45,7 @@ from torch import nn
 
 from multipromot.config import RunConfig, resolve_path
 from multipromot.errors import UserError
+from multipromot.methods import method_kind
 from multipromot.models import BUILTIN_MODELS, build_builtin, default_cache_dir
 from multipromot.train.distributed import transformer_blocks
 
@@ -317,7 +318,8 @@ def _activations(
     m = mask if _dropout(c, _HIDDEN_DROPOUT) > 0 else 0
     m_attn = mask if _dropout(c, _ATTENTION_DROPOUT) > 0 else 0
     score = e + (m_attn + e if m_attn else 0)  # per head and key, eager attention only
-    prompt = cfg.stage1.prompt_length if s2.mode != "standard" else 0
+    # the kinds without a prompt table (standard, hft, the LoRA kinds) prepend nothing
+    prompt = cfg.stage1.prompt_length if method_kind(s2.mode).prompted else 0
     norm = 8 * h + e * h
 
     def attention(kv: int) -> float:

@@ -18,7 +18,6 @@ settings (:func:`made_from`) is not resumed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from multipromot.bank import BankEntry, PromptBank, describe_model
+from multipromot.bank.entry import format_record
 from multipromot.config import RunConfig, resolve_path
 from multipromot.data.batches import batches_from_draws
 from multipromot.data.collate import Collator
@@ -36,7 +36,6 @@ from multipromot.data.mixtures import load_mixture, mixture_fingerprint
 from multipromot.data.sampler import MixtureSampler
 from multipromot.errors import UserError
 from multipromot.eval.generation import validate_tasks
-from multipromot.fsio import write_atomic
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.soft_prompt import PromptedModel, init_prompts
 from multipromot.train.checkpoint import (
@@ -45,12 +44,18 @@ from multipromot.train.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
-from multipromot.train.common import MetricsLogger, Throughput, build_optimizer, lr_schedule
+from multipromot.train.common import (
+    MetricsLogger,
+    Throughput,
+    build_optimizer,
+    lr_schedule,
+    use_data_mirror,
+)
+from multipromot.train.metrics_log import MetricsLog
 
 __all__ = [
     "train_prompts",
     "batch_stream",
-    "format_record",
     "made_from",
     "BatchStream",
     "Best",
@@ -137,6 +142,7 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
         UserError: a bad mixture, model or config value.
     """
     s1 = cfg.stage1
+    use_data_mirror(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_path = load_model(cfg.model, seed=cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s1.mixture))
@@ -180,7 +186,7 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
         tasks,
         progress=progress,
     )
-    _trim_metrics(out_dir / "metrics.jsonl", start)  # a fresh start keeps no old lines
+    MetricsLog(out_dir).trim(start, stage=1)  # the steps it logs again (all, when it starts over)
     logger = MetricsLogger(out_dir, trackers=cfg.log.to)
     speed = Throughput()
 
@@ -300,21 +306,6 @@ def _resume(
     return int(state["step"])
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop the log lines written after the checkpoint a run resumes from (they are redone);
-    all of them when it starts fresh."""
-    if not path.is_file():
-        return
-    kept = []
-    if step:
-        kept = [
-            line
-            for line in path.read_text().splitlines(keepends=True)
-            if json.loads(line).get("step", 0) <= step
-        ]
-    write_atomic(path, "".join(kept).encode())
-
-
 class BatchStream:
     """Endless stage-1 batches (see :func:`batch_stream`) whose position is checkpointable: the
     sampler state at the start of the current window of draws and how many of its batches were
@@ -366,16 +357,6 @@ def batch_stream(tasks, sampler, collator, batch_size: int, *, by_task: bool) ->
     its gradient from its own rows whatever shares the batch; the rows and the rates are the
     sampler's, only their order inside a window moves)."""
     return BatchStream(tasks, sampler, collator, batch_size, by_task=by_task)
-
-
-def format_record(task) -> dict:
-    """The bank entry's ``format``: what the router matches inputs against."""
-    sig = task.template.signature
-    return {
-        "template": task.template.id,
-        "answer_choices": task.answers,
-        "signature": {"pieces": list(sig.pieces), "answers": sig.answers and list(sig.answers)},
-    }
 
 
 def _write_to_bank(cfg, tasks, best, model, model_path, s1) -> list[BankEntry]:

@@ -31,7 +31,14 @@ from multipromot.eval.generation import validate_tasks
 from multipromot.fsio import publish_dir, sha256_file, temp_dir_for
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.train import lora
-from multipromot.train.common import MetricsLogger, Throughput, build_optimizer, lr_schedule
+from multipromot.train.common import (
+    MetricsLogger,
+    Throughput,
+    build_optimizer,
+    lr_schedule,
+    use_data_mirror,
+)
+from multipromot.train.metrics_log import MetricsLog
 from multipromot.train.stage1 import Best, batch_stream, better
 from multipromot.train.stage1 import made_from as prompt_made_from
 
@@ -72,6 +79,7 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
         UserError: a bad mixture, model, ``lora.*`` value, or a non-finite loss.
     """
     s1 = cfg.stage1
+    use_data_mirror(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer, _ = load_model(cfg.model, seed=cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s1.mixture))
@@ -100,6 +108,7 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
         by_task=s1.batching == "task",
     )
     out_dir = Path(cfg.out_dir) / ADAPTERS_FOLDER
+    MetricsLog(out_dir).trim(0, stage=1)  # a rerun starts over: its old lines go
     logger = MetricsLogger(out_dir, trackers=cfg.log.to)
     speed = Throughput()
     select = "score" if s1.select_by == "metric" else "loss"

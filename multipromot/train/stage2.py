@@ -1,21 +1,17 @@
 """Stage 2: fine-tune the model on a mixture while every row carries its task's frozen prompt.
 
-One config key, ``stage2.mode``, gives ProMoT and the paper's comparisons:
+``stage2.mode`` names a method kind (:data:`multipromot.methods.KINDS`: ``promot``,
+``standard``, ``random_prompt``, ``joint``, ``hft``, ``lora``, ``promot_lora``); its table entry
+says what trains, which prompt table or adapters the rows get, and whether it may be sharded.
+Each works with k-shot exemplars. Their number has one owner, :func:`resolve_shots`: the method
+label's ``+Kshot`` (``run`` writes it into ``stage2.shots``), else ``stage2.shots``, else the
+mixture header's ``exemplars.shots``; stage 2 prints which one decided and records it.
 
-- ``promot``: each row gets its task's bank prompt, frozen; only the model trains.
-- ``standard``: no prompt at all (task id -1 on every row); plain multi-task fine-tuning.
-- ``random_prompt``: a fixed random prompt per task (seeded, frozen): the paper's ablation.
-- ``joint``: the bank prompts train together with the model, at their own learning rate.
-- ``hft``: ``standard`` with a random half of the parameter tensors frozen in each round
-  (:mod:`multipromot.train.hft`).
-- ``lora``: one LoRA adapter trains, the model is frozen; ``promot_lora``: the model trains with
-  each row's frozen task adapter (``lora.adapters``) instead of a prompt
-  (:mod:`multipromot.train.lora`). These three train in one process.
-
-Each works with k-shot exemplars. Their number has one owner, :func:`resolve_shots`: the
-method label's ``+Kshot`` (``run`` writes it into ``stage2.shots``), else ``stage2.shots``,
-else the mixture header's ``exemplars.shots``; stage 2 prints which one decided and records it
-in ``stage2.json``.
+The recipe reads in three parts, as torchtune's do: :func:`setup` builds everything from the
+config (:class:`Stage2Run`), :func:`train` is the loop, and the export
+(:mod:`multipromot.train.stage2_export`) writes ``best/`` and ``final/``. The model for a kind
+is built in :mod:`multipromot.train.stage2_model`, checkpoints are kept by
+:class:`~multipromot.train.stage2_checkpoints.Checkpoints`.
 
 One process trains unsharded; under ``torchrun --nproc_per_node N`` the model is sharded with
 FSDP2 and each rank draws its own positions of the one global sample stream, so the ranks
@@ -25,41 +21,31 @@ gradient accumulation, give the one-process result to float rounding.
 
 Outputs under ``out_dir``: ``checkpoints/step_<N>/`` (sharded, atomic, exact resume),
 ``best/`` (the best validated weights so far, if ``keep_best_by`` selects), ``final/`` (the
-selected weights + tokenizer, loadable with ``from_pretrained``, with lineage to the base
-model so its bank prompts stay accepted), ``metrics.jsonl`` and ``tensorboard/``.
+selected weights; what makes it complete: :mod:`multipromot.train.stage2_export`),
+``metrics.jsonl`` and ``tensorboard/``.
 
-At scale (README "Scale out"): SIGTERM/SIGUSR1 finish the current step on every rank, write a
-checkpoint and exit with status 128 + the signal (143 for SIGTERM, 138 for SIGUSR1) by raising
-:class:`Preempted`; rerunning continues from it, also with another number of ranks (dcp
-reshards; the sampler continues the same global stream). A resume compares the checkpoint's
-recorded settings with the config: :data:`RESUME_REFUSED` keys must match,
-:data:`RESUME_APPLIED` ones may change and are announced. ``mixed_precision``,
-``activation_checkpointing`` and ``cpu_offload`` shape FSDP2; ``export_shard_size`` writes
-``final/`` as sharded safetensors without gathering the model on one rank; ``async_save``
-writes checkpoints in a background thread (published only once complete; the next save, a
-preemption and the end of training wait for it).
-
-Why one module of this size (about 700 lines): the loop, its resume checks, preemption, saving
-and best-step selection share the loop's state (step, sampler, optimizer, loss history); the
-model variants (FSDP2, LoRA in train/lora.py, HFT in train/hft.py) live in their own modules
-and are only called from here.
+At scale (docs/guides/scale-out.md): SIGTERM/SIGUSR1 finish the current step on every rank,
+write a checkpoint and exit with status 128 + the signal (143 for SIGTERM, 138 for SIGUSR1) by
+raising :class:`Preempted`; rerunning continues from it, also with another number of ranks
+(dcp reshards; the sampler continues the same global stream). A resume compares the
+checkpoint's recorded settings with the config: :data:`RESUME_REFUSED` keys must match,
+:data:`RESUME_APPLIED` ones may change and are announced.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
-import shutil
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from multipromot.bank import PromptBank
 from multipromot.config import RunConfig, parse_size, resolve_path
 from multipromot.data.batches import batches_from_draws
 from multipromot.data.collate import Collator
@@ -68,54 +54,32 @@ from multipromot.data.sampler import MixtureSampler
 from multipromot.errors import UserError
 from multipromot.eval.generation import validate_tasks
 from multipromot.features import IGNORE_INDEX
-from multipromot.fsio import publish_dir, temp_dir_for, write_atomic, write_json
-from multipromot.models import load_model, model_fingerprint, read_lineage, save_model
-from multipromot.soft_prompt import PromptedModel, init_prompts
+from multipromot.methods import MethodKind, method_kind
 from multipromot.train import distributed as D
-from multipromot.train import hft, lora
-from multipromot.train.checkpoint import (
-    BackgroundCheckpointer,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    read_trainer_state,
-    resolve_resume,
-    save_checkpoint,
-)
+from multipromot.train import hft
+from multipromot.train.checkpoint import load_checkpoint, read_trainer_state
 from multipromot.train.common import (
     MetricsLogger,
     Throughput,
-    build_optimizer,
     lr_schedule,
     token_loss,
+    use_data_mirror,
 )
-from multipromot.train.export import export_sharded
+from multipromot.train.metrics_log import MetricsLog
+from multipromot.train.stage2_checkpoints import Checkpoints
+from multipromot.train.stage2_export import Stage2Record, export_model, finish
+from multipromot.train.stage2_model import build_stage2_optimizer, load_prompted, stage2_settings
 
 __all__ = [
     "finetune",
+    "setup",
+    "train",
+    "Stage2Run",
     "resolve_shots",
     "Preempted",
-    "TRAINABLE",
-    "PROMPT_BANK_DIR",
     "RESUME_REFUSED",
     "RESUME_APPLIED",
 ]
-
-# What trains in each mode (PromptedModel.set_trainable).
-TRAINABLE = {
-    "promot": "model",
-    "standard": "model",
-    "random_prompt": "model",
-    "joint": "both",
-    "hft": "model",
-}
-# Modes whose model carries LoRA adapters (train/lora.py) instead of a prompt table.
-LORA_MODES = ("lora", "promot_lora")
-# Modes that give no row a prompt (task id -1 everywhere; lora's one adapter is on every row).
-UNPROMPTED_MODES = ("standard", "hft", "lora")
-# Inside an exported model directory: the prompts of the modes whose table is not the bank's
-# (joint trains it, random_prompt draws it), as a prompt bank of its own (checksummed entries).
-PROMPT_BANK_DIR = "prompt_bank"
 
 # Recorded in every checkpoint and compared on resume. Changing one of these midway would make
 # the continued run neither the old one nor the new one: refused, naming the keys.
@@ -185,28 +149,148 @@ def finetune(cfg: RunConfig, *, progress: bool = True) -> Path:
 
     Raises:
         UserError: a bad mixture, model, bank entry, checkpoint or config value.
+        Preempted: SIGTERM or SIGUSR1 arrived; the last step is checkpointed.
     """
     created = D.init_distributed()
     try:
-        return _finetune(cfg, progress)
+        run = setup(cfg, progress=progress)
+        train(run)
+        finish(
+            run.out,
+            run.best["step"],
+            lambda folder: run.export(folder, step=max(run.start, cfg.stage2.steps)),
+            bank_dir=run.record.bank_dir,
+            bank_refs=run.record.bank_refs,
+        )
+        return run.out
     finally:
         D.teardown(created)
 
 
-def _finetune(cfg: RunConfig, progress: bool) -> Path:
+@dataclass
+class Stage2Run:
+    """Everything :func:`setup` builds from the config; :func:`train` advances it.
+
+    ``start``, ``losses`` and ``best`` are the loop's state, saved in every checkpoint (with
+    the settings a resume is compared against and the bank refs the prompts came from).
+    """
+
+    cfg: RunConfig
+    kind: MethodKind
+    out: Path
+    mixture: Mixture
+    shots: int
+    prompted: torch.nn.Module
+    tokenizer: object
+    build: Callable
+    record: Stage2Record
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: MixtureSampler
+    collator: Collator
+    checkpoints: Checkpoints
+    settings: dict
+    rows: int  # rows per micro-batch on this rank
+    accum: int  # micro-batches per step
+    shard_bytes: int | None
+    progress: bool
+    start: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def task_ids(self) -> list[int]:
+        """Each mixture task's row in the prompt table (-1: no prompt; a ``shared`` adapter is
+        on every row)."""
+        if not self.kind.prompted and self.kind.adapters != "per_task":
+            return [-1] * len(self.mixture.tasks)
+        return list(range(len(self.mixture.tasks)))
+
+    @property
+    def order(self) -> str:
+        """Row order inside a step: one task per micro-batch where rows cannot mix adapters
+        while training, by length when asked, else as drawn."""
+        if self.kind.adapters == "per_task":
+            return "task"
+        return "length" if self.cfg.stage2.group_by_length else "drawn"
+
+    def batches(self) -> list[dict]:
+        """This rank's micro-batches of the next step: its next ``rows * accum`` draws of the
+        one global stream."""
+        return batches_from_draws(
+            self.mixture.tasks,
+            self.sampler.take(self.rows * self.accum),
+            self.collator,
+            batch_size=self.rows,
+            shots=self.shots,
+            seed=self.mixture.exemplar_seed,
+            task_ids=self.task_ids,
+            order=self.order,
+        )
+
+    def checkpoint(self, step: int) -> Path:
+        """Save the loop's state at ``step`` (a collective)."""
+        return self.checkpoints.save(
+            step,
+            model=self.prompted,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            sampler=self.sampler,
+            state={
+                "mode": self.kind.name,
+                "bank_refs": self.record.bank_refs,
+                "losses": self.losses,
+                "best": self.best,
+                "settings": self.settings,
+            },
+        )
+
+    def export(self, folder: Path, *, step: int, selected_by: str = "last", value=None) -> None:
+        """Export the current weights as a model folder (a collective under FSDP)."""
+        record = dataclasses.replace(self.record, step=step, selected_by=selected_by, value=value)
+        export_model(
+            self.prompted,
+            self.build,
+            self.tokenizer,
+            folder,
+            record,
+            self.kind,
+            shard_bytes=self.shard_bytes,
+        )
+
+
+def setup(cfg: RunConfig, *, progress: bool = True) -> Stage2Run:
+    """Build stage 2 from the config: check the kind and the resume point (before any model is
+    loaded), then the model, optimizer, schedule, sample stream and collator, and restore the
+    checkpoint a run continues from.
+
+    Raises:
+        UserError: a kind that trains in one process under torchrun, a batch that does not
+            split over the ranks, a checkpoint of another kind or other settings.
+    """
     s2 = cfg.stage2
+    kind = method_kind(s2.mode, file=cfg.config_file or None)
+    use_data_mirror(cfg)
     out = Path(cfg.out_dir)
-    if s2.mode in ("hft", *LORA_MODES) and (D.is_distributed() or s2.export_shard_size):
+    if kind.single_process and (D.is_distributed() or s2.export_shard_size):
         raise UserError(
-            f"{s2.mode} trains in one process, without stage2.export_shard_size", key="stage2.mode"
+            f"{kind.name} trains in one process, without stage2.export_shard_size",
+            key="stage2.mode",
         )
     rows, accum = _micro_batch(s2.batch_size, s2.grad_accum, D.world_size())
-    resume_from = D.on_rank0(resolve_resume, out / "checkpoints", s2.resume)
+    best = {"by": s2.keep_best_by, "step": None, "value": None}
+    checkpoints = Checkpoints(
+        out / "checkpoints",
+        keep_last=s2.keep_last,
+        async_save=s2.async_save,
+        protected=lambda: {best["step"]} if best["step"] is not None else set(),
+    )
+    resume_from = checkpoints.resume_point(s2.resume)
     saved = read_trainer_state(resume_from) if resume_from else None
-    if saved is not None and saved.get("mode") != s2.mode:
+    if saved is not None and saved.get("mode") != kind.name:
         raise UserError(
-            f"the checkpoint was trained with mode {saved.get('mode')!r}, this run "
-            f"asks for {s2.mode!r}",
+            f"the checkpoint was trained with mode {saved.get('mode')!r}, this run asks for "
+            f"{kind.name!r}",
             file=resume_from,
             key="stage2.mode",
         )
@@ -214,114 +298,95 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s2.mixture))
     shots, shots_from = resolve_shots(s2.shots, mixture)
-    settings = _settings(cfg, mixture, shots)
+    settings = _settings(cfg, kind, mixture, shots)
     if saved is not None:  # refused before the model is even loaded
         _check_settings(saved.get("settings"), settings, resume_from, progress)
-    prompted, tokenizer, build, info = _load_prompted(cfg, mixture, saved and saved["bank_refs"])
-    decoder_only = not prompted.is_encoder_decoder
-    task_ids = (
-        [-1] * len(mixture.tasks)
-        if s2.mode in UNPROMPTED_MODES
-        else list(range(len(mixture.tasks)))
+    prompted, tokenizer, build, record = load_prompted(
+        cfg, kind, mixture, saved and saved["bank_refs"]
     )
-    # rows of one task per micro-batch where rows cannot mix adapters while training
-    order = "task" if s2.mode == "promot_lora" else "length" if s2.group_by_length else "drawn"
-    info.update(shots=shots, shots_from=shots_from)
+    record.shots, record.shots_from = shots, shots_from
     if D.is_main() and progress:
-        print(f"stage 2 ({s2.mode}, {mixture.name}): {shots}-shot examples ({shots_from})")
-    device = D.device()
-
-    optimizer = _optimizer(prompted, s2, cfg.lora)
-    scheduler = lr_schedule(
-        optimizer, warmup_steps=s2.warmup_steps, total_steps=s2.steps, decay=s2.decay
+        print(f"stage 2 ({kind.name}, {mixture.name}): {shots}-shot examples ({shots_from})")
+    optimizer = build_stage2_optimizer(prompted, kind, cfg)
+    run = Stage2Run(
+        cfg=cfg,
+        kind=kind,
+        out=out,
+        mixture=mixture,
+        shots=shots,
+        prompted=prompted,
+        tokenizer=tokenizer,
+        build=build,
+        record=record,
+        optimizer=optimizer,
+        scheduler=lr_schedule(
+            optimizer, warmup_steps=s2.warmup_steps, total_steps=s2.steps, decay=s2.decay
+        ),
+        sampler=MixtureSampler(mixture, seed=cfg.seed, rank=D.rank(), world_size=D.world_size()),
+        collator=Collator(
+            tokenizer,
+            decoder_only=not prompted.is_encoder_decoder,
+            max_input_length=s2.max_input_length,
+            max_target_length=s2.max_target_length,
+        ),
+        checkpoints=checkpoints,
+        settings=settings,
+        rows=rows,
+        accum=accum,
+        shard_bytes=parse_size(s2.export_shard_size) if s2.export_shard_size else None,
+        progress=progress,
+        best=best,
     )
-    sampler = MixtureSampler(mixture, seed=cfg.seed, rank=D.rank(), world_size=D.world_size())
-    collator = Collator(
-        tokenizer,
-        decoder_only=decoder_only,
-        max_input_length=s2.max_input_length,
-        max_target_length=s2.max_target_length,
-    )
-
-    start, losses, best = 0, [], {"by": s2.keep_best_by, "step": None, "value": None}
     if resume_from is not None:
         trainer = load_checkpoint(
-            resume_from, model=prompted, optimizer=optimizer, scheduler=scheduler, sampler=sampler
-        )
-        start, losses, best = trainer["step"], trainer["losses"], trainer["best"]
-        if D.is_main() and progress:
-            print(
-                f"stage 2: resumed from step {start} ({resume_from}, written by "
-                f"{trainer['world_size']} process(es), now {D.world_size()})"
-            )
-    D.on_rank0(_trim_metrics, out / "metrics.jsonl", start)  # drop records a kill left behind
-    shard_bytes = parse_size(s2.export_shard_size) if s2.export_shard_size else None
-
-    background = BackgroundCheckpointer() if s2.async_save else None
-
-    def save(step: int) -> Path:
-        write = save_checkpoint if background is None else background.save
-        settle()  # a background save still in flight: published (and pruned) first
-        path = write(
-            out / "checkpoints",
-            step,
+            resume_from,
             model=prompted,
             optimizer=optimizer,
-            scheduler=scheduler,
-            sampler=sampler,
-            state={
-                "mode": s2.mode,
-                "bank_refs": info["bank_refs"],
-                "losses": losses,
-                "best": best,
-                "settings": settings,
-            },
+            scheduler=run.scheduler,
+            sampler=run.sampler,
         )
-        if background is None:
-            prune()
-        return path
+        run.start, run.losses = trainer["step"], trainer["losses"]
+        best.update(trainer["best"])
+        if D.is_main() and progress:
+            print(
+                f"stage 2: resumed from step {run.start} ({resume_from}, written by "
+                f"{trainer['world_size']} process(es), now {D.world_size()})"
+            )
+    D.on_rank0(MetricsLog(out).trim, run.start, stage=2)  # the steps it logs again
+    return run
 
-    def settle() -> None:
-        """Wait for the background save in flight, if any, then prune: pruning only ever
-        runs once the checkpoint it keeps is published."""
-        if background is not None and background.wait() is not None:
-            prune()
 
-    def prune() -> None:
-        protect = {best["step"]} if best["step"] is not None else set()
-        D.on_rank0(prune_checkpoints, out / "checkpoints", s2.keep_last, protect)
+def train(run: Stage2Run) -> None:
+    """The loop: from ``run.start`` to ``stage2.steps``, one optimizer step per global batch;
+    validation (and the best step's export) every ``eval_every``, a checkpoint every
+    ``save_every``, and on SIGTERM/SIGUSR1 a checkpoint and :class:`Preempted`.
 
-    logger = MetricsLogger(out, enabled=D.is_main(), trackers=cfg.log.to)
+    Raises:
+        UserError: a non-finite loss or gradient norm (before the weights are updated).
+        Preempted: a stop signal arrived; the step it arrived in is checkpointed.
+    """
+    cfg, s2 = run.cfg, run.cfg.stage2
+    logger = MetricsLogger(run.out, enabled=D.is_main(), trackers=cfg.log.to)
     speed = Throughput()
     bar = tqdm(
         total=s2.steps,
-        initial=start,
-        desc=f"stage 2 ({s2.mode})",
+        initial=run.start,
+        desc=f"stage 2 ({run.kind.name})",
         dynamic_ncols=True,
-        disable=not (progress and D.is_main()),
+        disable=not (run.progress and D.is_main()),
     )
-    trainable = [p for p in prompted.parameters() if p.requires_grad]
-    prompted.train()
+    trainable = [p for p in run.prompted.parameters() if p.requires_grad]
+    decoder_only = not run.prompted.is_encoder_decoder
+    run.prompted.train()
     with D.PreemptionGuard() as guard:
-        for step in range(start + 1, s2.steps + 1):
-            if s2.mode == "hft":
+        for step in range(run.start + 1, s2.steps + 1):
+            if run.kind.freezing == "half_per_round":
                 hft.freeze_for_step(
-                    prompted.model, step, seed=cfg.seed, round_steps=cfg.hft.round_steps
+                    run.prompted.model, step, seed=cfg.seed, round_steps=cfg.hft.round_steps
                 )
-            # This rank's micro-batches: its next rows * accum draws of the one global stream.
-            batches = batches_from_draws(
-                mixture.tasks,
-                sampler.take(rows * accum),
-                collator,
-                batch_size=rows,
-                shots=shots,
-                seed=mixture.exemplar_seed,
-                task_ids=task_ids,
-                order=order,
-            )
             loss, tokens = _forward_backward(
-                prompted,
-                batches,
+                run.prompted,
+                run.batches(),
                 decoder_only=decoder_only,
                 label_smoothing=s2.label_smoothing,
                 bf16=s2.bf16,
@@ -329,288 +394,80 @@ def _finetune(cfg: RunConfig, progress: bool) -> Path:
             max_norm = s2.max_grad_norm if s2.max_grad_norm > 0 else float("inf")
             grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                # Stop before the optimizer step: the weights and every checkpoint stay finite.
-                settle()
-                last = latest_checkpoint(out / "checkpoints")
-                raise UserError(
-                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
-                    f"stopped before updating the weights; last good checkpoint: {last or 'none'} "
-                    "(lower stage2.lr or check the data, then resume)",
-                    key="stage2",
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append([step, loss])
+                _stop_not_finite(run, step, loss, grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.losses.append([step, loss])
 
             tokens_per_s = speed.update(tokens)
             bar.update(1)
             if _due(step, s2.log_every, s2.steps):
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                lr = run.scheduler.get_last_lr()[0]
                 logger.log(
                     {
                         "stage": 2,
                         "step": step,
                         "loss": loss,
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_per_s": tokens_per_s,
                     },
                     step=step,
                 )
-
             if s2.eval_every > 0 and _due(step, s2.eval_every, s2.steps):
-                record = _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device)
-                logger.log({"stage": 2, "step": step, **record}, step=step)
-                if _improved(best, record):
-                    best.update(step=step, value=record[_best_key(best["by"])])
-                    _export(
-                        prompted,
-                        build,
-                        tokenizer,
-                        out / "best",
-                        info={
-                            **info,
-                            "step": step,
-                            "selected_by": best["by"],
-                            "value": best["value"],
-                        },
-                        shard_bytes=shard_bytes,
-                    )
-
+                _validate_and_select(run, step, logger)
             saved_now = _due(step, s2.save_every, s2.steps)
             if saved_now:
-                save(step)
+                run.checkpoint(step)
             signum = guard.stop_requested()
             if signum is not None:
-                # Preempted: the step is finished; keep it and leave before the scheduler kills.
-                path = save(step) if not saved_now else out / "checkpoints" / f"step_{step}"
-                settle()
                 bar.close()
                 logger.close()
-                if D.is_main():
-                    print(
-                        f"stage 2: {signal.Signals(signum).name} at step {step}: checkpoint "
-                        f"{path}; run the same command again to continue (stage2.resume="
-                        f"latest), with any number of processes",
-                        file=sys.stderr,
-                    )
-                raise Preempted(128 + signum)
-    settle()
+                _preempt(run, step, signum, saved_now)
+    run.checkpoints.settle()
     bar.close()
     logger.close()
-    _finish(
-        prompted,
-        build,
-        tokenizer,
-        out,
-        best,
-        info,
-        step=max(start, s2.steps),
-        shard_bytes=shard_bytes,
+
+
+def _validate_and_select(run: Stage2Run, step: int, logger: MetricsLogger) -> None:
+    """Validate; when the step is the best so far, export it to ``best/``."""
+    s2 = run.cfg.stage2
+    record = _validate(
+        run.prompted, run.tokenizer, run.mixture, run.collator, run.task_ids, s2, D.device()
     )
-    return out
+    logger.log({"stage": 2, "step": step, **record}, step=step)
+    best = run.best
+    if _improved(best, record):
+        best.update(step=step, value=record[_best_key(best["by"])])
+        run.export(run.out / "best", step=step, selected_by=best["by"], value=best["value"])
 
 
-# -- resuming with other settings --------------------------------------------------------------
+def _stop_not_finite(run: Stage2Run, step: int, loss: float, grad_norm: float) -> None:
+    """Stop before the optimizer step: the weights and every checkpoint stay finite."""
+    run.checkpoints.settle()
+    last = run.checkpoints.latest()
+    raise UserError(
+        f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; stopped "
+        f"before updating the weights; last good checkpoint: {last or 'none'} (lower "
+        "stage2.lr or check the data, then resume)",
+        key="stage2",
+    )
 
 
-def _settings(cfg: RunConfig, mixture: Mixture, shots: int) -> dict:
-    """What a checkpoint records of the run that wrote it (compared on resume)."""
-    s2 = cfg.stage2
-    keys = [k for k in RESUME_REFUSED + RESUME_APPLIED if hasattr(s2, k)]
-    return {
-        **{k: getattr(s2, k) for k in keys},
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "mixture": mixture.name,
-        "tasks": mixture.task_names,
-        "shots": shots,
-        **_method_settings(cfg),
-    }
-
-
-def _check_settings(saved: dict | None, now: dict, path: Path, progress: bool) -> None:
-    """Refuse a resume whose arithmetic settings differ from the checkpoint's (one line naming
-    every differing key); announce the safe changes that are applied.
-
-    Raises:
-        UserError: a :data:`RESUME_REFUSED` key differs.
-    """
-    if saved is None:  # a checkpoint from before settings were recorded: only mode is known
-        return
-    changed = {k: (saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]}
-    refused = [k for k in RESUME_REFUSED if k in changed]
-    if refused:
-        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
-        raise UserError(
-            f"the checkpoint was trained with other settings ({diff}); resume with its values "
-            "or start a fresh out_dir",
-            file=path,
-            key="stage2",
-        )
-    applied = [k for k in RESUME_APPLIED if k in changed]
-    if applied and D.is_main() and progress:
-        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in applied)
-        print(f"stage 2: resuming with changed settings, applied: {diff}")
-
-
-# -- model, prompts, optimizer ----------------------------------------------------------------
-
-
-def _load_prompted(cfg: RunConfig, mixture: Mixture, refs: dict | None):
-    """The PromptedModel for ``cfg.stage2.mode``, sharded when there are several ranks.
-
-    Rank 0 alone loads the model (and builds a built-in one into the cache, so ranks never
-    race on it) and reads the bank; the other ranks get the weights by broadcast.
-
-    Returns:
-        (prompted model on its device, tokenizer, a function that builds the same structure
-        unsharded (for exports), the run's provenance: base model, lineage, bank refs).
-    """
-    import transformers.modeling_utils  # noqa: F401
-
-    # Imported above on every rank at once: the other ranks would otherwise import the
-    # modeling machinery only after rank 0's load (they wait for its result), in series.
-    s2 = cfg.stage2
-    names = mixture.task_names
-    loaded: dict = {}
-
-    def load() -> dict:
-        model, tokenizer, path = load_model(cfg.model, seed=cfg.seed)
-        if s2.mode in LORA_MODES:
-            table, bank_refs = None, {}
-            loaded["model"] = _adapted(cfg, model, names)
-        else:
-            table, bank_refs = _prompt_table(cfg, mixture, model, tokenizer, refs)
-            loaded["model"] = _wrap(model, table, names, s2.mode)
-        loaded["tokenizer"] = tokenizer
-        lineage = read_lineage(path) if Path(path).is_dir() else {}
-        return {
-            "base_model": {
-                "name": str(path),
-                "fingerprint": lineage.get("fingerprint") or model_fingerprint(model),
-            },
-            "parents": list(lineage.get("lineage", [])),
-            "bank_refs": bank_refs,
-            "bank_dir": resolve_path(cfg, cfg.bank.dir),
-            "prompt_shape": None if table is None else list(table.shape),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "mode": s2.mode,
-            "mixture": mixture.name,
-            "tasks": names,
-            **_method_settings(cfg),
-        }
-
-    info = D.on_rank0(load)
-    path = info["base_model"]["name"]
+def _preempt(run: Stage2Run, step: int, signum: int, saved_now: bool) -> None:
+    """The step is finished: keep it and leave before the scheduler kills the job."""
+    path = run.checkpoint(step) if not saved_now else run.checkpoints.root / f"step_{step}"
+    run.checkpoints.settle()
     if D.is_main():
-        tokenizer = loaded["tokenizer"]
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-
-    def build() -> PromptedModel:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        config = AutoConfig.from_pretrained(path)
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_config(config, dtype=getattr(torch, info["dtype"]))
-        shape = info["prompt_shape"]
-        return _wrap(model, None if shape is None else torch.zeros(shape), names, s2.mode)
-
-    if s2.activation_checkpointing and "model" in loaded:
-        D.enable_activation_checkpointing(loaded["model"])
-    if D.is_distributed():
-
-        def build_for_shards() -> PromptedModel:
-            built = build()
-            if s2.activation_checkpointing:  # before fully_shard, as torchtitan orders it
-                D.enable_activation_checkpointing(built)
-            return built
-
-        policies = D.fsdp_policies(s2.mixed_precision, s2.cpu_offload)
-        prompted = D.build_sharded(build_for_shards, loaded.get("model"), **policies)
-    else:
-        prompted = loaded["model"].to(D.device())
-    loaded.clear()  # rank 0's full copy goes once the shards hold the weights
-    return prompted, tokenizer, build, info
-
-
-def _adapted(cfg: RunConfig, model, names: list[str]) -> lora.AdaptedModel:
-    """lora: a new adapter shared by every row, the only thing that trains; promot_lora: the
-    tasks' adapters from ``lora.adapters``, frozen, and the model trains."""
-    if cfg.stage2.mode == "lora":
-        adapted = lora.attach(model, cfg.lora, None)
-        adapted.set_trainable("adapters")
-        return adapted
-    if not cfg.lora.adapters:
-        raise UserError(
-            "is not set: promot_lora's stage 2 needs its stage-1 task adapters", key="lora.adapters"
+        print(
+            f"stage 2: {signal.Signals(signum).name} at step {step}: checkpoint {path}; run the "
+            "same command again to continue (stage2.resume=latest), with any number of "
+            "processes",
+            file=sys.stderr,
         )
-    adapted = lora.load_adapters(model, resolve_path(cfg, cfg.lora.adapters), names)
-    adapted.set_trainable("model")
-    return adapted
-
-
-def _method_settings(cfg: RunConfig) -> dict:
-    """What stage2.json records of the settings only some modes read."""
-    if cfg.stage2.mode == "hft":
-        return {"hft": {"round_steps": cfg.hft.round_steps}}
-    if cfg.stage2.mode == "promot_lora":  # and which stage-1 adapters it starts from
-        return {"lora": {**lora.settings(cfg.lora), "adapters": cfg.lora.adapters}}
-    if cfg.stage2.mode == "lora":
-        return {"lora": lora.settings(cfg.lora)}
-    return {}
-
-
-def _wrap(model, table: torch.Tensor | None, names: list[str], mode: str) -> PromptedModel:
-    prompted = PromptedModel(model, table, names if table is not None else None)
-    prompted.set_trainable(TRAINABLE[mode])
-    return prompted
-
-
-def _prompt_table(cfg: RunConfig, mixture: Mixture, model, tokenizer, refs: dict | None):
-    """The prompt table [T, P, d] for the mode (None for ``standard``) and the bank refs used.
-
-    A resumed run passes the refs its checkpoint recorded, so a newer bank version made
-    meanwhile does not change the prompts halfway through a run.
-    """
-    mode, names = cfg.stage2.mode, mixture.task_names
-    if mode in UNPROMPTED_MODES:
-        return None, {}
-    if mode == "random_prompt":
-        table = init_prompts(
-            model, tokenizer, len(names), cfg.stage1.prompt_length, method="random", seed=cfg.seed
-        )
-        return table, {}
-    bank = PromptBank(resolve_path(cfg, cfg.bank.dir))
-    bank_refs = {name: bank.get((refs or {}).get(name, name)).ref for name in names}
-    try:
-        table = PromptedModel.from_bank(model, bank, names, refs=bank_refs).prompts.detach()
-    except ValueError as e:  # prompts of different lengths cannot share one table
-        raise UserError(str(e), file=bank.root, key="stage2.mixture") from None
-    return table, bank_refs
-
-
-def _optimizer(prompted: PromptedModel, s2, lora_cfg) -> torch.optim.Optimizer:
-    """The model's parameters at ``lr``; in joint mode the prompt table at ``prompt_lr``; in
-    lora mode the adapter with ``lora.optimizer`` at ``lora.lr``.
-
-    With Adafactor the model's steps scale with each weight's RMS (T5 fine-tuning) and the
-    prompt's do not (prompt tuning); AdamW ignores the flag.
-    """
-    model_params = [p for p in prompted.model.parameters() if p.requires_grad]
-    if s2.mode == "lora":  # a zero-initialised LoRA B has no RMS to scale steps by
-        groups = [{"params": model_params, "lr": lora_cfg.lr, "scale_parameter": False}]
-        optimizer = build_optimizer(groups, lora_cfg.optimizer, lora_cfg.lr)
-        return D.prepare_optimizer(optimizer)
-    groups = [{"params": model_params, "lr": s2.lr, "scale_parameter": True}]
-    if s2.mode == "joint":
-        groups.append({"params": [prompted.prompts], "lr": s2.prompt_lr, "scale_parameter": False})
-    optimizer = build_optimizer(groups, s2.optimizer, s2.lr, s2.weight_decay)
-    return D.prepare_optimizer(optimizer)
+    raise Preempted(128 + signum)
 
 
 # -- one step -------------------------------------------------------------------------------
@@ -731,129 +588,44 @@ def _improved(best: dict, record: dict) -> bool:
     return value > best["value"] if best["by"] == "metric" else value < best["value"]
 
 
-# -- outputs ----------------------------------------------------------------------------------
+# -- resuming with other settings --------------------------------------------------------------
 
 
-def _export(
-    prompted, build: Callable, tokenizer, dest: Path, *, info: dict, shard_bytes: int | None = None
-) -> None:
-    """Write full weights + tokenizer (+ the prompt table when it is not the bank's) to
-    ``dest`` on rank 0; a collective under FSDP.
+def _settings(cfg: RunConfig, kind: MethodKind, mixture: Mixture, shots: int) -> dict:
+    """What a checkpoint records of the run that wrote it (compared on resume)."""
+    s2 = cfg.stage2
+    keys = [k for k in RESUME_REFUSED + RESUME_APPLIED if hasattr(s2, k)]
+    return {
+        **{k: getattr(s2, k) for k in keys},
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "mixture": mixture.name,
+        "tasks": mixture.task_names,
+        "shots": shots,
+        **stage2_settings(cfg, kind),
+    }
 
-    By default the shards are gathered into one CPU copy on rank 0 (``save_pretrained``);
-    with ``shard_bytes`` (``stage2.export_shard_size``) the weights stream out tensor by
-    tensor into sharded safetensors + an index (:mod:`multipromot.train.export`).
+
+def _check_settings(saved: dict | None, now: dict, path: Path, progress: bool) -> None:
+    """Refuse a resume whose arithmetic settings differ from the checkpoint's (one line naming
+    every differing key); announce the safe changes that are applied.
+
+    Raises:
+        UserError: a :data:`RESUME_REFUSED` key differs.
     """
-    name = f"stage2:{info['mode']}:{info['mixture']}"
-    parents = [info["base_model"]["fingerprint"], *info["parents"]]
-    if shard_bytes is not None:
-        export_sharded(
-            prompted.model, tokenizer, dest, max_shard_bytes=shard_bytes, name=name, parents=parents
-        )
-        plain = _prompts_only(prompted) if info["mode"] in ("joint", "random_prompt") else None
-    else:
-        plain = D.gather_full_model(prompted, build) if D.is_distributed() else prompted
-
-    def write() -> None:
-        if info["mode"] in LORA_MODES:  # weights + the adapters in peft's format
-            lora.export(
-                plain, tokenizer, dest, name=name, parents=parents, merge=info["mode"] == "lora"
-            )
-        elif shard_bytes is None:
-            save_model(plain.model, tokenizer, dest, name=name, parents=parents)
-        record = dict(info)
-        if info["mode"] in ("joint", "random_prompt"):
-            # The rows were trained (joint) or drawn (random) here: inference needs them, as
-            # checksummed bank entries tied to these weights' fingerprint.
-            record["bank_dir"] = PROMPT_BANK_DIR
-            record["bank_refs"] = _own_prompt_bank(plain, tokenizer, dest, info)
-        write_json(dest / "stage2.json", record, indent=2)
-
-    D.on_rank0(write)
-
-
-class _PromptTable:
-    def __init__(self, prompts: torch.Tensor):
-        self.prompts = prompts
-
-
-def _prompts_only(prompted: PromptedModel) -> _PromptTable | None:
-    """The full prompt table (gathered under FSDP: a collective) on rank 0, for the export's
-    own prompt bank when the weights themselves were streamed out."""
-    table = dict(D.iter_full_tensors(prompted, ["prompts"]))
-    return _PromptTable(table["prompts"]) if D.is_main() else None
-
-
-def _own_prompt_bank(plain, tokenizer, dest: Path, info: dict) -> dict:
-    """Store ``plain``'s prompt table in ``dest/prompt_bank`` (one entry per task, trained on
-    the weights in ``dest``); returns the task -> ref map."""
-    bank = PromptBank(dest / PROMPT_BANK_DIR)
-    base = {"name": str(dest.resolve()), "fingerprint": read_lineage(dest)["fingerprint"]}
-    refs = {}
-    for i, task in enumerate(info["tasks"]):
-        entry = bank.add(
-            task,
-            plain.prompts[i].detach(),
-            base_model=base,
-            init=info["mode"],
-            extra={"stage2_mode": info["mode"], "mixture": info["mixture"]},
-        )
-        refs[task] = entry.ref
-    return refs
-
-
-def _finish(
-    prompted,
-    build,
-    tokenizer,
-    out: Path,
-    best: dict,
-    info: dict,
-    *,
-    step: int,
-    shard_bytes: int | None = None,
-) -> None:
-    """``final/`` = the best validated weights (``keep_best_by``) or the last; then record the
-    bank entries' use."""
-    final = out / "final"
-    if best["by"] != "none" and best["step"] is not None and (out / "best").is_dir():
-        D.on_rank0(_copy_dir, out / "best", final)
-    else:
-        _export(
-            prompted,
-            build,
-            tokenizer,
-            final,
-            shard_bytes=shard_bytes,
-            info={**info, "step": step, "selected_by": "last", "value": None},
-        )
-
-    def record() -> None:
-        bank = PromptBank(info["bank_dir"])
-        for ref in info["bank_refs"].values():
-            bank.record_stage2(ref, final.resolve())
-
-    if info["bank_refs"]:
-        D.on_rank0(record)
-
-
-def _copy_dir(src: Path, dst: Path) -> None:
-    """Replace ``dst`` by a copy of ``src``; a kill leaves the old ``dst`` or the new one."""
-    tmp = temp_dir_for(dst)
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    publish_dir(tmp, dst)
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep only stage-2 records up to ``step`` (a resumed run logs the later steps again)."""
-    if not path.is_file():
+    if saved is None:  # a checkpoint from before settings were recorded: only mode is known
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if record.get("stage") != 2 or record.get("step", 0) <= step:
-            kept.append(line)
-    write_atomic(path, "".join(f"{line}\n" for line in kept).encode())
+    changed = {k: (saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]}
+    refused = [k for k in RESUME_REFUSED if k in changed]
+    if refused:
+        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise UserError(
+            f"the checkpoint was trained with other settings ({diff}); resume with its values "
+            "or start a fresh out_dir",
+            file=path,
+            key="stage2",
+        )
+    applied = [k for k in RESUME_APPLIED if k in changed]
+    if applied and D.is_main() and progress:
+        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in applied)
+        print(f"stage 2: resuming with changed settings, applied: {diff}")

@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from multipromot.config import load_config
-    from multipromot.train import checkpoint, stage2
+    from multipromot.train import checkpoint, stage2, stage2_checkpoints
 
     torch.set_num_threads(1)
     state = {"events": 0, "saves": []}
@@ -69,17 +69,17 @@ def main(argv: list[str]) -> int:
             finally:
                 sys.setprofile(None)
 
-        stage2.save_checkpoint = counted_save
+        stage2_checkpoints.save_checkpoint = counted_save
     else:  # from the first training step on: data, forward, backward, optimizer, validation,
         # saves, the final export and the bank records (not the imports and model loading)
-        step_batches = stage2._step_batches
+        step_batches = stage2.Stage2Run.batches
 
         def first_step(*a, **kw):
             if sys.getprofile() is None:
                 sys.setprofile(profile)
             return step_batches(*a, **kw)
 
-        stage2._step_batches = first_step
+        stage2.Stage2Run.batches = first_step
     cfg = load_config(args[0], args[1:])
     stage2.finetune(cfg, progress=False)
     sys.setprofile(None)

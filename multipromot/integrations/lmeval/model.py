@@ -32,7 +32,6 @@ the first ``until`` string.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,17 +43,16 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from multipromot.bank import PromptBank
-from multipromot.config import BankConfig, RunConfig
 from multipromot.data.collate import Collator
 from multipromot.data.tasks import get_task, list_tasks, local_tasks
 from multipromot.errors import UserError
 from multipromot.eval.generation import predict
-from multipromot.experiment import prompt_refs
 from multipromot.features import IGNORE_INDEX, SEPARATOR, Item
-from multipromot.methods import Method
+from multipromot.method_eval import recorded_prompts
 from multipromot.models import is_encoder_decoder, load_model
-from multipromot.router import calibrated_router
+from multipromot.router import calibrated_router, router_entries
 from multipromot.soft_prompt import PromptedModel
+from multipromot.train.stage2_export import Stage2Record
 
 __all__ = ["MultiPromotLM"]
 
@@ -112,7 +110,7 @@ class MultiPromotLM(LM):
             known = [get_task(name) for name in self.task_names if name in list_tasks()]
             others = local_tasks(exclude=self.task_names)
             self.router = calibrated_router(
-                self.bank, known, refs=refs, negatives=others, seed=seed
+                router_entries(self.bank, refs), known, negatives=others, seed=seed
             )
         self.collator = Collator(
             tokenizer,
@@ -345,42 +343,32 @@ def _cut(text: str, stops: Sequence[str]) -> str:
 
 
 def _prompted(model, model_dir: Path, bank_dir: str) -> tuple[PromptedModel, object, dict]:
-    """The model with its prompt table: the bank and versions stage 2 trained with when
-    ``stage2.json`` records them, else the current entry of every bank task this model accepts.
+    """The model with its prompt table: the bank and versions stage 2 trained with when its
+    ``stage2.json`` records them (as ``multipromot eval`` reads a stage-2 model), else the
+    current entry of every task of ``bank_dir`` that this model accepts.
 
     Returns:
         (the wrapper, the PromptBank or None, task -> ref).
     """
-    cfg = RunConfig(bank=BankConfig(dir=bank_dir or "prompt_bank"))
-    # experiment.prompt_refs decides which bank and refs, exactly as `multipromot eval` does
-    # for a model given with eval.prompts=true (kind prompt_tuning: recorded refs win).
-    method = Method(label="lm-eval", kind="prompt_tuning", shots=None, mixture="")
-    recorded = _recorded_tasks(model_dir)
-    if recorded is None:
-        if not bank_dir:
-            return PromptedModel(model), None, {}
+    recorded = Stage2Record.read(model_dir) if Stage2Record.exists(model_dir) else None
+    if recorded is not None and recorded.bank_refs:
+        tasks = sorted(recorded.bank_refs)
+        bank_dir, refs = recorded_prompts(model_dir, tasks)
+        store = PromptBank(bank_dir)
+    elif not bank_dir:
+        return PromptedModel(model), None, {}
+    else:
         if not Path(bank_dir).is_dir():
             raise UserError(
                 "no prompt bank here (not a directory)", file=bank_dir, key=f"{ARGS} bank"
             )
         store = PromptBank(bank_dir)
         accepted = store.accepted_fingerprints(model)
-        recorded = sorted(
-            {e.task for e in store.entries() if e.current and e.fingerprint in accepted}
-        )
-    source = prompt_refs(method, model_dir, cfg, recorded, {})
-    store = PromptBank(source[0])
+        current = [e for e in store.entries() if e.current and e.fingerprint in accepted]
+        refs = {e.task: e.ref for e in sorted(current, key=lambda e: e.task)}
+        tasks = list(refs)
     try:
-        prompted = PromptedModel.from_bank(model, store, recorded, refs=source[1])
+        prompted = PromptedModel.from_bank(model, store, tasks, refs=refs)
     except ValueError as e:  # prompts of different lengths cannot share one table
         raise UserError(str(e), file=store.root, key=f"{ARGS} bank") from None
-    return prompted, store, source[1]
-
-
-def _recorded_tasks(model_dir: Path) -> list[str] | None:
-    """The tasks a stage-2 model's ``stage2.json`` records prompts for, or None."""
-    info = model_dir / "stage2.json"
-    if not info.is_file():
-        return None
-    refs = json.loads(info.read_text()).get("bank_refs") or {}
-    return sorted(refs) or None
+    return prompted, store, refs

@@ -1,0 +1,238 @@
+"""Scoring one method of ``run`` (and one model folder for ``eval``): the fine-tuned tasks
+0-shot with their prompt, the evaluation suite k-shot with routing.
+
+Every method is evaluated with the prompts it was made with, never "the bank's current": the
+bank versions stage 1 of this run wrote (``prompt_tuning``), or the versions its stage-2 model
+records in ``final/stage2.json`` (:class:`~multipromot.train.stage2_export.Stage2Record`: the
+bank it trained with, or the bank stored next to its weights for the kinds that store their
+own prompts). results.json names them per record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from multipromot.bank import PromptBank
+from multipromot.config import RunConfig, resolve_path
+from multipromot.data.mixtures import load_mixture
+from multipromot.data.tasks import get_task
+from multipromot.errors import UserError
+from multipromot.eval.suites import evaluate_finetuned, evaluate_suite, load_suite
+from multipromot.methods import Method
+from multipromot.models import load_model, model_fingerprint
+from multipromot.router import calibrated_router, router_entries
+from multipromot.router.base import RouterEntry
+from multipromot.soft_prompt import PromptedModel
+from multipromot.train import lora, wise
+from multipromot.train.checkpoint import is_complete, load_checkpoint
+from multipromot.train.stage2_export import Stage2Record
+
+__all__ = ["evaluate_method", "score_model", "prompt_source", "curve"]
+
+
+def prompt_source(
+    method: Method, model_dir: Path, cfg: RunConfig, tasks: list[str], stage1_refs: dict
+) -> tuple[str, dict[str, str]] | None:
+    """Where a method's prompts come from: (bank directory, task -> ref), or None (no prompts).
+
+    A stage-2 model says itself (its :class:`Stage2Record`); prompt tuning uses this run's
+    stage-1 refs.
+
+    Raises:
+        UserError: the record names no prompt for one of ``tasks``, or the folder holds the
+            unchecksummed prompt table of an older multipromot.
+    """
+    if not method.uses_prompts:
+        return None
+    if not method.trains:
+        bank = PromptBank(cfg.bank.dir)
+        return cfg.bank.dir, {t: stage1_refs.get(t) or bank.get(t).ref for t in tasks}
+    if (model_dir / "prompts.safetensors").is_file():
+        raise UserError(
+            "holds prompts.safetensors, the unchecksummed prompt table of an older "
+            "multipromot; run stage 2 of this method again to store it as a bank",
+            file=model_dir,
+        )
+    return recorded_prompts(model_dir, tasks)
+
+
+def recorded_prompts(model_dir: Path, tasks: list[str]) -> tuple[str, dict[str, str]]:
+    """The bank and refs a stage-2 model folder records for ``tasks``.
+
+    Raises:
+        UserError: not a stage-2 folder, or no prompt recorded for one of ``tasks``.
+    """
+    record = Stage2Record.read(model_dir)
+    missing = sorted(set(tasks) - set(record.bank_refs))
+    bank = record.prompt_bank(model_dir)
+    if missing or bank is None:
+        raise UserError(
+            f"records no prompt for {', '.join(missing or tasks)}",
+            file=model_dir / "stage2.json",
+        )
+    return str(bank), {t: record.bank_refs[t] for t in tasks}
+
+
+def evaluate_method(
+    cfg: RunConfig,
+    method: Method,
+    model_dir: str | Path,
+    *,
+    step: int,
+    checkpoint: Path | None = None,
+    selected: bool = True,
+    stage1_refs: dict | None = None,
+) -> list[dict]:
+    """Score one method: fine-tuned tasks 0-shot with their prompt, the suite k-shot with routing.
+
+    Args:
+        cfg: the run config (``eval.*``, ``bank.dir``).
+        method: what to evaluate.
+        model_dir: the model (and tokenizer) directory.
+        step: the stage-2 step these weights come from.
+        checkpoint: a stage-2 checkpoint whose weights (and prompts) replace ``model_dir``'s.
+        selected: these are the weights the method reports (best-on-target), not a curve point.
+        stage1_refs: task -> ref of this run's stage-1 prompts (``prompt_tuning``).
+
+    Returns:
+        Flat records (see :mod:`multipromot.eval.report`) tagged with the method and step.
+    """
+    made = method.made  # WiSE-FT: evaluated as the method whose weights it holds
+    spec = made.spec
+    model_dir = Path(model_dir)
+    model, tokenizer, _ = load_model(str(model_dir), seed=cfg.seed)
+    model.eval()
+    if method.alpha is not None:
+        _interpolate(cfg, model, model_dir, method.alpha)
+    mixture = load_mixture(method.mixture)
+    tasks = mixture.task_names
+    source = prompt_source(made, model_dir, cfg, tasks, stage1_refs or {})
+    refs = source[1] if source is not None else {}
+    if spec.adapters is not None:
+        prompted = _adapted(cfg, made, model, model_dir, checkpoint, tasks)
+    elif source is None:
+        prompted = PromptedModel(model)
+    else:
+        try:
+            prompted = PromptedModel.from_bank(model, PromptBank(source[0]), tasks, refs=refs)
+        except ValueError as e:  # prompts of different lengths cannot share one table
+            raise UserError(str(e), file=source[0], key="stage2.mixture") from None
+    if checkpoint is not None and spec.adapters is None:
+        load_checkpoint(checkpoint, model=prompted, restore_rng=False)
+    rows, router = {}, None
+    if spec.routed:  # each task's prompt or adapter on its rows, routed by format
+        rows = {t: i for i, t in enumerate(tasks)}
+        router = _router(cfg, mixture, source) if cfg.eval.router else None
+    shots = Stage2Record.read(model_dir).shots if made.trains else 0
+    label = method.label if selected else f"{method.label} (step {step})"
+    records = score_model(
+        cfg, prompted, tokenizer, mixture, rows=rows, router=router, progress=label
+    )
+    for r in records:
+        r.update(
+            method=method.label, step=step, selected=selected, bank_refs=refs, train_shots=shots
+        )
+    return records
+
+
+def _router(cfg: RunConfig, mixture, source: tuple[str, dict] | None):
+    """The one router builder (:func:`multipromot.router.calibrated_router`) over the method's
+    prompts (``source``), or over its tasks' own formats for adapters without a bank."""
+    others = [get_task(t.name) for t in load_suite(resolve_path(cfg, cfg.eval.suite)).tasks]
+    if source is not None:
+        entries = router_entries(PromptBank(source[0]), source[1])
+    else:
+        entries = [RouterEntry(t.name, t.template.signature) for t in mixture.tasks]
+    return calibrated_router(entries, mixture.tasks, negatives=others, seed=cfg.seed)
+
+
+def score_model(
+    cfg: RunConfig,
+    prompted,
+    tokenizer,
+    mixture,
+    *,
+    rows: dict[str, int],
+    router=None,
+    progress: str = "",
+) -> list[dict]:
+    """The scores of one model: ``mixture``'s tasks 0-shot (each with its row's prompt, if it
+    has one) and the suite ``eval.suite`` k-shot, each input routed by ``router`` (or given no
+    prompt). Records are tagged ``seen`` (a fine-tuned task) or not."""
+    ev = cfg.eval
+    suite = load_suite(resolve_path(cfg, ev.suite))
+    # Format specialization: outputs that fall in a fine-tuned classification task's label set.
+    answers = sorted({a for t in mixture.tasks for a in (t.answers or [])})
+    common = dict(
+        decoder_only=not prompted.is_encoder_decoder,
+        num_beams=ev.num_beams,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        progress=progress,
+    )
+    records = evaluate_finetuned(
+        prompted, tokenizer, mixture.tasks, rows, examples=ev.examples, **common
+    )
+    for r in records:
+        r["seen"] = True
+    unseen = evaluate_suite(
+        prompted,
+        tokenizer,
+        suite,
+        shots=ev.shots or None,
+        examples=ev.examples,
+        router=router,
+        prompt_rows=rows,
+        specialization_answers=answers or None,
+        seed=cfg.seed,
+        **common,
+    )
+    for r in unseen:
+        r["seen"] = False
+    return records + unseen
+
+
+def _interpolate(cfg: RunConfig, model, final: Path, alpha: float) -> None:
+    """WiSE-FT in place: ``model`` (loaded from ``final``) moves to ``(1 - alpha) * base +
+    alpha * model``; the base must be the one ``final`` was fine-tuned from."""
+    base, _, _ = load_model(cfg.model, seed=cfg.seed)
+    made_from = Stage2Record.read(final).base_model.get("fingerprint")
+    if made_from != model_fingerprint(base):
+        raise UserError(
+            f"was fine-tuned from another base model than {cfg.model!r} (fingerprint "
+            f"{made_from}); WiSE-FT needs the same base",
+            file=final,
+        )
+    wise.interpolate(model, base, alpha)
+
+
+def _adapted(cfg: RunConfig, method: Method, model, final: Path, checkpoint, tasks: list[str]):
+    """A LoRA kind's model for evaluation. ``per_task``: ``final``'s weights with the task
+    adapters (a row gets its task's, or none); ``shared``: the merged weights of ``final``, or,
+    for a checkpoint, its base with the adapter as trained at that step, merged."""
+    if method.spec.adapters == "per_task":
+        adapted = lora.load_adapters(model, final / lora.ADAPTERS_DIR, tasks)
+        if checkpoint is not None:
+            load_checkpoint(checkpoint, model=adapted, restore_rng=False)
+        return adapted.eval()
+    if checkpoint is None:
+        return PromptedModel(model)
+    base, _, _ = load_model(Stage2Record.read(final).base_model["name"], seed=cfg.seed)
+    adapted = lora.load_adapters(base, final / lora.ADAPTERS_DIR, None)
+    load_checkpoint(checkpoint, model=adapted, restore_rng=False)
+    return PromptedModel(adapted.model.merge_and_unload().eval())
+
+
+def curve(cfg: RunConfig, method: Method, method_dir: Path, final: Path, skip: int) -> list[dict]:
+    """Evaluate every complete stage-2 checkpoint but step ``skip`` (the selected model, scored
+    already): the curves over steps (paper Fig. 1/2)."""
+    checkpoints = [p for p in (method_dir / "checkpoints").glob("step_*") if is_complete(p)]
+    records = []
+    for path in sorted(checkpoints, key=lambda p: int(p.name.split("_")[1])):
+        step = int(path.name.split("_")[1])
+        if step != skip:
+            print(f"evaluating {method.label} at checkpoint step {step} (curve)")
+            records += evaluate_method(
+                cfg, method, final, step=step, checkpoint=path, selected=False
+            )
+    return records
