@@ -25,6 +25,7 @@ from torch import nn
 
 from multipromot.errors import UserError
 from multipromot.fsio import publish_dir, temp_dir_for, write_durably
+from multipromot.registry import Registry
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -42,14 +43,18 @@ __all__ = [
 LINEAGE_FILE = "multipromot.json"
 
 # name -> ensure(path, seed): makes ``path`` hold that built-in model (building it if needed)
-BUILTIN_MODELS: dict[str, Callable[[Path, int], object]] = {}
+BUILTIN_MODELS: Registry[Callable[[Path, int], object]] = Registry("built-in model")
 # name -> builder(seed) -> (model, tokenizer), for the built-ins that are built in memory
-_BUILDERS: dict[str, Callable[[int], tuple[nn.Module, object]]] = {}
+_BUILDERS: Registry[Callable[[int], tuple[nn.Module, object]]] = Registry("built-in model")
 
 
-def register_builtin(name: str):
+def register_builtin(name: str, *, replace: bool = False):
     """Decorator: ``fn(seed) -> (model, tokenizer)`` becomes the built-in model ``name``, built in
-    memory with a fixed seed and saved into the cache the first time it is loaded."""
+    memory with a fixed seed and saved into the cache the first time it is loaded.
+
+    Raises:
+        UserError: (from the decorator) the name is taken and ``replace`` is False.
+    """
 
     def wrap(fn):
         def ensure(path: Path, seed: int) -> None:
@@ -57,17 +62,23 @@ def register_builtin(name: str):
                 model, tok = fn(seed)
                 save_model(model, tok, path, name=name)
 
-        _BUILDERS[name] = fn
-        BUILTIN_MODELS[name] = ensure
+        BUILTIN_MODELS.register(name, ensure, replace=replace)
+        _BUILDERS.register(name, fn, replace=replace)
         return fn
 
     return wrap
 
 
-def register_builtin_dir(name: str, ensure: Callable[[Path, int], object]) -> None:
+def register_builtin_dir(
+    name: str, ensure: Callable[[Path, int], object], *, replace: bool = False
+) -> None:
     """Register a built-in model that manages its own cache directory: ``ensure(path, seed)``
-    makes ``path`` hold the model (e.g. the lab model, rebuilt when its recipe changes)."""
-    BUILTIN_MODELS[name] = ensure
+    makes ``path`` hold the model (e.g. the lab model, rebuilt when its recipe changes).
+
+    Raises:
+        UserError: the name is taken and ``replace`` is False.
+    """
+    BUILTIN_MODELS.register(name, ensure, replace=replace)
 
 
 def _byte_tokenizer():
@@ -141,15 +152,18 @@ def _tiny_llama(seed: int):
     return LlamaForCausalLM(config), tok
 
 
+# The tiny models are built in: a registry reset keeps them (multipromot.lab adds its own).
+BUILTIN_MODELS.mark_builtins()
+_BUILDERS.mark_builtins()
+
+
 def build_builtin(name: str, seed: int = 0):
     """Build a built-in model and its tokenizer in memory (random init, fixed seed).
 
     Raises:
-        UserError: the name is not a built-in model.
+        UserError: no built-in model built in memory has that name (with close names).
     """
-    if name not in _BUILDERS:
-        raise UserError(f"unknown built-in model {name!r}; known: {sorted(_BUILDERS)}")
-    return _BUILDERS[name](seed)
+    return _BUILDERS.lookup(name)(seed)
 
 
 def default_cache_dir() -> Path:
@@ -277,7 +291,7 @@ def load_model(
     if spec in BUILTIN_MODELS:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache / "models" / f"{spec}-seed{seed}"
-        BUILTIN_MODELS[spec](path, seed)
+        BUILTIN_MODELS.lookup(spec)(path, seed)
         model, tok = load_pretrained(str(path), dtype)
         return model, tok, str(path)
     model, tok = load_pretrained(spec, dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,14 @@ import yaml
 
 from multipromot.errors import UserError
 
-__all__ = ["MAX_FILE_BYTES", "MAX_EXPANDED_NODES", "read_yaml", "check_keys", "unknown_key"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_EXPANDED_NODES",
+    "read_yaml",
+    "check_keys",
+    "unknown_key",
+    "sub_key",
+]
 
 MAX_FILE_BYTES = 1 << 20
 MAX_EXPANDED_NODES = 100_000
@@ -146,9 +153,38 @@ def unknown_key(file: str | os.PathLike, where: str, key: Any, allowed: Sequence
     return UserError(f"unknown key {key!r}{hint}", file=file, key=where or None)
 
 
-def check_keys(file: str | os.PathLike, where: str, mapping: dict, allowed: Sequence[str]) -> None:
-    """Raise a UserError naming ``file`` and the dotted key of the first key not in ``allowed``."""
+def sub_key(key: str | None, child: str) -> str:
+    """The dotted key of ``child`` inside ``key`` (just ``child`` at the top level), as errors
+    name it: ``sub_key("tasks[2]", "source")`` is ``tasks[2].source``."""
+    return f"{key}.{child}" if key else child
+
+
+def check_keys(
+    file: str | os.PathLike | None,
+    where: str | None,
+    mapping: Mapping,
+    allowed: Sequence[str],
+    *,
+    what: str | None = None,
+) -> None:
+    """Raise a UserError naming ``file`` and the dotted key of the first key not in ``allowed``.
+
+    Args:
+        file: the file the mapping came from.
+        where: the mapping's own key in that file ("" or None at the top level).
+        mapping: the mapping to check.
+        allowed: the keys it may have.
+        what: what the mapping is (``"a files source"``): the message then says ``unknown key
+            'K' in a files source (allowed: ...)``, listing ``allowed`` in the given order,
+            rather than guessing the closest key.
+    """
     for key in mapping:
         if key not in allowed:
-            loc = f"{where}.{key}" if where else str(key)
+            loc = sub_key(where, str(key))
+            if what is not None:
+                raise UserError(
+                    f"unknown key {key!r} in {what} (allowed: {', '.join(allowed)})",
+                    file=file,
+                    key=loc,
+                )
             raise unknown_key(file, loc, key, allowed)

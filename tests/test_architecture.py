@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "multipromot"
 
 # Lower layers first; a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    {"errors", "features", "fsio", "yamlio"},
+    {"errors", "features", "fsio", "registry", "yamlio"},
     {"methods"},
     {"config"},
     {"data"},

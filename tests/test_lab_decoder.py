@@ -55,11 +55,11 @@ def test_lab_llama_is_a_registered_builtin_with_its_own_recipe(monkeypatch, tmp_
     monkeypatch.setattr(
         "multipromot.lab.ensure_lab_model", lambda path, **kw: calls.append((path, kw))
     )
-    BUILTIN_MODELS["lab-llama"](tmp_path / "x", 3)
+    BUILTIN_MODELS.lookup("lab-llama")(tmp_path / "x", 3)
     assert calls == [
         (tmp_path / "x", {"seed": 3, "size": "llama-small", **lab_model.LAB_DECODER_RECIPE})
     ]
-    BUILTIN_MODELS["lab"](tmp_path / "y", 0)
+    BUILTIN_MODELS.lookup("lab")(tmp_path / "y", 0)
     assert calls[1] == (tmp_path / "y", {"seed": 0})  # the T5 lab model: default recipe
 
 

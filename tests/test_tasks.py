@@ -24,6 +24,7 @@ from multipromot.data.tasks import (
 )
 from multipromot.data.templates import Template
 from multipromot.errors import UserError
+from multipromot.registry import Registry
 
 RTE_JINJA = (
     "{{premise}} question: {{hypothesis}} Is it true or false? answer: ||| "
@@ -317,7 +318,8 @@ def test_registered_task_shadows_the_catalogue():
 
 def test_every_yaml_in_the_catalogue_dir_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(catalogue, "catalogue_dir", lambda: tmp_path)
-    monkeypatch.setattr(catalogue, "_EXTRA_FILES", [])  # the lab's file is registered too
+    # without the catalogue file the lab registers
+    monkeypatch.setattr(catalogue, "CATALOGUE_FILES", Registry("catalogue file"))
     register_generator("test_rte")(lambda split, seed: list(TRAIN))
 
     def write(filename, *entries):

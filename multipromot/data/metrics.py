@@ -21,6 +21,7 @@ Post-processing rules are looked up by the name a task stores (``Task.postproces
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ from rouge_score import rouge_scorer
 
 from multipromot.errors import UserError
 from multipromot.features import SEPARATOR
+from multipromot.registry import Registry
 
 __all__ = [
     "DEFAULT_STOPS",
@@ -38,6 +40,7 @@ __all__ = [
     "first_word",
     "postprocess",
     "register_postprocessor",
+    "check_postprocessor",
     "normalize_answer",
     "accuracy",
     "exact_match",
@@ -46,6 +49,7 @@ __all__ = [
     "score",
     "register_metric",
     "list_metrics",
+    "check_metric",
     "reset_registries",
     "normalized_average",
     "specialization_rate",
@@ -145,30 +149,51 @@ def _no_postprocess(
 
 
 Postprocessor = Callable[..., str]
-_BUILTIN_POSTPROCESSORS: dict[str, Postprocessor] = {
-    "none": _no_postprocess,
-    "prefix": cut_at_prefix,
-    "first_line": first_line,
-    "first_word": first_word,
-}
-_POSTPROCESSORS: dict[str, Postprocessor] = dict(_BUILTIN_POSTPROCESSORS)
+_POSTPROCESSORS: Registry[Postprocessor] = Registry(
+    "postprocess",
+    {
+        "none": _no_postprocess,
+        "prefix": cut_at_prefix,
+        "first_line": first_line,
+        "first_word": first_word,
+    },
+    suggestions=1,
+)
 
 
-def register_postprocessor(name: str) -> Callable[[Postprocessor], Postprocessor]:
+def register_postprocessor(
+    name: str, *, replace: bool = False
+) -> Callable[[Postprocessor], Postprocessor]:
     """Decorator: make ``fn(text, stops, separator) -> str`` available to tasks as ``name``.
 
     Args:
         name: the name a task's ``postprocess`` key uses.
+        replace: allow replacing another rule registered under ``name`` (a built-in one too).
 
     Returns:
         The decorator (it returns the function unchanged).
+
+    Raises:
+        UserError: (from the decorator) the name is taken and ``replace`` is False.
     """
 
     def add(fn: Postprocessor) -> Postprocessor:
-        _POSTPROCESSORS[name] = fn
-        return fn
+        return _POSTPROCESSORS.register(name, fn, replace=replace)
 
     return add
+
+
+def check_postprocessor(
+    name: str, *, file: str | os.PathLike | None = None, key: str | None = None
+) -> str:
+    """``name`` if it is a known post-processing rule.
+
+    Raises:
+        UserError: unknown name, with the closest one (``unknown postprocess 'X'; did you
+            mean Y?``), naming ``file`` and ``key``.
+    """
+    _POSTPROCESSORS.lookup(name, file=file, key=key)
+    return name
 
 
 def postprocess(
@@ -195,7 +220,7 @@ def postprocess(
     fn = _POSTPROCESSORS.get(name)
     if fn is None:
         raise UserError(
-            f"unknown postprocess rule {name!r}; known: {', '.join(sorted(_POSTPROCESSORS))}",
+            f"unknown postprocess rule {name!r}; known: {', '.join(_POSTPROCESSORS.names())}",
             key="postprocess",
         )
     return fn(text, stops, separator)
@@ -368,44 +393,61 @@ def rouge2(predictions: Sequence[str], references: Sequence[Reference]) -> float
 
 
 Metric = Callable[[Sequence[str], Sequence[Reference]], float]
-_BUILTIN_METRICS: dict[str, Metric] = {
-    "accuracy": accuracy,
-    "exact_match": exact_match,
-    "triviaqa_exact_match": triviaqa_exact_match,
-    "bleu": bleu,
-    "rouge2": rouge2,
-}
-_METRICS: dict[str, Metric] = dict(_BUILTIN_METRICS)
+_METRICS: Registry[Metric] = Registry(
+    "metric",
+    {
+        "accuracy": accuracy,
+        "exact_match": exact_match,
+        "triviaqa_exact_match": triviaqa_exact_match,
+        "bleu": bleu,
+        "rouge2": rouge2,
+    },
+    suggestions=1,
+)
 
 
-def register_metric(name: str) -> Callable[[Metric], Metric]:
+def register_metric(name: str, *, replace: bool = False) -> Callable[[Metric], Metric]:
     """Decorator: make ``fn(predictions, references) -> float (0-100)`` a metric named ``name``.
 
     Args:
         name: the name a task's ``metric`` key uses.
+        replace: allow replacing another metric registered under ``name`` (a built-in one too).
 
     Returns:
         The decorator (it returns the function unchanged).
+
+    Raises:
+        UserError: (from the decorator) the name is taken and ``replace`` is False.
     """
 
     def add(fn: Metric) -> Metric:
-        _METRICS[name] = fn
-        return fn
+        return _METRICS.register(name, fn, replace=replace)
 
     return add
 
 
 def list_metrics() -> list[str]:
     """Names of all known metrics, sorted."""
-    return sorted(_METRICS)
+    return _METRICS.names()
+
+
+def check_metric(
+    name: str, *, file: str | os.PathLike | None = None, key: str | None = None
+) -> str:
+    """``name`` if it is a known metric.
+
+    Raises:
+        UserError: unknown name, with the closest one (``unknown metric 'X'; did you mean
+            Y?``), naming ``file`` and ``key``.
+    """
+    _METRICS.lookup(name, file=file, key=key)
+    return name
 
 
 def reset_registries() -> None:
     """Forget registered metrics and post-processing rules; keep the built-in ones (for tests)."""
-    _METRICS.clear()
-    _METRICS.update(_BUILTIN_METRICS)
-    _POSTPROCESSORS.clear()
-    _POSTPROCESSORS.update(_BUILTIN_POSTPROCESSORS)
+    _METRICS.reset()
+    _POSTPROCESSORS.reset()
 
 
 def score(metric_name: str, predictions: Sequence[str], references: Sequence[Reference]) -> float:

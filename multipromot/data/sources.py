@@ -32,7 +32,6 @@ import operator
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,6 +45,8 @@ from multipromot.data.mirror import (
 from multipromot.data.templates import compile_condition
 from multipromot.errors import UserError
 from multipromot.fsio import sha256_file
+from multipromot.registry import Registry
+from multipromot.yamlio import check_keys, sub_key
 
 __all__ = [
     "Source",
@@ -552,22 +553,26 @@ def _parse_reason(exc: BaseException) -> str:
 
 Generator = Callable[..., list[dict]]
 # name -> generator; add with register_generator (multipromot.lab registers the lab families).
-GENERATORS: dict[str, Generator] = {}
+GENERATORS: Registry[Generator] = Registry("generator")
 
 
-def register_generator(name: str) -> Callable[[Generator], Generator]:
+def register_generator(name: str, *, replace: bool = False) -> Callable[[Generator], Generator]:
     """Decorator: make ``fn(split: str, seed: int, **kwargs) -> list[dict]`` a source.
 
     Args:
         name: the name YAML uses (``source: {generator: NAME}``).
+        replace: allow replacing another generator registered under ``name``.
 
     Returns:
         The decorator (it returns the function unchanged).
+
+    Raises:
+        UserError: (from the decorator) another generator has that name and ``replace`` is
+            False.
     """
 
     def add(fn: Generator) -> Generator:
-        GENERATORS[name] = fn
-        return fn
+        return GENERATORS.register(name, fn, replace=replace)
 
     return add
 
@@ -576,11 +581,9 @@ def reset_generators() -> None:
     """Forget generators registered outside the multipromot package (for tests).
 
     The package's own (lab) generators stay: ``multipromot.lab`` registers them once, when the
-    package is imported.
+    package is imported, and marks them as the built-ins.
     """
-    for name, fn in list(GENERATORS.items()):
-        if not getattr(fn, "__module__", "").startswith("multipromot."):
-            del GENERATORS[name]
+    GENERATORS.reset()
 
 
 def list_generators() -> list[str]:
@@ -589,7 +592,7 @@ def list_generators() -> list[str]:
     Returns:
         Sorted names.
     """
-    return sorted(GENERATORS)
+    return GENERATORS.names()
 
 
 def get_generator(
@@ -608,12 +611,7 @@ def get_generator(
     Raises:
         UserError: no generator by that name (with close matches).
     """
-    if name not in GENERATORS:
-        close = get_close_matches(name, list(GENERATORS), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        known = f" (registered: {', '.join(sorted(GENERATORS)) or 'none'})"
-        raise UserError(f"unknown generator {name!r}{hint or known}", file=file, key=key)
-    return GENERATORS[name]
+    return GENERATORS.lookup(name, file=file, key=key)
 
 
 class GeneratorSource:
@@ -756,25 +754,11 @@ _FILE_KEYS = {"files", "format", "split", "filter"}
 _COMMON_KEYS = {"filter"}
 
 
-def _sub(key: str | None, child: str) -> str:
-    return f"{key}.{child}" if key else child
-
-
 def _check_str(value: Any, what: str, *, file, key, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not isinstance(value, str) or not value:
         raise UserError(f"{what} must be a non-empty string", file=file, key=key)
-
-
-def _check_keys(spec: Mapping, allowed: set[str], kind: str, *, file, key) -> None:
-    for name in spec:
-        if name not in allowed:
-            raise UserError(
-                f"unknown key {name!r} in a {kind} source (allowed: {', '.join(sorted(allowed))})",
-                file=file,
-                key=_sub(key, str(name)),
-            )
 
 
 def _guess_format(files: Any) -> str | None:
@@ -825,16 +809,16 @@ def source_from_spec(
     source = builders[given[0]](spec, file=file, key=key)
     condition = spec.get("filter")
     if condition is not None:
-        _check_str(condition, "'filter'", file=file, key=_sub(key, "filter"))
-        source = FilteredSource(source, condition, file=file, key=_sub(key, "filter"))
+        _check_str(condition, "'filter'", file=file, key=sub_key(key, "filter"))
+        source = FilteredSource(source, condition, file=file, key=sub_key(key, "filter"))
     return source
 
 
 def _hub_from_spec(spec: Mapping[str, Any], *, file, key) -> HubSource:
-    _check_keys(spec, _HUB_KEYS, "hub", file=file, key=key)
+    check_keys(file, key, spec, sorted(_HUB_KEYS), what="a hub source")
     for name in ("hub", "name", "revision", "data_dir"):
         _check_str(
-            spec.get(name), f"'{name}'", file=file, key=_sub(key, name), optional=name != "hub"
+            spec.get(name), f"'{name}'", file=file, key=sub_key(key, name), optional=name != "hub"
         )
     return HubSource(
         spec["hub"],
@@ -847,28 +831,28 @@ def _hub_from_spec(spec: Mapping[str, Any], *, file, key) -> HubSource:
 
 
 def _files_from_spec(spec: Mapping[str, Any], *, file, key) -> FileSource:
-    _check_keys(spec, _FILE_KEYS, "files", file=file, key=key)
+    check_keys(file, key, spec, sorted(_FILE_KEYS), what="a files source")
     files = spec["files"]
     valid = isinstance(files, str) or (isinstance(files, list | Mapping) and len(files) > 0)
     if not valid:
         raise UserError(
             "'files' must be a glob, a list of globs, or {split: glob(s)}",
             file=file,
-            key=_sub(key, "files"),
+            key=sub_key(key, "files"),
         )
     fmt = spec.get("format") or _guess_format(files)
     if fmt is None:
         raise UserError(
             f"'format' is missing and cannot be guessed (one of: {', '.join(FILE_FORMATS)})",
             file=file,
-            key=_sub(key, "format"),
+            key=sub_key(key, "format"),
         )
-    _check_str(fmt, "'format'", file=file, key=_sub(key, "format"))
+    _check_str(fmt, "'format'", file=file, key=sub_key(key, "format"))
     split = spec.get("split", "train")
-    _check_str(split, "'split'", file=file, key=_sub(key, "split"))
+    _check_str(split, "'split'", file=file, key=sub_key(key, "split"))
     if "split" in spec and isinstance(files, Mapping):
         raise UserError(
-            "'split' does not go with files given per split", file=file, key=_sub(key, "split")
+            "'split' does not go with files given per split", file=file, key=sub_key(key, "split")
         )
     base_dir = Path(file).resolve().parent if file is not None else None
     infer = "split" not in spec and not isinstance(files, Mapping)
@@ -879,19 +863,19 @@ def _files_from_spec(spec: Mapping[str, Any], *, file, key) -> FileSource:
 
 def _generator_from_spec(spec: Mapping[str, Any], *, file, key) -> GeneratorSource:
     name = spec["generator"]
-    _check_str(name, "'generator'", file=file, key=_sub(key, "generator"))
+    _check_str(name, "'generator'", file=file, key=sub_key(key, "generator"))
     seed = spec.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError("'seed' must be an integer", file=file, key=_sub(key, "seed"))
+        raise UserError("'seed' must be an integer", file=file, key=sub_key(key, "seed"))
     kwargs = {str(k): v for k, v in spec.items() if k not in {"generator", "seed"} | _COMMON_KEYS}
     reserved = sorted({"file", "key"} & set(kwargs))
     if reserved:
         raise UserError(
             f"generator arguments may not be named {reserved[0]!r}",
             file=file,
-            key=_sub(key, reserved[0]),
+            key=sub_key(key, reserved[0]),
         )
-    return GeneratorSource(name, seed, file=file, key=_sub(key, "generator"), **kwargs)
+    return GeneratorSource(name, seed, file=file, key=sub_key(key, "generator"), **kwargs)
 
 
 def source_fingerprint(source: Any) -> Any:

@@ -26,13 +26,12 @@ import sys
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 from typing import Any
 
 import numpy as np
 
 from multipromot.data.catalogue import catalogue_index
-from multipromot.data.metrics import list_metrics, postprocess
+from multipromot.data.metrics import check_metric, check_postprocessor
 from multipromot.data.sources import (
     FileSource,
     FilteredSource,
@@ -43,6 +42,8 @@ from multipromot.data.sources import (
 )
 from multipromot.data.templates import FormatSignature, Template, compile_value, load_template
 from multipromot.errors import UserError
+from multipromot.registry import Registry
+from multipromot.yamlio import check_keys, sub_key
 
 _log = logging.getLogger(__name__)
 
@@ -315,21 +316,10 @@ def _as_answers(value: Any) -> list:
 # -- parsing -----------------------------------------------------------------------------------
 
 
-def _sub(key: str | None, child: str) -> str:
-    return f"{key}.{child}" if key else child
-
-
 def _check_metric(metric: Any, *, file, key) -> str:
     if not isinstance(metric, str) or not metric:
         raise UserError(f"'metric' must be one of {', '.join(METRICS)}", file=file, key=key)
-    if metric in METRICS:
-        return metric
-    known = list_metrics()
-    if metric not in known:
-        close = get_close_matches(metric, known, n=1)
-        hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(known)})"
-        raise UserError(f"unknown metric {metric!r}{hint}", file=file, key=key)
-    return metric
+    return check_metric(metric, file=file, key=key)
 
 
 def _check_postprocess(name: Any, *, file, key) -> str:
@@ -337,15 +327,7 @@ def _check_postprocess(name: Any, *, file, key) -> str:
         raise UserError(
             f"'postprocess' must be one of {', '.join(POSTPROCESSORS)}", file=file, key=key
         )
-    if name in POSTPROCESSORS:
-        return name
-    try:
-        postprocess("", name)  # raises UserError for a name nobody registered
-    except UserError:
-        close = get_close_matches(name, POSTPROCESSORS, n=1)
-        hint = f"; did you mean {close[0]}?" if close else f" (known: {', '.join(POSTPROCESSORS)})"
-        raise UserError(f"unknown postprocess {name!r}{hint}", file=file, key=key) from None
-    return name
+    return check_postprocessor(name, file=file, key=key)
 
 
 def _check_splits(splits: Any, *, file, key) -> tuple[dict[str, str], dict[str, int | float]]:
@@ -360,7 +342,7 @@ def _check_splits(splits: Any, *, file, key) -> tuple[dict[str, str], dict[str, 
     renames: dict[str, str] = {}
     holdouts: dict[str, int | float] = {}
     for name, value in splits.items():
-        where = _sub(key, str(name))
+        where = sub_key(key, str(name))
         if not isinstance(name, str) or not name:
             raise UserError("split names must be non-empty strings", file=file, key=key)
         if isinstance(value, str) and value:
@@ -415,16 +397,11 @@ def task_from_spec(
     if not isinstance(spec, Mapping):
         raise UserError("an inline task must be a mapping", file=file, key=key)
     skipped = set(ignore)
-    for name in spec:
-        if name not in TASK_KEYS and name not in skipped:
-            raise UserError(
-                f"unknown key {name!r} in a task (allowed: {', '.join(TASK_KEYS)})",
-                file=file,
-                key=_sub(key, str(name)),
-            )
+    given = {name: value for name, value in spec.items() if name not in skipped}
+    check_keys(file, key, given, TASK_KEYS, what="a task")
     for name in ("name", "source", "template", "metric"):
         if name not in spec:
-            raise UserError(f"a task needs {name!r}", file=file, key=_sub(key, name))
+            raise UserError(f"a task needs {name!r}", file=file, key=sub_key(key, name))
 
     name = spec["name"]
     if not isinstance(name, str) or not _NAME.match(name):
@@ -432,25 +409,27 @@ def task_from_spec(
             f"task name {name!r} must be letters, digits, '_', '-' or '.' (it names a bank "
             "directory)",
             file=file,
-            key=_sub(key, "name"),
+            key=sub_key(key, "name"),
         )
-    metric = _check_metric(spec["metric"], file=file, key=_sub(key, "metric"))
+    metric = _check_metric(spec["metric"], file=file, key=sub_key(key, "metric"))
     postprocess = None
     if spec.get("postprocess") is not None:
         postprocess = _check_postprocess(
-            spec["postprocess"], file=file, key=_sub(key, "postprocess")
+            spec["postprocess"], file=file, key=sub_key(key, "postprocess")
         )
     description = spec.get("description", "")
     if not isinstance(description, str):
-        raise UserError("'description' must be a string", file=file, key=_sub(key, "description"))
+        raise UserError(
+            "'description' must be a string", file=file, key=sub_key(key, "description")
+        )
 
     source_spec = spec["source"]
     splits: dict[str, str] = {}
     holdouts: dict[str, int | float] = {}
     if "splits" in spec:
-        splits, holdouts = _check_splits(spec["splits"], file=file, key=_sub(key, "splits"))
+        splits, holdouts = _check_splits(spec["splits"], file=file, key=sub_key(key, "splits"))
     if isinstance(source_spec, Mapping) and "splits" in source_spec:
-        source_key = _sub(_sub(key, "source"), "splits")
+        source_key = sub_key(sub_key(key, "source"), "splits")
         if "splits" in spec:
             raise UserError(
                 "give 'splits' once: on the task or in its source", file=file, key=source_key
@@ -459,17 +438,17 @@ def task_from_spec(
         source_spec = {k: v for k, v in source_spec.items() if k != "splits"}
 
     # The template first: it is the likelier typo, and checking it touches no file system.
-    template = load_template(spec["template"], file=file, key=_sub(key, "template"), id=name)
-    source = source_from_spec(source_spec, file=file, key=_sub(key, "source"))
+    template = load_template(spec["template"], file=file, key=sub_key(key, "template"), id=name)
+    source = source_from_spec(source_spec, file=file, key=sub_key(key, "source"))
     references = spec.get("references")
     if references is not None and (not isinstance(references, str) or not references.strip()):
         raise UserError(
             "'references' must be an expression over an example's fields (e.g. answers)",
             file=file,
-            key=_sub(key, "references"),
+            key=sub_key(key, "references"),
         )
     if references is not None:  # parse now: a typo is an error before any data is read
-        compile_value(references, file=file, key=_sub(key, "references"))
+        compile_value(references, file=file, key=sub_key(key, "references"))
     local = source
     while isinstance(local, FilteredSource):
         local = local.source
@@ -497,7 +476,7 @@ def task_from_spec(
 
 # -- registry ----------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Task] = {}
+_TASKS: Registry[Task] = Registry("task")
 # Catalogue tasks built so far; kept apart so that registering a task shadows, not collides.
 _BUILT: dict[str, Task] = {}
 
@@ -516,11 +495,7 @@ def register_task(task: Task, *, replace: bool = False) -> Task:
     Raises:
         UserError: another task is already registered under that name.
     """
-    current = _REGISTRY.get(task.name)
-    if current is not None and current is not task and not replace:
-        raise UserError(f"task {task.name!r} is already registered", key=task.name)
-    _REGISTRY[task.name] = task
-    return task
+    return _TASKS.register(task.name, task, replace=replace)
 
 
 def get_task(name: str, *, file: str | os.PathLike | None = None, key: str | None = None) -> Task:
@@ -537,17 +512,14 @@ def get_task(name: str, *, file: str | os.PathLike | None = None, key: str | Non
     Raises:
         UserError: no such task (with close matches), or a bad catalogue entry.
     """
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in _TASKS:
+        return _TASKS.lookup(name)
     if name in _BUILT:
         return _BUILT[name]
     index = catalogue_index()
     entry = index.get(name)
     if entry is None:
-        known = sorted(set(_REGISTRY) | set(index))
-        close = get_close_matches(name, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f" (known: {', '.join(known)})"
-        raise UserError(f"unknown task {name!r}{hint}", file=file, key=key)
+        raise _TASKS.unknown(name, file=file, key=key, also=index)
     task = task_from_spec(entry.spec, file=entry.file, key=entry.key)
     _BUILT[name] = task
     return task
@@ -559,12 +531,12 @@ def list_tasks() -> list[str]:
     Returns:
         Sorted names.
     """
-    return sorted(set(_REGISTRY) | set(catalogue_index()))
+    return sorted(set(_TASKS.names()) | set(catalogue_index()))
 
 
 def reset_registry() -> None:
     """Forget registered tasks and built catalogue tasks (for tests)."""
-    _REGISTRY.clear()
+    _TASKS.reset()
     _BUILT.clear()
 
 

@@ -55,6 +55,8 @@ from jinja2.visitor import NodeTransformer
 
 from multipromot.data.catalogue import catalogue_index
 from multipromot.errors import UserError
+from multipromot.registry import Registry
+from multipromot.yamlio import check_keys, sub_key
 
 __all__ = [
     "SEPARATOR",
@@ -712,26 +714,32 @@ def compile_condition(
 
 # -- registry and loading ----------------------------------------------------------------------
 
-_REGISTRY: dict[str, Template] = {}
+_TEMPLATES: Registry[Template] = Registry("catalogue template")
 
 
-def register_template(template: Template, name: str | None = None) -> Template:
-    """Make a template available by name (``template: NAME`` in YAML).
+def register_template(
+    template: Template, name: str | None = None, *, replace: bool = False
+) -> Template:
+    """Make a template available by name (``template: NAME`` in YAML); it shadows the template
+    of a catalogue task of the same name.
 
     Args:
         template: the template.
         name: the name to use; defaults to ``template.id``.
+        replace: allow replacing another template registered under that name.
 
     Returns:
         The template.
+
+    Raises:
+        UserError: another template is registered under that name and ``replace`` is False.
     """
-    _REGISTRY[name or template.id] = template
-    return template
+    return _TEMPLATES.register(name or template.id, template, replace=replace)
 
 
 def reset_templates() -> None:
     """Forget every template registered with :func:`register_template` (for tests)."""
-    _REGISTRY.clear()
+    _TEMPLATES.reset()
 
 
 def list_templates() -> list[str]:
@@ -740,7 +748,7 @@ def list_templates() -> list[str]:
     Returns:
         Sorted names.
     """
-    return sorted(set(_REGISTRY) | set(catalogue_index()))
+    return sorted(set(_TEMPLATES.names()) | set(catalogue_index()))
 
 
 def get_template(name: str) -> Template:
@@ -761,15 +769,12 @@ def get_template(name: str) -> Template:
 def _named_template(
     name: str, *, file: str | os.PathLike | None, key: str | None, depth: int = 0
 ) -> Template:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in _TEMPLATES:
+        return _TEMPLATES.lookup(name)
     index = catalogue_index()
     entry = index.get(name)
     if entry is None:
-        known = sorted(set(_REGISTRY) | set(index))
-        close = get_close_matches(name, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f" (known: {', '.join(known)})"
-        raise UserError(f"unknown catalogue template {name!r}{hint}", file=file, key=key)
+        raise _TEMPLATES.unknown(name, file=file, key=key, also=index)
     if depth >= _MAX_CATALOGUE_DEPTH:
         raise UserError(
             f"catalogue template {name!r} refers to other catalogue templates too deeply",
@@ -822,10 +827,6 @@ def load_template(
     return _load(spec, file=file, key=key, id=id, depth=0)
 
 
-def _sub(key: str | None, child: str) -> str:
-    return f"{key}.{child}" if key else child
-
-
 def _load(spec, *, file, key, id, depth) -> Template:
     if isinstance(spec, Template):
         return spec
@@ -847,14 +848,7 @@ def _load(spec, *, file, key, id, depth) -> Template:
             key=key,
         )
     kind = kinds[0]
-    for name in spec:
-        if name not in _KIND_KEYS[kind]:
-            allowed = ", ".join(sorted(_KIND_KEYS[kind]))
-            raise UserError(
-                f"unknown key {name!r} in a {kind} template (allowed: {allowed})",
-                file=file,
-                key=_sub(key, str(name)),
-            )
+    check_keys(file, key, spec, sorted(_KIND_KEYS[kind]), what=f"a {kind} template")
     builders = {
         "catalogue": lambda: _catalogue_template(spec, file=file, key=key, depth=depth),
         "promptsource": lambda: _promptsource_template(spec, file=file, key=key),
@@ -866,14 +860,14 @@ def _load(spec, *, file, key, id, depth) -> Template:
 def _catalogue_template(spec: Mapping[str, Any], *, file, key, depth: int) -> Template:
     name = spec["catalogue"]
     if not isinstance(name, str):
-        raise UserError("'catalogue' must be a task name", file=file, key=_sub(key, "catalogue"))
-    return _named_template(name, file=file, key=_sub(key, "catalogue"), depth=depth)
+        raise UserError("'catalogue' must be a task name", file=file, key=sub_key(key, "catalogue"))
+    return _named_template(name, file=file, key=sub_key(key, "catalogue"), depth=depth)
 
 
 def _inline_template(spec: Mapping[str, Any], *, file, key, id) -> Template:
     jinja = spec["jinja"]
     if not isinstance(jinja, str):
-        raise UserError("'jinja' must be a string", file=file, key=_sub(key, "jinja"))
+        raise UserError("'jinja' must be a string", file=file, key=sub_key(key, "jinja"))
     choices = spec.get("answer_choices")
     if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
         choices = f" {SEPARATOR} ".join(choices)
@@ -881,12 +875,12 @@ def _inline_template(spec: Mapping[str, Any], *, file, key, id) -> Template:
         raise UserError(
             "'answer_choices' must be a string like 'True ||| False' or a list of strings",
             file=file,
-            key=_sub(key, "answer_choices"),
+            key=sub_key(key, "answer_choices"),
         )
     if "id" in spec:
         id = spec["id"]
         if not isinstance(id, str) or not id:
-            raise UserError("'id' must be a non-empty string", file=file, key=_sub(key, "id"))
+            raise UserError("'id' must be a non-empty string", file=file, key=sub_key(key, "id"))
     if id is None:
         digest = hashlib.sha256(f"{jinja}\0{choices}".encode()).hexdigest()[:10]
         id = f"inline-{digest}"
@@ -907,13 +901,13 @@ def _promptsource_template(spec: Mapping[str, Any], *, file, key) -> Template:
         raise UserError(
             "'promptsource' must name a dataset like 'super_glue/rte'",
             file=file,
-            key=_sub(key, "promptsource"),
+            key=sub_key(key, "promptsource"),
         )
     if not isinstance(name, str) or not name:
         raise UserError(
             "a promptsource template needs 'name' (e.g. 'GPT-3 style')",
             file=file,
-            key=_sub(key, "name"),
+            key=sub_key(key, "name"),
         )
     try:
         ps, root = _promptsource_collection_root()
@@ -936,7 +930,7 @@ def _promptsource_template(spec: Mapping[str, Any], *, file, key) -> Template:
         raise UserError(
             f"promptsource has no templates for {dataset!r}{hint}",
             file=file,
-            key=_sub(key, "promptsource"),
+            key=sub_key(key, "promptsource"),
         )
     parts = dataset.split("/")
     collection = ps.DatasetTemplates(
@@ -947,7 +941,7 @@ def _promptsource_template(spec: Mapping[str, Any], *, file, key) -> Template:
         raise UserError(
             f"promptsource {dataset!r} has no template {name!r} (it has: {', '.join(names)})",
             file=file,
-            key=_sub(key, "name"),
+            key=sub_key(key, "name"),
         )
     found = collection[name]
     return Template(

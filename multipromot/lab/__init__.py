@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multipromot.data.catalogue import register_catalogue_file
+from multipromot.data.catalogue import CATALOGUE_FILES, register_catalogue_file
 from multipromot.data.sources import GENERATORS, register_generator
 from multipromot.lab import tasks
 from multipromot.lab.model import (
@@ -27,7 +27,7 @@ from multipromot.lab.model import (
 )
 from multipromot.lab.tasks import DEFAULT_SIZES, FAMILIES, PRETRAIN_FAMILIES, SPLITS, generate
 from multipromot.lab.world import WORLD_SEED, World, get_world
-from multipromot.models import register_builtin_dir
+from multipromot.models import BUILTIN_MODELS, register_builtin_dir
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -51,20 +51,26 @@ __all__ = [
 
 
 def register() -> None:
-    """Register the lab's generators, catalogue file and built-in model (idempotent; tests that
-    reset the registries call it again)."""
+    """Register the lab's generators, catalogue file and built-in models (idempotent: what is
+    registered already stays)."""
     for family in FAMILIES:
         if family not in GENERATORS:
             register_generator(family)(getattr(tasks, family))
     register_catalogue_file(Path(__file__).with_name("catalogue.yaml"))
     # The cached lab model is rebuilt when its recorded lab version or recipe differs.
-    register_builtin_dir("lab", lambda path, seed: ensure_lab_model(path, seed=seed))
-    register_builtin_dir(
-        "lab-llama",
-        lambda path, seed: ensure_lab_model(
-            path, seed=seed, size="llama-small", **LAB_DECODER_RECIPE
-        ),
-    )
+    if "lab" not in BUILTIN_MODELS:
+        register_builtin_dir("lab", lambda path, seed: ensure_lab_model(path, seed=seed))
+    if "lab-llama" not in BUILTIN_MODELS:
+        register_builtin_dir(
+            "lab-llama",
+            lambda path, seed: ensure_lab_model(
+                path, seed=seed, size="llama-small", **LAB_DECODER_RECIPE
+            ),
+        )
 
 
 register()
+# What the lab registered is built in: a registry reset (in tests) keeps it.
+GENERATORS.mark_builtins()
+CATALOGUE_FILES.mark_builtins()
+BUILTIN_MODELS.mark_builtins()

@@ -18,12 +18,14 @@ from typing import Any
 import yaml
 
 from multipromot.errors import UserError
+from multipromot.registry import Registry
 
 __all__ = [
     "CatalogueEntry",
     "catalogue_dir",
     "catalogue_files",
     "register_catalogue_file",
+    "CATALOGUE_FILES",
     "read_catalogue",
     "catalogue_index",
 ]
@@ -57,15 +59,14 @@ def catalogue_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
-# Catalogue files registered by other packages (in registration order).
-_EXTRA_FILES: list[Path] = []
+# Catalogue files registered by other packages, by resolved path (in registration order).
+CATALOGUE_FILES: Registry[Path] = Registry("catalogue file")
 
 
 def register_catalogue_file(path: str | os.PathLike) -> None:
     """Add a catalogue file of another package to the catalogue (idempotent)."""
     path = Path(path).resolve()
-    if path not in _EXTRA_FILES:
-        _EXTRA_FILES.append(path)
+    CATALOGUE_FILES.register(str(path), path)
 
 
 def catalogue_files() -> list[Path]:
@@ -74,7 +75,7 @@ def catalogue_files() -> list[Path]:
     Returns:
         The ``*.yaml`` files of :func:`catalogue_dir` and of :func:`register_catalogue_file`.
     """
-    return sorted(catalogue_dir().glob("*.yaml")) + list(_EXTRA_FILES)
+    return sorted(catalogue_dir().glob("*.yaml")) + CATALOGUE_FILES.values()
 
 
 def read_catalogue(path: str | os.PathLike) -> list[CatalogueEntry]:
