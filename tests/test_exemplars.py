@@ -28,6 +28,9 @@ class ToyTask:
     def render(self, example: dict) -> tuple[str, str]:
         return f"Q{example['i']} ({example['split']})", f"A{example['i']}"
 
+    def reference_list(self, example: dict) -> list[str]:
+        return []  # the rendered target is the only answer, as for a Task without references
+
 
 def test_separator_is_a_blank_line():
     assert SEPARATOR == "\n\n"

@@ -78,8 +78,8 @@ def build_item(
     """The row for example ``index`` of ``task``'s ``split``, with ``shots`` exemplars.
 
     Args:
-        task: the task (``.name``, ``.examples(split)``, ``.render(example)`` and, to score
-            against several answers, ``.reference_list(example)``).
+        task: the task (``.name``, ``.examples(split)``, ``.render(example)`` and
+            ``.reference_list(example)``, the acceptable answers to score against).
         index: the example's index in ``split``.
         split: the split ``index`` points into.
         shots: exemplars in front of the input (same task, train split, never the row itself).
@@ -94,10 +94,8 @@ def build_item(
     picks = choose_exemplars(task, index, shots, seed, split)
     train = task.examples(EXEMPLAR_SPLIT) if picks else []
     exemplars = [render_exemplar(task, train[i]) for i in picks]
-    # Tasks that name several acceptable answers give them for scoring (Task.reference_list);
-    # a task object without the method (a test double) has only its target.
-    reference_list = getattr(task, "reference_list", None)
-    references = reference_list(example) if reference_list is not None else []
+    # Tasks that name several acceptable answers give them for scoring ([]: only the target).
+    references = task.reference_list(example)
     return Item(task_id, source, target, exemplars, references)
 
 
