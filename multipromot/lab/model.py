@@ -66,6 +66,7 @@ from multipromot.errors import UserError
 from multipromot.eval.generation import predict
 from multipromot.eval.suites import build_items
 from multipromot.features import IGNORE_INDEX
+from multipromot.fsio import write_json
 from multipromot.lab.tasks import FAMILIES, PRETRAIN_FAMILIES, SPLITS
 from multipromot.lab.world import get_world
 from multipromot.models import LINEAGE_FILE, save_model
@@ -505,6 +506,7 @@ def evaluate_lab_model(
     split: str = "test",
     seed: int = 0,
     batch_size: int = 50,
+    max_input_length: int = LabConfig.max_input_length,
 ) -> dict[str, float]:
     """Quick k-shot scores: greedy generation on the first ``examples`` items of each task.
 
@@ -521,12 +523,16 @@ def evaluate_lab_model(
         split: the split to score.
         seed: exemplar seed.
         batch_size: rows per generate call.
+        max_input_length: the collator's input budget (tokens); default: the recipe's.
 
     Returns:
         ``{task name: score}``.
     """
     collator = Collator(
-        tokenizer, decoder_only=_is_decoder_only(model), max_input_length=512, for_generation=True
+        tokenizer,
+        decoder_only=_is_decoder_only(model),
+        max_input_length=max_input_length,
+        for_generation=True,
     )
     bare = PromptedModel(model, None)  # no prompt rows: the framework's one generation path
     scores: dict[str, float] = {}
@@ -675,6 +681,7 @@ def ensure_lab_model(
                 shots=1,
                 examples=config.eval_examples,
                 seed=config.seed,
+                max_input_length=config.max_input_length,
             )
             record["eval_seconds"] = round(time.perf_counter() - start, 1)
             _write_record(path, record)
@@ -688,4 +695,4 @@ def _recipe(config: dict) -> dict:
 
 
 def _write_record(path: Path, record: dict) -> None:
-    (path / PRETRAIN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(path / PRETRAIN_RECORD, record, indent=2)
