@@ -12,16 +12,13 @@ model with in-context ability"):
 * one explicit training loop over a mixture of every lab family except ``lab_rte`` (kept out so
   fine-tuning on it has something to learn), each row a k-shot prompt with k = 0..8 (weights
   .2/.2/.15/.1/.1/.08/.07/.05/.05) built by the framework's own exemplar and collator code, so
-  the model sees prompts exactly as the evaluation renders them. Up to lab version 2, k was
-  0..3, and every method scored lower at 4 shots than at 1 (a 4-shot prompt was longer than
-  any seen in pretraining: Norm. Avg. 99.3 at 1 shot, 94.5 at 4, seed 0); with 0..8, 99.8
-  and 99.6 (lab version 4);
+  the model sees prompts exactly as the evaluation renders them, and k-shot prompts at least
+  as long as the evaluation's;
 * Adafactor at a peak lr of 1e-2 *scaled by each weight's RMS* (T5's own recipe), with 100
-  warmup steps and a cosine decay to 20%. The scaling decided it: fixed absolute steps of 1e-2
-  are large next to weights initialised at RMS 0.016-0.09, and the model stalled at loss 1.2
-  with chance-level scores after 1,200 steps; with the scaling, 1,800 steps reach 1-shot test
-  scores of 99-100 on every pretraining family. (AdamW never learned the copy tasks in
-  STACK.md's prototype.)
+  warmup steps and a cosine decay to 20%: fixed absolute steps of 1e-2 would be large next to
+  the small initial weights.
+
+Why the recipe is what it is, with the figures that decided it: docs/results/lab-notes.md.
 
 :func:`ensure_lab_model` builds it once into a ``from_pretrained`` directory (with
 ``lab_pretrain.json``: the recipe, the wall time and the 1-shot scores it reached).
@@ -118,8 +115,8 @@ LAB_SIZES: dict[str, dict[str, int]] = {
     },
 }
 # The decoder-only lab model (``lab-llama``): Llama shapes per size. Two layers, not four: a
-# decoder runs every layer over input + target; four layers took about 0.5 CPU-s per step at
-# batch 48 in an 80-step trial here, against the T5's ~0.17 s (2,000 steps in 330 s, STACK.md).
+# decoder runs every layer over input + target, and four layers made a pretraining step much
+# slower than the T5's (the timing trial: docs/results/lab-notes.md).
 LAB_DECODER_SIZES: dict[str, dict[str, int]] = {
     "llama-small": {
         "hidden_size": 128,
@@ -312,10 +309,9 @@ def build_lab_model(tokenizer, size: str = "small", seed: int = 0):
 
 
 # The decoder-only recipe's departures from LabConfig's defaults. Llama initialises weights at
-# std 0.02 (T5's embeddings at 1.0), so Adafactor's RMS-scaled steps need a larger lr: in
-# 80-step trials of a 4-layer version, lr 0.1 reached loss 1.79, 3e-2 2.04 (from 6.2-6.3). The
-# full 1,500 steps end far from converged (lab version 4, seed 0: loss 0.45, the T5's 0.005;
-# 1-shot summaries 6 ROUGE-2): more steps are the first thing to try for a stronger lab-llama.
+# std 0.02 (T5's embeddings at 1.0), so Adafactor's RMS-scaled steps need a larger lr. The
+# model is not converged after these steps: more steps are the first thing to try for a
+# stronger lab-llama (the trials and losses: docs/results/lab-notes.md).
 LAB_DECODER_RECIPE: dict[str, Any] = {"lr": 0.1, "steps": 1500}
 
 
