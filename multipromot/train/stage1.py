@@ -18,8 +18,8 @@ settings (:func:`made_from`) is not resumed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ from multipromot.train.metrics_log import MetricsLog
 
 __all__ = [
     "train_prompts",
+    "setup",
+    "train",
+    "Stage1Run",
     "batch_stream",
     "made_from",
     "BatchStream",
@@ -139,16 +142,49 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
         The new bank entries, one per task, in mixture order.
 
     Raises:
-        UserError: a bad mixture, model or config value.
+        UserError: a bad mixture, model or config value, or a non-finite loss.
     """
+    run = setup(cfg, progress=progress)
+    train(run)
+    return _write_to_bank(cfg, run.tasks, run.best, run.model.model, run.model_path, cfg.stage1)
+
+
+@dataclass
+class Stage1Run:
+    """What a stage-1 setup builds; :func:`train` advances it. What trains per task is a soft
+    prompt here (:func:`setup`) or a LoRA adapter (``train.stage1_lora``): ``snapshot(i, task)``
+    copies the i-th task's trained weights, and ``best`` keeps each task's best step's copy
+    (what is stored at the end)."""
+
+    cfg: RunConfig
+    tasks: list
+    model: nn.Module  # called on a batch; only its per-task weights train
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    collator: Collator
+    batches: BatchStream
+    snapshot: Callable[[int, Any], Any]
+    out_dir: Path
+    progress: bool
+    label: str = "stage 1"
+    lr_key: str = "stage1.lr"  # what to lower when the loss is not finite
+    trained: _Trained | None = None  # checkpointed prompts (None: no checkpoints)
+    record: dict | None = None  # what the checkpoints were made from
+    model_path: str = ""
+    start: int = 0
+    best: dict[str, Best] = field(default_factory=dict)
+
+
+def setup(cfg: RunConfig, *, progress: bool = True) -> Stage1Run:
+    """The frozen model with a prompt table (``stage1.init``), the optimizer over the prompts
+    alone, the batch stream; continued from the latest checkpoint made from the same settings."""
     s1 = cfg.stage1
     use_data_mirror(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_path = load_model(cfg.model, seed=cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s1.mixture))
     tasks = mixture.tasks
-    decoder_only = not is_encoder_decoder(model)
-
     texts = None
     if s1.init == "text":
         texts = [s1.init_text or " ".join(t.answers or [t.name]) for t in tasks]
@@ -158,150 +194,154 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     prompted = PromptedModel(model, prompts, [t.name for t in tasks])
     prompted.set_trainable("prompt")
     model.eval()  # the model is frozen: no dropout noise on the prompt's gradient
-
     optimizer = build_optimizer([prompted.prompts], s1.optimizer, s1.lr, s1.weight_decay)
-    scheduler = lr_schedule(optimizer, warmup_steps=s1.warmup_steps, total_steps=s1.steps)
     collator = Collator(
         tokenizer,
-        decoder_only=decoder_only,
+        decoder_only=not is_encoder_decoder(model),
         max_input_length=s1.max_input_length,
         max_target_length=s1.max_target_length,
     )
     sampler = MixtureSampler(mixture, seed=cfg.seed)
-    batches = batch_stream(tasks, sampler, collator, s1.batch_size, by_task=s1.batching == "task")
-
-    out_dir = Path(cfg.out_dir) / "stage1"
-    best: dict[str, Best] = {}
-    select = "score" if s1.select_by == "metric" else "loss"
-    record = made_from(cfg, mixture)
-    trained = _Trained(prompted.prompts)
-    start = _resume(
-        out_dir / "checkpoints",
-        record,
-        trained,
-        optimizer,
-        scheduler,
-        batches,
-        best,
-        tasks,
+    run = Stage1Run(
+        cfg=cfg,
+        tasks=tasks,
+        model=prompted,
+        tokenizer=tokenizer,
+        model_path=model_path,
+        snapshot=lambda i, task: prompted.prompts[i].detach().clone(),
+        optimizer=optimizer,
+        scheduler=lr_schedule(optimizer, warmup_steps=s1.warmup_steps, total_steps=s1.steps),
+        collator=collator,
+        batches=batch_stream(
+            tasks, sampler, collator, s1.batch_size, by_task=s1.batching == "task"
+        ),
+        trained=_Trained(prompted.prompts),
+        record=made_from(cfg, mixture),
+        out_dir=Path(cfg.out_dir) / "stage1",
         progress=progress,
     )
-    MetricsLog(out_dir).trim(start, stage=1)  # the steps it logs again (all, when it starts over)
-    logger = MetricsLogger(out_dir, trackers=cfg.log.to)
+    run.start = _resume(run)
+    MetricsLog(run.out_dir).trim(run.start, stage=1)  # what it logs again (all, if it starts over)
+    return run
+
+
+def train(run: Stage1Run) -> None:
+    """The loop: one step per batch up to ``stage1.steps``; every ``eval_every`` steps each
+    task is validated on its own metric (its best step's prompt kept) and a checkpoint is
+    written.
+
+    Raises:
+        UserError: a non-finite loss (nothing of this run reaches the bank).
+    """
+    s1 = run.cfg.stage1
+    logger = MetricsLogger(run.out_dir, trackers=run.cfg.log.to)
     speed = Throughput()
-
-    def validate(step: int) -> None:
-        """Score every task; keep each task's best trained prompt so far (step 0, the initial
-        prompt, is scored for the curve but never kept)."""
-        results = validate_tasks(
-            prompted,
-            tokenizer,
-            tasks,
-            collator,
-            examples=s1.eval_examples,
-            with_metric=select == "score",
-        )
-        logger.log({"stage": 1, "step": step, "validation": results})
-        if step == 0:
-            return
-        for i, task in enumerate(tasks):
-            r = results[task.name]
-            name = task.metric if select == "score" else "loss"
-            new = Best(r[select], r["loss"], step, name, prompted.prompts[i].detach().clone())
-            if better(new, best.get(task.name), select == "score", s1.ties):
-                best[task.name] = new
-
-    def checkpoint(step: int) -> None:
-        with torch.no_grad():
-            for i, task in enumerate(tasks):
-                trained.best[i].copy_(best[task.name].weights)
-        saved = {
-            t: {"value": b.value, "loss": b.loss, "step": b.step, "metric": b.metric}
-            for t, b in best.items()
-        }
-        save_checkpoint(
-            out_dir / "checkpoints",
-            step,
-            model=trained,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            sampler=batches,
-            state={"made_from": record, "best": saved},
-        )
-
-    if start == 0:
-        validate(0)
+    if run.start == 0:
+        _validate(run, 0, logger)
     bar = tqdm(
-        range(start + 1, s1.steps + 1), desc="stage 1", disable=not progress, dynamic_ncols=True
+        range(run.start + 1, s1.steps + 1),
+        desc=run.label,
+        disable=not run.progress,
+        dynamic_ncols=True,
     )
     for step in bar:
-        batch = next(batches)
-        loss = prompted(**batch).loss
+        batch = next(run.batches)
+        loss = run.model(**batch).loss
         if not torch.isfinite(loss):
             raise UserError(
-                f"non-finite loss ({loss.item()}) at step {step}; no prompt of this run was "
-                "written to the bank (lower stage1.lr or check the data)",
-                key="stage1",
+                f"non-finite loss ({loss.item()}) at step {step} of {run.label}; nothing it "
+                f"trained was stored (lower {run.lr_key} or check the data)",
+                key=run.lr_key,
             )
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
 
         tokens_per_s = speed.update(int(batch["attention_mask"].sum()))
         if step % s1.log_every == 0 or step == s1.steps:
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            logger.log(
-                {
-                    "stage": 1,
-                    "step": step,
-                    "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens_per_s,
-                },
-                step=step,
-            )
+            lr = run.scheduler.get_last_lr()[0]
+            record = {"stage": 1, "step": step, "loss": loss.item(), "lr": lr}
+            logger.log({**record, "tokens_per_s": tokens_per_s}, step=step)
         if step % s1.eval_every == 0 or step == s1.steps:
-            validate(step)
-            checkpoint(step)
+            _validate(run, step, logger)
+            if run.trained is not None:
+                _checkpoint(run, step)
     logger.close()
-    return _write_to_bank(cfg, tasks, best, model, model_path, s1)
 
 
-def _resume(
-    root: Path,
-    record: dict,
-    trained: _Trained,
-    optimizer,
-    scheduler,
-    batches,
-    best: dict,
-    tasks,
-    *,
-    progress: bool,
-) -> int:
-    """Load the latest stage-1 checkpoint made from the same settings; returns its step (0 when
-    there is none, or it was made from other settings)."""
-    path = latest_checkpoint(root)
+def _validate(run: Stage1Run, step: int, logger: MetricsLogger) -> None:
+    """Score every task; keep each task's best trained weights so far (step 0, the untrained
+    prompt or adapter, is scored for the curve but never kept)."""
+    s1 = run.cfg.stage1
+    select = "score" if s1.select_by == "metric" else "loss"
+    results = validate_tasks(
+        run.model,
+        run.tokenizer,
+        run.tasks,
+        run.collator,
+        examples=s1.eval_examples,
+        with_metric=select == "score",
+    )
+    logger.log({"stage": 1, "step": step, "validation": results})
+    if step == 0:
+        return
+    for i, task in enumerate(run.tasks):
+        r = results[task.name]
+        name = task.metric if select == "score" else "loss"
+        new = Best(r[select], r["loss"], step, name, run.snapshot(i, task))
+        if better(new, run.best.get(task.name), select == "score", s1.ties):
+            run.best[task.name] = new
+
+
+def _checkpoint(run: Stage1Run, step: int) -> None:
+    """The prompts, each task's best prompt and score so far, the optimizer, schedule and
+    batch stream, atomically."""
+    with torch.no_grad():
+        for i, task in enumerate(run.tasks):
+            run.trained.best[i].copy_(run.best[task.name].weights)
+    saved = {
+        t: {"value": b.value, "loss": b.loss, "step": b.step, "metric": b.metric}
+        for t, b in run.best.items()
+    }
+    save_checkpoint(
+        run.out_dir / "checkpoints",
+        step,
+        model=run.trained,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        sampler=run.batches,
+        state={"made_from": run.record, "best": saved},
+    )
+
+
+def _resume(run: Stage1Run) -> int:
+    """Load the latest stage-1 checkpoint made from the same settings into ``run``; returns its
+    step (0 when there is none, or it was made from other settings)."""
+    path = latest_checkpoint(run.out_dir / "checkpoints")
     if path is None:
         return 0
     try:
         state = read_trainer_state(path)
     except UserError:
         state = {}  # unreadable: started over, like one made from other settings
-    if state.get("made_from") != record:
-        if progress:
+    if state.get("made_from") != run.record:
+        if run.progress:
             print(f"stage 1: not resuming {path} (made from other settings or data)")
         return 0
     state = load_checkpoint(
-        path, model=trained, optimizer=optimizer, scheduler=scheduler, sampler=batches
+        path,
+        model=run.trained,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        sampler=run.batches,
     )
-    for i, task in enumerate(tasks):
+    for i, task in enumerate(run.tasks):
         b = state["best"][task.name]
-        best[task.name] = Best(
-            b["value"], b["loss"], b["step"], b["metric"], trained.best[i].detach().clone()
-        )
-    if progress:
+        weights = run.trained.best[i].detach().clone()
+        run.best[task.name] = Best(b["value"], b["loss"], b["step"], b["metric"], weights)
+    if run.progress:
         print(f"stage 1: resumed from step {state['step']} ({path})")
     return int(state["step"])
 

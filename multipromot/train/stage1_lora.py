@@ -20,26 +20,21 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from tqdm.auto import tqdm
 
 from multipromot.config import RunConfig, resolve_path
 from multipromot.data.collate import Collator
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.sampler import MixtureSampler
-from multipromot.errors import UserError
-from multipromot.eval.generation import validate_tasks
 from multipromot.fsio import publish_dir, sha256_file, temp_dir_for
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.train import lora
 from multipromot.train.common import (
-    MetricsLogger,
-    Throughput,
     build_optimizer,
     lr_schedule,
     use_data_mirror,
 )
 from multipromot.train.metrics_log import MetricsLog
-from multipromot.train.stage1 import Best, batch_stream, better
+from multipromot.train.stage1 import Stage1Run, batch_stream, train
 from multipromot.train.stage1 import made_from as prompt_made_from
 
 __all__ = ["train_adapters", "made_from", "adapters_fingerprint", "ADAPTERS_FOLDER"]
@@ -78,14 +73,34 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
     Raises:
         UserError: a bad mixture, model, ``lora.*`` value, or a non-finite loss.
     """
+    run = setup(cfg, progress=progress)
+    MetricsLog(run.out_dir).trim(0, stage=1)  # a rerun starts over: its old lines go
+    train(run)
+    adapted = run.model
+    for task in run.tasks:
+        name = lora.adapter_name(task.name)
+        set_peft_model_state_dict(adapted.model, run.best[task.name].weights, adapter_name=name)
+    folder = run.out_dir / "adapters"
+    tmp = temp_dir_for(folder)
+    lora.save_adapters(adapted, tmp)
+    publish_dir(tmp, folder)
+    return folder, {
+        t: {"best_step": b.step, "metric": b.metric, "value": b.value, "loss": b.loss}
+        for t, b in run.best.items()
+    }
+
+
+def setup(cfg: RunConfig, *, progress: bool = True) -> Stage1Run:
+    """Stage 1's run with a LoRA adapter per task in place of the prompts: the frozen model in
+    eval mode but for the adapters' routing, ``lora.optimizer`` over the adapters alone, the
+    same batch stream as prompt tuning; no checkpoints."""
     s1 = cfg.stage1
     use_data_mirror(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer, _ = load_model(cfg.model, seed=cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s1.mixture))
     tasks = mixture.tasks
-    names = [t.name for t in tasks]
-    adapted = lora.attach(model, cfg.lora, names)
+    adapted = lora.attach(model, cfg.lora, [t.name for t in tasks])
     adapted.set_trainable("adapters")
     adapted.train()  # the training path of AdaptedModel (one adapter per forward) ...
     for module in adapted.modules():  # ... on a frozen model: no dropout, as in prompt tuning
@@ -100,89 +115,26 @@ def train_adapters(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict
         max_input_length=s1.max_input_length,
         max_target_length=s1.max_target_length,
     )
-    batches = batch_stream(
-        tasks,
-        MixtureSampler(mixture, seed=cfg.seed),
-        collator,
-        s1.batch_size,
-        by_task=s1.batching == "task",
-    )
-    out_dir = Path(cfg.out_dir) / ADAPTERS_FOLDER
-    MetricsLog(out_dir).trim(0, stage=1)  # a rerun starts over: its old lines go
-    logger = MetricsLogger(out_dir, trackers=cfg.log.to)
-    speed = Throughput()
-    select = "score" if s1.select_by == "metric" else "loss"
-    best: dict[str, Best] = {}  # task -> its best step and adapter state
+    sampler = MixtureSampler(mixture, seed=cfg.seed)
 
-    def validate(step: int) -> None:
-        results = validate_tasks(
-            adapted,
-            tokenizer,
-            tasks,
-            collator,
-            examples=s1.eval_examples,
-            with_metric=select == "score",
-        )
-        logger.log({"stage": 1, "step": step, "validation": results})
-        if step == 0:  # the untrained adapter (= the base model) is scored, never kept
-            return
-        for task in tasks:
-            r = results[task.name]
-            state = get_peft_model_state_dict(
-                adapted.model, adapter_name=lora.adapter_name(task.name)
-            )
-            new = Best(
-                r[select],
-                r["loss"],
-                step,
-                task.metric if select == "score" else "loss",
-                {k: v.detach().clone() for k, v in state.items()},
-            )
-            if better(new, best.get(task.name), select == "score", s1.ties):
-                best[task.name] = new
+    def snapshot(i: int, task) -> dict:
+        state = get_peft_model_state_dict(adapted.model, adapter_name=lora.adapter_name(task.name))
+        return {k: v.detach().clone() for k, v in state.items()}
 
-    validate(0)
-    bar = tqdm(
-        range(1, s1.steps + 1), desc="stage 1 (lora)", disable=not progress, dynamic_ncols=True
+    return Stage1Run(
+        cfg=cfg,
+        tasks=tasks,
+        model=adapted,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        collator=collator,
+        batches=batch_stream(
+            tasks, sampler, collator, s1.batch_size, by_task=s1.batching == "task"
+        ),
+        snapshot=snapshot,
+        out_dir=Path(cfg.out_dir) / ADAPTERS_FOLDER,
+        progress=progress,
+        label="stage 1 (lora)",
+        lr_key="lora.lr",
     )
-    for step in bar:
-        batch = next(batches)
-        loss = adapted(**batch).loss
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"non-finite loss ({loss.item()}) at step {step}; no adapter was "
-                "written (lower lora.lr or check the data)",
-                key="lora.lr",
-            )
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_per_s = speed.update(int(batch["attention_mask"].sum()))
-        if step % s1.log_every == 0 or step == s1.steps:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            logger.log(
-                {
-                    "stage": 1,
-                    "step": step,
-                    "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens_per_s,
-                },
-                step=step,
-            )
-        if step % s1.eval_every == 0 or step == s1.steps:
-            validate(step)
-    logger.close()
-    for task in tasks:
-        set_peft_model_state_dict(
-            adapted.model, best[task.name].weights, adapter_name=lora.adapter_name(task.name)
-        )
-    folder = out_dir / "adapters"
-    tmp = temp_dir_for(folder)
-    lora.save_adapters(adapted, tmp)
-    publish_dir(tmp, folder)
-    return folder, {
-        t: {"best_step": b.step, "metric": b.metric, "value": b.value, "loss": b.loss}
-        for t, b in best.items()
-    }

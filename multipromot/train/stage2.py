@@ -30,6 +30,11 @@ raising :class:`Preempted`; rerunning continues from it, also with another numbe
 (dcp reshards; the sampler continues the same global stream). A resume compares the
 checkpoint's recorded settings with the config: :data:`RESUME_REFUSED` keys must match,
 :data:`RESUME_APPLIED` ones may change and are announced.
+
+Why this module is over 500 lines: the setup, the loop and its step helpers (the accumulated
+forward/backward, validation and best-step selection, the resume checks) all read and advance
+one :class:`Stage2Run`; what does not (the model per kind, checkpoints, the export) lives in
+its own module.
 """
 
 from __future__ import annotations
@@ -285,16 +290,7 @@ def setup(cfg: RunConfig, *, progress: bool = True) -> Stage2Run:
         async_save=s2.async_save,
         protected=lambda: {best["step"]} if best["step"] is not None else set(),
     )
-    resume_from = checkpoints.resume_point(s2.resume)
-    saved = read_trainer_state(resume_from) if resume_from else None
-    if saved is not None and saved.get("mode") != kind.name:
-        raise UserError(
-            f"the checkpoint was trained with mode {saved.get('mode')!r}, this run asks for "
-            f"{kind.name!r}",
-            file=resume_from,
-            key="stage2.mode",
-        )
-
+    resume_from, saved = _resume_point(checkpoints, s2.resume, kind)
     torch.manual_seed(cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s2.mixture))
     shots, shots_from = resolve_shots(s2.shots, mixture)
@@ -338,22 +334,46 @@ def setup(cfg: RunConfig, *, progress: bool = True) -> Stage2Run:
         best=best,
     )
     if resume_from is not None:
-        trainer = load_checkpoint(
-            resume_from,
-            model=prompted,
-            optimizer=optimizer,
-            scheduler=run.scheduler,
-            sampler=run.sampler,
-        )
-        run.start, run.losses = trainer["step"], trainer["losses"]
-        best.update(trainer["best"])
-        if D.is_main() and progress:
-            print(
-                f"stage 2: resumed from step {run.start} ({resume_from}, written by "
-                f"{trainer['world_size']} process(es), now {D.world_size()})"
-            )
+        _restore(run, resume_from)
     D.on_rank0(MetricsLog(out).trim, run.start, stage=2)  # the steps it logs again
     return run
+
+
+def _resume_point(checkpoints: Checkpoints, resume: str, kind: MethodKind):
+    """The checkpoint a run continues from and its trainer state (None, None: start fresh).
+
+    Raises:
+        UserError: the checkpoint was trained as another kind.
+    """
+    path = checkpoints.resume_point(resume)
+    saved = read_trainer_state(path) if path else None
+    if saved is not None and saved.get("mode") != kind.name:
+        raise UserError(
+            f"the checkpoint was trained with mode {saved.get('mode')!r}, this run asks for "
+            f"{kind.name!r}",
+            file=path,
+            key="stage2.mode",
+        )
+    return path, saved
+
+
+def _restore(run: Stage2Run, path: Path) -> None:
+    """Load a checkpoint into the run: weights, optimizer, schedule, sample stream, RNG and the
+    loop's state (step, losses, best step)."""
+    trainer = load_checkpoint(
+        path,
+        model=run.prompted,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        sampler=run.sampler,
+    )
+    run.start, run.losses = trainer["step"], trainer["losses"]
+    run.best.update(trainer["best"])
+    if D.is_main() and run.progress:
+        print(
+            f"stage 2: resumed from step {run.start} ({path}, written by "
+            f"{trainer['world_size']} process(es), now {D.world_size()})"
+        )
 
 
 def train(run: Stage2Run) -> None:

@@ -5,6 +5,7 @@ several ranks, and its optimizer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -64,7 +65,6 @@ def load_prompted(cfg: RunConfig, kind: MethodKind, mixture: Mixture, refs: dict
 
     # Imported above on every rank at once: the other ranks would otherwise import the
     # modeling machinery only after rank 0's load (they wait for its result), in series.
-    s2 = cfg.stage2
     names = mixture.task_names
     loaded: dict = {}
 
@@ -112,22 +112,27 @@ def load_prompted(cfg: RunConfig, kind: MethodKind, mixture: Mixture, refs: dict
         shape = record.prompt_shape
         return _wrap(model, None if shape is None else torch.zeros(shape), names, kind)
 
-    if s2.activation_checkpointing and "model" in loaded:
-        D.enable_activation_checkpointing(loaded["model"])
-    if D.is_distributed():
-
-        def build_for_shards() -> PromptedModel:
-            built = build()
-            if s2.activation_checkpointing:  # before fully_shard, as torchtitan orders it
-                D.enable_activation_checkpointing(built)
-            return built
-
-        policies = D.fsdp_policies(s2.mixed_precision, s2.cpu_offload)
-        prompted = D.build_sharded(build_for_shards, loaded.get("model"), **policies)
-    else:
-        prompted = loaded["model"].to(D.device())
-    loaded.clear()  # rank 0's full copy goes once the shards hold the weights
+    prompted = _place(loaded.pop("model", None), build, cfg)
     return prompted, tokenizer, build, record
+
+
+def _place(model, build: Callable[[], PromptedModel], cfg: RunConfig):
+    """The model on this process's device, or sharded with FSDP2 under torchrun (rank 0 holds
+    the loaded ``model``, the other ranks None; they get its weights by broadcast)."""
+    s2 = cfg.stage2
+    if s2.activation_checkpointing and model is not None:
+        D.enable_activation_checkpointing(model)
+    if not D.is_distributed():
+        return model.to(D.device())
+
+    def build_for_shards() -> PromptedModel:
+        built = build()
+        if s2.activation_checkpointing:  # before fully_shard, as torchtitan orders it
+            D.enable_activation_checkpointing(built)
+        return built
+
+    policies = D.fsdp_policies(s2.mixed_precision, s2.cpu_offload)
+    return D.build_sharded(build_for_shards, model, **policies)
 
 
 def _adapted(cfg: RunConfig, kind: MethodKind, model, names: list[str]) -> lora.AdaptedModel:
