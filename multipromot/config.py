@@ -30,9 +30,11 @@ __all__ = [
     "DataConfig",
     "LoraConfig",
     "HftConfig",
+    "SweepConfig",
     "load_config",
     "resolve_path",
     "run_methods",
+    "model_seed",
 ]
 
 OPTIMIZERS = ("adafactor", "adamw")
@@ -235,6 +237,14 @@ class EvalConfig:
         default=False,
         metadata={"help": "also evaluate every stage-2 checkpoint (curves over steps)"},
     )
+    compare: list[str] = field(
+        default_factory=lambda: ["pretrained", "standard"],
+        metadata={
+            "help": "methods every other method is compared with: the report gives each "
+            "difference on the same items (and seeds, in a sweep) with its 95% interval; a "
+            "label not in `methods` is skipped"
+        },
+    )
 
 
 @dataclass
@@ -301,8 +311,37 @@ class HftConfig:
 
 
 @dataclass
+class SweepConfig:
+    """``multipromot sweep``'s grid, when the config holds one (command-line arguments win)."""
+
+    seeds: list[int] = field(
+        default_factory=list, metadata={"help": "the seeds of every cell; empty: [seed]"}
+    )
+    grid: dict[str, list[Any]] = field(
+        default_factory=dict,
+        metadata={"help": "key -> the values it takes (the cells are their product x seeds)"},
+    )
+    max_cells: int = field(
+        default=64, metadata={"help": "refuse a grid of more cells (a budget you set)"}
+    )
+    jobs: int = field(
+        default=1, metadata={"help": "cells run at once as local processes (threads split)"}
+    )
+    launcher: str = field(
+        default="local", metadata={"help": "local (processes here) | slurm (submitit)"}
+    )
+
+
+@dataclass
 class RunConfig:
     seed: int = field(default=0, metadata={"help": "the run's seed (a 32-bit integer)"})
+    model_seed: int = field(
+        default=-1,
+        metadata={
+            "help": "the seed a built-in model (the lab models) is built with; -1: `seed`. Set it "
+            "to hold the base model fixed while `seed` varies training (`sweep --model-seed`)"
+        },
+    )
     out_dir: str = field(default="runs/default", metadata={"help": "the run folder"})
     reuse: str = field(
         default="redo",
@@ -352,6 +391,9 @@ class RunConfig:
         default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora.*)"}
     )
     hft: HftConfig = field(default_factory=HftConfig, metadata={"help": "Half Fine-Tuning (hft.*)"})
+    sweep: SweepConfig = field(
+        default_factory=SweepConfig, metadata={"help": "`multipromot sweep`'s grid (sweep.*)"}
+    )
 
 
 def _validate(cfg: RunConfig, file: str) -> None:
@@ -515,6 +557,8 @@ def _validate_ranges(cfg: RunConfig, file: str) -> None:
         fail("stage2.label_smoothing", f"must be in [0, 1), got {s2.label_smoothing}")
     if not 0 <= cfg.seed <= MAX_SEED:
         fail("seed", f"must be an integer in [0, {MAX_SEED}], got {cfg.seed}")
+    if not -1 <= cfg.model_seed <= MAX_SEED:
+        fail("model_seed", f"must be -1 (= seed) or in [0, {MAX_SEED}], got {cfg.model_seed}")
     at_least_one = {
         "stage1.eval_every": s1.eval_every,
         "stage1.log_every": s1.log_every,
@@ -597,6 +641,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         raise UserError("no such folder", file=file, key="data.mirror")
     run_methods(cfg)  # a bad method label is refused with the rest of the config
     return cfg
+
+
+def model_seed(cfg: RunConfig) -> int:
+    """The seed a built-in model is built with: ``model_seed``, or ``seed`` when it is -1."""
+    return cfg.seed if cfg.model_seed < 0 else cfg.model_seed
 
 
 def run_methods(cfg: RunConfig) -> list[Method]:

@@ -23,12 +23,14 @@ from pathlib import Path
 
 from multipromot.bank import PromptBank
 from multipromot.bank.entry import parse_ref
-from multipromot.config import RunConfig, resolve_path, run_methods
+from multipromot.config import RunConfig, model_seed, resolve_path, run_methods
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
-from multipromot.eval.report import terminal_summary, write_report
+from multipromot.eval.report import read_statistics, terminal_summary, write_report
+from multipromot.eval.samples import SAMPLES_FILE, samples_digest, write_samples
 from multipromot.eval.suites import load_suite
+from multipromot.fsio import json_sha256
 from multipromot.method_eval import curve, evaluate_method, recorded_prompts, score_model
 from multipromot.methods import Method
 from multipromot.models import load_model, read_lineage
@@ -60,7 +62,7 @@ def run_experiment(cfg: RunConfig) -> Path:
     preflight(cfg, methods)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _, _, base_dir = load_model(cfg.model, seed=cfg.seed)
+    _, _, base_dir = load_model(cfg.model, seed=model_seed(cfg))
     if any(m.spec.adapters for m in methods):  # lora.target_modules, before any training
         lora.check_targets(base_dir, cfg.lora)
     stage1_refs: dict[str, str] = {}
@@ -97,8 +99,10 @@ def run_experiment(cfg: RunConfig) -> Path:
         methods=status,
         stage1_losses=stage1_losses,
         stage2_losses=stage2_losses,
+        samples={m.label: f"methods/{m.label}/{SAMPLES_FILE}" for m in methods},
+        compare=cfg.eval.compare,
     )
-    print(terminal_summary(records))
+    print(terminal_summary(records, statistics=read_statistics(out)))
     print(f"report: {report}")
     return report
 
@@ -122,10 +126,12 @@ def _run_method(
     elif spec.weights == "interpolated":
         trained = _wise_record(cfg, method, out, stage1_refs)
     record = eval_record(cfg, method, trained, stage1_refs)
-    done = method_dir / "eval.json"
+    done, samples = method_dir / "eval.json", method_dir / SAMPLES_FILE
     if done.exists():
         saved = read_record(done) or {}
         changed = changes(saved.get("made_from"), record)
+        if not changed and saved.get("samples") != samples_digest(samples):
+            changed = "its per-item samples are missing or changed"
         if not changed:
             made = "interpolated" if spec.weights == "interpolated" else "trained"
             print(f"{method.label}: reusing {done}")
@@ -152,7 +158,8 @@ def _run_method(
             r["interpolated"] = interpolated
     if method.trains and cfg.eval.curve:
         result += curve(cfg, method, method_dir, model_dir, skip=step)
-    write_record(done, {"made_from": record, "records": result})
+    result = write_samples(samples, result)  # the items go there, the summaries stay
+    write_record(done, {"made_from": record, "records": result, "samples": samples_digest(samples)})
     return result, status
 
 
@@ -170,6 +177,11 @@ def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
             print(f"stage 1: reusing {', '.join(refs)}")
             return {parse_ref(ref)[0]: ref for ref in refs}
         check_stale(cfg, done, "stage 1", changed or "its bank entries are missing")
+    shared = _stage1_in_bank(cfg, record)
+    if shared is not None:
+        write_record(done, {"entries": list(shared.values()), "made_from": record})
+        print(f"stage 1: reusing {', '.join(shared.values())} (made from the same settings)")
+        return shared
     entries = train_prompts(cfg)
     write_record(done, {"entries": [e.ref for e in entries], "made_from": record})
     for e in entries:
@@ -179,6 +191,19 @@ def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
             f"at step {s1.get('best_step')}"
         )
     return {e.task: e.ref for e in entries}
+
+
+def _stage1_in_bank(cfg: RunConfig, record: dict) -> dict[str, str] | None:
+    """Task -> ref of bank entries another run made from exactly ``record`` (their stage-1
+    record keeps its digest): how the cells of a sweep that differ only after stage 1 share
+    it. The newest such entry per task; None unless every task of the mixture has one."""
+    digest = json_sha256(record)
+    tasks = load_mixture(resolve_path(cfg, cfg.stage1.mixture)).task_names
+    found: dict[str, str] = {}
+    for entry in PromptBank(cfg.bank.dir).entries(problems=[]):
+        if entry.task in tasks and (entry.meta.get("stage1") or {}).get("made_from") == digest:
+            found[entry.task] = entry.ref  # entries come by task, then version: the newest wins
+    return {task: found[task] for task in tasks} if set(found) == set(tasks) else None
 
 
 def _stage1_lora(cfg: RunConfig, out: Path) -> dict:
@@ -279,7 +304,7 @@ def run_eval(cfg: RunConfig) -> Path:
         The report path (``<out_dir>/eval/report.md``).
     """
     preflight(cfg, command="eval")
-    model, tokenizer, model_dir = load_model(cfg.model, seed=cfg.seed)
+    model, tokenizer, model_dir = load_model(cfg.model, seed=model_seed(cfg))
     model.eval()
     mixture = load_mixture(resolve_path(cfg, cfg.stage2.mixture))
     tasks = mixture.task_names
@@ -311,7 +336,16 @@ def run_eval(cfg: RunConfig) -> Path:
     for r in records:
         r.update(method=label, step=step, selected=True, bank_refs=refs, train_shots=shots)
     out = Path(cfg.out_dir) / "eval"
-    report = write_report(records, out, title=f"multipromot eval: {cfg.model}", config=asdict(cfg))
-    print(terminal_summary(records))
+    out.mkdir(parents=True, exist_ok=True)
+    records = write_samples(out / SAMPLES_FILE, records)
+    report = write_report(
+        records,
+        out,
+        title=f"multipromot eval: {cfg.model}",
+        config=asdict(cfg),
+        samples={label: SAMPLES_FILE},
+        compare=cfg.eval.compare,
+    )
+    print(terminal_summary(records, statistics=read_statistics(out)))
     print(f"report: {report}")
     return report

@@ -51,12 +51,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def json_sha256(data: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no spaces): the same digest
+    whatever the indentation or key order it was written with."""
+    return sha256_bytes(json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+
+
 def content_sha256(data: dict, skip: str) -> str:
     """sha256 of a JSON object's content without the key ``skip``: the embedded checksum of a
-    record that carries its own (canonical form, so it does not depend on indentation or key
-    order)."""
-    body = {k: v for k, v in data.items() if k != skip}
-    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    record that carries its own."""
+    return json_sha256({k: v for k, v in data.items() if k != skip})
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

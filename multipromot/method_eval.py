@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from multipromot.bank import PromptBank
-from multipromot.config import RunConfig, resolve_path
+from multipromot.config import RunConfig, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
@@ -195,7 +195,7 @@ def score_model(
 def _interpolate(cfg: RunConfig, model, final: Path, alpha: float) -> None:
     """WiSE-FT in place: ``model`` (loaded from ``final``) moves to ``(1 - alpha) * base +
     alpha * model``; the base must be the one ``final`` was fine-tuned from."""
-    base, _, _ = load_model(cfg.model, seed=cfg.seed)
+    base, _, _ = load_model(cfg.model, seed=model_seed(cfg))
     made_from = Stage2Record.read(final).base_model.get("fingerprint")
     if made_from != model_fingerprint(base):
         raise UserError(

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from multipromot.bank import PromptBank
-from multipromot.config import RunConfig, resolve_path
+from multipromot.config import RunConfig, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture, mixture_fingerprint, tasks_fingerprint
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
@@ -134,6 +134,7 @@ def train_record(
     record = {
         "model": cfg.model,
         "seed": cfg.seed,
+        "model_seed": model_seed(cfg),
         "stage2": s2,
         "data": mixture_fingerprint(mixture),
     }
@@ -158,6 +159,7 @@ def eval_record(cfg: RunConfig, method: Method, trained: dict | None, stage1_ref
         "trained": trained,
         "model": cfg.model,
         "seed": cfg.seed,
+        "model_seed": model_seed(cfg),
         "eval": asdict(cfg.eval),
         "suite": {
             "file": str(Path(suite_path).resolve()),

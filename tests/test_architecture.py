@@ -18,7 +18,7 @@ LAYERS = [
     {"router"},
     {"eval"},
     {"train"},
-    {"experiment", "preflight", "reuse", "method_eval"},
+    {"experiment", "preflight", "reuse", "method_eval", "sweep"},
     {"integrations"},
     {"lab"},
     {"cli", "__main__"},

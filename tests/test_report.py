@@ -142,15 +142,22 @@ def test_table_marks_missing_cells_and_skips_the_random_row_without_baselines():
 
 def test_terminal_summary():
     lines = terminal_summary(_records()).splitlines()
-    assert lines[0].split() == ["method", "shots", "Norm.Avg", "vs", "pretrained", "spec.%", "rte"]
+    header = ["method", "shots", "Norm.Avg", "95%", "interval", "vs", "pretrained", "spec.%", "rte"]
+    assert lines[0].split() == header
     assert [line.split() for line in lines[2:]] == [
-        ["pretrained", "1", "30.0", "—", "0.0", "50.0"],
-        ["pretrained", "4", "40.0", "—", "0.0", "50.0"],
-        ["standard", "1", "7.5", "-22.5", "90.0", "90.0"],
-        ["standard", "4", "17.5", "-22.5", "90.0", "90.0"],
-        ["promot", "1", "35.0", "+5.0", "15.0", "88.0"],
-        ["promot", "4", "45.0", "+5.0", "15.0", "88.0"],
+        ["pretrained", "1", "30.0", "—", "—", "0.0", "50.0"],
+        ["pretrained", "4", "40.0", "—", "—", "0.0", "50.0"],
+        ["standard", "1", "7.5", "—", "-22.5", "90.0", "90.0"],
+        ["standard", "4", "17.5", "—", "-22.5", "90.0", "90.0"],
+        ["promot", "1", "35.0", "—", "+5.0", "15.0", "88.0"],
+        ["promot", "4", "45.0", "—", "+5.0", "15.0", "88.0"],
     ]
+    # With the run's statistics, the interval and the count of items behind it are shown.
+    interval = {"value": 35.0, "low": 30.1, "high": 39.9, "seeds": 1, "items": 200}
+    stats = {"rows": [{"method": "promot", "shots": 1, "norm_avg": interval}]}
+    with_stats = terminal_summary(_records(), statistics=stats).splitlines()
+    assert with_stats[6].split()[:5] == ["promot", "1", "35.0", "[30.1,", "39.9]"]
+    assert with_stats[-1].startswith("95% interval: bootstrap over the test items (200 items")
 
 
 def test_bad_records_are_refused():

@@ -42,6 +42,17 @@ RECORD_KEYS = {
     "prompt",
     "prompted",
     "split",
+    "items",
+}
+ITEM_KEYS = {
+    "id",
+    "input_sha256",
+    "output",
+    "prediction",
+    "references",
+    "prompt",
+    "value",
+    "specialized",
 }
 
 
@@ -238,6 +249,13 @@ def test_scores_and_specialization_from_the_outputs(tiny_t5, fixed_predict):
         assert r["specialization"] == 50.0  # two of four outputs start with True/False
     assert [r["score"] for r in records] == [75.0, 25.0, 75.0, 25.0]
     assert [r["random"] for r in records] == [33.33, 0.0, 33.33, 0.0]
+    # Every scored item is kept: its output, what it counted for, whether it was specialized.
+    cb = records[0]["items"]
+    assert [set(item) for item in cb] == [ITEM_KEYS] * 4
+    assert [item["id"] for item in cb] == [0, 1, 2, 3]
+    assert [item["output"] for item in cb] == FIXED["lab_cb"][:4]
+    assert sum(item["value"][0] for item in cb) / 4 == records[0]["score"]
+    assert sum(item["specialized"] for r in records[:2] for item in r["items"]) == 4
     assert [r["metric"] for r in records[:2]] == ["accuracy", "exact_match"]
     # One predict call per shots setting; each mixes both tasks; no router -> no prompt.
     assert len(fixed_predict) == 2

@@ -2,7 +2,7 @@
 one module per command group (``stages``: stage1/stage2/run/eval; ``route``; ``bank``;
 ``mixture``; ``lab``). Importing this package registers every command."""
 
-from multipromot.cli import bank, data, lab, mixture, plan, route, stages  # noqa: F401  (register commands)
+from multipromot.cli import bank, data, lab, mixture, plan, route, stages, sweep  # noqa: F401  (register commands)
 from multipromot.cli.app import app, main
 
 app.add_typer(bank.app, name="bank", help="Manage the prompt bank.")

@@ -26,6 +26,7 @@ import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
@@ -47,6 +48,8 @@ __all__ = [
     "bleu",
     "rouge2",
     "score",
+    "item_values",
+    "score_values",
     "register_metric",
     "list_metrics",
     "check_metric",
@@ -471,6 +474,52 @@ def score(metric_name: str, predictions: Sequence[str], references: Sequence[Ref
             f"unknown metric {metric_name!r}; known: {', '.join(list_metrics())}", key="metric"
         )
     return float(fn(predictions, references))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-item values: what each item contributes to a task's score (for intervals)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bleu_streams(references: Sequence[Reference]) -> list[list[str | None]]:
+    refs = [_as_list(r) for r in references]
+    streams = max(len(r) for r in refs)
+    return [[r[i] if i < len(r) else None for r in refs] for i in range(streams)]
+
+
+def item_values(
+    metric_name: str, predictions: Sequence[str], references: Sequence[Reference]
+) -> list[list[float]] | None:
+    """Each item's contribution to the task's score, so that any subset of items can be scored
+    again (:func:`score_values`): ``[score]`` per item for a metric that is a mean over items
+    (accuracy, exact match, ROUGE-2), sacrebleu's sufficient statistics per sentence (lengths
+    and n-gram counts) for corpus BLEU.
+
+    Returns:
+        One list of numbers per item, or None when the metric (a registered one) is not the
+        mean of its per-item values on these items: no interval can then be computed.
+    """
+    check_metric(metric_name)
+    if metric_name == "bleu":
+        stats = sacrebleu.BLEU()._extract_corpus_statistics(
+            list(predictions), _bleu_streams(references)
+        )
+        return [[float(x) for x in row] for row in stats]
+    fn = _METRICS.get(metric_name)
+    values = [[float(fn([p], [r]))] for p, r in zip(predictions, references, strict=True)]
+    whole = score(metric_name, predictions, references)
+    if abs(float(np.mean(values)) - whole) > 1e-6 * max(1.0, abs(whole)):
+        return None
+    return values
+
+
+def score_values(metric_name: str, values: np.ndarray) -> float:
+    """The task's score (0-100) on a subset of items, from their :func:`item_values` rows; on
+    all the items it equals :func:`score`."""
+    if metric_name == "bleu":
+        totals = [int(round(x)) for x in np.asarray(values).sum(axis=0)]
+        return min(float(sacrebleu.BLEU()._compute_score_from_stats(totals).score), 100.0)
+    return float(np.mean(values))
 
 
 # ---------------------------------------------------------------------------------------------

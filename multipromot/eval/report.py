@@ -38,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from multipromot.data.metrics import normalized_average
+from multipromot.eval.aggregate import RunData, statistics, statistics_markdown
+from multipromot.eval.samples import read_samples
+from multipromot.eval.stats import Estimate
 from multipromot.fsio import write_atomic
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "plot_figures",
     "write_plots",
     "write_report",
+    "read_statistics",
 ]
 
 REQUIRED_KEYS = ("method", "task", "shots", "score")
@@ -303,22 +307,30 @@ def _text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def terminal_summary(records: Iterable[dict], baseline: str = "pretrained") -> str:
+def terminal_summary(
+    records: Iterable[dict], baseline: str = "pretrained", statistics: dict | None = None
+) -> str:
     """A compact plain-text table for the end of ``multipromot run``: one line per method x shots.
 
-    Columns: method, shots, unseen Norm. Avg., its difference to the baseline, mean
-    specialization rate, then each fine-tuned task's score (0-shot, with its prompt).
+    Columns: method, shots, unseen Norm. Avg. (and its 95% interval, given ``statistics``),
+    its difference to the baseline, mean specialization rate, then each fine-tuned task's score
+    (0-shot, with its prompt).
 
     Args:
         records: flat records (see the module docstring).
         baseline: the method the differences refer to.
+        statistics: the run's statistics (:func:`read_statistics`), for the interval column.
 
     Returns:
-        The table as text (no colours, no box drawing).
+        The table as text (no colours, no box drawing), with a line saying what the interval
+        is and how many items stand behind each Norm. Avg.
     """
     s = summary(records, baseline)
     seen = s["seen_tasks"]
-    header = ["method", "shots", "Norm.Avg", f"vs {baseline}", "spec.%", *seen]
+    intervals = {
+        (row["method"], row["shots"]): row["norm_avg"] for row in (statistics or {}).get("rows", [])
+    }
+    header = ["method", "shots", "Norm.Avg", "95% interval", f"vs {baseline}", "spec.%", *seen]
     ft: dict[tuple[str, str], float] = {}
     for f in sorted(s["finetuned"], key=lambda f: f["shots"] != 0):  # the 0-shot score first
         ft.setdefault((f["method"], f["task"]), f["score"])
@@ -327,12 +339,22 @@ def terminal_summary(records: Iterable[dict], baseline: str = "pretrained") -> s
         own = [u for u in s["unseen"] if u["method"] == method]
         tail = [_num(ft.get((method, t))) for t in seen]
         if not own:  # scored on the fine-tuned tasks only
-            rows.append([method, _MISSING, _MISSING, _MISSING, _MISSING, *tail])
+            rows.append([method, _MISSING, _MISSING, _MISSING, _MISSING, _MISSING, *tail])
         for u in own:
             diff = _MISSING if u["diff"] is None or method == baseline else _signed(u["diff"])
             avg, spec = _num(u["norm_avg"]), _num(u["specialization"])
-            rows.append([method, str(u["shots"]), avg, diff, spec, *tail])
-    return _text_table(header, rows)
+            interval = intervals.get((method, u["shots"]))
+            span = f"[{interval['low']:.1f}, {interval['high']:.1f}]" if interval else _MISSING
+            rows.append([method, str(u["shots"]), avg, span, diff, spec, *tail])
+    table = _text_table(header, rows)
+    known = [v for v in intervals.values() if v]
+    if known:
+        counts = Estimate(**known[0]).counts()
+        table += (
+            f"\n95% interval: bootstrap over the test items ({counts} per Norm. Avg.); "
+            "paired differences in report.md"
+        )
+    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,6 +704,8 @@ def write_report(
     methods: dict[str, str] | None = None,
     stage1_losses: dict[str, list] | None = None,
     stage2_losses: dict[str, list] | None = None,
+    samples: dict[str, str] | None = None,
+    compare: Iterable[str] = (),
 ) -> Path:
     """Write ``report.md``, ``results.json`` and (over several steps) the PNG curves.
 
@@ -695,6 +719,9 @@ def write_report(
         stage1_losses: per kind of stage 1, its (step, training loss) points, for the loss
             panel.
         stage2_losses: per method, stage 2's (step, training loss) points.
+        samples: per method, its samples file (relative to ``out_dir``): the per-item values
+            the intervals and paired differences are computed from.
+        compare: the methods every other one is compared with (``eval.compare``).
 
     Returns:
         The path of ``report.md``.
@@ -719,6 +746,13 @@ def write_report(
         "own prompt.",
         "",
     ]
+    stats = None
+    if samples:
+        items: dict[tuple, list[dict]] = {}
+        for path in samples.values():
+            items.update(read_samples(out / path))
+        stats = statistics([RunData(records, items)], list(compare))
+        lines += ["## Intervals and paired differences", "", statistics_markdown(stats)]
     lines += _method_lines(records, methods)
     if plots:
         lines += [
@@ -732,8 +766,21 @@ def write_report(
         lines += [f"![{name[:-4]}]({name})" for name in plots]
         lines.append("")
     lines += _provenance(config)
-    results = {"title": title, "summary": s, "records": records, "config": config}
+    results = {
+        "title": title,
+        "summary": s,
+        "records": records,
+        "config": config,
+        "samples": samples or {},
+        "statistics": stats,
+    }
     write_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     path = out / "report.md"
     write_atomic(path, "\n".join(lines).encode())
     return path
+
+
+def read_statistics(out_dir: str | os.PathLike) -> dict | None:
+    """The statistics :func:`write_report` stored in ``out_dir/results.json`` (None if none)."""
+    results = json.loads((Path(out_dir) / "results.json").read_text())
+    return results.get("statistics")

@@ -36,10 +36,11 @@ from typing import Any
 
 from multipromot.data.collate import Collator
 from multipromot.data.exemplars import build_item
-from multipromot.data.metrics import postprocess, score, specialization_rate
+from multipromot.data.metrics import item_values, postprocess, score, specialization_rate
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval import generation
+from multipromot.eval.samples import input_digest
 from multipromot.features import kshot_text
 from multipromot.yamlio import check_keys, read_yaml
 
@@ -325,18 +326,37 @@ def _record(
     specialization_answers: Sequence[str] | None,
     split: str,
 ) -> dict:
-    """Score one task's outputs and describe them as a flat record."""
+    """Score one task's outputs: a flat summary record, with every scored item under ``items``
+    (written to samples.jsonl by :func:`multipromot.eval.samples.write_samples`)."""
     preds = [postprocess(text, task.postprocess) for text in outputs]
+    golds = [item.gold for item in items]
     special = None
+    specialized = [None] * len(items)
     if specialization_answers:
         # On the raw outputs: specialization_rate applies the paper's trimming and first-word
         # rule itself, whatever post-processing the evaluated task uses.
         special = specialization_rate(outputs, specialization_answers)
+        specialized = [specialization_rate([o], specialization_answers) > 0 for o in outputs]
+    values = item_values(task.metric, preds, golds) or [None] * len(items)
+    scored = []
+    for index, item in enumerate(items):
+        scored.append(
+            {
+                "id": index,  # the item's index in its split (items are the split's first N)
+                "input_sha256": input_digest(kshot_text(item)),
+                "output": outputs[index],
+                "prediction": preds[index],
+                "references": golds[index],
+                "prompt": names[index],
+                "value": values[index],
+                "specialized": specialized[index],
+            }
+        )
     return {
         "task": task.name,
         "shots": shots,
         "metric": task.metric,
-        "score": score(task.metric, preds, [item.gold for item in items]),
+        "score": score(task.metric, preds, golds),
         "n": len(items),
         "random": random,
         "specialization": special,
@@ -344,6 +364,7 @@ def _record(
         "prompted": 100.0 * sum(name is not None for name in names) / len(names),
         # Where the scored rows come from (a split held out from train says so).
         "split": task.split_origin(split) if hasattr(task, "split_origin") else split,
+        "items": scored,
     }
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from multipromot.config import RunConfig, resolve_path
+from multipromot.config import RunConfig, model_seed, resolve_path
 from multipromot.errors import UserError
 from multipromot.methods import method_kind
 from multipromot.models import BUILTIN_MODELS, build_builtin, default_cache_dir
@@ -221,7 +221,7 @@ def plan_memory(
         if not value > 0:
             raise UserError(f"must be > 0, got {value}", key=key)
     s2 = cfg.stage2
-    model = meta_model(resolve_path(cfg, cfg.model), cfg.seed) if model is None else model
+    model = meta_model(resolve_path(cfg, cfg.model), model_seed(cfg)) if model is None else model
     world = nodes * gpus
     notes = []
     rows = s2.batch_size // (s2.grad_accum * world)

@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from multipromot.bank import BankEntry, PromptBank, describe_model
 from multipromot.bank.entry import format_record
-from multipromot.config import RunConfig, resolve_path
+from multipromot.config import RunConfig, model_seed, resolve_path
 from multipromot.data.batches import batches_from_draws
 from multipromot.data.collate import Collator
 from multipromot.data.mixtures import load_mixture, mixture_fingerprint
 from multipromot.data.sampler import MixtureSampler
 from multipromot.errors import UserError
 from multipromot.eval.generation import validate_tasks
+from multipromot.fsio import json_sha256
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.soft_prompt import PromptedModel, init_prompts
 from multipromot.train.checkpoint import (
@@ -116,6 +117,7 @@ def made_from(cfg: RunConfig, mixture=None) -> dict:
     return {
         "model": cfg.model,
         "seed": cfg.seed,
+        "model_seed": model_seed(cfg),
         "stage1": s1,
         "data": mixture_fingerprint(mixture),
     }
@@ -146,7 +148,7 @@ def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     """
     run = setup(cfg, progress=progress)
     train(run)
-    return _write_to_bank(cfg, run.tasks, run.best, run.model.model, run.model_path, cfg.stage1)
+    return _write_to_bank(run)
 
 
 @dataclass
@@ -182,7 +184,7 @@ def setup(cfg: RunConfig, *, progress: bool = True) -> Stage1Run:
     s1 = cfg.stage1
     use_data_mirror(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, model_path = load_model(cfg.model, seed=cfg.seed)
+    model, tokenizer, model_path = load_model(cfg.model, seed=model_seed(cfg))
     mixture = load_mixture(resolve_path(cfg, s1.mixture))
     tasks = mixture.tasks
     texts = None
@@ -399,12 +401,16 @@ def batch_stream(tasks, sampler, collator, batch_size: int, *, by_task: bool) ->
     return BatchStream(tasks, sampler, collator, batch_size, by_task=by_task)
 
 
-def _write_to_bank(cfg, tasks, best, model, model_path, s1) -> list[BankEntry]:
-    bank = PromptBank(cfg.bank.dir)
-    base = describe_model(model, name=model_path)
+def _write_to_bank(run: Stage1Run) -> list[BankEntry]:
+    """Each task's best prompt as a new bank entry; its ``stage1`` record says how it was
+    selected and the digest of what it was made from (:func:`made_from`), so that another run
+    from the same settings can reuse it."""
+    s1 = run.cfg.stage1
+    bank = PromptBank(run.cfg.bank.dir)
+    base = describe_model(run.model.model, name=run.model_path)
     entries = []
-    for task in tasks:
-        b = best[task.name]
+    for task in run.tasks:
+        b = run.best[task.name]
         entries.append(
             bank.add(
                 task.name,
@@ -418,6 +424,7 @@ def _write_to_bank(cfg, tasks, best, model, model_path, s1) -> list[BankEntry]:
                     "metric": b.metric,
                     "value": b.value,
                     "loss": b.loss,
+                    "made_from": json_sha256(run.record),
                 },
             )
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from multipromot.config import RunConfig, resolve_path
+from multipromot.config import RunConfig, model_seed, resolve_path
 from multipromot.data.collate import Collator
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.sampler import MixtureSampler
@@ -97,7 +97,7 @@ def setup(cfg: RunConfig, *, progress: bool = True) -> Stage1Run:
     s1 = cfg.stage1
     use_data_mirror(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, _ = load_model(cfg.model, seed=cfg.seed)
+    model, tokenizer, _ = load_model(cfg.model, seed=model_seed(cfg))
     mixture = load_mixture(resolve_path(cfg, s1.mixture))
     tasks = mixture.tasks
     adapted = lora.attach(model, cfg.lora, [t.name for t in tasks])

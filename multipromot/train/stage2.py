@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from multipromot.config import RunConfig, parse_size, resolve_path
+from multipromot.config import RunConfig, model_seed, parse_size, resolve_path
 from multipromot.data.batches import batches_from_draws
 from multipromot.data.collate import Collator
 from multipromot.data.mixtures import Mixture, load_mixture
@@ -91,6 +91,7 @@ __all__ = [
 RESUME_REFUSED = (
     "model",
     "seed",
+    "model_seed",
     "mixture",
     "tasks",
     "mode",
@@ -619,6 +620,7 @@ def _settings(cfg: RunConfig, kind: MethodKind, mixture: Mixture, shots: int) ->
         **{k: getattr(s2, k) for k in keys},
         "model": cfg.model,
         "seed": cfg.seed,
+        "model_seed": model_seed(cfg),
         "mixture": mixture.name,
         "tasks": mixture.task_names,
         "shots": shots,

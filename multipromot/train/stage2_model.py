@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from multipromot.bank import PromptBank
-from multipromot.config import RunConfig, resolve_path
+from multipromot.config import RunConfig, model_seed, resolve_path
 from multipromot.data.mixtures import Mixture
 from multipromot.errors import UserError
 from multipromot.methods import MethodKind
@@ -69,7 +69,7 @@ def load_prompted(cfg: RunConfig, kind: MethodKind, mixture: Mixture, refs: dict
     loaded: dict = {}
 
     def load() -> Stage2Record:
-        model, tokenizer, path = load_model(cfg.model, seed=cfg.seed)
+        model, tokenizer, path = load_model(cfg.model, seed=model_seed(cfg))
         table, bank_dir, bank_refs = None, None, {}
         if kind.adapters is not None:
             loaded["model"] = _adapted(cfg, kind, model, names)

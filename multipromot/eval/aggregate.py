@@ -1,0 +1,409 @@
+"""Statistics of one run or of a sweep of runs, from their per-item samples.
+
+A run folder's ``results.json`` names each method's samples file (:mod:`multipromot.eval.samples`);
+:func:`statistics` stacks the items of one or several runs (the seeds of a sweep cell group)
+into :class:`~multipromot.eval.stats.TaskScores` and gives, per method and shots setting:
+
+- ``norm_avg``: the unseen tasks' Norm. Avg. with its 95% interval (over items; over seeds and
+  items when several runs), and ``norm_avg_random`` (BIG-bench's) when a task has a random score;
+- ``tasks``: every unseen task's score with its interval;
+- ``finetuned``: each fine-tuned task's 0-shot score with its interval;
+- ``specialization``: the share of unseen-task outputs in the fine-tuned tasks' answer set;
+- ``differences``: each method minus each of ``eval.compare`` (Norm. Avg.), paired on the same
+  seeds and items;
+- ``curves`` (sweeps): Norm. Avg. per stage-2 step with its interval.
+
+:func:`aggregate_sweep` writes a sweep's ``sweep.json``, ``sweep.md`` and plots.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from multipromot.data.metrics import score_values
+from multipromot.eval.samples import read_samples
+from multipromot.eval.stats import (
+    CONFIDENCE,
+    N_RESAMPLES,
+    Estimate,
+    TaskScores,
+    difference,
+    estimate,
+)
+from multipromot.fsio import write_atomic, write_json
+
+__all__ = ["RunData", "load_run", "statistics", "statistics_markdown", "aggregate_sweep"]
+
+
+class RunData:
+    """One run's summaries (``results.json`` records) and per-item samples."""
+
+    def __init__(self, records: list[dict], samples: dict[tuple, list[dict]]):
+        self.records = records
+        self.samples = samples
+
+    def items(self, method: str, step: int, task: str, shots: int) -> list[dict]:
+        return self.samples.get((method, step, task, shots), [])
+
+
+def load_run(folder: str | Path) -> RunData:
+    """A run folder's ``results.json`` and the samples files it names.
+
+    Raises:
+        FileNotFoundError: no results.json (the run has not finished).
+    """
+    folder = Path(folder)
+    results = json.loads((folder / "results.json").read_text())
+    samples: dict[tuple, list[dict]] = {}
+    for path in (results.get("samples") or {}).values():
+        samples.update(read_samples(folder / path))
+    return RunData(results["records"], samples)
+
+
+def _metric_scores(runs: Sequence[RunData], method: str, pick, task: str, shots: int):
+    """TaskScores of one task over the runs (seeds), or None when some run lacks its items or
+    its metric has no per-item values (then no interval is given)."""
+    per_seed, metric, random = [], None, None
+    for run in runs:
+        record = pick(run, task, shots)
+        if record is None:
+            return None
+        items = run.items(method, record["step"], task, shots)
+        if not items or any(item.get("value") is None for item in items):
+            return None
+        ids = [item["id"] for item in items]
+        per_seed.append((ids, np.asarray([item["value"] for item in items], dtype=float)))
+        metric, random = record["metric"], record.get("random")
+    if len({tuple(ids) for ids, _ in per_seed}) != 1:  # seeds scored different items
+        return None
+    values = np.stack([v for _, v in per_seed])
+    return TaskScores(values, lambda rows, m=metric: score_values(m, rows), random)
+
+
+def _specialization_scores(runs: Sequence[RunData], method: str, pick, task: str, shots: int):
+    per_seed = []
+    for run in runs:
+        record = pick(run, task, shots)
+        items = run.items(method, record["step"], task, shots) if record else []
+        if not items or any(item.get("specialized") is None for item in items):
+            return None
+        per_seed.append([[100.0 * bool(item["specialized"])] for item in items])
+    return TaskScores(np.asarray(per_seed, dtype=float), lambda rows: float(np.mean(rows)))
+
+
+def _json(value: Estimate | None) -> dict | None:
+    return value.to_json() if value is not None else None
+
+
+def _selected_picker(method: str):
+    """Picks each run's selected record of ``method`` for (task, shots)."""
+
+    def pick(run: RunData, task: str, shots: int) -> dict | None:
+        for r in run.records:
+            if (
+                r["method"] == method
+                and r["selected"]
+                and r["task"] == task
+                and r["shots"] == shots
+            ):
+                return r
+        return None
+
+    return pick
+
+
+def _step_picker(method: str, step: int):
+    def pick(run: RunData, task: str, shots: int) -> dict | None:
+        for r in run.records:
+            if (
+                r["method"] == method
+                and r["step"] == step
+                and r["task"] == task
+                and r["shots"] == shots
+            ):
+                return r
+        return None
+
+    return pick
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _group(runs: Sequence[RunData], method: str, pick, shots: int, unseen: list[str]):
+    scores = {t: _metric_scores(runs, method, pick, t, shots) for t in unseen}
+    return None if any(s is None for s in scores.values()) else scores
+
+
+def statistics(runs: Sequence[RunData], compare: Sequence[str] = (), curves: bool = False) -> dict:
+    """The statistics of one run (one element) or of the seeds of a sweep cell group.
+
+    Returns:
+        ``{"seeds", "confidence", "resamples", "rows": [...], "differences": [...],
+        "curves": [...]}`` (see the module docstring); an interval is None where per-item
+        values are missing (a metric that is not a per-item mean nor corpus BLEU).
+    """
+    records = runs[0].records
+    methods = _ordered(r["method"] for r in records)
+    unseen = _ordered(r["task"] for r in records if not r["seen"])
+    seen = _ordered(r["task"] for r in records if r["seen"])
+    shots_list = _ordered(r["shots"] for r in records if not r["seen"])
+    rows, differences, curve_rows, groups = [], [], [], {}
+    for method in methods:
+        pick = _selected_picker(method)
+        for shots in shots_list:
+            scores = _group(runs, method, pick, shots, unseen)
+            groups[method, shots] = scores
+            row = {"method": method, "shots": shots}
+            row["norm_avg"] = _json(estimate(scores, average="plain")) if scores else None
+            with_random = scores and any(s.random for s in scores.values())
+            row["norm_avg_random"] = (
+                _json(estimate(scores, average="above_random")) if with_random else None
+            )
+            row["tasks"] = {t: _json(estimate({t: s})) for t, s in (scores or {}).items()}
+            special = {t: _specialization_scores(runs, method, pick, t, shots) for t in unseen}
+            ok = all(s is not None for s in special.values())
+            row["specialization"] = _json(estimate(special, average="plain")) if ok else None
+            row["finetuned"] = {}
+            for task in seen:
+                task_scores = _metric_scores(runs, method, pick, task, 0)
+                row["finetuned"][task] = (
+                    _json(estimate({task: task_scores})) if task_scores else None
+                )
+            rows.append(row)
+    for baseline in [b for b in compare if b in methods]:
+        for method in [m for m in methods if m != baseline]:
+            for shots in shots_list:
+                a, b = groups.get((method, shots)), groups.get((baseline, shots))
+                value = difference(a, b, average="plain") if a and b else None
+                differences.append(
+                    {
+                        "method": method,
+                        "baseline": baseline,
+                        "shots": shots,
+                        "norm_avg": _json(value),
+                    }
+                )
+    if curves:
+        for method in methods:
+            steps = sorted({r["step"] for r in records if r["method"] == method})
+            for shots in shots_list:
+                for step in steps:
+                    scores = _group(runs, method, _step_picker(method, step), shots, unseen)
+                    if scores:
+                        value = estimate(scores, average="plain")
+                        curve_rows.append(
+                            {
+                                "method": method,
+                                "shots": shots,
+                                "step": step,
+                                "norm_avg": _json(value),
+                            }
+                        )
+    return {
+        "seeds": len(runs),
+        "confidence": CONFIDENCE,
+        "resamples": N_RESAMPLES,
+        "interval": "bootstrap (scipy.stats.bootstrap, BCa): items of each task resampled"
+        + (", and seeds" if len(runs) > 1 else ""),
+        "rows": rows,
+        "differences": differences,
+        "curves": curve_rows,
+    }
+
+
+def _cell(value: dict | None, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return Estimate(**value).text(signed=signed)
+
+
+def statistics_markdown(stats: dict) -> str:
+    """The intervals table and the paired differences, as report.md and sweep.md show them."""
+    rows = stats["rows"]
+    if not rows:
+        return ""
+    finetuned = _ordered(t for r in rows for t in r["finetuned"])
+    counts = next((Estimate(**r["norm_avg"]).counts() for r in rows if r["norm_avg"]), "")
+    header = ["method", "shots", "Norm. Avg.", *finetuned, "spec.%"]
+    lines = [
+        f"95% intervals ({stats['interval']}, {stats['resamples']} resamples); Norm. Avg. over "
+        f"{counts} per method and shots.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in rows:
+        cells = [r["method"], str(r["shots"]), _cell(r["norm_avg"])]
+        cells += [_cell(r["finetuned"].get(t)) for t in finetuned]
+        cells.append(_cell(r["specialization"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    if stats["differences"]:
+        lines += ["", "Paired differences of Norm. Avg. (same seeds and items):", ""]
+        lines += ["| difference | shots | Norm. Avg. | counts |", "|---|---|---|---|"]
+        for d in stats["differences"]:
+            value = d["norm_avg"]
+            counts = Estimate(**value).counts() if value else "—"
+            lines.append(
+                f"| {d['method']} - {d['baseline']} | {d['shots']} | "
+                f"{_cell(value, signed=True)} | {counts} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_sweep(
+    out_dir: Path,
+    cells: Sequence[dict],
+    *,
+    axes: dict[str, list[str]],
+    seeds: Sequence[int],
+    description: str,
+    compare: Sequence[str],
+) -> Path:
+    """Read every cell's run, group the cells by their swept values (the seeds of a group are
+    its samples), and write ``sweep.json``, ``sweep.md`` and ``sweep_curves.png``.
+
+    Args:
+        out_dir: the sweep folder.
+        cells: ``{"name", "values", "seed", "folder"}`` per cell.
+        axes: the swept keys and their values.
+        seeds: the seeds.
+        description: how base model and training seeds relate (printed in sweep.md).
+        compare: the baselines of the paired differences.
+
+    Returns:
+        The path of ``sweep.md``.
+    """
+    groups: dict[str, list[dict]] = {}
+    for cell in cells:
+        label = ", ".join(f"{k}={v}" for k, v in cell["values"].items()) or "all cells"
+        groups.setdefault(label, []).append(cell)
+    summary = {"axes": axes, "seeds": list(seeds), "base_model": description, "groups": []}
+    for label, members in groups.items():
+        runs = [load_run(cell["folder"]) for cell in members]
+        stats = statistics(runs, compare, curves=True)
+        summary["groups"].append(
+            {
+                "values": members[0]["values"],
+                "label": label,
+                "cells": [c["name"] for c in members],
+                "statistics": stats,
+            }
+        )
+    write_json(out_dir / "sweep.json", summary, indent=1)
+    plots = _plot_sweep(out_dir, summary)
+    text = [f"# Sweep: {len(cells)} cells", "", f"Seeds {list(seeds)}; {description}.", ""]
+    text += [f"![{name[:-4]}]({name})" for name in plots] + [""]
+    for group in summary["groups"]:
+        text += [f"## {group['label']}", "", f"Cells: {', '.join(group['cells'])}", ""]
+        text.append(statistics_markdown(group["statistics"]))
+    path = out_dir / "sweep.md"
+    write_atomic(path, "\n".join(text).encode())
+    return path
+
+
+_COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:gray",
+)
+
+
+def _plot_sweep(out_dir: Path, summary: dict) -> list[str]:
+    """``sweep_curves.png`` (Norm. Avg. over stage-2 steps: the mean over seeds, the 95%
+    interval as a band; a panel per group and shots setting) and, per swept key,
+    ``sweep_<key>.png`` (each method's selected Norm. Avg. against the key's values, with its
+    interval). Returns the files written."""
+    import io
+
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    groups = summary["groups"]
+    methods = _ordered(r["method"] for g in groups for r in g["statistics"]["rows"])
+    shots = _ordered(r["shots"] for g in groups for r in g["statistics"]["rows"])
+    written = []
+
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        write_atomic(out_dir / name, buf.getvalue())
+        written.append(name)
+
+    fig = Figure(figsize=(4.8 * len(shots), 3.4 * len(groups)), layout="constrained")
+    for gi, group in enumerate(groups):
+        for si, k in enumerate(shots):
+            ax = fig.add_subplot(len(groups), len(shots), gi * len(shots) + si + 1)
+            for j, method in enumerate(methods):
+                points = sorted(
+                    (c["step"], c["norm_avg"])
+                    for c in group["statistics"]["curves"]
+                    if c["method"] == method and c["shots"] == k and c["norm_avg"]
+                )
+                if not points:
+                    continue
+                steps = [p[0] for p in points]
+                mean = [p[1]["value"] for p in points]
+                low, high = [p[1]["low"] for p in points], [p[1]["high"] for p in points]
+                color = _COLORS[j % len(_COLORS)]
+                ax.plot(steps, mean, marker="o", markersize=3, color=color, label=method)
+                ax.fill_between(steps, low, high, color=color, alpha=0.15)
+            ax.set_title(f"{group['label']}, {k}-shot", fontsize="small")
+            ax.set_xlabel("stage-2 step")
+            ax.set_ylabel("unseen Norm. Avg. (95% interval)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="x-small")
+    save(fig, "sweep_curves.png")
+    for key, values in summary["axes"].items():
+        fig = Figure(figsize=(4.8 * len(shots), 3.6), layout="constrained")
+        for si, k in enumerate(shots):
+            ax = fig.add_subplot(1, len(shots), si + 1)
+            for j, method in enumerate(methods):
+                xs, ys, errors = [], [], [[], []]
+                for group in groups:
+                    row = next(
+                        (
+                            r
+                            for r in group["statistics"]["rows"]
+                            if r["method"] == method and r["shots"] == k
+                        ),
+                        None,
+                    )
+                    if row is None or not row["norm_avg"]:
+                        continue
+                    est = row["norm_avg"]
+                    xs.append(
+                        values.index(str(group["values"][key])) + 0.03 * (j - len(methods) / 2)
+                    )
+                    ys.append(est["value"])
+                    errors[0].append(est["value"] - est["low"])
+                    errors[1].append(est["high"] - est["value"])
+                if xs:
+                    ax.errorbar(
+                        xs,
+                        ys,
+                        yerr=errors,
+                        fmt="o",
+                        capsize=3,
+                        color=_COLORS[j % len(_COLORS)],
+                        label=method,
+                    )
+            ax.set_xticks(range(len(values)), values)
+            ax.set_xlabel(key)
+            ax.set_ylabel("unseen Norm. Avg. (95% interval)")
+            ax.set_title(f"{k}-shot", fontsize="small")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="x-small")
+        save(fig, f"sweep_{key}.png")
+    return written
