@@ -15,10 +15,11 @@ from multipromot.data.metrics import normalized_average, specialization_rate
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.sampler import MixtureSampler
 from multipromot.data.tasks import get_task
-from multipromot.errors import BankError, UserError
+from multipromot.errors import BankError, UnpinnedPromptWarning, UserError
 from multipromot.eval.suites import evaluate_suite, load_suite
 from multipromot.router import Router
 from multipromot.soft_prompt import PromptedModel
+from multipromot.trained import TrainedModel, load_trained
 
 evaluate = evaluate_suite  # the k-shot suite evaluation (DESIGN's `evaluate`)
 
@@ -26,6 +27,8 @@ __all__ = [
     "PromptBank",
     "PromptedModel",
     "Router",
+    "load_trained",
+    "TrainedModel",
     "load_mixture",
     "MixtureSampler",
     "evaluate",
@@ -36,5 +39,6 @@ __all__ = [
     "get_task",
     "UserError",
     "BankError",
+    "UnpinnedPromptWarning",
 ]
 __version__ = "0.1.0"

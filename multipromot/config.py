@@ -33,6 +33,7 @@ __all__ = [
     "SweepConfig",
     "load_config",
     "resolve_path",
+    "bank_dir",
     "run_methods",
     "model_seed",
 ]
@@ -381,6 +382,20 @@ class RunConfig:
         default="",
         metadata={"help": "set by load_config: where relative paths are resolved from"},
     )
+    overrides: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "set by load_config: the key=value overrides it was given, in order (a "
+            "report prints the command with them)"
+        },
+    )
+    workdir: str = field(
+        default="",
+        metadata={
+            "help": "set by load_config: the working directory, against which relative "
+            "command-line paths resolve (a report's command starts there)"
+        },
+    )
     data: DataConfig = field(
         default_factory=DataConfig, metadata={"help": "dataset sources (data.*)"}
     )
@@ -636,6 +651,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         key = getattr(e, "full_key", None) or None
         raise UserError(str(e).splitlines()[0], file=file, key=key) from None
     cfg.config_file = str(Path(path).resolve()) if path is not None else ""
+    cfg.overrides, cfg.workdir = list(overrides), os.getcwd()
     _validate(cfg, file)
     if cfg.data.mirror and not Path(resolve_path(cfg, cfg.data.mirror)).is_dir():
         raise UserError("no such folder", file=file, key="data.mirror")
@@ -664,6 +680,13 @@ def run_methods(cfg: RunConfig) -> list[Method]:
         )
         for label in cfg.methods
     ]
+
+
+def bank_dir(cfg: RunConfig) -> str:
+    """The prompt bank folder, absolute: ``bank.dir`` resolved once (:func:`resolve_path`), so
+    that stage 1 writes, stage 2 reads and every record names the same folder, whatever the
+    working directory is when a record is read back."""
+    return str(Path(resolve_path(cfg, cfg.bank.dir)).resolve())
 
 
 def resolve_path(cfg: RunConfig, value: str) -> str:

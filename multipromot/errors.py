@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["UserError", "BankError"]
+__all__ = ["UserError", "BankError", "UnpinnedPromptWarning"]
 
 
 class UserError(Exception):
@@ -33,3 +33,8 @@ class UserError(Exception):
 
 class BankError(UserError):
     """A prompt-bank entry that is missing, corrupt, or does not fit the model."""
+
+
+class UnpinnedPromptWarning(UserWarning):
+    """A trained model gets other prompts than the ones it was trained with (the bank's current
+    versions, or versions asked for by hand): allowed, and said out loud."""

@@ -17,21 +17,22 @@ made from, and is reused only when that record equals the current one
 from __future__ import annotations
 
 import copy
+import shlex
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from multipromot.bank import PromptBank
 from multipromot.bank.entry import parse_ref
-from multipromot.config import RunConfig, model_seed, resolve_path, run_methods
+from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path, run_methods
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
-from multipromot.eval.report import read_statistics, terminal_summary, write_report
+from multipromot.eval.report import config_lines, read_statistics, terminal_summary, write_report
 from multipromot.eval.samples import SAMPLES_FILE, samples_digest, write_samples
 from multipromot.eval.suites import load_suite
 from multipromot.fsio import json_sha256
-from multipromot.method_eval import curve, evaluate_method, recorded_prompts, score_model
+from multipromot.method_eval import curve, evaluate_method, score_model
 from multipromot.methods import Method
 from multipromot.models import load_model, read_lineage
 from multipromot.preflight import preflight
@@ -50,6 +51,7 @@ from multipromot.train.metrics_log import MetricsLog
 from multipromot.train.stage1 import made_from as stage1_made_from
 from multipromot.train.stage1 import train_prompts
 from multipromot.train.stage2_export import Stage2Record
+from multipromot.trained import prompt_table, recorded_prompts
 
 __all__ = ["run_experiment", "run_eval", "evaluate_method"]
 
@@ -101,6 +103,7 @@ def run_experiment(cfg: RunConfig) -> Path:
         stage2_losses=stage2_losses,
         samples={m.label: f"methods/{m.label}/{SAMPLES_FILE}" for m in methods},
         compare=cfg.eval.compare,
+        produced=_produced(cfg, "run", _run_settings(cfg), records),
     )
     print(terminal_summary(records, statistics=read_statistics(out)))
     print(f"report: {report}")
@@ -168,22 +171,26 @@ def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
     returns task -> bank ref of this run's stage-1 prompts."""
     done = out / "stage1.json"
     record = stage1_made_from(cfg)
+    bank = PromptBank(bank_dir(cfg))
     if done.exists():
         saved = read_record(done) or {}
         refs = saved.get("entries")
-        changed = changes(saved.get("made_from"), record)
-        bank = PromptBank(cfg.bank.dir)
-        if not changed and isinstance(refs, list) and all(_exists(bank, r) for r in refs):
+        changed = changes(saved.get("made_from"), record) or _entries_changed(
+            bank, refs, saved.get("sha256")
+        )
+        if not changed:
             print(f"stage 1: reusing {', '.join(refs)}")
             return {parse_ref(ref)[0]: ref for ref in refs}
-        check_stale(cfg, done, "stage 1", changed or "its bank entries are missing")
+        check_stale(cfg, done, "stage 1", changed)
     shared = _stage1_in_bank(cfg, record)
     if shared is not None:
-        write_record(done, {"entries": list(shared.values()), "made_from": record})
+        refs = list(shared.values())
+        write_record(done, {"entries": refs, "sha256": _content(bank, refs), "made_from": record})
         print(f"stage 1: reusing {', '.join(shared.values())} (made from the same settings)")
         return shared
     entries = train_prompts(cfg)
-    write_record(done, {"entries": [e.ref for e in entries], "made_from": record})
+    refs = [e.ref for e in entries]
+    write_record(done, {"entries": refs, "sha256": _content(bank, refs), "made_from": record})
     for e in entries:
         s1 = e.meta.get("stage1", {})
         print(
@@ -200,7 +207,7 @@ def _stage1_in_bank(cfg: RunConfig, record: dict) -> dict[str, str] | None:
     digest = json_sha256(record)
     tasks = load_mixture(resolve_path(cfg, cfg.stage1.mixture)).task_names
     found: dict[str, str] = {}
-    for entry in PromptBank(cfg.bank.dir).entries(problems=[]):
+    for entry in PromptBank(bank_dir(cfg)).entries(problems=[]):
         if entry.task in tasks and (entry.meta.get("stage1") or {}).get("made_from") == digest:
             found[entry.task] = entry.ref  # entries come by task, then version: the newest wins
     return {task: found[task] for task in tasks} if set(found) == set(tasks) else None
@@ -230,12 +237,28 @@ def _stage1_lora(cfg: RunConfig, out: Path) -> dict:
     return {"folder": str(folder), "made_from": record, "files": files}
 
 
-def _exists(bank: PromptBank, ref: str) -> bool:
-    try:
-        bank.get(ref)
-    except UserError:
-        return False
-    return True
+def _content(bank: PromptBank, refs: list[str]) -> dict[str, str]:
+    """ref -> sha256 of each entry: what stage1.json keeps next to the refs."""
+    return {ref: str(bank.get(ref).meta["sha256"]) for ref in refs}
+
+
+def _entries_changed(bank: PromptBank, refs, content) -> str:
+    """Why this run's stage-1 entries can no longer be reused ("" when they can): one is
+    missing, or holds another prompt than the one stage 1 wrote (a recreated bank repeats
+    refs)."""
+    if not isinstance(refs, list) or not isinstance(content, dict):
+        return "no record of its bank entries' content (from an older multipromot)"
+    for ref in refs:
+        try:
+            entry = bank.get(ref)
+        except UserError:
+            return f"its bank entry {ref} is missing"
+        if entry.meta["sha256"] != content.get(ref):
+            return (
+                f"its bank entry {ref} holds another prompt than the one it wrote (the bank was "
+                "recreated or the entry replaced)"
+            )
+    return ""
 
 
 def _method_config(cfg: RunConfig, method: Method, method_dir: Path) -> RunConfig:
@@ -280,8 +303,14 @@ def _stage2(cfg: RunConfig, method: Method, method_dir: Path, record: dict) -> t
     final model directory and whether it was reused as it was."""
     final = method_dir / "final"
     made_from = method_dir / "made_from.json"
-    if Stage2Record.exists(final) and read_record(made_from) == record:
-        return final, True
+    same = read_record(made_from) == record
+    if Stage2Record.exists(final) and same:
+        broken = _unloadable(final)
+        if not broken:
+            return final, True
+        check_stale(cfg, made_from, f"stage 2 {method.label}", broken)
+        shutil.rmtree(method_dir)
+        method_dir.mkdir(parents=True)
     if made_from.exists() or final.exists() or (method_dir / "checkpoints").exists():
         changed = changes(read_record(made_from), record)
         if changed:  # another config's model or checkpoints: none of it may be reused
@@ -292,6 +321,99 @@ def _stage2(cfg: RunConfig, method: Method, method_dir: Path, record: dict) -> t
     print(f"stage 2: {method.label}")
     stage2.finetune(_method_config(cfg, method, method_dir))
     return final, False
+
+
+def _command(cfg: RunConfig, command: str) -> str:
+    """The command line that made a report, as typed: the config and every ``key=value``
+    override, run from the folder it ran in (relative paths resolve there)."""
+    parts = ["multipromot", command, *([cfg.config_file] if cfg.config_file else [])]
+    line = shlex.join([*parts, *cfg.overrides])
+    return f"cd {shlex.quote(cfg.workdir)} && {line}" if cfg.workdir else line
+
+
+def _run_settings(cfg: RunConfig) -> list[tuple[str, object]]:
+    """``run``'s settings worth a line: the config's keys, the bank as resolved."""
+    settings = [(k, v) for k, v in config_lines(asdict(cfg)) if k != "prompt bank"]
+    return [*settings, ("prompt bank", bank_dir(cfg))]
+
+
+def _eval_settings(cfg: RunConfig, model_dir, bank) -> list[tuple[str, object]]:
+    """``eval``'s settings: the model as its stage-2 record describes it (kind, mixture, step,
+    shots it was trained with), what was scored and how, and where its prompts came from."""
+    settings: list[tuple[str, object]] = [("model", cfg.model)]
+    if Stage2Record.exists(model_dir):
+        record = Stage2Record.read(model_dir)
+        settings += [
+            ("base model", record.base_model.get("name")),
+            ("fine-tuned as", f"{record.mode} on mixture {record.mixture}"),
+            ("stage-2 step", f"{record.step} (selected by {record.selected_by})"),
+            ("trained shots", f"{record.shots} ({record.shots_from or 'recorded'})"),
+        ]
+    settings += [
+        ("tasks scored 0-shot", resolve_path(cfg, cfg.stage2.mixture)),
+        ("eval suite", resolve_path(cfg, cfg.eval.suite)),
+        ("shots", cfg.eval.shots),
+        ("examples per task", cfg.eval.examples),
+        ("beam width", cfg.eval.num_beams),
+        ("prompts", "yes" if cfg.eval.prompts else "none"),
+        ("router", cfg.eval.router if cfg.eval.prompts else False),
+    ]
+    if bank is not None:
+        settings.append(("prompt bank", str(bank)))
+    return settings
+
+
+def _produced(cfg: RunConfig, command: str, settings: list, records: list[dict]) -> dict:
+    """How a report's numbers were made (``eval.report``'s ``produced``): the command line,
+    the settings actually used, and every prompt the records name (by bank, ref and content)
+    with how the bank entry says it was made."""
+    prompts: dict[tuple, dict] = {}
+    for r in records:
+        for task, ref in (r.get("bank_refs") or {}).items():
+            sha = (r.get("bank_sha256") or {}).get(task)
+            key = (r.get("bank_dir"), ref, sha)
+            if ref and key not in prompts:
+                prompts[key] = {"ref": ref, "sha256": sha, "bank": r.get("bank_dir"), "made": ""}
+    for (bank, ref, _), info in prompts.items():
+        info["made"] = _how_made(bank, ref)
+    listed = sorted(prompts.values(), key=lambda p: (p["ref"], str(p["bank"])))
+    return {"command": _command(cfg, command), "settings": settings, "prompts": listed}
+
+
+def _how_made(bank, ref: str) -> str:
+    """How a bank entry says its prompt was made: the stage-1 settings it was tuned with, or
+    the stage-2 kind that trained or drew it."""
+    try:
+        entry = PromptBank(bank).get(ref)
+    except UserError as e:
+        return f"cannot be read now ({e.message})"
+    stage1 = entry.meta.get("stage1") or {}
+    made = stage1.get("settings")
+    if made:
+        keys = ("lr", "steps", "prompt_length", "init", "optimizer", "batch_size")
+        tuned = ", ".join(f"stage1.{k}={made[k]}" for k in keys if k in made)
+        best = (
+            f"; best step {stage1.get('best_step')}: {stage1.get('metric')} {stage1.get('value')}"
+        )
+        return f"tuned with {tuned} on {made.get('model')} (seed {made.get('seed')}){best}"
+    extra = entry.meta.get("extra") or {}
+    if extra.get("stage2_mode"):
+        return f"made by stage 2 ({extra['stage2_mode']}); stored next to the model's weights"
+    if stage1:
+        return f"stage 1: {stage1.get('steps')} steps (its settings were not recorded)"
+    return f"init {entry.meta.get('init')} (not made by stage 1 here: imported or older)"
+
+
+def _unloadable(final: Path) -> str:
+    """Why a finished stage-2 model cannot be used as it is ("" when it can): its record is
+    unreadable, or the prompts it records cannot be loaded (their bank is gone, or holds other
+    content under their refs). Such a model is made again, never reused."""
+    try:
+        if Stage2Record.read(final).bank_refs:
+            recorded_prompts(final)
+    except UserError as e:
+        return f"its model {final} cannot be loaded: {e}"
+    return ""
 
 
 def run_eval(cfg: RunConfig) -> Path:
@@ -310,18 +432,18 @@ def run_eval(cfg: RunConfig) -> Path:
     tasks = mixture.task_names
     trained = Stage2Record.exists(model_dir)
     step = Stage2Record.read(model_dir).step if trained else 0
-    rows, router, refs, prompted = {}, None, {}, PromptedModel(model)
+    rows, router, refs, content, prompted = {}, None, {}, {}, PromptedModel(model)
+    where = None
     if cfg.eval.prompts:
         if trained and Stage2Record.read(model_dir).bank_refs:
-            bank_dir, refs = recorded_prompts(Path(model_dir), tasks)
+            where, refs, content = recorded_prompts(Path(model_dir), tasks)
         else:
-            bank_dir = cfg.bank.dir
-            refs = {t: PromptBank(bank_dir).get(t).ref for t in tasks}
-        bank = PromptBank(bank_dir)
-        try:
-            prompted = PromptedModel.from_bank(model, bank, tasks, refs=refs)
-        except ValueError as e:  # prompts of different lengths cannot share one table
-            raise UserError(str(e), file=bank.root, key="stage2.mixture") from None
+            where = bank_dir(cfg)
+            refs = {t: PromptBank(where).get(t).ref for t in tasks}
+            content = PromptBank(where).content(refs)
+        bank = PromptBank(where)
+        bank.check_definitions(refs, mixture.tasks)
+        prompted = prompt_table(model, bank, tasks, refs)
         rows = {t: i for i, t in enumerate(tasks)}
         if cfg.eval.router:
             others = [get_task(t.name) for t in load_suite(resolve_path(cfg, cfg.eval.suite)).tasks]
@@ -334,7 +456,15 @@ def run_eval(cfg: RunConfig) -> Path:
     )
     shots = Stage2Record.read(model_dir).shots if trained else 0
     for r in records:
-        r.update(method=label, step=step, selected=True, bank_refs=refs, train_shots=shots)
+        r.update(
+            method=label,
+            step=step,
+            selected=True,
+            bank_refs=refs,
+            bank_sha256=content,
+            bank_dir=str(where) if refs else None,
+            train_shots=shots,
+        )
     out = Path(cfg.out_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     records = write_samples(out / SAMPLES_FILE, records)
@@ -345,6 +475,7 @@ def run_eval(cfg: RunConfig) -> Path:
         config=asdict(cfg),
         samples={label: SAMPLES_FILE},
         compare=cfg.eval.compare,
+        produced=_produced(cfg, "eval", _eval_settings(cfg, model_dir, where), records),
     )
     print(terminal_summary(records, statistics=read_statistics(out)))
     print(f"report: {report}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from multipromot.bank import PromptBank
-from multipromot.config import RunConfig, model_seed, resolve_path
+from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
@@ -26,51 +26,32 @@ from multipromot.soft_prompt import PromptedModel
 from multipromot.train import lora, wise
 from multipromot.train.checkpoint import is_complete, load_checkpoint
 from multipromot.train.stage2_export import Stage2Record
+from multipromot.trained import prompt_table, recorded_prompts
 
 __all__ = ["evaluate_method", "score_model", "prompt_source", "curve"]
 
 
 def prompt_source(
     method: Method, model_dir: Path, cfg: RunConfig, tasks: list[str], stage1_refs: dict
-) -> tuple[str, dict[str, str]] | None:
-    """Where a method's prompts come from: (bank directory, task -> ref), or None (no prompts).
+) -> tuple[str, dict[str, str], dict[str, str]] | None:
+    """Where a method's prompts come from: (bank directory, task -> ref, task -> sha256), or
+    None (no prompts).
 
-    A stage-2 model says itself (its :class:`Stage2Record`); prompt tuning uses this run's
-    stage-1 refs.
+    A stage-2 model says itself (:func:`multipromot.trained.recorded_prompts`: its
+    :class:`Stage2Record`, content checked); prompt tuning uses this run's stage-1 refs.
 
     Raises:
-        UserError: the record names no prompt for one of ``tasks``, or the folder holds the
-            unchecksummed prompt table of an older multipromot.
+        UserError: the record names no prompt for one of ``tasks``, its bank is gone or holds
+            other content under its refs, or the folder holds the unchecksummed prompt table
+            of an older multipromot.
     """
     if not method.uses_prompts:
         return None
     if not method.trains:
-        bank = PromptBank(cfg.bank.dir)
-        return cfg.bank.dir, {t: stage1_refs.get(t) or bank.get(t).ref for t in tasks}
-    if (model_dir / "prompts.safetensors").is_file():
-        raise UserError(
-            "holds prompts.safetensors, the unchecksummed prompt table of an older "
-            "multipromot; run stage 2 of this method again to store it as a bank",
-            file=model_dir,
-        )
+        bank = PromptBank(bank_dir(cfg))
+        refs = {t: bank.get(stage1_refs.get(t) or t).ref for t in tasks}
+        return str(bank.root), refs, bank.content(refs)
     return recorded_prompts(model_dir, tasks)
-
-
-def recorded_prompts(model_dir: Path, tasks: list[str]) -> tuple[str, dict[str, str]]:
-    """The bank and refs a stage-2 model folder records for ``tasks``.
-
-    Raises:
-        UserError: not a stage-2 folder, or no prompt recorded for one of ``tasks``.
-    """
-    record = Stage2Record.read(model_dir)
-    missing = sorted(set(tasks) - set(record.bank_refs))
-    bank = record.prompt_bank(model_dir)
-    if missing or bank is None:
-        raise UserError(
-            f"records no prompt for {', '.join(missing or tasks)}",
-            file=model_dir / "stage2.json",
-        )
-    return str(bank), {t: record.bank_refs[t] for t in tasks}
 
 
 def evaluate_method(
@@ -107,16 +88,15 @@ def evaluate_method(
     mixture = load_mixture(method.mixture)
     tasks = mixture.task_names
     source = prompt_source(made, model_dir, cfg, tasks, stage1_refs or {})
-    refs = source[1] if source is not None else {}
+    refs, content = (source[1], source[2]) if source is not None else ({}, {})
     if spec.adapters is not None:
         prompted = _adapted(cfg, made, model, model_dir, checkpoint, tasks)
     elif source is None:
         prompted = PromptedModel(model)
     else:
-        try:
-            prompted = PromptedModel.from_bank(model, PromptBank(source[0]), tasks, refs=refs)
-        except ValueError as e:  # prompts of different lengths cannot share one table
-            raise UserError(str(e), file=source[0], key="stage2.mixture") from None
+        bank = PromptBank(source[0])
+        bank.check_definitions(refs, mixture.tasks)
+        prompted = prompt_table(model, bank, tasks, refs)
     if checkpoint is not None and spec.adapters is None:
         load_checkpoint(checkpoint, model=prompted, restore_rng=False)
     rows, router = {}, None
@@ -130,7 +110,13 @@ def evaluate_method(
     )
     for r in records:
         r.update(
-            method=method.label, step=step, selected=selected, bank_refs=refs, train_shots=shots
+            method=method.label,
+            step=step,
+            selected=selected,
+            bank_refs=refs,
+            bank_sha256=content,
+            bank_dir=source[0] if source is not None else None,
+            train_shots=shots,
         )
     return records
 

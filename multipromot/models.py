@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from multipromot.errors import UserError
-from multipromot.fsio import publish_dir, temp_dir_for, write_durably
+from multipromot.fsio import publish_dir, temp_dir_for, write_atomic, write_durably
 from multipromot.registry import Registry
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "save_model",
     "model_fingerprint",
     "read_lineage",
+    "record_prompts",
     "is_encoder_decoder",
     "default_cache_dir",
 ]
@@ -206,6 +207,22 @@ def read_lineage(model_dir: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"not valid JSON ({e.msg})", file=path) from None
+
+
+def record_prompts(model_dir: str | os.PathLike, prompts: dict[str, dict]) -> None:
+    """Add to a model directory's lineage the prompts it was trained with, ``{task: {"ref",
+    "sha256"}}``: the bank warns when another prompt is loaded for such a model
+    (:class:`~multipromot.errors.UnpinnedPromptWarning`).
+
+    Raises:
+        UserError: the directory has no lineage record (not saved by :func:`save_model`).
+    """
+    path = Path(model_dir) / LINEAGE_FILE
+    record = read_lineage(model_dir)
+    if not record:
+        raise UserError("no lineage record to add the prompts to", file=path)
+    record["prompts"] = {task: dict(pin) for task, pin in prompts.items()}
+    write_atomic(path, json.dumps(record, indent=2).encode())
 
 
 def _quiet_transformers() -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multipromot.bank.entry import validate_task_name
-from multipromot.config import RunConfig, resolve_path
+from multipromot.bank import PromptBank
+from multipromot.bank.entry import definition_fingerprint, validate_task_name
+from multipromot.config import RunConfig, bank_dir, resolve_path
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
@@ -70,6 +71,7 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
         _check_mixture(cfg, cfg.stage2.mixture, ("test",))
     if command in ("run", "eval"):
         _check_suite(cfg)
+    _check_definitions(cfg, methods, command)
 
 
 def _check_mixture(cfg: RunConfig, value: str, splits) -> None:
@@ -87,6 +89,51 @@ def _check_mixture(cfg: RunConfig, value: str, splits) -> None:
             ) from None
         for split in splits:
             _check_rows(task, split, mixture.file)
+
+
+def _check_definitions(cfg: RunConfig, methods: list, command: str) -> None:
+    """A prompt is tuned for one definition of its task: refuse a stage-2 mixture whose task
+    of that name is defined otherwise (an inline task of the same name with other data or
+    template) than the stage-1 mixture's, or than the bank entry stage 2 would read."""
+    if command == "stage2":
+        if method_kind(cfg.stage2.mode, file=cfg.config_file or None).prompts == "bank":
+            _check_against_bank(cfg, load_mixture(resolve_path(cfg, cfg.stage2.mixture)))
+        return
+    prompted = [m for m in methods if m.made.spec.prompts == "bank"]
+    if not prompted:
+        return
+    tuned = {}
+    if any(m.spec.stage1 == "prompts" for m in methods):
+        stage1 = load_mixture(resolve_path(cfg, cfg.stage1.mixture))
+        tuned = {t.name: (t, stage1.file) for t in stage1.tasks}
+    for method in prompted:
+        mixture = load_mixture(method.mixture)
+        for task in mixture.tasks:
+            if task.name not in tuned:
+                continue
+            other, where = tuned[task.name]
+            if definition_fingerprint(other) != definition_fingerprint(task):
+                raise UserError(
+                    f"method {method.label!r} fine-tunes task {task.name!r} as {mixture.file} "
+                    f"defines it, but stage 1 tunes its prompt for the definition in {where} "
+                    "(another source, template or answer choices); give one of them another "
+                    "name",
+                    file=cfg.config_file or None,
+                    key="methods",
+                )
+        _check_against_bank(cfg, mixture, skip=set(tuned))
+
+
+def _check_against_bank(cfg: RunConfig, mixture, skip: set[str] = frozenset()) -> None:
+    """The bank's current entries (what stage 2 reads for tasks stage 1 does not tune) must be
+    tuned for the mixture's definitions of their tasks."""
+    folder = Path(bank_dir(cfg))
+    if not folder.is_dir():
+        return  # stage 2 says which entry is missing
+    bank = PromptBank(folder)
+    present = set(bank.tasks())
+    refs = {t.name: t.name for t in mixture.tasks if t.name in present and t.name not in skip}
+    bank.check_definitions(refs, mixture.tasks)
 
 
 def _check_adapter_tasks(cfg: RunConfig, methods: list) -> None:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from multipromot.bank import PromptBank
-from multipromot.config import RunConfig, model_seed, resolve_path
+from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture, mixture_fingerprint, tasks_fingerprint
 from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
@@ -78,14 +78,37 @@ def changes(old: dict | None, new: dict) -> str:
         return ""
     a, b = _flatten(old), _flatten(new)
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    # a setting that changed says most: it goes before what follows from it (other weights)
+    keys.sort(key=lambda k: _describe(k, a, b) is not None)
     shown = []
     for key in keys[:3]:
-        if key == "data" or key.endswith(".data") or "fingerprint" in key or "tasks" in key:
-            shown.append(f"{key} (the data files, templates or rates)")
-        else:
-            shown.append(f"{key} {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+        described = _describe(key, a, b)
+        if described is None:
+            described = f"{key} {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
+        shown.append(described)
     more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
     return ", ".join(shown) + more
+
+
+def _describe(key: str, a: dict, b: dict) -> str | None:
+    """Words for a changed key whose values are digests (None: show the values)."""
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[-2] == "bank_sha256":
+        task, prefix = parts[-1], ".".join(parts[:-2])
+        refs_key = f"{prefix}.bank_refs.{task}" if prefix else f"bank_refs.{task}"
+        ref = b.get(refs_key) or a.get(refs_key) or task
+        return (
+            f"{key} (the prompt {ref} holds other content than before: the bank was recreated "
+            "or the entry replaced)"
+        )
+    last = parts[-1]
+    if last == "fingerprint":
+        return f"{key} (other weights: the model it was made from was trained again)"
+    if last == "files" and "adapters" in parts:
+        return f"{key} (the stage-1 adapter files changed)"
+    if last in ("data", "tasks"):
+        return f"{key} (the data files, templates or rates)"
+    return None
 
 
 def check_stale(cfg: RunConfig, path: Path, what: str, changed: str) -> None:
@@ -104,17 +127,21 @@ def check_stale(cfg: RunConfig, path: Path, what: str, changed: str) -> None:
     print(f"{what}: made from other settings ({changed}); doing it again")
 
 
-def current_refs(cfg: RunConfig, tasks: list[str], stage1_refs: dict) -> dict:
-    """The bank refs a method's prompts come from now: this run's stage 1, else the bank's
-    current entry (what stage 2 reads)."""
-    bank = PromptBank(cfg.bank.dir)
-    refs = {}
+def current_refs(cfg: RunConfig, tasks: list[str], stage1_refs: dict) -> tuple[dict, dict]:
+    """The bank refs a method's prompts come from now (this run's stage 1, else the bank's
+    current entry: what stage 2 reads) and their content: ``(task -> ref, task -> sha256)``.
+    Records keep both, so a ref that names another prompt than before (a recreated bank
+    repeats ``rte@v0001``) is a change, not a match."""
+    bank = PromptBank(bank_dir(cfg))
+    refs, content = {}, {}
     for task in tasks:
         try:
-            refs[task] = stage1_refs.get(task) or bank.get(task).ref
+            entry = bank.get(stage1_refs.get(task) or task)
         except UserError:
-            refs[task] = None  # stage 2 or the evaluation will say so
-    return refs
+            refs[task] = content[task] = None  # stage 2 or the evaluation will say so
+            continue
+        refs[task], content[task] = entry.ref, str(entry.meta["sha256"])
+    return refs, content
 
 
 def train_record(
@@ -140,8 +167,10 @@ def train_record(
     }
     spec = method.spec
     if spec.prompts == "bank":  # it starts from the bank's prompts
-        record["bank_dir"] = str(Path(cfg.bank.dir).resolve())
-        record["bank_refs"] = current_refs(cfg, mixture.task_names, stage1_refs)
+        record["bank_dir"] = bank_dir(cfg)
+        record["bank_refs"], record["bank_sha256"] = current_refs(
+            cfg, mixture.task_names, stage1_refs
+        )
     record.update(kind_settings(cfg, spec))
     if spec.adapters == "per_task":
         record["adapters"] = {"made_from": adapters["made_from"], "files": adapters["files"]}
@@ -171,6 +200,8 @@ def eval_record(cfg: RunConfig, method: Method, trained: dict | None, stage1_ref
         "data": mixture_fingerprint(mixture),
     }
     if method.spec.weights == "base" and method.spec.prompts == "bank":
-        record["bank_dir"] = str(Path(cfg.bank.dir).resolve())
-        record["bank_refs"] = current_refs(cfg, mixture.task_names, stage1_refs)
+        record["bank_dir"] = bank_dir(cfg)
+        record["bank_refs"], record["bank_sha256"] = current_refs(
+            cfg, mixture.task_names, stage1_refs
+        )
     return record

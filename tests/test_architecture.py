@@ -18,7 +18,7 @@ LAYERS = [
     {"router"},
     {"eval"},
     {"train"},
-    {"experiment", "preflight", "reuse", "method_eval", "sweep"},
+    {"experiment", "preflight", "reuse", "method_eval", "sweep", "trained"},
     {"integrations"},
     {"lab"},
     {"cli", "__main__"},

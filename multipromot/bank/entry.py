@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from multipromot.data.sources import source_fingerprint
 from multipromot.data.templates import FormatSignature
 from multipromot.errors import BankError
-from multipromot.fsio import content_sha256
+from multipromot.fsio import content_sha256, json_sha256
 from multipromot.models import load_model, model_fingerprint, read_lineage
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "describe_model",
     "base_model_record",
     "format_record",
+    "definition_fingerprint",
+    "check_definition",
     "signature_from_record",
     "INDEX_SCHEMA_VERSION",
     "META_SCHEMA_VERSION",
@@ -131,10 +134,39 @@ def parse_version_dir(name: str) -> int | None:
 # ----------------------------------------------------------------------------- records
 
 
+def definition_fingerprint(task: Any) -> str:
+    """A sha256 of what defines a task for its prompt: its source (local files: the train
+    files' content, wherever they are, since a prompt learns from train and new test rows do
+    not make it another task's; hub coordinates; a generator and its arguments), its template
+    and answer choices. Two tasks of one name with different definitions (an inline ``rte``
+    and the catalogue's) get different fingerprints, so a prompt tuned for one is refused for
+    the other.
+
+    Args:
+        task: a :class:`multipromot.data.tasks.Task`.
+    """
+
+    def content_only(value: Any) -> Any:
+        if isinstance(value, dict):
+            if "files" in value and "format" in value:
+                train = value["files"].get(task.source_split("train"), [])
+                return {"train": [digest for _, digest in train], "format": value["format"]}
+            return {k: content_only(v) for k, v in value.items()}
+        return value
+
+    record = {
+        "source": content_only(source_fingerprint(task.source)),
+        "template": task.template.jinja,
+        "answer_choices": task.template.answer_choices,
+    }
+    return json_sha256(record)
+
+
 def format_record(task: Any) -> dict:
     """An entry's ``format``: the template id, answer choices and input signature of the task a
     prompt is tuned on (what the router matches inputs against; :attr:`BankEntry.signature`
-    reads it back).
+    reads it back), and the fingerprint of the task's definition
+    (:func:`definition_fingerprint`; :func:`check_definition` compares it).
 
     Args:
         task: a :class:`multipromot.data.tasks.Task` (its ``template`` and ``answers``).
@@ -144,7 +176,29 @@ def format_record(task: Any) -> dict:
         "template": task.template.id,
         "answer_choices": task.answers,
         "signature": {"pieces": list(sig.pieces), "answers": sig.answers and list(sig.answers)},
+        "definition": definition_fingerprint(task),
     }
+
+
+def check_definition(entry: BankEntry, task: Any) -> None:
+    """Refuse a prompt tuned for another definition of ``task``'s name.
+
+    Entries without a recorded definition (imported from PEFT, or written by an older
+    multipromot) are not compared.
+
+    Raises:
+        BankError: naming the entry, when its recorded definition differs.
+    """
+    recorded = entry.format.get("definition")
+    if recorded is None or recorded == definition_fingerprint(task):
+        return
+    raise BankError(
+        f"was tuned for another definition of task {task.name!r} (its source, template or "
+        "answer choices differ, e.g. an inline task of that name elsewhere); tune a prompt "
+        "for this definition (multipromot stage1) or give the task another name",
+        file=entry.meta_path,
+        key=entry.ref,
+    )
 
 
 def signature_from_record(data: Any, *, key: str | None = None) -> FormatSignature | None:

@@ -39,8 +39,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
@@ -64,6 +66,7 @@ from multipromot.bank.entry import (
     TENSOR_KEY,
     BankEntry,
     BankProblem,
+    check_definition,
     checksum_problem,
     format_ref,
     jsonable,
@@ -80,7 +83,7 @@ from multipromot.bank.entry import (
 )
 from multipromot.bank.peft import export_peft, import_peft
 from multipromot.bank.verify import verify_bank
-from multipromot.errors import BankError
+from multipromot.errors import BankError, UnpinnedPromptWarning
 from multipromot.fsio import TMP_MARK, content_sha256, sha256_bytes, write_atomic, write_durably
 from multipromot.models import model_fingerprint, read_lineage
 
@@ -369,6 +372,66 @@ class PromptBank:
             )
         return self._read_entry(task, version, current=current[task] == version)
 
+    def content(self, refs: Mapping[str, str]) -> dict[str, str]:
+        """The sha256 of the prompt each ref names: what a record keeps next to its refs, so
+        that a ref whose content changed (a recreated bank repeats ``rte@v0001``) is noticed.
+
+        Args:
+            refs: task -> bank ref.
+
+        Returns:
+            task -> the entry's sha256.
+
+        Raises:
+            BankError: a ref names no entry.
+        """
+        return {task: str(self.get(ref).meta["sha256"]) for task, ref in refs.items()}
+
+    def check_content(
+        self,
+        refs: Mapping[str, str],
+        sha256: Mapping[str, str] | None,
+        *,
+        record: str | os.PathLike | None = None,
+    ) -> None:
+        """Refuse refs whose entry holds another prompt than the one a record names.
+
+        Args:
+            refs: task -> bank ref, as recorded.
+            sha256: task -> the sha256 recorded next to each ref; a task without one (a record
+                of an older multipromot) is not compared.
+            record: the file that recorded them, for the message.
+
+        Raises:
+            BankError: naming the entry: it is missing, or its content is not the recorded
+                one (the bank was recreated, or the entry replaced, since).
+        """
+        for task, ref in refs.items():
+            want = (sha256 or {}).get(task)
+            if want is None:
+                continue
+            have = str(self.get(ref).meta["sha256"])
+            if have != want:
+                where = f" ({os.fspath(record)})" if record is not None else ""
+                raise BankError(
+                    f"holds another prompt than the one recorded{where}: sha256 {have[:12]}... "
+                    f"in bank {os.fspath(self.root)}, {want[:12]}... recorded; the bank was "
+                    "recreated or the entry replaced since",
+                    key=ref,
+                )
+
+    def check_definitions(self, refs: Mapping[str, str], tasks: Iterable[Any]) -> None:
+        """Refuse a prompt tuned for another definition of its task (an inline task that
+        shares a name with another definition): :func:`~multipromot.bank.entry.check_definition`
+        for each task of ``tasks`` that ``refs`` names a prompt for.
+
+        Raises:
+            BankError: naming the entry.
+        """
+        for task in tasks:
+            if task.name in refs:
+                check_definition(self.get(refs[task.name]), task)
+
     def entries(
         self, task: str | None = None, *, problems: list[BankProblem] | None = None
     ) -> list[BankEntry]:
@@ -482,6 +545,23 @@ class PromptBank:
             key=entry.ref,
         )
 
+    @staticmethod
+    def _warn_unpinned(entry: BankEntry, model: nn.Module) -> None:
+        """Say so when a trained model gets another prompt for a task than the one its lineage
+        records it was trained with (by content: the same prompt under another ref is fine)."""
+        directory = model_dir(model)
+        record = read_lineage(directory) if directory and Path(directory).is_dir() else {}
+        pin = (record.get("prompts") or {}).get(entry.task) or {}
+        if pin.get("sha256") and pin["sha256"] != entry.meta["sha256"]:
+            warnings.warn(
+                f"{directory}: task {entry.task} gets {entry.ref} (sha256 "
+                f"{str(entry.meta['sha256'])[:12]}...), but this model was trained with "
+                f"{pin.get('ref')} (sha256 {pin['sha256'][:12]}...); "
+                f"multipromot.load_trained({directory!r}) loads the prompts it was trained with",
+                UnpinnedPromptWarning,
+                stacklevel=3,
+            )
+
     def load_prompt(
         self,
         ref: str | BankEntry,
@@ -512,6 +592,8 @@ class PromptBank:
         prompt = self._decode_prompt(entry, self._read_prompt_bytes(entry))
         if model is not None or accept is not None:
             self._check_fingerprint(entry, model, accept)
+        if model is not None:
+            self._warn_unpinned(entry, model)
         if model is not None and model_dim(model) != entry.dim:
             raise BankError(
                 f"prompt is [{entry.prompt_length}, {entry.dim}] but the model's embeddings "

@@ -42,7 +42,7 @@ from typing import Any
 
 from multipromot.data.sampler import task_size
 from multipromot.data.sources import source_fingerprint
-from multipromot.data.tasks import get_task, task_from_spec
+from multipromot.data.tasks import check_inline_name, get_task, task_from_spec
 from multipromot.data.templates import load_template
 from multipromot.errors import UserError
 from multipromot.yamlio import check_keys, read_yaml
@@ -294,7 +294,9 @@ def _catalogue_entry(file: Path, key: str, entry: dict) -> Any:
 
 
 def _inline_entry(file: Path, key: str, entry: dict) -> Any:
-    return task_from_spec(entry, file=file, key=key, ignore=("rate",))
+    task = task_from_spec(entry, file=file, key=key, ignore=("rate",))
+    check_inline_name(task.name, file=file, key=key)
+    return task
 
 
 def _load(file: Path, stack: tuple[Path, ...]) -> tuple[dict, list[_Entry]]:

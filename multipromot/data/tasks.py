@@ -54,6 +54,7 @@ __all__ = [
     "Task",
     "default_postprocess",
     "task_from_spec",
+    "check_inline_name",
     "register_task",
     "get_task",
     "list_tasks",
@@ -523,6 +524,30 @@ def get_task(name: str, *, file: str | os.PathLike | None = None, key: str | Non
     task = task_from_spec(entry.spec, file=entry.file, key=entry.key)
     _BUILT[name] = task
     return task
+
+
+def check_inline_name(name: str, *, file: str | os.PathLike | None, key: str | None) -> None:
+    """Refuse an inline task that takes the name of a catalogue or registered task.
+
+    The bank keys prompts by task name: an inline ``rte`` would fill the bank's ``rte``
+    entries, and a later run on the catalogue's ``rte`` would train with that foreign prompt.
+
+    Raises:
+        UserError: naming both definitions.
+    """
+    if name in _TASKS:
+        other = "a task registered from Python (register_task)"
+    elif name in catalogue_index():
+        entry = catalogue_index()[name]
+        other = f"the catalogue task defined in {entry.file}: {entry.key}"
+    else:
+        return
+    raise UserError(
+        f"inline task {name!r} takes the name of {other}; give it another name (the prompt "
+        "bank keys prompts by task name, so the two would share prompts)",
+        file=file,
+        key=sub_key(key, "name"),
+    )
 
 
 def list_tasks() -> list[str]:

@@ -52,6 +52,7 @@ __all__ = [
     "plot_figures",
     "write_plots",
     "write_report",
+    "config_lines",
     "read_statistics",
 ]
 
@@ -650,18 +651,81 @@ def _lookup(config: dict, dotted: str) -> Any:
     return value
 
 
-def _provenance(config: dict | None) -> list[str]:
+def config_lines(config: dict) -> list[tuple[str, Any]]:
+    """The config's keys worth a line in "how this was produced" (``_CONFIG_LINES``), as
+    (label, value), unset ones left out."""
+    lines = []
+    for dotted, label in _CONFIG_LINES:
+        value = _lookup(config, dotted)
+        if value not in (None, "", []):
+            lines.append((label, value))
+    return lines
+
+
+def _provenance(config: dict | None, produced: dict | None) -> list[str]:
+    """How the report was made: the command as typed (with its overrides, from the folder it
+    ran in), the settings actually used and the prompts, each with what made it.
+
+    ``produced`` (from the command that wrote the report) is ``{"command", "settings":
+    [[label, value]], "prompts": [{"ref", "sha256", "bank", "made"}]}``; without it the
+    config's own keys are shown."""
     lines = ["## How this was produced", ""]
+    if produced:
+        lines += ["```", produced["command"], "```", ""]
+        lines += [f"- {label}: `{value}`" for label, value in produced.get("settings", [])]
+        prompts = produced.get("prompts") or []
+        if prompts:
+            lines += ["", "Prompts (bank entries, by content):", ""]
+            for p in prompts:
+                lines.append(
+                    f"- `{p['ref']}` (sha256 `{str(p['sha256'])[:12]}`, bank `{p['bank']}`): "
+                    f"{p['made']}"
+                )
+        return [*lines, "", "The full config and every record are in `results.json`.", ""]
     if not config:
         return [*lines, "No run config was recorded.", ""]
     if config.get("config_file"):
         lines += [f"`multipromot run {config['config_file']}`", ""]
-    for dotted, label in _CONFIG_LINES:
-        value = _lookup(config, dotted)
-        if value not in (None, "", []):
-            lines.append(f"- {label}: `{value}`")
+    lines += [f"- {label}: `{value}`" for label, value in config_lines(config)]
     lines += ["", "The full config and every record are in `results.json`.", ""]
     return lines
+
+
+def _notes(records: list[dict]) -> list[str]:
+    """What a reader must know to read the numbers: fine-tuned tasks scored on the split that
+    also selected their prompt and step, and k-shot inputs that kept fewer exemplars than
+    their label says (the rest did not fit the input budget)."""
+    notes = []
+    same = sorted(
+        {
+            (r["task"], r["split"])
+            for r in records
+            if r.get("seen") and r.get("split") and r.get("split") == r.get("selection_split")
+        }
+    )
+    for task, split in same:
+        notes.append(
+            f"`{task}` is scored on `{split}`, the split that also selected its stage-1 prompt "
+            "and the stage-2 step (best on target): its fine-tuned score is optimistic. A "
+            "mixture entry `splits: {validation: {from: train, size: N}}` holds out a "
+            "selection split instead."
+        )
+    short: dict[tuple, list[float]] = {}
+    for r in records:
+        kept, shots = r.get("exemplars_kept"), r.get("shots") or 0
+        if kept is not None and shots and kept < shots:
+            short.setdefault((r["task"], shots), []).append(kept)
+    for (task, shots), kept in sorted(short.items()):
+        notes.append(
+            f"`{task}` {shots}-shot: {min(kept):.2f}-{max(kept):.2f} exemplars per input on "
+            "average (the rest did not fit the input budget)"
+            if min(kept) != max(kept)
+            else f"`{task}` {shots}-shot: {kept[0]:.2f} exemplars per input on average (the "
+            "rest did not fit the input budget)"
+        )
+    if not notes:
+        return []
+    return ["## Notes", "", *[f"- {note}" for note in notes], ""]
 
 
 def _method_lines(records: list[dict], methods: dict[str, str] | None) -> list[str]:
@@ -706,6 +770,7 @@ def write_report(
     stage2_losses: dict[str, list] | None = None,
     samples: dict[str, str] | None = None,
     compare: Iterable[str] = (),
+    produced: dict | None = None,
 ) -> Path:
     """Write ``report.md``, ``results.json`` and (over several steps) the PNG curves.
 
@@ -722,6 +787,9 @@ def write_report(
         samples: per method, its samples file (relative to ``out_dir``): the per-item values
             the intervals and paired differences are computed from.
         compare: the methods every other one is compared with (``eval.compare``).
+        produced: how the numbers were made, from the command that made them: the command
+            line as typed, the settings and the prompts actually used (see ``_provenance``);
+            without it the config's keys are shown.
 
     Returns:
         The path of ``report.md``.
@@ -765,12 +833,14 @@ def write_report(
         ]
         lines += [f"![{name[:-4]}]({name})" for name in plots]
         lines.append("")
-    lines += _provenance(config)
+    lines += _notes(records)
+    lines += _provenance(config, produced)
     results = {
         "title": title,
         "summary": s,
         "records": records,
         "config": config,
+        "produced": produced,
         "samples": samples or {},
         "statistics": stats,
     }

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from multipromot.bank import BankEntry, PromptBank, describe_model
 from multipromot.bank.entry import format_record
-from multipromot.config import RunConfig, model_seed, resolve_path
+from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.batches import batches_from_draws
 from multipromot.data.collate import Collator
 from multipromot.data.mixtures import load_mixture, mixture_fingerprint
@@ -403,10 +403,12 @@ def batch_stream(tasks, sampler, collator, batch_size: int, *, by_task: bool) ->
 
 def _write_to_bank(run: Stage1Run) -> list[BankEntry]:
     """Each task's best prompt as a new bank entry; its ``stage1`` record says how it was
-    selected and the digest of what it was made from (:func:`made_from`), so that another run
-    from the same settings can reuse it."""
+    selected, the settings it was tuned with (the ``stage1.*`` keys, model and seed: what a
+    report that uses the prompt states) and the digest of what it was made from
+    (:func:`made_from`), so that another run from the same settings can reuse it."""
     s1 = run.cfg.stage1
-    bank = PromptBank(run.cfg.bank.dir)
+    bank = PromptBank(bank_dir(run.cfg))
+    settings = {"model": run.record["model"], "seed": run.record["seed"], **run.record["stage1"]}
     base = describe_model(run.model.model, name=run.model_path)
     entries = []
     for task in run.tasks:
@@ -425,6 +427,7 @@ def _write_to_bank(run: Stage1Run) -> list[BankEntry]:
                     "value": b.value,
                     "loss": b.loss,
                     "made_from": json_sha256(run.record),
+                    "settings": settings,
                 },
             )
         )

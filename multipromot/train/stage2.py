@@ -245,6 +245,7 @@ class Stage2Run:
             state={
                 "mode": self.kind.name,
                 "bank_refs": self.record.bank_refs,
+                "bank_sha256": self.record.bank_sha256,
                 "losses": self.losses,
                 "best": self.best,
                 "settings": self.settings,
@@ -299,7 +300,7 @@ def setup(cfg: RunConfig, *, progress: bool = True) -> Stage2Run:
     if saved is not None:  # refused before the model is even loaded
         _check_settings(saved.get("settings"), settings, resume_from, progress)
     prompted, tokenizer, build, record = load_prompted(
-        cfg, kind, mixture, saved and saved["bank_refs"]
+        cfg, kind, mixture, saved and saved["bank_refs"], saved and saved.get("bank_sha256")
     )
     record.shots, record.shots_from = shots, shots_from
     if D.is_main() and progress:

@@ -31,7 +31,7 @@ from multipromot.bank import PromptBank
 from multipromot.errors import UserError
 from multipromot.fsio import publish_dir, temp_dir_for, write_json
 from multipromot.methods import MethodKind
-from multipromot.models import read_lineage, save_model
+from multipromot.models import read_lineage, record_prompts, save_model
 from multipromot.soft_prompt import PromptedModel
 from multipromot.train import distributed as D
 from multipromot.train import lora
@@ -57,6 +57,9 @@ class Stage2Record:
         bank_dir: where the prompts are: an absolute bank folder, or ``prompt_bank`` (relative
             to the model folder) for the kinds that store their own; None without prompts.
         bank_refs: task -> bank ref of each task's prompt ({} without prompts).
+        bank_sha256: task -> the sha256 of that prompt (what the ref named when stage 2
+            trained; a recreated bank may give the same ref to another prompt). {} in the
+            records of an older multipromot.
         prompt_shape: ``[tasks, P, d]`` of the prompt table, or None.
         dtype: the weights' dtype.
         shots: exemplars per stage-2 example, and ``shots_from`` what decided it.
@@ -80,6 +83,7 @@ class Stage2Record:
     step: int = 0
     selected_by: str = "last"
     value: float | None = None
+    bank_sha256: dict[str, str] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -200,6 +204,15 @@ def export_model(
             if kind.stores_prompts:
                 record.bank_dir = PROMPT_BANK_DIR
                 record.bank_refs = _own_prompt_bank(prompts, staging, dest, record)
+                record.bank_sha256 = PromptBank(staging / PROMPT_BANK_DIR).content(record.bank_refs)
+            if record.bank_refs:  # the bank warns when other prompts are loaded for it
+                record_prompts(
+                    staging,
+                    {
+                        t: {"ref": ref, "sha256": record.bank_sha256.get(t)}
+                        for t, ref in record.bank_refs.items()
+                    },
+                )
             record.write(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

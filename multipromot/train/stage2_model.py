@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from multipromot.bank import PromptBank
-from multipromot.config import RunConfig, model_seed, resolve_path
+from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.mixtures import Mixture
 from multipromot.errors import UserError
 from multipromot.methods import MethodKind
@@ -43,7 +43,13 @@ def stage2_settings(cfg: RunConfig, kind: MethodKind) -> dict:
     return settings
 
 
-def load_prompted(cfg: RunConfig, kind: MethodKind, mixture: Mixture, refs: dict | None):
+def load_prompted(
+    cfg: RunConfig,
+    kind: MethodKind,
+    mixture: Mixture,
+    refs: dict | None,
+    sha256: dict | None = None,
+):
     """The model for ``kind``, sharded when there are several ranks.
 
     Rank 0 alone loads the model (and builds a built-in one into the cache, so ranks never
@@ -56,6 +62,8 @@ def load_prompted(cfg: RunConfig, kind: MethodKind, mixture: Mixture, refs: dict
         refs: task -> bank ref a resumed run's checkpoint recorded (so a newer bank version
             made meanwhile does not change the prompts halfway through a run); None: the
             bank's current entries.
+        sha256: task -> the content those refs had (a recreated bank may reuse a ref for
+            another prompt: refused).
 
     Returns:
         (model on its device, tokenizer, a function that builds the same structure unsharded
@@ -70,11 +78,13 @@ def load_prompted(cfg: RunConfig, kind: MethodKind, mixture: Mixture, refs: dict
 
     def load() -> Stage2Record:
         model, tokenizer, path = load_model(cfg.model, seed=model_seed(cfg))
-        table, bank_dir, bank_refs = None, None, {}
+        table, bank_dir, bank_refs, content = None, None, {}, {}
         if kind.adapters is not None:
             loaded["model"] = _adapted(cfg, kind, model, names)
         else:
-            table, bank_dir, bank_refs = _prompt_table(cfg, kind, mixture, model, tokenizer, refs)
+            table, bank_dir, bank_refs, content = _prompt_table(
+                cfg, kind, mixture, model, tokenizer, refs, sha256
+            )
             loaded["model"] = _wrap(model, table, names, kind)
         loaded["tokenizer"] = tokenizer
         lineage = read_lineage(path) if Path(path).is_dir() else {}
@@ -89,6 +99,7 @@ def load_prompted(cfg: RunConfig, kind: MethodKind, mixture: Mixture, refs: dict
             tasks=names,
             bank_dir=bank_dir,
             bank_refs=bank_refs,
+            bank_sha256=content,
             prompt_shape=None if table is None else list(table.shape),
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             settings=stage2_settings(cfg, kind),
@@ -157,24 +168,34 @@ def _wrap(model, table: torch.Tensor | None, names: list[str], kind: MethodKind)
     return prompted
 
 
-def _prompt_table(cfg: RunConfig, kind: MethodKind, mixture: Mixture, model, tokenizer, refs):
-    """The prompt table [T, P, d] for the kind (None without prompts), and the bank folder and
-    refs it came from (None and {} when it is not the bank's)."""
+def _prompt_table(
+    cfg: RunConfig, kind: MethodKind, mixture: Mixture, model, tokenizer, refs, sha256
+):
+    """The prompt table [T, P, d] for the kind (None without prompts), and the bank folder,
+    refs and their content (sha256) it came from (None, {}, {} when it is not the bank's).
+
+    Raises:
+        BankError: a prompt tuned for another definition of its task, or a resumed run's ref
+            whose content changed.
+    """
     names = mixture.task_names
     if kind.prompts == "none":
-        return None, None, {}
+        return None, None, {}, {}
     if kind.prompts == "random":
         table = init_prompts(
             model, tokenizer, len(names), cfg.stage1.prompt_length, method="random", seed=cfg.seed
         )
-        return table, None, {}
-    bank = PromptBank(resolve_path(cfg, cfg.bank.dir))
-    bank_refs = {name: bank.get((refs or {}).get(name, name)).ref for name in names}
+        return table, None, {}, {}
+    bank = PromptBank(bank_dir(cfg))
+    entries = {name: bank.get((refs or {}).get(name, name)) for name in names}
+    bank_refs = {name: entry.ref for name, entry in entries.items()}
+    bank.check_content(bank_refs, sha256)
+    bank.check_definitions(bank_refs, mixture.tasks)
     try:
         table = PromptedModel.from_bank(model, bank, names, refs=bank_refs).prompts.detach()
     except ValueError as e:  # prompts of different lengths cannot share one table
         raise UserError(str(e), file=bank.root, key="stage2.mixture") from None
-    return table, str(bank.root.resolve()), bank_refs
+    return table, str(bank.root), bank_refs, bank.content(bank_refs)
 
 
 def build_stage2_optimizer(prompted, kind: MethodKind, cfg: RunConfig) -> torch.optim.Optimizer:

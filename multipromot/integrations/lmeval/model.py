@@ -42,17 +42,15 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from multipromot.bank import PromptBank
 from multipromot.data.collate import Collator
 from multipromot.data.tasks import get_task, list_tasks, local_tasks
 from multipromot.errors import UserError
 from multipromot.eval.generation import predict
 from multipromot.features import IGNORE_INDEX, SEPARATOR, Item
-from multipromot.method_eval import recorded_prompts
 from multipromot.models import is_encoder_decoder, load_model
 from multipromot.router import calibrated_router, router_entries
 from multipromot.soft_prompt import PromptedModel
-from multipromot.train.stage2_export import Stage2Record
+from multipromot.trained import model_prompts, prompt_table
 
 __all__ = ["MultiPromotLM"]
 
@@ -345,30 +343,13 @@ def _cut(text: str, stops: Sequence[str]) -> str:
 def _prompted(model, model_dir: Path, bank_dir: str) -> tuple[PromptedModel, object, dict]:
     """The model with its prompt table: the bank and versions stage 2 trained with when its
     ``stage2.json`` records them (as ``multipromot eval`` reads a stage-2 model), else the
-    current entry of every task of ``bank_dir`` that this model accepts.
+    current entry of every task of ``bank_dir`` that this model accepts
+    (:func:`multipromot.trained.model_prompts`).
 
     Returns:
         (the wrapper, the PromptBank or None, task -> ref).
     """
-    recorded = Stage2Record.read(model_dir) if Stage2Record.exists(model_dir) else None
-    if recorded is not None and recorded.bank_refs:
-        tasks = sorted(recorded.bank_refs)
-        bank_dir, refs = recorded_prompts(model_dir, tasks)
-        store = PromptBank(bank_dir)
-    elif not bank_dir:
+    store, refs, _ = model_prompts(model, model_dir, bank_dir or None, key=f"{ARGS} bank")
+    if store is None:
         return PromptedModel(model), None, {}
-    else:
-        if not Path(bank_dir).is_dir():
-            raise UserError(
-                "no prompt bank here (not a directory)", file=bank_dir, key=f"{ARGS} bank"
-            )
-        store = PromptBank(bank_dir)
-        accepted = store.accepted_fingerprints(model)
-        current = [e for e in store.entries() if e.current and e.fingerprint in accepted]
-        refs = {e.task: e.ref for e in sorted(current, key=lambda e: e.task)}
-        tasks = list(refs)
-    try:
-        prompted = PromptedModel.from_bank(model, store, tasks, refs=refs)
-    except ValueError as e:  # prompts of different lengths cannot share one table
-        raise UserError(str(e), file=store.root, key=f"{ARGS} bank") from None
-    return prompted, store, refs
+    return prompt_table(model, store, list(refs), refs), store, refs
