@@ -55,6 +55,38 @@ def test_default_sizes_and_held_out_splits_do_not_move_with_train_size():
         assert small == generate(family, "test", 0), family
 
 
+@pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
+def test_the_rte_difficulty_knob_changes_the_rule_and_nothing_else(share):
+    """other_dimension, the share of False rows that compare on another dimension: every row
+    keeps its place, premise and label, True rows do not move, the share is the one asked for,
+    and no split repeats an example or shares one with another."""
+    default = {split: generate("lab_rte", split) for split in SPLITS}
+    ruled = {split: generate("lab_rte", split, other_dimension=share) for split in SPLITS}
+    moved = 0
+    for split in SPLITS:
+        assert [e["premise"] for e in ruled[split]] == [e["premise"] for e in default[split]]
+        assert [e["label"] for e in ruled[split]] == [e["label"] for e in default[split]]
+        for new, old in zip(ruled[split], default[split], strict=True):
+            if new["label"] == 0:
+                assert new == old
+            moved += new != old
+    false = [e for split in SPLITS for e in ruled[split] if e["label"] == 1]
+    other = sum(" not " not in e["hypothesis"] for e in false) / len(false)
+    assert abs(other - share) < 0.02 and moved > 0
+    keys = {split: {json.dumps(e, sort_keys=True) for e in ruled[split]} for split in SPLITS}
+    assert sum(map(len, keys.values())) == sum(len(ruled[s]) for s in SPLITS)
+    assert not keys["train"] & (keys["validation"] | keys["test"])
+
+
+def test_the_rte_default_share_is_the_catalogue_task():
+    for split in SPLITS:
+        assert generate("lab_rte", split, other_dimension=0.5) == generate("lab_rte", split)
+    with pytest.raises(UserError, match="other_dimension must be in"):
+        generate("lab_rte", "train", other_dimension=1.5)
+    with pytest.raises(UserError, match="unknown rule setting"):
+        generate("lab_cb", "train", other_dimension=0.5)
+
+
 def test_closed_book_qa_asks_only_facts_taught_in_train():
     world = get_world()
 

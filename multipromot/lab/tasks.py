@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from multipromot.errors import UserError
 from multipromot.lab.world import COMMITMENT, COMPARATIVES, RELATIONS, World, get_world
@@ -38,6 +38,7 @@ __all__ = [
     "PRETRAIN_FAMILIES",
     "SPLITS",
     "DEFAULT_SIZES",
+    "RULE_OPTIONS",
     "generate",
     "lab_rte",
     "lab_cb",
@@ -52,6 +53,8 @@ __all__ = [
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 DEFAULT_SIZES: dict[str, int] = {"n_train": 3000, "n_validation": 200, "n_test": 200}
+# Rule settings a family's generator takes besides the sizes, with their defaults (the demo's).
+RULE_OPTIONS: dict[str, dict[str, float]] = {"lab_rte": {"other_dimension": 0.5}}
 
 Example = dict[str, object]
 # A maker turns (rng, running index) into one example; the index picks the label so that
@@ -93,19 +96,28 @@ def _event(rng: random.Random, world: World) -> tuple[str, str, str, str]:
 
 
 # ---------------------------------------------------------------------------- the makers
-def _make_rte(rng: random.Random, world: World, i: int) -> Example:
+def _make_rte(
+    rng: random.Random, world: World, i: int, *, other_dimension: float = 0.5, seed: int = 0
+) -> Example:
     """A comparative and a hypothesis about it. "the A is bigger than the B." entails itself
-    and its paraphrase "the B is smaller than the A." (True). Not entailed (False), half each:
-    their negation ("the A is not bigger than the B.") or the same pair compared on another
-    dimension ("the A is older than the B.", "the B is slower than the A."). Half the premises
-    carry an unrelated fact before or after the comparative.
+    and its paraphrase "the B is smaller than the A." (True). Not entailed (False): the
+    negation ("the A is not bigger than the B.") or, for a share ``other_dimension`` of the
+    False rows, the same pair compared on another dimension ("the A is older than the B.",
+    "the B is slower than the A."). Half the premises carry an unrelated fact before or after
+    the comparative.
 
     label 0 (True) = entailed, 1 (False) = not entailed. Why two ways to be False: with the
-    negation alone, a soft prompt on the frozen lab model solves the task, so stage 2 would
-    have nothing left to learn on it, unlike the paper's RTE. With the other-dimension half,
-    the model must compare the two comparatives, which its frozen features do not do, so
-    prompt tuning alone stays well below fine-tuning. The scores behind this, and two rules
-    that no method learned: docs/results/lab-notes.md.
+    negation alone (``other_dimension`` 0), a soft prompt on the frozen lab model solves the
+    task, so stage 2 has nothing left to learn on it, unlike the paper's RTE; the more False
+    rows compare on another dimension, the more the model must compare the two comparatives,
+    which its frozen features do not do, and the further prompt tuning alone stays below
+    fine-tuning. The default 0.5 is the demo's task (lab version 4). The scores behind this,
+    and two rules that no method learned: docs/results/lab-notes.md.
+
+    The knob changes the rule and nothing else: the stream of draws is the same for every
+    value (that of the default), so premises, labels and the True rows do not move; a False
+    row that compares on another dimension only at a larger value takes its word from a
+    draw of its own (seeded by ``seed`` and the row itself).
     """
     a, b = _two(rng, world.entities)
     dimension = rng.randrange(len(COMPARATIVES))
@@ -115,11 +127,20 @@ def _make_rte(rng: random.Random, world: World, i: int) -> Example:
     premise = _maybe_distracted(rng, world, f"the {a} is {word} than the {b}.", (a, b))
     label = i % 2
     x, y, w = (b, a, inverse) if rng.random() < 0.5 else (a, b, word)  # paraphrase or restate
-    other_dimension = label == 1 and rng.random() < 0.5
-    if other_dimension:
-        others = [pair for d, pair in enumerate(COMPARATIVES) if d != dimension]
-        w = rng.choice(rng.choice(others))
-    negation = "not " if label == 1 and not other_dimension else ""
+    others = [pair for d, pair in enumerate(COMPARATIVES) if d != dimension]
+    draw = rng.random() if label == 1 else 1.0
+    if draw < 0.5:  # the default's other-dimension rows draw their word from the stream
+        other_word = rng.choice(rng.choice(others))
+    if label == 1 and draw < min(other_dimension, 0.5):
+        w, negation = other_word, ""
+    elif label == 1 and draw >= 0.5 and other_dimension > 0.5:
+        own = random.Random(f"lab_rte:{seed}|{premise}|{x}|{y}")  # the row's own draws
+        if own.random() < (other_dimension - 0.5) / 0.5:
+            w, negation = own.choice(own.choice(others)), ""
+        else:
+            negation = "not "
+    else:
+        negation = "not " if label == 1 else ""
     return {
         "premise": premise,
         "hypothesis": f"the {x} is {negation}{w} than the {y}.",
@@ -243,18 +264,31 @@ def _key(example: Example) -> tuple:
 
 @lru_cache(maxsize=64)
 def _streamed_splits(
-    family: str, seed: int, n_train: int, n_validation: int, n_test: int
+    family: str,
+    seed: int,
+    n_train: int,
+    n_validation: int,
+    n_test: int,
+    options: tuple[tuple[str, object], ...] = (),
 ) -> dict[str, tuple[Example, ...]]:
-    """Validation, test, then train: one stream of distinct examples cut in that order."""
+    """Validation, test, then train: one stream of distinct examples cut in that order.
+
+    ``options`` (the family's rule settings, as (name, value) pairs) change only the rule:
+    the splits are drawn with the default rule, then each row is drawn again from the same
+    generator state with these settings (:func:`_apply_rule`), so every row keeps its place,
+    premise and label."""
     maker = _MAKERS[family]
     world = get_world()
     rng = random.Random(f"{family}:{seed}")
     seen: set[tuple] = set()
     out: dict[str, list[Example]] = {}
+    states: dict[str, list] = {}
     for split, n in (("validation", n_validation), ("test", n_test), ("train", n_train)):
         examples: list[Example] = []
+        states[split] = []
         index, misses = 0, 0
         while len(examples) < n:
+            state = rng.getstate()
             example = maker(rng, world, index)
             key = _key(example)
             if key in seen:
@@ -264,9 +298,38 @@ def _streamed_splits(
                 continue
             seen.add(key)
             examples.append(example)
+            states[split].append(state)
             index += 1
         out[split] = examples
+    if options:
+        out = _apply_rule(partial(maker, seed=seed, **dict(options)), world, out, states)
     return {split: tuple(examples) for split, examples in out.items()}
+
+
+def _apply_rule(ruled: Maker, world: World, splits: dict, states: dict) -> dict:
+    """Every row drawn again, from its generator state, with another rule. A row whose new
+    form would repeat another row (a hypothesis turned into a negation can equal one the
+    default already has) keeps its default form, so no split repeats an example or shares one
+    with another."""
+    rows = [(split, i) for split in splits for i in range(len(splits[split]))]
+    new = {}
+    for split, i in rows:
+        replay = random.Random()
+        replay.setstate(states[split][i])
+        new[split, i] = ruled(replay, world, i)
+    reverted: set[tuple[str, int]] = set()
+    while True:
+        current = {row: splits[row[0]][row[1]] if row in reverted else new[row] for row in rows}
+        holders: dict[tuple, list] = {}
+        for row, example in current.items():
+            holders.setdefault(_key(example), []).append(row)
+        clashes = [row for group in holders.values() if len(group) > 1 for row in group]
+        changed = [row for row in clashes if row not in reverted]
+        if not changed:
+            return {
+                split: [current[split, i] for i in range(len(splits[split]))] for split in splits
+            }
+        reverted.update(changed)
 
 
 # Question phrasings per relation for closed-book QA.
@@ -364,8 +427,9 @@ def generate(
     n_train: int = DEFAULT_SIZES["n_train"],
     n_validation: int = DEFAULT_SIZES["n_validation"],
     n_test: int = DEFAULT_SIZES["n_test"],
+    **rule: float,
 ) -> list[dict]:
-    """Examples of one lab family and split; deterministic for ``(family, seed, sizes)``.
+    """Examples of one lab family and split; deterministic for ``(family, seed, sizes, rule)``.
 
     Args:
         family: one of :data:`FAMILIES`.
@@ -373,6 +437,9 @@ def generate(
         seed: chooses the sentences and their split (not the world's words or facts).
         n_train, n_validation, n_test: split sizes. Closed-book QA is capped by its fact table
             (160 facts: 480 train questions, 160 each for validation and test).
+        rule: the family's rule settings (:data:`RULE_OPTIONS`): ``lab_rte`` takes
+            ``other_dimension``, the share of False rows that compare on another dimension
+            instead of negating (0 to 1; 0.5, the demo's task, by default).
 
     Returns:
         Fresh dicts (safe to mutate), each with the template's fields (and ``label`` for the
@@ -388,23 +455,42 @@ def generate(
     sizes = (int(n_train), int(n_validation), int(n_test))
     if min(sizes) < 0:
         raise UserError(f"split sizes must be >= 0, got {sizes}", key=family)
+    options = _rule(family, rule)
     if family == "lab_qa":
         splits = _qa_splits(int(seed), *sizes)
     else:
-        splits = _streamed_splits(family, int(seed), *sizes)
+        splits = _streamed_splits(family, int(seed), *sizes, options)
     return [{**example, "idx": i} for i, example in enumerate(splits[split])]
 
 
+def _rule(family: str, given: dict) -> tuple[tuple[str, float], ...]:
+    """The family's rule settings as a hashable tuple; () when they are its defaults (so the
+    default task is cached, and generated, exactly as before the settings existed).
+
+    Raises:
+        UserError: a setting the family does not take, or a share outside [0, 1].
+    """
+    defaults = RULE_OPTIONS.get(family, {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UserError(f"unknown rule setting(s) {', '.join(unknown)}", key=family)
+    settings = {**defaults, **{k: float(v) for k, v in given.items()}}
+    for name, value in settings.items():
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{name} must be in [0, 1], got {value}", key=family)
+    return () if settings == defaults else tuple(sorted(settings.items()))
+
+
 def _generator(family: str) -> Callable[..., list[dict]]:
-    def fn(split: str, seed: int = 0, **sizes: int) -> list[dict]:
-        unknown = sorted(set(sizes) - set(DEFAULT_SIZES))
+    def fn(split: str, seed: int = 0, **options: float) -> list[dict]:
+        known = [*DEFAULT_SIZES, *RULE_OPTIONS.get(family, {})]
+        unknown = sorted(set(options) - set(known))
         if unknown:
             raise UserError(
-                f"unknown option(s) {', '.join(unknown)}; lab generators take "
-                f"{', '.join(DEFAULT_SIZES)}",
+                f"unknown option(s) {', '.join(unknown)}; {family} takes {', '.join(known)}",
                 key=family,
             )
-        return generate(family, split, seed, **sizes)
+        return generate(family, split, seed, **options)
 
     fn.__name__ = family
     fn.__qualname__ = family
