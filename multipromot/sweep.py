@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from multipromot.config import RunConfig, load_config, model_seed
@@ -75,6 +77,7 @@ class Sweep:
     cells: list[Cell] = field(default_factory=list)
     jobs: int = 1
     launcher: str = "local"
+    command: str = ""  # as typed, for the aggregate
 
 
 def parse_axis(item: str) -> tuple[str, list[str]]:
@@ -124,6 +127,7 @@ def plan_sweep(
     max_cells: int | None = None,
     jobs: int | None = None,
     launcher: str | None = None,
+    command: str | None = None,
 ) -> Sweep:
     """The sweep's cells, each checked as a config before anything runs.
 
@@ -135,6 +139,7 @@ def plan_sweep(
         max_cells: refuse a larger grid (default: ``sweep.max_cells``).
         jobs: cells at once (default: ``sweep.jobs``).
         launcher: ``local`` or ``slurm`` (default: ``sweep.launcher``).
+        command: the command line as typed (default: one rebuilt from these arguments).
 
     Raises:
         UserError: an unknown key or bad value (named with its cell), an empty list, a key that
@@ -179,6 +184,7 @@ def plan_sweep(
         raise UserError(f"must be local or slurm, got {launcher!r}", key="--launcher")
     out_dir = Path(cfg.out_dir).resolve()
     sweep = Sweep(config, fixed, cfg, out_dir, axes, seeds, jobs=jobs, launcher=launcher)
+    sweep.command = command or _as_typed(sweep, arguments, model_seed_value, max_cells)
     for combo in itertools.product(*axes.values()) if axes else [()]:
         values = dict(zip(axes, combo, strict=True))
         for seed in seeds:
@@ -191,6 +197,21 @@ def plan_sweep(
             load_config(config, [*cell.overrides, f"out_dir={cell.folder(out_dir)}"])
             sweep.cells.append(cell)
     return sweep
+
+
+def _as_typed(sweep: Sweep, arguments: list[str], model_seed_value, max_cells) -> str:
+    """The command that runs this sweep again, from the folder it was run in."""
+    parts = ["multipromot", "sweep", sweep.config, *arguments]
+    parts += ["--seeds", ",".join(map(str, sweep.seeds))]
+    if model_seed_value is not None:
+        parts += ["--model-seed", str(model_seed_value)]
+    if sweep.jobs != 1:
+        parts += ["--jobs", str(sweep.jobs)]
+    if sweep.launcher != "local":
+        parts += ["--launcher", sweep.launcher]
+    if max_cells is not None:
+        parts += ["--max-cells", str(max_cells)]
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(parts)}"
 
 
 def _product(counts) -> int:
@@ -212,6 +233,7 @@ def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = 
         UserError: a cell failed (its folder and log named).
     """
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     print(
         f"sweep: {len(sweep.cells)} cells ({' x '.join(_axis_text(sweep))}) under "
         f"{sweep.out_dir / CELLS_DIR}; {_base_model_text(sweep)}"
@@ -224,6 +246,12 @@ def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = 
         {"name": c.name, "values": c.values, "seed": c.seed, "folder": c.folder(sweep.out_dir)}
         for c in sweep.cells
     ]
+    meta = {
+        "command": sweep.command,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(Path(sweep.config).resolve().parent),
+        "cells_seconds": round(time.monotonic() - started, 1),
+    }
     return aggregate_sweep(
         sweep.out_dir,
         cells,
@@ -231,7 +259,29 @@ def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = 
         seeds=sweep.seeds,
         description=_base_model_text(sweep),
         compare=sweep.cfg.eval.compare,
+        meta=meta,
     )
+
+
+def _git_commit(folder: Path) -> str | None:
+    """The commit of the checkout the config lives in (with ``+changes`` when it has
+    uncommitted ones), or None outside a git checkout: which code made the sweep."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _axis_text(sweep: Sweep) -> list[str]:

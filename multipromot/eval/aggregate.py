@@ -264,6 +264,7 @@ def aggregate_sweep(
     seeds: Sequence[int],
     description: str,
     compare: Sequence[str],
+    meta: dict | None = None,
 ) -> Path:
     """Read every cell's run, group the cells by their swept values (the seeds of a group are
     its samples), and write ``sweep.json``, ``sweep.md`` and ``sweep_curves.png``.
@@ -275,6 +276,7 @@ def aggregate_sweep(
         seeds: the seeds.
         description: how base model and training seeds relate (printed in sweep.md).
         compare: the baselines of the paired differences.
+        meta: how the sweep was made (command, date, commit, wall times), kept in sweep.json.
 
     Returns:
         The path of ``sweep.md``.
@@ -283,7 +285,13 @@ def aggregate_sweep(
     for cell in cells:
         label = ", ".join(f"{k}={v}" for k, v in cell["values"].items()) or "all cells"
         groups.setdefault(label, []).append(cell)
-    summary = {"axes": axes, "seeds": list(seeds), "base_model": description, "groups": []}
+    summary = {
+        **(meta or {}),
+        "axes": axes,
+        "seeds": list(seeds),
+        "base_model": description,
+        "groups": [],
+    }
     for label, members in groups.items():
         runs = [load_run(cell["folder"]) for cell in members]
         stats = statistics(runs, compare, curves=True)
@@ -298,6 +306,8 @@ def aggregate_sweep(
     write_json(out_dir / "sweep.json", summary, indent=1)
     plots = _plot_sweep(out_dir, summary)
     text = [f"# Sweep: {len(cells)} cells", "", f"Seeds {list(seeds)}; {description}.", ""]
+    if meta and meta.get("command"):
+        text += ["Made by:", "", "```", meta["command"], "```", ""]
     text += [f"![{name[:-4]}]({name})" for name in plots] + [""]
     for group in summary["groups"]:
         text += [f"## {group['label']}", "", f"Cells: {', '.join(group['cells'])}", ""]

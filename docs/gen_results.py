@@ -1,0 +1,161 @@
+"""The tables of docs/results/ are generated from sweep aggregates kept in docs/results/data/.
+
+    python docs/gen_results.py import NAME SWEEP_DIR   # keep SWEEP_DIR/sweep.json as data/NAME.json
+                                                      # (and its curves as img/NAME_curves.png)
+    python docs/gen_results.py                         # rewrite every table from its data file
+
+A page holds a table between ``<!-- table: NAME VIEW -->`` and ``<!-- end table -->``; the text
+between the markers is replaced, the prose around it is kept by hand. Views:
+
+- ``main``: per method and shots, Norm. Avg., the fine-tuned tasks and the specialization, each
+  with its 95% interval, then the paired differences (what ``sweep.md`` shows);
+- ``regime``: one row per value of the swept key: the fine-tuned task's score of prompt tuning,
+  standard fine-tuning and ProMoT, and their unseen Norm. Avg. at the first shots setting, with
+  the paired difference ProMoT - standard.
+
+Every table opens with the command that made the data, its date and commit, and the counts
+behind each figure; tests/test_docs.py fails when a page's table and its data disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA = RESULTS / "data"
+IMAGES = RESULTS / "img"
+_TABLE = re.compile(r"(<!-- table: (\S+) (\S+) -->\n)(.*?)(<!-- end table -->)", re.S)
+
+
+def import_sweep(name: str, sweep_dir: str) -> Path:
+    """Keep a sweep's aggregate (without the per-step curves, kept as a picture instead)."""
+    summary = json.loads((Path(sweep_dir) / "sweep.json").read_text())
+    for group in summary["groups"]:
+        group["statistics"].pop("curves", None)
+    DATA.mkdir(parents=True, exist_ok=True)
+    path = DATA / f"{name}.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    curves = Path(sweep_dir) / "sweep_curves.png"
+    if curves.is_file():
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copy(curves, IMAGES / f"{name}_curves.png")
+    return path
+
+
+def _header(summary: dict) -> list[str]:
+    commit = summary.get("git_commit") or "unknown"
+    return [
+        "```",
+        summary.get("command", "(command not recorded)"),
+        "```",
+        "",
+        f"Made {summary.get('finished', '?')} at commit `{commit}`; seeds "
+        f"{summary['seeds']} ({summary['base_model']}).",
+        "",
+    ]
+
+
+def _estimate(value: dict | None, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    sign = "+" if signed else ""
+    return f"{value['value']:{sign}.1f} [{value['low']:{sign}.1f}, {value['high']:{sign}.1f}]"
+
+
+def _main(summary: dict) -> str:
+    from multipromot.eval.aggregate import statistics_markdown
+
+    lines = _header(summary)
+    for group in summary["groups"]:
+        if len(summary["groups"]) > 1:
+            lines += [f"**{group['label']}**", ""]
+        lines.append(statistics_markdown(group["statistics"]).rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _regime(summary: dict) -> str:
+    (key,) = summary["axes"]
+    lines = _header(summary)
+    header = [
+        key,
+        "prompt tuning (target)",
+        "standard (target)",
+        "ProMoT (target)",
+        "standard Norm. Avg.",
+        "ProMoT Norm. Avg.",
+        "ProMoT - standard",
+    ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in summary["groups"]:
+        stats = group["statistics"]
+        shots = min(r["shots"] for r in stats["rows"])
+        rows = {r["method"]: r for r in stats["rows"] if r["shots"] == shots}
+
+        def target(method: str) -> str:
+            row = rows.get(method)
+            return _estimate(next(iter(row["finetuned"].values()))) if row else "—"
+
+        wanted = ("promot", "standard", shots)
+        diffs = [
+            d["norm_avg"]
+            for d in stats["differences"]
+            if (d["method"], d["baseline"], d["shots"]) == wanted
+        ]
+        cells = [
+            str(group["values"][key]),
+            target("prompt_tuning"),
+            target("standard"),
+            target("promot"),
+            _estimate(rows.get("standard", {}).get("norm_avg")),
+            _estimate(rows.get("promot", {}).get("norm_avg")),
+            _estimate(diffs[0] if diffs else None, signed=True),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = summary["groups"][0]["statistics"]
+    items = next(r["norm_avg"] for r in first["rows"] if r["norm_avg"])
+    lines += [
+        "",
+        f"Norm. Avg. at {shots} shot(s) over {items['seeds']} seeds x {items['items']} items of "
+        "the unseen tasks; the target over the fine-tuned task's test items; 95% intervals.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+VIEWS = {"main": _main, "regime": _regime}
+
+
+def render(page: Path) -> str:
+    """``page`` with every generated table rendered from its data file."""
+
+    def table(match: re.Match) -> str:
+        name, view = match.group(2), match.group(3)
+        summary = json.loads((DATA / f"{name}.json").read_text())
+        return match.group(1) + VIEWS[view](summary).rstrip() + "\n" + match.group(5)
+
+    return _TABLE.sub(table, page.read_text())
+
+
+def pages() -> list[Path]:
+    return sorted(p for p in RESULTS.glob("*.md") if _TABLE.search(p.read_text()))
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["import"] and len(argv) == 3:
+        print(f"kept {import_sweep(argv[1], argv[2])}")
+    elif argv:
+        print(__doc__)
+        return 2
+    for page in pages():
+        page.write_text(render(page))
+        print(f"wrote the tables of {page.relative_to(RESULTS.parent.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(RESULTS.parent.parent))
+    sys.exit(main(sys.argv[1:]))
