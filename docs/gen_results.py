@@ -96,7 +96,7 @@ def _regime(summary: dict) -> str:
         shots = min(r["shots"] for r in stats["rows"])
         rows = {r["method"]: r for r in stats["rows"] if r["shots"] == shots}
 
-        def target(method: str) -> str:
+        def target(method: str, rows: dict = rows) -> str:
             row = rows.get(method)
             return _estimate(next(iter(row["finetuned"].values()))) if row else "—"
 
