@@ -19,14 +19,48 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("gen_reference", DOCS / "gen_reference.py")
+def _generator(name: str = "gen_reference"):
+    spec = importlib.util.spec_from_file_location(name, DOCS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 GEN = _generator()
+RESULTS = _generator("gen_results")
+
+
+def test_results_tables_are_the_ones_their_kept_data_gives():
+    """Every generated table of docs/results/ equals what its aggregate in docs/results/data/
+    renders (python docs/gen_results.py rewrites them), and every kept aggregate is shown."""
+    shown = set()
+    for page in RESULTS.pages():
+        assert page.read_text() == RESULTS.render(page), (
+            f"{page.name}: a table differs from its data; run python docs/gen_results.py"
+        )
+        shown |= {m.group(2) for m in RESULTS._TABLE.finditer(page.read_text())}
+    kept = {p.stem for p in RESULTS.DATA.glob("*.json")}
+    assert kept <= shown, f"data files no page shows: {sorted(kept - shown)}"
+
+
+def test_a_results_table_that_disagrees_with_its_data_is_found(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    stats = {"rows": [], "differences": [], "seeds": 3}
+    summary = {
+        "command": "multipromot sweep c.yaml --seeds 0,1,2",
+        "seeds": [0, 1, 2],
+        "base_model": "both vary",
+        "axes": {},
+        "groups": [{"label": "all cells", "values": {}, "cells": [], "statistics": stats}],
+    }
+    (data / "t.json").write_text(__import__("json").dumps(summary))
+    page = tmp_path / "p.md"
+    page.write_text("before\n<!-- table: t main -->\nhand-typed 12.3\n<!-- end table -->\nafter\n")
+    monkeypatch.setattr(RESULTS, "DATA", data)
+    rendered = RESULTS.render(page)
+    assert rendered != page.read_text() and "hand-typed" not in rendered
+    assert rendered.startswith("before\n<!-- table: t main -->\n```\nmultipromot sweep c.yaml")
 
 
 @pytest.mark.parametrize("name", sorted(GEN.PAGES))
