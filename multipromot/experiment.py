@@ -26,7 +26,6 @@ from multipromot.bank import PromptBank
 from multipromot.bank.entry import parse_ref
 from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path, run_methods
 from multipromot.data.mixtures import load_mixture
-from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval.report import config_lines, read_statistics, terminal_summary, write_report
 from multipromot.eval.samples import SAMPLES_FILE, samples_digest, write_samples
@@ -34,8 +33,8 @@ from multipromot.eval.suites import load_suite
 from multipromot.fsio import json_sha256
 from multipromot.method_eval import curve, evaluate_method, score_model
 from multipromot.methods import Method
-from multipromot.models import load_model, read_lineage
-from multipromot.preflight import preflight
+from multipromot.models import is_encoder_decoder, load_model, read_lineage
+from multipromot.preflight import check_shots, preflight
 from multipromot.reuse import (
     changes,
     check_stale,
@@ -64,9 +63,12 @@ def run_experiment(cfg: RunConfig) -> Path:
     preflight(cfg, methods)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _, _, base_dir = load_model(cfg.model, seed=model_seed(cfg))
+    base, tokenizer, base_dir = load_model(cfg.model, seed=model_seed(cfg))
     if any(m.spec.adapters for m in methods):  # lora.target_modules, before any training
         lora.check_targets(base_dir, cfg.lora)
+    # k-shot inputs against their token budgets, before any training
+    check_shots(cfg, methods, tokenizer, decoder_only=not is_encoder_decoder(base))
+    del base
     stage1_refs: dict[str, str] = {}
     if any(m.spec.stage1 == "prompts" for m in methods):
         stage1_refs = _stage1(cfg, out)
@@ -135,6 +137,8 @@ def _run_method(
         changed = changes(saved.get("made_from"), record)
         if not changed and saved.get("samples") != samples_digest(samples):
             changed = "its per-item samples are missing or changed"
+        if not changed and method.trains:  # its scores stand, but a broken model is redone
+            changed = _unloadable(method_dir / "final")
         if not changed:
             made = "interpolated" if spec.weights == "interpolated" else "trained"
             print(f"{method.label}: reusing {done}")
@@ -319,7 +323,8 @@ def _stage2(cfg: RunConfig, method: Method, method_dir: Path, record: dict) -> t
             method_dir.mkdir(parents=True)
     write_record(made_from, record)
     print(f"stage 2: {method.label}")
-    stage2.finetune(_method_config(cfg, method, method_dir))
+    label = method.label if method.shots is not None else None  # what decided its shots
+    stage2.finetune(_method_config(cfg, method, method_dir), label=label)
     return final, False
 
 
@@ -428,6 +433,7 @@ def run_eval(cfg: RunConfig) -> Path:
     preflight(cfg, command="eval")
     model, tokenizer, model_dir = load_model(cfg.model, seed=model_seed(cfg))
     model.eval()
+    check_shots(cfg, [], tokenizer, decoder_only=not is_encoder_decoder(model))
     mixture = load_mixture(resolve_path(cfg, cfg.stage2.mixture))
     tasks = mixture.task_names
     trained = Stage2Record.exists(model_dir)
@@ -446,7 +452,7 @@ def run_eval(cfg: RunConfig) -> Path:
         prompted = prompt_table(model, bank, tasks, refs)
         rows = {t: i for i, t in enumerate(tasks)}
         if cfg.eval.router:
-            others = [get_task(t.name) for t in load_suite(resolve_path(cfg, cfg.eval.suite)).tasks]
+            others = load_suite(resolve_path(cfg, cfg.eval.suite)).resolved_tasks()
             router = calibrated_router(
                 router_entries(bank, refs), mixture.tasks, negatives=others, seed=cfg.seed
             )
@@ -454,7 +460,8 @@ def run_eval(cfg: RunConfig) -> Path:
     records = score_model(
         cfg, prompted, tokenizer, mixture, rows=rows, router=router, progress=label
     )
-    shots = Stage2Record.read(model_dir).shots if trained else 0
+    record = Stage2Record.read(model_dir) if trained else None
+    shots, kept = (record.shots, record.shots_kept) if record else (0, {})
     for r in records:
         r.update(
             method=label,
@@ -464,6 +471,7 @@ def run_eval(cfg: RunConfig) -> Path:
             bank_sha256=content,
             bank_dir=str(where) if refs else None,
             train_shots=shots,
+            train_shots_kept=kept,
         )
     out = Path(cfg.out_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

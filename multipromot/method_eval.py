@@ -15,7 +15,6 @@ from pathlib import Path
 from multipromot.bank import PromptBank
 from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture
-from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval.suites import evaluate_finetuned, evaluate_suite, load_suite
 from multipromot.methods import Method
@@ -103,7 +102,8 @@ def evaluate_method(
     if spec.routed:  # each task's prompt or adapter on its rows, routed by format
         rows = {t: i for i, t in enumerate(tasks)}
         router = _router(cfg, mixture, source) if cfg.eval.router else None
-    shots = Stage2Record.read(model_dir).shots if made.trains else 0
+    record = Stage2Record.read(model_dir) if made.trains else None
+    shots, kept = (record.shots, record.shots_kept) if record else (0, {})
     label = method.label if selected else f"{method.label} (step {step})"
     records = score_model(
         cfg, prompted, tokenizer, mixture, rows=rows, router=router, progress=label
@@ -117,6 +117,7 @@ def evaluate_method(
             bank_sha256=content,
             bank_dir=source[0] if source is not None else None,
             train_shots=shots,
+            train_shots_kept=kept,
         )
     return records
 
@@ -124,7 +125,7 @@ def evaluate_method(
 def _router(cfg: RunConfig, mixture, source: tuple[str, dict] | None):
     """The one router builder (:func:`multipromot.router.calibrated_router`) over the method's
     prompts (``source``), or over its tasks' own formats for adapters without a bank."""
-    others = [get_task(t.name) for t in load_suite(resolve_path(cfg, cfg.eval.suite)).tasks]
+    others = load_suite(resolve_path(cfg, cfg.eval.suite)).resolved_tasks()
     if source is not None:
         entries = router_entries(PromptBank(source[0]), source[1])
     else:

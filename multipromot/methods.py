@@ -33,6 +33,7 @@ __all__ = [
     "parse_method",
     "method_kind",
     "MAX_SHOTS",
+    "MIN_SHOTS_KEPT",
 ]
 
 
@@ -174,6 +175,10 @@ STAGE2_MODES = tuple(name for name, kind in KINDS.items() if kind.trains)
 # Exemplars per input (a label's +Kshot, stage2.shots, eval.shots): more fit no input length
 # this runs with.
 MAX_SHOTS = 64
+# A method whose k-shot inputs keep fewer than this share of their K exemplars within
+# stage2.max_input_length (the collator drops the rest) is refused before training: its label
+# (promot+65shot) would misstate what it trained with.
+MIN_SHOTS_KEPT = 0.5
 
 
 def method_kind(name: str, *, file: str | None = None, key: str = "stage2.mode") -> MethodKind:

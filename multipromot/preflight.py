@@ -9,21 +9,25 @@ suite (its tasks, and enough train rows for the exemplars asked).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from multipromot.bank import PromptBank
 from multipromot.bank.entry import definition_fingerprint, validate_task_name
 from multipromot.config import RunConfig, bank_dir, resolve_path
+from multipromot.data.collate import Collator
+from multipromot.data.exemplars import shots_kept
 from multipromot.data.mixtures import load_mixture
-from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
-from multipromot.eval.suites import load_suite
-from multipromot.methods import method_kind
+from multipromot.eval.suites import EVAL_MAX_INPUT_LENGTH, load_suite
+from multipromot.methods import MIN_SHOTS_KEPT, method_kind
 from multipromot.train.common import check_trackers, use_data_mirror
+from multipromot.train.stage2 import resolve_shots
 
-__all__ = ["preflight"]
+__all__ = ["preflight", "check_shots"]
 
 _PREFLIGHT_ROWS = 8  # rows rendered per task and split: a template that fails on data fails now
+_SHOTS_ROWS = 16  # k-shot inputs measured per task and shots setting
 
 
 def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "run") -> None:
@@ -167,7 +171,7 @@ def _check_suite(cfg: RunConfig) -> None:
     suite = load_suite(resolve_path(cfg, cfg.eval.suite))
     shots = max(cfg.eval.shots or suite.shots or [0])
     for entry in suite.tasks:
-        task = get_task(entry.name, file=suite.file, key="tasks")
+        task = entry.resolve()
         _check_rows(task, suite.split, suite.file)
         pool = len(task.examples("train")) if shots else 0
         if shots > pool:
@@ -177,3 +181,74 @@ def _check_suite(cfg: RunConfig) -> None:
                 file=where,
                 key="eval.shots",
             )
+
+
+def check_shots(cfg: RunConfig, methods: list, tokenizer, *, decoder_only: bool) -> None:
+    """Measure the rendered k-shot inputs against their token budgets, before anything trains
+    (the collator drops whole exemplars that do not fit, silently in the loop).
+
+    Stage 2 of each method that trains with K > 0 shots (its label's ``+Kshot``, else
+    ``stage2.shots``, else its mixture's header): every task's first train inputs within
+    ``stage2.max_input_length``; below :data:`MIN_SHOTS_KEPT` x K kept on average it is
+    refused, below K it is said. The suite's k-shot settings within the evaluation's budget:
+    said (the results record the exemplars each scored input kept).
+
+    Raises:
+        UserError: naming the method, the task, K and the budget.
+    """
+    where = cfg.config_file or None
+    s2 = cfg.stage2
+    train = Collator(
+        tokenizer,
+        decoder_only=decoder_only,
+        max_input_length=s2.max_input_length,
+        max_target_length=s2.max_target_length,
+    )
+    for method in methods:
+        if not method.trains:
+            continue
+        mixture = load_mixture(method.mixture)
+        asked = method.shots if method.shots is not None else s2.shots
+        label = method.label if method.shots is not None else None
+        shots, decided = resolve_shots(asked, mixture, label=label)
+        for task in mixture.tasks if shots else []:
+            kept = shots_kept(task, train, shots, seed=mixture.exemplar_seed, examples=_SHOTS_ROWS)
+            what = (
+                f"method {method.label!r} trains {shots}-shot ({decided}), but task "
+                f"{task.name!r}'s {shots}-shot inputs keep {kept:.2f} exemplars on average "
+                f"within stage2.max_input_length={s2.max_input_length} tokens"
+            )
+            if kept < MIN_SHOTS_KEPT * shots:
+                raise UserError(
+                    f"{what}; ask for fewer shots or raise stage2.max_input_length",
+                    file=where,
+                    key="methods" if method.shots is not None else "stage2.max_input_length",
+                )
+            if kept < shots:
+                print(f"warning: {what}; the rest are dropped", file=sys.stderr)
+    _warn_eval_shots(cfg, tokenizer, decoder_only)
+
+
+def _warn_eval_shots(cfg: RunConfig, tokenizer, decoder_only: bool) -> None:
+    """Say which suite tasks' k-shot inputs lose exemplars to the evaluation's budget."""
+    if not cfg.eval.suite:
+        return
+    suite = load_suite(resolve_path(cfg, cfg.eval.suite))
+    collator = Collator(
+        tokenizer,
+        decoder_only=decoder_only,
+        max_input_length=EVAL_MAX_INPUT_LENGTH,
+        for_generation=True,
+    )
+    for k in [k for k in (cfg.eval.shots or suite.shots) if k > 0]:
+        for task in suite.resolved_tasks():
+            kept = shots_kept(
+                task, collator, k, split=suite.split, seed=cfg.seed, examples=_SHOTS_ROWS
+            )
+            if kept < k:
+                print(
+                    f"warning: suite task {task.name!r} {k}-shot: its inputs keep {kept:.2f} of "
+                    f"{k} exemplars on average within the evaluation's "
+                    f"{EVAL_MAX_INPUT_LENGTH}-token budget (results record exemplars_kept)",
+                    file=sys.stderr,
+                )

@@ -23,7 +23,6 @@ from pathlib import Path
 from multipromot.bank import PromptBank
 from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture, mixture_fingerprint, tasks_fingerprint
-from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval.suites import load_suite
 from multipromot.fsio import write_json
@@ -195,7 +194,7 @@ def eval_record(cfg: RunConfig, method: Method, trained: dict | None, stage1_ref
             "shots": list(suite.shots),
             "examples": suite.examples,
             "split": suite.split,
-            "tasks": tasks_fingerprint([get_task(n) for n in suite.task_names]),
+            "tasks": tasks_fingerprint(suite.resolved_tasks()),
         },
         "data": mixture_fingerprint(mixture),
     }

@@ -115,6 +115,19 @@ def test_truncation_drops_first_exemplars_before_cutting_the_input(tok):
     assert batch["input_ids"][0].tolist() == ids("the ") + ids(" t") + [EOS]
 
 
+def test_exemplars_kept_counts_what_the_prompt_keeps(tok):
+    """What the records and the shots check report (issue 26, item 5) is what collation does."""
+    exemplars = ["first exemplar", "second"]
+    sep = len(ids(SEPARATOR))
+    item = Item(0, "the input", "t", exemplars=exemplars)
+    for budget, kept in [(200, 2), (len(ids("second")) + sep + len(ids("the input")) + 1, 1)]:
+        collator = Collator(tok, decoder_only=False, max_input_length=budget)
+        assert collator.exemplars_kept([item, Item(0, "x", "t")]) == [kept, 0]
+        prompt = tok.decode(collator([item])["input_ids"][0], skip_special_tokens=True)
+        assert prompt.count(SEPARATOR) == kept
+    assert Collator(tok, decoder_only=True, max_input_length=4).exemplars_kept([item]) == [0]
+
+
 def test_target_is_cut_to_max_target_length_including_eos(tok):
     item = Item(0, "in", "abcdefgh")
     enc = Collator(tok, decoder_only=False, max_target_length=4)([item])

@@ -257,3 +257,164 @@ def test_reports_state_the_command_as_typed_and_what_was_actually_used(tiny, tmp
     assert "stage1.lr=0.3" in produced  # how the prompts it used were made
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert results["produced"]["command"] == produced.split("```\n", 1)[1].split("\n```")[0]
+
+
+def test_a_relative_bank_dir_on_the_command_line_keeps_models_usable(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    """Item 6. Was: `bank.dir=relbank` on the command line was stored unresolved in
+    stage2.json, evaluation resolved it against final/, the run failed after stage 2 trained,
+    and running again reused the broken model."""
+    from multipromot.train import stage2
+
+    path, overrides = tiny
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    relative = [o for o in overrides if not o.startswith("bank.dir=")]
+    relative += ["bank.dir=relbank", "methods=[promot]"]
+    assert main(["run", str(path), *relative]) == 0
+    final = tmp_path / "run" / "methods" / "promot" / "final"
+    record = json.loads((final / "stage2.json").read_text())
+    assert record["bank_dir"] == str(work / "relbank")  # absolute: loadable from anywhere
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", str(path), *relative, f"model={final}"]) == 0
+    scored = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["records"]
+    assert {r["bank_dir"] for r in scored} == {str(work / "relbank")}
+
+    # A model folder whose record names its bank as the older multipromot wrote it (relative
+    # to nothing): not reused, made again.
+    monkeypatch.chdir(work)
+    record["bank_dir"] = "relbank"
+    (final / "stage2.json").write_text(json.dumps(record))
+    trained = []
+    real = stage2.finetune
+    monkeypatch.setattr(stage2, "finetune", lambda sub, **kw: trained.append(sub) or real(sub))
+    capsys.readouterr()
+    assert main(["run", str(path), *relative]) == 0
+    assert "cannot be loaded" in capsys.readouterr().out
+    assert [t.stage2.mode for t in trained] == ["promot"]
+    assert json.loads((final / "stage2.json").read_text())["bank_dir"] == str(work / "relbank")
+
+
+def test_k_shot_inputs_are_measured_against_their_budget(tiny, tmp_path, capsys):
+    """Item 5. Was: exemplars that did not fit max_input_length were dropped in collation while
+    the records kept the K asked; promot+65shot trained where about one exemplar fit."""
+    path, overrides = tiny
+    # 4 lab_rte exemplars keep 0.69 on average within 256 tokens: refused before training
+    assert main(["run", str(path), *overrides, "methods=[promot+4shot]"]) == 2
+    err = _error_line(capsys)
+    assert "methods: method 'promot+4shot' trains 4-shot" in err
+    assert "task 'lab_rte'" in err and "stage2.max_input_length=256" in err
+    assert not (tmp_path / "bank").exists()  # nothing trained
+
+    # 1 exemplar keeps 0.81 on average: said, trained, and recorded as kept
+    argv = ["run", str(path), *overrides, "methods=[promot+1shot]", "eval.shots=[8]"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: method 'promot+1shot' trains 1-shot (method label 'promot+1shot')" in err
+    assert "suite task 'lab_cb' 8-shot" in err  # the evaluation's budget, said too
+    final = tmp_path / "run" / "methods" / "promot+1shot" / "final"
+    record = json.loads((final / "stage2.json").read_text())
+    assert record["shots"] == 1 and record["shots_from"] == "method label 'promot+1shot'"
+    assert 0.5 <= record["shots_kept"]["lab_rte"] < 1.0
+    records = _records(tmp_path / "run")
+    assert all(r["train_shots_kept"] == record["shots_kept"] for r in records)
+    cb = [r for r in records if r["task"] == "lab_cb"]
+    assert cb and all(r["shots"] == 8 and r["exemplars_kept"] < 8 for r in cb)
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "`lab_cb` 8-shot: " in text and "did not fit the input budget" in text
+    assert "exemplars kept on average: lab_rte 0." in text
+
+
+def _heldout_suite(folder: Path) -> Path:
+    """A suite with one catalogue task and one inline task over local JSONL data."""
+    rows = [{"question": f"what is word {i}?", "answer": f"w{i % 5}"} for i in range(40)]
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = folder / "mine.yaml"
+    suite.write_text(
+        "name: mine\nshots: [1]\nexamples: 3\nsplit: test\ntasks:\n"
+        "  - {task: lab_cb, random: 33.33}\n"
+        "  - name: my_heldout\n"
+        "    source: {files: heldout.jsonl, format: json}\n"
+        '    template: {jinja: "Q: {{question}} A: ||| {{answer}}"}\n'
+        "    metric: exact_match\n"
+    )
+    return suite
+
+
+def test_a_suite_and_route_eval_take_inline_tasks(tiny, tmp_path, capsys):
+    """Item 8. Was: a suite accepted only catalogue and lab tasks, and `route --eval` refused
+    inline tasks: a researcher could not measure in-context ability, or the router, on
+    held-out tasks of their own."""
+    path, overrides = tiny
+    suite = _heldout_suite(tmp_path / "eval")
+    argv = ["run", str(path), *overrides, "methods=[promot]", f"eval.suite={suite}"]
+    assert main(argv) == 0
+    records = _records(tmp_path / "run")
+    mine = [r for r in records if r["task"] == "my_heldout"]
+    assert len(mine) == 1 and not mine[0]["seen"] and mine[0]["shots"] == 1
+    assert mine[0]["n"] == 2 and mine[0]["prompt"] is None  # eval.examples=2; no prompt
+    assert "my_heldout" in (tmp_path / "run" / "report.md").read_text()
+
+    # the router on the user's held-out tasks: how often they stay unprompted
+    bank = str(tmp_path / "bank")
+    capsys.readouterr()
+    assert main(["route", "--bank", bank, "--eval", "--suite", str(suite), "--examples", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "other-format inputs routed to none:" in out and "of 18 " in out  # 2 tasks x 3 x 3
+
+    # a bank of the user's own (inline) tasks: --mixture gives their definitions
+    inline = _inline_mixture(tmp_path / "mixtures", "mine", "even or odd?")
+    own = [*overrides, f"stage1.mixture={inline}", f"bank.dir={tmp_path / 'own_bank'}"]
+    assert main(["stage1", str(path), *own]) == 0
+    capsys.readouterr()
+    own_bank = str(tmp_path / "own_bank")
+    assert main(["route", "--bank", own_bank, "--eval", "--examples", "3"]) == 2
+    assert "--mixture" in _error_line(capsys)
+    routed = ["route", "--bank", own_bank, "--eval", "--examples", "3", "--json"]
+    assert main([*routed, "--mixture", str(inline), "--suite", str(suite)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_positives"] == 9 and result["per_task"]["my_task"] >= 0
+
+
+def test_selection_on_the_reported_split_is_said_and_can_be_held_out(tiny, tmp_path):
+    """Item 9. Was: a fine-tuned task scored on the split that also picked its stage-1 prompt
+    and stage-2 step (SuperGLUE's validation) said so in results.json only, and a config could
+    not hold out a selection split."""
+    from multipromot.data.mixtures import load_mixture
+
+    path, overrides = tiny
+    folder = tmp_path / "mixtures"
+    # as SuperGLUE's catalogue tasks are: `test` reads the source's validation split
+    same = folder / "same.yaml"
+    same.write_text(
+        "name: same\ntasks:\n  - {task: lab_rte, splits: {test: validation}}\n"
+        "  - task: lab_trans_fr\n"
+    )
+    both = [f"stage1.mixture={same}", f"stage2.mixture={same}", "methods=[promot]"]
+    assert main(["run", str(path), *overrides, *both]) == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "`lab_rte` is scored on `validation`, the split that also selected" in report
+    assert "`lab_trans_fr` is scored" not in report
+    rte = [r for r in _records(tmp_path / "run") if r["task"] == "lab_rte"]
+    assert rte and all(r["selected_on_scored_split"] for r in rte)
+
+    # the same task with its selection split held out from train: disjoint, nothing to say
+    held = folder / "held.yaml"
+    held.write_text(
+        "name: held\ntasks:\n"
+        "  - {task: lab_rte, splits: {test: validation, validation: {from: train, size: 20}}}\n"
+        "  - task: lab_trans_fr\n"
+    )
+    task = load_mixture(held).tasks[0]
+    assert task.split_origin("validation").startswith("held out from train (20 rows")
+    assert len(task.examples("train")) == len(load_mixture(same).tasks[0].examples("train")) - 20
+    out = [f"out_dir={tmp_path / 'held_run'}", f"stage1.mixture={held}", f"stage2.mixture={held}"]
+    assert main(["run", str(path), *overrides, *out, "methods=[promot]"]) == 0
+    assert "the split that also selected" not in (tmp_path / "held_run" / "report.md").read_text()
+    rte = [r for r in _records(tmp_path / "held_run") if r["task"] == "lab_rte"]
+    assert rte and not any(r["selected_on_scored_split"] for r in rte)

@@ -31,6 +31,11 @@ from multipromot.soft_prompt import PromptedModel
 from tests.conftest import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
+# An inline suite task (issue 26, item 8), as written in a mixture
+INLINE = (
+    'name: mine, source: {files: d.jsonl, format: json}, template: {jinja: "{{q}} ||| {{a}}"}, '
+    "metric: exact_match"
+)
 RECORD_KEYS = {
     "task",
     "shots",
@@ -42,6 +47,7 @@ RECORD_KEYS = {
     "prompt",
     "prompted",
     "split",
+    "exemplars_kept",
     "items",
 }
 ITEM_KEYS = {
@@ -140,15 +146,34 @@ def test_defaults_and_bare_task_names(tmp_path):
         ("name: s\ntasks: [{random: 3}]\n", "tasks[0]"),
         ("name: s\ntasks: [lab_cb, {task: lab_cb}]\n", "tasks[1].task"),
         ("name: s\ntasks: [3]\n", "tasks[0]"),
+        # inline tasks (issue 26, item 8): the mixture's form, and no catalogue name
+        (f"name: s\ntasks: [{{{INLINE}, rnd: 3}}]\n", "tasks[0].rnd"),
+        (f"name: s\ntasks: [{{{INLINE.replace('mine', 'lab_cb')}}}]\n", "tasks[0].name"),
+        (f"name: s\ntasks: [{{{INLINE}, task: lab_cb}}]\n", "tasks[0]"),
+        (f"name: s\ntasks: [{{{INLINE}, random: 100}}]\n", "tasks[0].random"),
+        ("name: s\ntasks: [{name: mine, metric: accuracy}]\n", "tasks[0].source"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path, text, key):
+    (tmp_path / "d.jsonl").write_text('{"q": "x", "a": "y"}\n')
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(UserError) as info:
         load_suite(path)
     assert info.value.file == str(path)
     assert info.value.key == key
+
+
+def test_inline_tasks_load_like_a_mixtures(tmp_path):
+    rows = "".join(f'{{"q": "question {i}", "a": "a{i}"}}\n' for i in range(30))
+    (tmp_path / "d.jsonl").write_text(rows)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\ntasks: [lab_cb, {{{INLINE}, random: 5}}]\n")
+    suite = load_suite(path)
+    assert suite.task_names == ["lab_cb", "mine"] and suite.random_baselines["mine"] == 5.0
+    lab_cb, mine = suite.resolved_tasks()
+    assert lab_cb is get_task("lab_cb") and mine.name == "mine"
+    assert mine.render(mine.examples("test")[0])[0].startswith("question ")
 
 
 def test_unreadable_files_are_user_errors(tmp_path):

@@ -10,9 +10,10 @@ import typer
 
 from multipromot.bank import PromptBank
 from multipromot.cli.app import app
+from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task, list_tasks, local_tasks
 from multipromot.errors import UserError
-from multipromot.eval.suites import routing_sets
+from multipromot.eval.suites import load_suite, routing_sets
 from multipromot.models import load_model
 from multipromot.router import calibrated_router, evaluate_routing, router_entries
 
@@ -25,6 +26,18 @@ def route(
     file: str = typer.Option(None, "--file", help="Route every line of this file."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure routing on held-out inputs."),
     examples: int = typer.Option(100, min=1, help="--eval: inputs per task and shots setting."),
+    mixture: str = typer.Option(
+        None,
+        "--mixture",
+        help="A mixture that defines the bank's tasks (inline tasks too): their held-out "
+        "inputs for --eval, and the calibration of those without a signature.",
+    ),
+    suite: str = typer.Option(
+        None,
+        "--suite",
+        help="--eval: an evaluation suite (inline tasks too) whose tasks are the other-format "
+        "inputs, instead of every local task: how often the router leaves them unprompted.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Which bank prompt (or none) each input gets, and why."""
@@ -35,14 +48,19 @@ def route(
     inputs = [] if evaluate else [*(texts or []), *(_read_lines(file) if file is not None else [])]
     if not evaluate and not inputs:
         raise UserError("give inputs to route, --file F, or --eval", key="route")
+    if suite is not None and not evaluate:
+        raise UserError("--suite goes with --eval (the held-out tasks it measures)", key="--suite")
+    defined = {t.name: t for t in load_mixture(mixture).tasks} if mixture is not None else {}
+    others = load_suite(suite).resolved_tasks() if suite is not None else None
     bank = PromptBank(bank_dir)
     if model is not None:
         bank = _accepted_view(bank, model)
     names = sorted({e.task for e in bank.entries()})
-    known = [get_task(name) for name in names if name in list_tasks()]
-    router = calibrated_router(router_entries(bank), known, negatives=local_tasks(exclude=names))
+    known = {n: defined.get(n) or get_task(n) for n in names if n in defined or n in list_tasks()}
+    negatives = others if others is not None else local_tasks(exclude=names)
+    router = calibrated_router(router_entries(bank), list(known.values()), negatives=negatives)
     if evaluate:
-        print(_route_eval(router, examples, as_json))
+        print(_route_eval(router, known, negatives, examples, as_json))
         return
     routes = router.route(inputs)
     if as_json:
@@ -81,20 +99,23 @@ def _accepted_view(bank, model: str):
     return View()
 
 
-def _route_eval(router, examples: int, as_json: bool) -> str:
-    """Route held-out inputs of the bank's tasks and of every other local task."""
-    unknown = [t for t in router.tasks if t not in list_tasks()]
+def _route_eval(router, known: dict, negatives: list, examples: int, as_json: bool) -> str:
+    """Route held-out inputs of the bank's tasks (catalogue tasks, or those ``--mixture``
+    defines) and of the other-format tasks (``--suite``'s, or every other local task)."""
+    unknown = [t for t in router.tasks if t not in known]
     if unknown:
         raise UserError(
             f"bank task {unknown[0]!r} is not a catalogue or registered task, so its held-out "
-            "inputs cannot be rendered; --eval measures banks of known tasks",
+            "inputs cannot be rendered; give its definition with --mixture (the mixture that "
+            "defines it, inline tasks too)",
             key="--eval",
         )
-    bank_tasks = [get_task(t) for t in router.tasks]
-    positives, negatives = routing_sets(
-        bank_tasks, local_tasks(exclude=router.tasks), examples=examples
+    positives, others = routing_sets(
+        [known[t] for t in router.tasks],
+        [t for t in negatives if t.name not in known],
+        examples=examples,
     )
-    result = evaluate_routing(router, positives, negatives)
+    result = evaluate_routing(router, positives, others)
     if as_json:
         return json.dumps(result, indent=1)
     return (

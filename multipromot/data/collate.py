@@ -134,14 +134,39 @@ class Collator:
                 cursor += 1
         return self._pad(items, prompts, targets)
 
+    def exemplars_kept(self, items: Sequence[Item]) -> list[int]:
+        """How many of each item's exemplars its prompt keeps: the truncation policy (module
+        docstring) drops whole exemplars, farthest first, until ``max_input_length`` fits.
+        Records and checks say how many shots an input really had with this."""
+        texts: list[str] = []
+        for item in items:
+            texts.extend(e + SEPARATOR for e in item.exemplars)
+            texts.append(item.input)
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        kept, cursor = [], 0
+        for item in items:
+            n = len(item.exemplars)
+            kept.append(self._fit(ids[cursor : cursor + n], ids[cursor + n]))
+            cursor += n + 1
+        return kept
+
+    def _budget(self) -> int:
+        """Tokens for ``E input``: the input budget less the leading specials and seq2seq's eos."""
+        return self.max_input_length - len(self.prefix) - (0 if self.decoder_only else 1)
+
+    def _fit(self, exemplars: list[list[int]], source: list[int]) -> int:
+        """How many exemplars (the last ones, nearest the input) fit with the input."""
+        kept, total = len(exemplars), sum(map(len, exemplars))
+        while kept and total + len(source) > self._budget():
+            total -= len(exemplars[len(exemplars) - kept])
+            kept -= 1
+        return kept
+
     def _prompt(self, exemplars: list[list[int]], source: list[int]) -> list[int]:
         """``B E input`` (+ eos for seq2seq), truncated by the policy in the module docstring."""
         closing = [] if self.decoder_only else [self.eos_id]
-        budget = self.max_input_length - len(self.prefix) - len(closing)
-        kept = list(exemplars)
-        while kept and sum(map(len, kept)) + len(source) > budget:
-            kept.pop(0)
-        room = max(budget - sum(map(len, kept)), 0)
+        kept = exemplars[len(exemplars) - self._fit(exemplars, source) :]
+        room = max(self._budget() - sum(map(len, kept)), 0)
         body = [tok for piece in kept for tok in piece] + list(source[:room])
         return self.prefix + body + closing
 

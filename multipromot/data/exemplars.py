@@ -20,7 +20,7 @@ import numpy as np
 from multipromot.data.sampler import task_size
 from multipromot.features import EXEMPLAR_SPLIT, TARGET_DELIMITER, Item, kshot_text
 
-__all__ = ["choose_exemplars", "render_exemplar", "build_item", "kshot_inputs"]
+__all__ = ["choose_exemplars", "render_exemplar", "build_item", "kshot_inputs", "shots_kept"]
 
 
 def _key(text: str) -> int:
@@ -121,3 +121,34 @@ def kshot_inputs(
         for k in shots
         for i in range(count)
     ]
+
+
+def shots_kept(
+    task: Any,
+    collator: Any,
+    shots: int,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    examples: int = 16,
+) -> float:
+    """The mean number of exemplars a ``shots``-shot input of ``task`` keeps once tokenized:
+    the collator drops whole exemplars that do not fit its ``max_input_length``.
+
+    Args:
+        task: the task.
+        collator: a :class:`~multipromot.data.collate.Collator` (its budget and tokenizer).
+        shots: exemplars asked per input.
+        split: the split the inputs come from.
+        seed: the exemplar seed.
+        examples: inputs measured (the split's first ones).
+
+    Returns:
+        The mean over the measured inputs (``shots`` when all fit; 0 for 0-shot).
+    """
+    count = min(examples, len(task.examples(split)))
+    if shots <= 0 or count == 0:
+        return float(max(shots, 0))
+    items = [build_item(task, i, split=split, shots=shots, seed=seed) for i in range(count)]
+    kept = collator.exemplars_kept(items)
+    return sum(kept) / len(kept)

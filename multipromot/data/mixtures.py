@@ -11,6 +11,9 @@ A mixture YAML file (``mixtures/*.yaml``) is data, validated on load; every erro
       - task: rte                          # a catalogue task
       - task: wmt14_en_fr
         rate: 2.0                          # an explicit rate
+      - task: cb                           # splits as an inline task's: here the split that
+        splits: {validation: {from: train, size: 250}}   # selects prompt and step is held
+                                           # out from train, disjoint from the scored one
       - name: my_rte_local                 # an inline task (source, template, metric)
         source: {files: data/rte/*.jsonl, format: json, split: train}
         template: {jinja: "{{premise}} ... ||| {{answer_choices[label]}}", answer_choices: "True ||| False"}
@@ -42,7 +45,7 @@ from typing import Any
 
 from multipromot.data.sampler import task_size
 from multipromot.data.sources import source_fingerprint
-from multipromot.data.tasks import check_inline_name, get_task, task_from_spec
+from multipromot.data.tasks import check_inline_name, get_task, task_from_spec, with_splits
 from multipromot.data.templates import load_template
 from multipromot.errors import UserError
 from multipromot.yamlio import check_keys, read_yaml
@@ -63,7 +66,7 @@ SCHEMA_VERSIONS = (1,)
 MAX_NESTING = 16
 _TOP_KEYS = ("name", "version", "description", "rate", "exemplars", "tasks")
 _EXEMPLAR_KEYS = ("shots", "seed")
-_CATALOGUE_KEYS = ("task", "rate", "template")
+_CATALOGUE_KEYS = ("task", "rate", "template", "splits")
 _NESTED_KEYS = ("mixture", "rate")
 _PROPORTIONAL_KEYS = ("cap", "temperature", "scale")
 
@@ -290,6 +293,8 @@ def _catalogue_entry(file: Path, key: str, entry: dict) -> Any:
         template = load_template(entry["template"], file=file, key=f"{key}.template")
         # A new Task object: the catalogue's own instance stays as it is for other mixtures.
         task = dataclasses.replace(task, template=template)
+    if "splits" in entry:  # e.g. a selection split held out from train: {validation: {...}}
+        task = with_splits(task, entry["splits"], file=file, key=f"{key}.splits")
     return task
 
 
@@ -362,7 +367,8 @@ def _load(file: Path, stack: tuple[Path, ...]) -> tuple[dict, list[_Entry]]:
             entries.extend(_nested_entries(file, key, entry, rate_spec, "rate" in entry, stack))
             continue
         if kinds[0] == "task":
-            task, catalogue = _catalogue_entry(file, key, entry), "template" not in entry
+            task = _catalogue_entry(file, key, entry)
+            catalogue = "template" not in entry and "splits" not in entry
         else:
             task, catalogue = _inline_entry(file, key, entry), False
         if task.name in defined_here:
@@ -482,16 +488,20 @@ def tasks_fingerprint(tasks: list[Any]) -> list[dict]:
     records = []
     for task in tasks:
         template = task.template
-        records.append(
-            {
-                "name": task.name,
-                "source": source_fingerprint(task.source),
-                "template": [template.id, template.jinja, template.answer_choices],
-                "metric": task.metric,
-                "postprocess": task.postprocess,
-                "splits": task.splits,
-            }
-        )
+        record = {
+            "name": task.name,
+            "source": source_fingerprint(task.source),
+            "template": [template.id, template.jinja, template.answer_choices],
+            "metric": task.metric,
+            "postprocess": task.postprocess,
+            "splits": task.splits,
+        }
+        # splits held out by hand (the automatic ones follow from the source); only when
+        # there are some, so the records of tasks without them stay as they were
+        held = {s: v for s, v in task.holdouts.items() if s not in task.auto_holdouts}
+        if held:
+            record["holdouts"] = held
+        records.append(record)
     return records
 
 

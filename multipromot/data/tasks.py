@@ -18,6 +18,7 @@ labels are hidden.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
@@ -55,6 +56,7 @@ __all__ = [
     "default_postprocess",
     "task_from_spec",
     "check_inline_name",
+    "with_splits",
     "register_task",
     "get_task",
     "list_tasks",
@@ -241,6 +243,16 @@ class Task:
             share = f"{size:.0%}" if size < 1 else f"{int(size)} rows"
             return f"held out from train ({share}, seeded)"
         return self.source_split(split)
+
+    def shares_rows(self, a: str, b: str) -> bool:
+        """Whether two framework splits are the same rows (SuperGLUE's ``test`` and
+        ``validation`` both read the source's validation split); held-out splits are disjoint
+        from every other split."""
+        if a == b:
+            return True
+        if a in self.holdouts or b in self.holdouts:
+            return False
+        return self.source_split(a) == self.source_split(b)
 
     def _without_unlabelled(self, rows: Sequence[dict], split: str) -> Sequence[dict]:
         """Drop rows whose ``label`` is negative (SuperGLUE's and SNLI's -1, "no gold label")
@@ -524,6 +536,30 @@ def get_task(name: str, *, file: str | os.PathLike | None = None, key: str | Non
     task = task_from_spec(entry.spec, file=entry.file, key=entry.key)
     _BUILT[name] = task
     return task
+
+
+def with_splits(
+    task: Task, splits: Any, *, file: str | os.PathLike | None, key: str | None
+) -> Task:
+    """``task`` with some of its splits given another way (the form of an inline task's
+    ``splits``): a mixture's catalogue entry may hold out the split that selects the stage-1
+    prompt and the stage-2 step, e.g. ``{validation: {from: train, size: 250}}``, where the
+    catalogue's validation split is also the scored one (SuperGLUE's test labels are hidden).
+
+    Returns:
+        A new Task (the catalogue's own instance is unchanged).
+
+    Raises:
+        UserError: a malformed ``splits`` (naming the file and key).
+    """
+    renames, holdouts = _check_splits(splits, file=file, key=key)
+    given = set(renames) | set(holdouts)
+    return dataclasses.replace(
+        task,
+        splits={**{s: v for s, v in task.splits.items() if s not in given}, **renames},
+        holdouts={**{s: v for s, v in task.holdouts.items() if s not in given}, **holdouts},
+        auto_holdouts=tuple(s for s in task.auto_holdouts if s not in given),
+    )
 
 
 def check_inline_name(name: str, *, file: str | os.PathLike | None, key: str | None) -> None:

@@ -700,7 +700,7 @@ def _notes(records: list[dict]) -> list[str]:
         {
             (r["task"], r["split"])
             for r in records
-            if r.get("seen") and r.get("split") and r.get("split") == r.get("selection_split")
+            if r.get("seen") and r.get("selected_on_scored_split")
         }
     )
     for task, split in same:
@@ -749,7 +749,18 @@ def _method_lines(records: list[dict], methods: dict[str, str] | None) -> list[s
         else:
             parts = ["base weights"]
         if r.get("train_shots"):
-            parts.append(f"trained {r['train_shots']}-shot")
+            kept = r.get("train_shots_kept") or {}
+            short = {t: k for t, k in kept.items() if k < r["train_shots"]}
+            parts.append(
+                f"trained {r['train_shots']}-shot"
+                + (
+                    " (exemplars kept on average: "
+                    + ", ".join(f"{t} {k:.2f}" for t, k in sorted(short.items()))
+                    + "; the rest did not fit stage2.max_input_length)"
+                    if short
+                    else ""
+                )
+            )
         refs = r.get("bank_refs") or {}
         parts.append("prompts " + ", ".join(sorted(refs.values())) if refs else "no prompts")
         if methods and label in methods:

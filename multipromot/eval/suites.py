@@ -11,9 +11,15 @@ A suite YAML file (``eval/*.yaml``) is data, validated on load; every error is o
       - task: lab_cb
         random: 33.33        # random-guess score (0-100) for BIG-bench's normalized metric
       - lab_qa               # a bare name: no baseline given (0, as for generative tasks)
+      - name: my_heldout     # an inline task, the same form as in a mixture (your own data)
+        source: {files: data/heldout.jsonl, format: json}
+        template: {jinja: "{{question}} ||| {{answer}}"}
+        metric: exact_match
+        random: 0
 
 Splits are framework names; a catalogue task maps them to its source's (SuperGLUE's ``test``
-is its ``validation``: the test labels are hidden).
+is its ``validation``: the test labels are hidden). An inline task's relative files resolve
+against the suite's folder, and it may not take a catalogue task's name.
 
 :func:`evaluate_suite` turns a suite into flat records, one per (task, shots): every k-shot
 input of every task goes through **one** batched :func:`~multipromot.eval.generation.predict` call per
@@ -37,7 +43,7 @@ from typing import Any
 from multipromot.data.collate import Collator
 from multipromot.data.exemplars import build_item
 from multipromot.data.metrics import item_values, postprocess, score, specialization_rate
-from multipromot.data.tasks import get_task
+from multipromot.data.tasks import check_inline_name, get_task, task_from_spec
 from multipromot.errors import UserError
 from multipromot.eval import generation
 from multipromot.eval.samples import input_digest
@@ -46,6 +52,7 @@ from multipromot.yamlio import check_keys, read_yaml
 
 __all__ = [
     "DEFAULT_SHOTS",
+    "EVAL_MAX_INPUT_LENGTH",
     "SuiteTask",
     "EvalSuite",
     "load_suite",
@@ -56,6 +63,8 @@ __all__ = [
 ]
 
 DEFAULT_SHOTS: tuple[int, ...] = (1, 4)  # the paper evaluates unseen tasks 1- and 4-shot
+# Token budget of a k-shot input at evaluation (exemplars that do not fit are dropped first).
+EVAL_MAX_INPUT_LENGTH = 512
 _TOP_KEYS = ("name", "description", "shots", "examples", "split", "tasks")
 _TASK_KEYS = ("task", "random")
 
@@ -65,13 +74,19 @@ class SuiteTask:
     """One task of a suite.
 
     Args:
-        name: a catalogue task name.
+        name: a catalogue task name, or an inline task's name.
         random: its random-guess score (0-100); 0 when not given, which is right for generative
             metrics (BLEU, exact match, ROUGE) and leaves the score unchanged when normalized.
+        task: an inline task's definition (None: the catalogue's task of that name).
     """
 
     name: str
     random: float = 0.0
+    task: Any = None
+
+    def resolve(self) -> Any:
+        """The Task: the inline definition, or the catalogue's."""
+        return self.task if self.task is not None else get_task(self.name)
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,10 @@ class EvalSuite:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def resolved_tasks(self) -> list[Any]:
+        """The Task objects, in order (inline definitions, or the catalogue's)."""
+        return [t.resolve() for t in self.tasks]
 
     @property
     def random_baselines(self) -> dict[str, float]:
@@ -146,7 +165,22 @@ def _task(file: str, index: int, entry: Any, check_task) -> SuiteTask:
         entry = {"task": entry}
     if not isinstance(entry, dict):
         raise UserError(
-            f"must be a task name or a mapping with 'task', got {entry!r}", file=file, key=key
+            f"must be a task name, a mapping with 'task', or an inline task with 'name', got "
+            f"{entry!r}",
+            file=file,
+            key=key,
+        )
+    if "name" in entry and "task" not in entry:  # an inline task, as in a mixture
+        task = task_from_spec(entry, file=file, key=key, ignore=("random",))
+        check_inline_name(task.name, file=file, key=key)
+        random = _random(file, f"{key}.random", entry["random"]) if "random" in entry else 0.0
+        return SuiteTask(name=task.name, random=random, task=task)
+    if "name" in entry:
+        raise UserError(
+            "a suite task has either 'task' (a catalogue task) or 'name' (an inline task), "
+            "not both",
+            file=file,
+            key=key,
         )
     check_keys(file, key, entry, _TASK_KEYS)
     if "task" not in entry:
@@ -227,7 +261,9 @@ def load_suite(path: str | os.PathLike, *, check_tasks: bool = True) -> EvalSuit
 
 
 def _resolve(task: Any) -> Any:
-    """A Task object from a catalogue name (or the object itself)."""
+    """A Task object from a catalogue name, a suite's task (or the object itself)."""
+    if isinstance(task, SuiteTask):
+        return task.resolve()
     return get_task(task) if isinstance(task, str) else task
 
 
@@ -325,6 +361,7 @@ def _record(
     random: float,
     specialization_answers: Sequence[str] | None,
     split: str,
+    kept: list[int] | None = None,
 ) -> dict:
     """Score one task's outputs: a flat summary record, with every scored item under ``items``
     (written to samples.jsonl by :func:`multipromot.eval.samples.write_samples`)."""
@@ -364,6 +401,8 @@ def _record(
         "prompted": 100.0 * sum(name is not None for name in names) / len(names),
         # Where the scored rows come from (a split held out from train says so).
         "split": task.split_origin(split) if hasattr(task, "split_origin") else split,
+        # k-shot: the exemplars an input kept on average (the rest did not fit the budget)
+        "exemplars_kept": sum(kept) / len(kept) if kept and shots else None,
         "items": scored,
     }
 
@@ -379,8 +418,9 @@ def _run(
     max_new_tokens: int,
     max_input_length: int,
     progress: str | None = None,
-) -> list[list[str]]:
-    """One batched predict over all groups' items; returns the outputs split back per group."""
+) -> tuple[list[list[str]], list[list[int]]]:
+    """One batched predict over all groups' items; returns the outputs split back per group,
+    and per group the exemplars each item's prompt kept within ``max_input_length``."""
     collator = Collator(
         tokenizer,
         decoder_only=decoder_only,
@@ -398,11 +438,12 @@ def _run(
         max_new_tokens=max_new_tokens,
         progress=progress,
     )
-    split_outputs, start = [], 0
+    split_outputs, kept, start = [], [], 0
     for _, group_items, _ in groups:
         split_outputs.append(outputs[start : start + len(group_items)])
+        kept.append(collator.exemplars_kept(group_items) if group_items else [])
         start += len(group_items)
-    return split_outputs
+    return split_outputs, kept
 
 
 def _report(progress: str | None, record: dict) -> dict:
@@ -429,7 +470,7 @@ def evaluate_suite(
     num_beams: int = 1,
     batch_size: int = 32,
     max_new_tokens: int = 32,
-    max_input_length: int = 512,
+    max_input_length: int = EVAL_MAX_INPUT_LENGTH,
     seed: int = 0,
     progress: str | None = None,
 ) -> list[dict]:
@@ -475,7 +516,7 @@ def evaluate_suite(
         raise ValueError(f"need examples >= 1 and shots >= 0, got {examples} and {shots}")
     if prompt_rows is None:
         prompt_rows = {name: i for i, name in enumerate(getattr(prompted, "task_names", []))}
-    tasks = [_resolve(t.name) for t in suite.tasks]
+    tasks = suite.resolved_tasks()
     random = suite.random_baselines
     records: list[dict] = []
     for k in shots:
@@ -488,7 +529,7 @@ def evaluate_suite(
                 for item, row in zip(items, rows, strict=True):
                     item.task_id = row
             groups.append((task, items, names))
-        outputs = _run(
+        outputs, kept = _run(
             prompted,
             tokenizer,
             groups,
@@ -499,7 +540,7 @@ def evaluate_suite(
             max_input_length=max_input_length,
             progress=f"{progress} {k}-shot" if progress else None,
         )
-        for (task, items, names), outs in zip(groups, outputs, strict=True):
+        for (task, items, names), outs, fits in zip(groups, outputs, kept, strict=True):
             records.append(
                 _report(
                     progress,
@@ -512,6 +553,7 @@ def evaluate_suite(
                         random=random[task.name],
                         specialization_answers=specialization_answers,
                         split=suite.split,
+                        kept=fits,
                     ),
                 )
             )
@@ -531,7 +573,7 @@ def evaluate_finetuned(
     num_beams: int = 1,
     batch_size: int = 32,
     max_new_tokens: int = 32,
-    max_input_length: int = 512,
+    max_input_length: int = EVAL_MAX_INPUT_LENGTH,
     progress: str | None = None,
 ) -> list[dict]:
     """Zero-shot scores of the fine-tuned tasks, each with its own prompt.
@@ -568,7 +610,7 @@ def evaluate_finetuned(
         for item, row in zip(items, rows, strict=True):
             item.task_id = row
         groups.append((task, items, names))
-    outputs = _run(
+    outputs, _ = _run(
         prompted,
         tokenizer,
         groups,
@@ -579,12 +621,14 @@ def evaluate_finetuned(
         max_input_length=max_input_length,
         progress=f"{progress} 0-shot" if progress else None,
     )
-    return [
-        _report(
-            progress,
-            _record(
-                task, 0, items, outs, names, random=0.0, specialization_answers=None, split=split
-            ),
+    records = []
+    for (task, items, names), outs in zip(groups, outputs, strict=True):
+        record = _record(
+            task, 0, items, outs, names, random=0.0, specialization_answers=None, split=split
         )
-        for (task, items, names), outs in zip(groups, outputs, strict=True)
-    ]
+        # the best stage-1 prompt and stage-2 step are picked on validation: the report says
+        # so when these scores come from the same rows
+        if hasattr(task, "shares_rows"):
+            record["selected_on_scored_split"] = task.shares_rows(split, "validation")
+        records.append(_report(progress, record))
+    return records

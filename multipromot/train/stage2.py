@@ -54,12 +54,13 @@ from tqdm.auto import tqdm
 from multipromot.config import RunConfig, model_seed, parse_size, resolve_path
 from multipromot.data.batches import batches_from_draws
 from multipromot.data.collate import Collator
+from multipromot.data.exemplars import shots_kept
 from multipromot.data.mixtures import Mixture, load_mixture
 from multipromot.data.sampler import MixtureSampler
 from multipromot.errors import UserError
 from multipromot.eval.generation import validate_tasks
 from multipromot.features import IGNORE_INDEX
-from multipromot.methods import MethodKind, method_kind
+from multipromot.methods import MIN_SHOTS_KEPT, MethodKind, method_kind
 from multipromot.train import distributed as D
 from multipromot.train import hft
 from multipromot.train.checkpoint import load_checkpoint, read_trainer_state
@@ -133,15 +134,18 @@ class Preempted(SystemExit):
     """
 
 
-def resolve_shots(stage2_shots: int, mixture: Mixture) -> tuple[int, str]:
+def resolve_shots(
+    stage2_shots: int, mixture: Mixture, *, label: str | None = None
+) -> tuple[int, str]:
     """Exemplars per stage-2 example and what decided it: ``stage2.shots`` when >= 0 (``run``
-    sets it from a method's ``+Kshot``), else the mixture header's ``exemplars.shots``."""
+    sets it from a method's ``+Kshot``: ``label`` names that method), else the mixture
+    header's ``exemplars.shots``."""
     if stage2_shots >= 0:
-        return stage2_shots, "stage2.shots"
+        return stage2_shots, f"method label {label!r}" if label else "stage2.shots"
     return mixture.shots, f"exemplars.shots of mixture {mixture.name!r}"
 
 
-def finetune(cfg: RunConfig, *, progress: bool = True) -> Path:
+def finetune(cfg: RunConfig, *, progress: bool = True, label: str | None = None) -> Path:
     """Run stage 2 as ``cfg.stage2`` says; resume from a checkpoint if there is one.
 
     Under torchrun every rank calls this; the process group is joined and left here.
@@ -149,6 +153,8 @@ def finetune(cfg: RunConfig, *, progress: bool = True) -> Path:
     Args:
         cfg: the run config (``model``, ``seed``, ``out_dir``, ``bank.dir``, ``stage2.*``).
         progress: show the progress bar (rank 0 only).
+        label: the method label whose ``+Kshot`` ``run`` wrote into ``stage2.shots`` (what
+            the record says decided the shots).
 
     Returns:
         The run's output directory (``final/`` inside holds the selected model).
@@ -159,7 +165,7 @@ def finetune(cfg: RunConfig, *, progress: bool = True) -> Path:
     """
     created = D.init_distributed()
     try:
-        run = setup(cfg, progress=progress)
+        run = setup(cfg, progress=progress, label=label)
         train(run)
         finish(
             run.out,
@@ -266,14 +272,15 @@ class Stage2Run:
         )
 
 
-def setup(cfg: RunConfig, *, progress: bool = True) -> Stage2Run:
+def setup(cfg: RunConfig, *, progress: bool = True, label: str | None = None) -> Stage2Run:
     """Build stage 2 from the config: check the kind and the resume point (before any model is
     loaded), then the model, optimizer, schedule, sample stream and collator, and restore the
     checkpoint a run continues from.
 
     Raises:
         UserError: a kind that trains in one process under torchrun, a batch that does not
-            split over the ranks, a checkpoint of another kind or other settings.
+            split over the ranks, a checkpoint of another kind or other settings, k-shot
+            inputs that keep fewer than ``methods.MIN_SHOTS_KEPT`` of their exemplars.
     """
     s2 = cfg.stage2
     kind = method_kind(s2.mode, file=cfg.config_file or None)
@@ -295,7 +302,7 @@ def setup(cfg: RunConfig, *, progress: bool = True) -> Stage2Run:
     resume_from, saved = _resume_point(checkpoints, s2.resume, kind)
     torch.manual_seed(cfg.seed)
     mixture = load_mixture(resolve_path(cfg, s2.mixture))
-    shots, shots_from = resolve_shots(s2.shots, mixture)
+    shots, shots_from = resolve_shots(s2.shots, mixture, label=label)
     settings = _settings(cfg, kind, mixture, shots)
     if saved is not None:  # refused before the model is even loaded
         _check_settings(saved.get("settings"), settings, resume_from, progress)
@@ -335,10 +342,34 @@ def setup(cfg: RunConfig, *, progress: bool = True) -> Stage2Run:
         progress=progress,
         best=best,
     )
+    run.record.shots_kept = _shots_kept(run)
     if resume_from is not None:
         _restore(run, resume_from)
     D.on_rank0(MetricsLog(out).trim, run.start, stage=2)  # the steps it logs again
     return run
+
+
+def _shots_kept(run: Stage2Run) -> dict[str, float]:
+    """Per task, the exemplars its k-shot inputs keep on average within
+    ``stage2.max_input_length`` (the collator drops the rest); recorded in ``stage2.json``.
+
+    Raises:
+        UserError: a task keeps fewer than ``MIN_SHOTS_KEPT`` of the shots asked.
+    """
+    if not run.shots:
+        return {}
+    kept = {}
+    for task in run.mixture.tasks:
+        kept[task.name] = shots_kept(task, run.collator, run.shots, seed=run.mixture.exemplar_seed)
+        if kept[task.name] < MIN_SHOTS_KEPT * run.shots:
+            raise UserError(
+                f"{run.shots}-shot training ({run.record.shots_from}), but task {task.name!r}'s "
+                f"inputs keep {kept[task.name]:.2f} exemplars on average within "
+                f"stage2.max_input_length={run.cfg.stage2.max_input_length} tokens; ask for "
+                "fewer shots or raise stage2.max_input_length",
+                key="stage2.max_input_length",
+            )
+    return kept
 
 
 def _resume_point(checkpoints: Checkpoints, resume: str, kind: MethodKind):

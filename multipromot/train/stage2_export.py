@@ -62,7 +62,9 @@ class Stage2Record:
             records of an older multipromot.
         prompt_shape: ``[tasks, P, d]`` of the prompt table, or None.
         dtype: the weights' dtype.
-        shots: exemplars per stage-2 example, and ``shots_from`` what decided it.
+        shots: exemplars per stage-2 example, and ``shots_from`` what decided it;
+            ``shots_kept``: per task, the exemplars its inputs kept on average within
+            ``stage2.max_input_length`` (the collator drops whole exemplars that do not fit).
         step: the stage-2 step of these weights; ``selected_by`` (``metric``, ``loss`` or
             ``last``) and ``value`` say why that step.
         settings: the config sections that shape the kind (``MethodKind.settings``: ``hft``,
@@ -80,6 +82,7 @@ class Stage2Record:
     dtype: str
     shots: int = 0
     shots_from: str = ""
+    shots_kept: dict[str, float] = field(default_factory=dict)
     step: int = 0
     selected_by: str = "last"
     value: float | None = None
