@@ -669,17 +669,27 @@ def run_methods(cfg: RunConfig) -> list[Method]:
     mixture paths resolved.
 
     Raises:
-        UserError: a label the grammar refuses.
+        UserError: a label the grammar refuses, or one method under two labels.
     """
     mixtures = {alias: resolve_path(cfg, path) for alias, path in cfg.mixtures.items()}
     default = resolve_path(cfg, cfg.stage2.mixture)
     file = cfg.config_file or None
-    return [
+    methods = [
         parse_method(
             label, mixtures=mixtures, default_mixture=default, listed=cfg.methods, file=file
         )
         for label in cfg.methods
     ]
+    seen: dict[tuple, str] = {}
+    for method in methods:  # one method under two spellings would be evaluated twice
+        first = seen.setdefault(method.identity, method.label)
+        if first != method.label:
+            raise UserError(
+                f"lists {first!r} and {method.label!r}, the same method twice",
+                file=file,
+                key="methods",
+            )
+    return methods
 
 
 def bank_dir(cfg: RunConfig) -> str:

@@ -64,8 +64,11 @@ def run_experiment(cfg: RunConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base, tokenizer, base_dir = load_model(cfg.model, seed=model_seed(cfg))
-    if any(m.spec.adapters for m in methods):  # lora.target_modules, before any training
-        lora.check_targets(base_dir, cfg.lora)
+    if any(m.spec.adapters for m in methods):  # lora.*, before any training
+        try:
+            lora.check_targets(base_dir, cfg.lora)
+        except UserError as e:  # the keys are the config's
+            raise UserError(e.message, file=e.file or cfg.config_file or None, key=e.key) from None
     # k-shot inputs against their token budgets, before any training
     check_shots(cfg, methods, tokenizer, decoder_only=not is_encoder_decoder(base))
     del base

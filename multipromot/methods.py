@@ -231,6 +231,13 @@ class Method:
         return self.spec.trains
 
     @property
+    def identity(self) -> tuple:
+        """What makes two labels the same method (``wise0.5:standard`` and
+        ``wise0.50:standard``; ``promot+1shot`` and ``promot+01shot``)."""
+        source = self.source.identity if self.source is not None else None
+        return (self.kind, self.shots, self.mixture, self.alpha, source)
+
+    @property
     def uses_prompts(self) -> bool:
         return self.made.spec.prompted
 

@@ -158,8 +158,15 @@ def _check_rows(task, split: str, file) -> None:
     rows = task.examples(split)
     if not len(rows):
         raise UserError(f"task {task.name!r} has no {split} examples", file=file, key=task.name)
-    for i in range(min(_PREFLIGHT_ROWS, len(rows))):
-        task.render(rows[i])
+    targets = [task.render(rows[i])[1] for i in range(min(_PREFLIGHT_ROWS, len(rows)))]
+    if not any(targets):
+        raise UserError(
+            f"task {task.name!r}: its template renders an empty target on the first "
+            f"{len(targets)} {split} rows (a field that is empty, or missing with a default): "
+            "nothing to learn or score",
+            file=file,
+            key=task.name,
+        )
 
 
 def _check_suite(cfg: RunConfig) -> None:

@@ -122,8 +122,11 @@ def test_pull_writes_what_the_task_loads_back(tmp_path):
 
 
 def test_data_check_says_where_each_task_loads_from(mirror, capsys):
-    assert main(["data", "check", "--mirror", str(mirror), "--json"]) == 0
-    rows = {r["task"]: r for r in json.loads(capsys.readouterr().out)}
+    # exit status 1: the hub tasks outside the mirror cannot load offline (issue 26, item 7)
+    assert main(["data", "check", "--mirror", str(mirror), "--json"]) == 1
+    out, err = capsys.readouterr()
+    rows = {r["task"]: r for r in json.loads(out)}
+    assert "tasks cannot load: " in err and "xsum" in err
     assert rows["rte"]["where"] == f"mirror {mirror / 'aps' / 'super_glue'}"
     assert rows["rte"]["rows"] == {"train": 6, "validation": 3, "test": 3}
     assert rows["rte"]["error"] is None

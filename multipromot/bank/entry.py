@@ -340,6 +340,37 @@ class BankProblem:
 # ----------------------------------------------------------------------------- helpers
 
 
+def export_dir(bank_root: str | os.PathLike, out_dir: str | os.PathLike, *, key: str) -> Path:
+    """Check where an export (PEFT, vLLM) will write, before anything is written: outside the
+    bank (a folder in it breaks its layout), a new or empty directory, under a folder that
+    exists or can be made, and writable.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        BankError: naming ``out_dir`` and the entry.
+    """
+    out = Path(out_dir)
+    if out.resolve().is_relative_to(Path(bank_root).resolve()):
+        raise BankError(
+            "is inside the prompt bank; export to a folder outside it (an adapter folder in the "
+            "bank breaks its layout)",
+            file=out,
+            key=key,
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BankError("exists and is not an empty directory; choose a new one", file=out, key=key)
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BankError(f"cannot be made: {parent} is a file, not a folder", file=out, key=key)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BankError(f"cannot be made: {parent} is not writable", file=out, key=key)
+    return out
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 

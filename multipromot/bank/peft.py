@@ -21,6 +21,7 @@ from multipromot.bank.entry import (
     PEFT_TENSOR_KEY,
     PEFT_WEIGHTS_FILE,
     BankEntry,
+    export_dir,
     validate_task_name,
 )
 from multipromot.errors import BankError
@@ -68,19 +69,7 @@ def export_peft(
     prompt = bank.load_prompt(entry)
     base = base_model_name_or_path or entry.meta["base_model"].get("name") or None
     task_type = _peft_task_type(task_type, base, key=entry.ref)
-    out = Path(out_dir)
-    if out.resolve().is_relative_to(Path(bank.root).resolve()):
-        raise BankError(
-            "is inside the prompt bank; export to a folder outside it (an adapter folder in the "
-            "bank breaks its layout)",
-            file=out,
-            key=entry.ref,
-        )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BankError(
-            "exists and is not an empty directory; choose a new one", file=out, key=entry.ref
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = export_dir(bank.root, out_dir, key=entry.ref)
     config = PromptTuningConfig(
         task_type=TaskType(task_type),
         num_virtual_tokens=entry.prompt_length,
@@ -89,7 +78,11 @@ def export_peft(
         base_model_name_or_path=base,
         inference_mode=True,  # what PeftModel.save_pretrained writes
     )
-    tmp = temp_dir_for(out)  # the umask's mode (mkdtemp's 0700 hid the export from others)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir_for(out)  # the umask's mode (mkdtemp's 0700 hid the export from others)
+    except OSError as e:  # e.g. a read-only or virtual file system (/proc)
+        raise BankError(f"cannot be written ({e.strerror or e})", file=out, key=entry.ref) from None
     try:
         config.save_pretrained(os.fspath(tmp))
         # bytes written through fsio (save_file makes the file 0600, whatever the umask)

@@ -433,7 +433,11 @@ class PromptBank:
                 check_definition(self.get(refs[task.name]), task)
 
     def entries(
-        self, task: str | None = None, *, problems: list[BankProblem] | None = None
+        self,
+        task: str | None = None,
+        *,
+        problems: list[BankProblem] | None = None,
+        check_prompts: bool = False,
     ) -> list[BankEntry]:
         """Every entry (or every entry of ``task``), by task then version.
 
@@ -441,6 +445,8 @@ class PromptBank:
             task: only this task's entries.
             problems: when given, an unreadable entry is appended here and skipped (a listing
                 of the healthy entries); otherwise it raises.
+            check_prompts: also read each entry's tensor and check it (sha256, shape, finite
+                values): a listing then never shows a NaN prompt as healthy.
 
         Raises:
             BankError: an unreadable entry (without ``problems``).
@@ -452,7 +458,10 @@ class PromptBank:
         for t, versions in sorted(disk.items()):
             for v in versions:
                 try:
-                    found.append(self._read_entry(t, v, current=current.get(t) == v))
+                    entry = self._read_entry(t, v, current=current.get(t) == v)
+                    if check_prompts:
+                        self._decode_prompt(entry, self._read_prompt_bytes(entry))
+                    found.append(entry)
                 except BankError as e:
                     # readers take no lock: a writer may have removed it since the listing
                     # (renamed out whole), which is not an error of the listing

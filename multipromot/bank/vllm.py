@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from multipromot.bank.entry import export_dir
 from multipromot.errors import BankError
 from multipromot.fsio import publish_dir, sha256_bytes, temp_dir_for, write_durably, write_json
 
@@ -76,17 +77,16 @@ def export_vllm(
     name = dtype or model_dtype
     if name not in _DTYPES:
         raise BankError(f"dtype {name!r}: use one of {', '.join(_DTYPES)}", key="dtype")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BankError(
-            "exists and is not an empty directory; choose a new one", file=out, key=entry.ref
-        )
+    out = export_dir(bank.root, out_dir, key=entry.ref)  # never into the bank's own folder
     prompt = bank.load_prompt(entry).to(_DTYPES[name]).contiguous()
     buffer = io.BytesIO()
     torch.save(prompt, buffer)
     data = buffer.getvalue()
     text = base64.b64encode(data)
-    tmp = temp_dir_for(out)
+    try:
+        tmp = temp_dir_for(out)
+    except OSError as e:  # e.g. a read-only or virtual file system (/proc)
+        raise BankError(f"cannot be written ({e.strerror or e})", file=out, key=entry.ref) from None
     write_durably(tmp / VLLM_TENSOR_FILE, data)
     write_durably(tmp / VLLM_BASE64_FILE, text)
     write_json(

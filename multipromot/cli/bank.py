@@ -77,9 +77,10 @@ def list_entries(
     json_out: JsonOpt = False,
 ) -> None:
     """Every task with its current version, prompt length, base model, stage-1 score, date.
-    Unreadable entries are flagged on stderr (exit status 1); the healthy ones are listed."""
+    Unreadable entries (a checksum, shape or NaN in the tensor too) are flagged on stderr
+    (exit status 1); the healthy ones are listed."""
     problems: list = []
-    entries = _open_bank(bank).entries(problems=problems)
+    entries = _open_bank(bank).entries(problems=problems, check_prompts=True)
     try:
         _list(bank, entries, all_versions, json_out)
     finally:

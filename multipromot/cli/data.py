@@ -3,6 +3,7 @@ mirror on a machine that reaches the hub (``pull``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,15 +31,20 @@ MirrorOpt = Annotated[
 ]
 
 
+CHECK_ROWS = 8  # rows per split rendered with the task's template: its fields must be there
+
+
 def check_tasks(names: list[str]) -> list[dict[str, Any]]:
-    """Per task: where it loads from and its rows per split, or why it cannot load.
+    """Per task: where it loads from and its rows per split, or why it cannot load. The first
+    rows of each split are rendered with the task's template, so data whose columns are not
+    the template's fields (another dataset stored under the task's name) is found here.
 
     Args:
         names: task names.
 
     Returns:
         ``{"task", "source", "where", "rows": {split: n}, "error"}`` per task; ``error`` is
-        None when every split loaded.
+        None when every split loaded and rendered.
     """
     out = []
     for name in names:
@@ -48,9 +54,12 @@ def check_tasks(names: list[str]) -> list[dict[str, Any]]:
         rows, error = {}, None
         for split in SPLITS:
             try:
-                rows[split] = len(task.examples(split))
+                examples = task.examples(split)
+                rows[split] = len(examples)
+                for i in range(min(CHECK_ROWS, len(examples))):
+                    task.render(examples[i])
             except UserError as e:
-                error = error or e.message
+                error = error or f"{split}: {e.message}"
         out.append(
             {
                 "task": name,
@@ -61,6 +70,24 @@ def check_tasks(names: list[str]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _check_mirror_folder(to: str) -> None:
+    """``--to`` names a folder that exists or can be made, and is writable.
+
+    Raises:
+        UserError: naming ``--to``.
+    """
+    path = Path(to).resolve()
+    if path.exists() and not path.is_dir():
+        raise UserError("is a file, not a folder", file=to, key="--to")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot be made: {parent} is a file", file=to, key="--to")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot be written: {parent} is not writable", file=to, key="--to")
 
 
 def _hub_split(source: HubSource, split: str) -> Any:
@@ -105,20 +132,33 @@ def pull_task(
 
 
 @app.command()
-def check(mirror: MirrorOpt = "", json_out: JsonOpt = False) -> None:
-    """Per catalogue task: where it would load from and its rows per split, or why not."""
+def check(
+    tasks: Annotated[
+        list[str] | None, typer.Argument(help="Tasks to check (default: every catalogue task).")
+    ] = None,
+    mirror: MirrorOpt = "",
+    json_out: JsonOpt = False,
+) -> None:
+    """Per task: where it would load from and its rows per split, or why not (its rows
+    rendered with its template). Exit status 1 when a task cannot load."""
     if mirror:
         if not Path(mirror).is_dir():
             raise UserError("no such folder", file=mirror, key="--mirror")
         set_mirror(mirror)
-    rows = check_tasks(list_tasks())
+    for name in tasks or []:
+        get_task(name, key="data check")  # a typo is one line, before anything loads
+    rows = check_tasks(list(tasks) if tasks else list_tasks())
+    failed = [r["task"] for r in rows if r["error"] is not None]
     if json_out:
         print_json(rows)
-        return
-    for r in rows:
-        counts = " ".join(f"{s}={n}" for s, n in r["rows"].items())
-        status = f"{counts}" if r["error"] is None else f"{counts}  cannot: {r['error']}"
-        typer.echo(f"{r['task']:<16} {r['where']:<48} {status}".rstrip())
+    else:
+        for r in rows:
+            counts = " ".join(f"{s}={n}" for s, n in r["rows"].items())
+            status = f"{counts}" if r["error"] is None else f"{counts}  cannot: {r['error']}"
+            typer.echo(f"{r['task']:<16} {r['where']:<48} {status}".rstrip())
+    if failed:
+        typer.echo(f"{len(failed)} of {len(rows)} tasks cannot load: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -128,7 +168,13 @@ def pull(
     json_out: JsonOpt = False,
 ) -> None:
     """Write the hub datasets of TASKS into a mirror folder (needs the hub)."""
-    written = {name: pull_task(get_task(name), to) for name in tasks}
+    # every name and the folder first: nothing is downloaded for a command that would fail
+    resolved = {name: get_task(name, key="data pull") for name in tasks}
+    for name, task in resolved.items():
+        if hub_source(task) is None:
+            raise UserError(f"is not a hub dataset ({task.source.describe()})", key=name)
+    _check_mirror_folder(to)
+    written = {name: pull_task(task, to) for name, task in resolved.items()}
     if json_out:
         print_json(written)
         return

@@ -299,9 +299,9 @@ def _catalogue_entry(file: Path, key: str, entry: dict) -> Any:
 
 
 def _inline_entry(file: Path, key: str, entry: dict) -> Any:
-    task = task_from_spec(entry, file=file, key=key, ignore=("rate",))
-    check_inline_name(task.name, file=file, key=key)
-    return task
+    if isinstance(entry.get("name"), str):  # before its data: the name alone is refused
+        check_inline_name(entry["name"], file=file, key=key)
+    return task_from_spec(entry, file=file, key=key, ignore=("rate",))
 
 
 def _load(file: Path, stack: tuple[Path, ...]) -> tuple[dict, list[_Entry]]:

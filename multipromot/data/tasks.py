@@ -27,6 +27,7 @@ import sys
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -575,7 +576,10 @@ def check_inline_name(name: str, *, file: str | os.PathLike | None, key: str | N
         other = "a task registered from Python (register_task)"
     elif name in catalogue_index():
         entry = catalogue_index()[name]
-        other = f"the catalogue task defined in {entry.file}: {entry.key}"
+        where = Path(entry.file)
+        package = Path(__file__).resolve().parents[2]  # shown as multipromot/...yaml
+        shown = where.relative_to(package) if where.is_relative_to(package) else where
+        other = f"the catalogue task defined in {shown}: {entry.key}"
     else:
         return
     raise UserError(

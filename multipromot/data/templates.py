@@ -420,7 +420,8 @@ class Template:
         key: its key inside that file, e.g. ``tasks[2].template``.
 
     Raises:
-        UserError: a Jinja syntax error, no ``|||``, or ``answer_choices`` used but not given.
+        UserError: a Jinja syntax error, no ``|||`` or nothing after it, or ``answer_choices``
+            used but not given.
     """
 
     def __init__(
@@ -443,6 +444,8 @@ class Template:
             self._fail(f"'answer_choices' must be a string, not {type(answer_choices).__name__}")
         if SEPARATOR not in jinja:
             self._fail(f"has no {SEPARATOR!r} between the input and the target")
+        if not jinja.rsplit(SEPARATOR, 1)[1].strip():
+            self._fail(f"has an empty target after {SEPARATOR!r}: nothing to learn or score")
         self._ast = self._parse(jinja, "template")
         self._compiled = self._compile(self._ast, "template")
         self._fields = meta.find_undeclared_variables(self._ast) - set(_ENV.globals)

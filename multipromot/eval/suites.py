@@ -171,8 +171,9 @@ def _task(file: str, index: int, entry: Any, check_task) -> SuiteTask:
             key=key,
         )
     if "name" in entry and "task" not in entry:  # an inline task, as in a mixture
+        if isinstance(entry["name"], str):  # before its data: the name alone is refused
+            check_inline_name(entry["name"], file=file, key=key)
         task = task_from_spec(entry, file=file, key=key, ignore=("random",))
-        check_inline_name(task.name, file=file, key=key)
         random = _random(file, f"{key}.random", entry["random"]) if "random" in entry else 0.0
         return SuiteTask(name=task.name, random=random, task=task)
     if "name" in entry:

@@ -225,7 +225,8 @@ def attach(model: nn.Module, lora: LoraConfig, tasks: list[str] | None) -> Adapt
     """New adapters on ``model`` (in place): one per task, or one shared (``tasks`` None).
 
     Raises:
-        UserError: ``lora.target_modules`` names no module of the model.
+        UserError: ``lora.target_modules`` names no module of the model, or ``lora.rank``
+            exceeds the width of the modules it adapts.
     """
     config = peft_config(lora, model)
     names = _checked_names(tasks)
@@ -236,6 +237,17 @@ def attach(model: nn.Module, lora: LoraConfig, tasks: list[str] | None) -> Adapt
             peft_model.add_adapter(name, config)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise UserError(str(e).splitlines()[0], key="lora.target_modules") from None
+    widths = [
+        min(m.in_features, m.out_features)
+        for m in peft_model.modules()
+        if hasattr(m, "lora_A") and isinstance(getattr(m, "in_features", None), int)
+    ]
+    if widths and lora.rank > min(widths):
+        raise UserError(
+            f"must be at most {min(widths)}, the smallest width of the modules it adapts, got "
+            f"{lora.rank} (a rank above it adds cost, not capacity)",
+            key="lora.rank",
+        )
     return AdaptedModel(peft_model, tasks)
 
 
@@ -244,7 +256,8 @@ def check_targets(model_path: str, lora: LoraConfig) -> None:
     the adapter is attached to a weightless (meta-device) copy of the architecture.
 
     Raises:
-        UserError: ``lora.target_modules`` names no module of the model.
+        UserError: ``lora.target_modules`` names no module of the model, or ``lora.rank``
+            exceeds the width of the modules it adapts.
     """
     config = AutoConfig.from_pretrained(model_path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

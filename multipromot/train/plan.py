@@ -191,6 +191,13 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+# What a plan may assume: beyond these, a figure would describe no machine (a million nodes,
+# infinite memory) and still print "fits".
+MAX_NODES = 10_000
+MAX_GPUS = 64  # ranks per machine
+MAX_GPU_GB = 4096.0
+
+
 def plan_memory(
     cfg: RunConfig,
     *,
@@ -215,11 +222,16 @@ def plan_memory(
         The :class:`MemoryPlan`.
 
     Raises:
-        UserError: a non-positive count or size, or a model whose config cannot be read.
+        UserError: a count or size not in (0, MAX_*] (a million nodes, infinite memory), or a
+            model whose config cannot be read.
     """
-    for key, value in (("--nodes", nodes), ("--gpus", gpus), ("--gpu-memory", gpu_gb)):
-        if not value > 0:
-            raise UserError(f"must be > 0, got {value}", key=key)
+    for key, value, top in (
+        ("--nodes", nodes, MAX_NODES),
+        ("--gpus", gpus, MAX_GPUS),
+        ("--gpu-memory", gpu_gb, MAX_GPU_GB),
+    ):
+        if not 0 < value <= top:  # also refuses NaN and infinity
+            raise UserError(f"must be > 0 and at most {top:g}, got {value}", key=key)
     s2 = cfg.stage2
     model = meta_model(resolve_path(cfg, cfg.model), model_seed(cfg)) if model is None else model
     world = nodes * gpus

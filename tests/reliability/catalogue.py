@@ -1117,6 +1117,133 @@ CASES: list[Case] = [
         {"run.yaml": "methods: [lora]\nlora: {rank: 0}\n"},
         ("run.yaml", "lora.rank"),
     ),
+    # -- provenance by content, checks that came too late (issue 26)
+    Case(
+        "mixture-inline-shadows-catalogue",
+        "mixture",
+        "an inline task named like a catalogue task (filled its bank entries; a later catalogue "
+        "run trained with the foreign prompt)",
+        ["stage1", "run.yaml"],
+        {"run.yaml": "stage1: {mixture: mix.yaml}\n", "mix.yaml": _mixture(_task(name="lab_rte"))},
+        ("mix.yaml", "tasks[0].name", "lab_rte", "catalogue.yaml"),
+    ),
+    Case(
+        "suite-inline-shadows-catalogue",
+        "config",
+        "an evaluation suite's inline task named like a catalogue task",
+        ["eval", "run.yaml"],
+        {
+            "run.yaml": "stage2: {mixture: mix.yaml}\neval: {suite: suite.yaml}\n",
+            "mix.yaml": _mixture(_task(source=SPLITS)),
+            "suite.yaml": "name: s\ntasks:\n" + _task(name="lab_cb", source=SPLITS),
+            "data.jsonl": DATA,
+        },
+        ("suite.yaml", "tasks[0].name", "lab_cb"),
+    ),
+    Case(
+        "run-shots-over-budget",
+        "config",
+        "promot+8shot where about one exemplar fits stage2.max_input_length (trained with the "
+        "rest dropped while every record said 8-shot)",
+        ["run", "run.yaml"],
+        {
+            "run.yaml": "methods: [promot+8shot]\nstage1: {mixture: mix.yaml}\n"
+            "stage2: {mixture: mix.yaml, max_input_length: 64}\neval: {suite: suite.yaml}\n",
+            "mix.yaml": _mixture(_task(source=SPLITS)),
+            "suite.yaml": "name: s\nshots: [1]\ntasks: [lab_cb]\n",
+            "data.jsonl": DATA,
+        },
+        ("run.yaml", "methods", "'toy'", "stage2.max_input_length=64"),
+    ),
+    Case(
+        "run-wise-same-twice",
+        "config",
+        "wise0.5:standard and wise0.50:standard (one model evaluated twice)",
+        ["run", "run.yaml"],
+        {"run.yaml": "methods: [standard, wise0.5:standard, wise0.50:standard]\n"},
+        ("run.yaml", "methods", "the same method twice"),
+    ),
+    Case(
+        "run-lora-rank-width",
+        "config",
+        "a LoRA rank of 100000 on a 64-wide model (ran at 27 s a step)",
+        ["run", "run.yaml"],
+        {
+            "run.yaml": "methods: [lora]\nlora: {rank: 100000}\nstage2: {mixture: mix.yaml}\n"
+            "eval: {suite: suite.yaml}\n",
+            "mix.yaml": _mixture(_task(source=SPLITS)),
+            "suite.yaml": "name: s\nshots: [1]\ntasks: [lab_cb]\n",
+            "data.jsonl": DATA,
+        },
+        ("run.yaml", "lora.rank", "at most 64"),
+    ),
+    Case(
+        "template-empty-target",
+        "template",
+        "a template with nothing after ||| (accepted silently)",
+        ["mixture", "show", "mix.yaml"],
+        {"mix.yaml": _mixture(_task(template='{jinja: "{{text}} even or odd? |||"}'))},
+        ("mix.yaml", "tasks[0].template", "empty target"),
+    ),
+    Case(
+        "bank-export-vllm-into-bank",
+        "bank",
+        "bank export --format vllm into the bank's own folder (verify failed for good after)",
+        ["bank", "export", "rte", "bank/rte-vllm", "--format", "vllm", "--task-type", "CAUSAL_LM"]
+        + ["--bank", "bank"],
+        setup=_bank,
+        expect=("bank/rte-vllm", "inside the prompt bank"),
+    ),
+    Case(
+        "bank-export-under-a-file",
+        "bank",
+        "bank export into a folder under an existing file (exit 1, a temp-dir message)",
+        ["bank", "export", "rte", "notes.txt/rte", "--task-type", "CAUSAL_LM", "--bank", "bank"],
+        {"notes.txt": "not a folder\n"},
+        setup=_bank,
+        expect=("notes.txt/rte", "notes.txt is a file"),
+    ),
+    Case(
+        "bank-export-to-proc",
+        "bank",
+        "bank export into /proc (exit 1, a temp-dir message)",
+        ["bank", "export", "rte", "/proc/rte-export", "--format", "vllm", "--task-type"]
+        + ["CAUSAL_LM", "--bank", "bank"],
+        setup=_bank,
+        expect=("/proc/rte-export", "rte@v0002", "cannot be"),
+    ),
+    Case(
+        "data-pull-to-a-file",
+        "data",
+        "data pull --to naming a file (checked only after the first downloads)",
+        ["data", "pull", "rte", "--to", "notes.txt"],
+        {"notes.txt": "not a folder\n"},
+        ("notes.txt", "--to", "is a file"),
+    ),
+    Case(
+        "data-pull-unknown-task",
+        "data",
+        "data pull with an unknown second task (resolved only after the first was downloaded)",
+        ["data", "pull", "rte", "no_such_task", "--to", "mirror"],
+        {},
+        ("data pull", "no_such_task"),
+    ),
+    Case(
+        "plan-million-nodes",
+        "cli",
+        "plan --nodes 1000000 (planned, and said it fits)",
+        ["plan", "run.yaml", "--nodes", "1000000"],
+        {"run.yaml": "seed: 0\n"},
+        ("--nodes", "at most 10000"),
+    ),
+    Case(
+        "plan-infinite-memory",
+        "cli",
+        "plan --gpu-memory inf",
+        ["plan", "run.yaml", "--gpu-memory", "inf"],
+        {"run.yaml": "seed: 0\n"},
+        ("--gpu-memory", "inf"),
+    ),
 ]
 
 # Usage errors found by the command-line parser itself (typer/click): listed apart because
