@@ -20,19 +20,29 @@ added at all.
 Prefix caching (decoder-only ``generate(..., prefix_cache=True)``): a task's prompt is the same
 P positions at the start of every prompted row, and causal attention makes their keys and values
 depend on the prompt alone. They are computed once per (weights, task), kept, and handed to
-``generate`` as a ``DynamicCache`` laid out ``p p | . t t t`` (no-prompt rows: ``x x | . . t t t``
+``generate`` in a ``DynamicCache`` laid out ``p p | . t t t`` (no-prompt rows: ``x x | . . t t t``
 with the ``x`` slots masked). Keys see the same unmasked positions and position ids as in the
 prepend layout, so the outputs are the prepend path's (up to float summation order; tests compare
 tokens and scores). The kept prefixes are dropped when a weight changes (data pointer or in-place
 version counter of any parameter or buffer) or a prompt row's values change (compared by value).
+The text but its last token also enters the cache before ``generate`` starts, run in groups of
+rows of similar length so that short rows do not pay for the padding of long ones; the cache's
+buffers leave room for the new tokens, so decoding writes in place instead of concatenating.
+
+Seq2seq ``generate`` on a CPU runs the encoder a group of rows at a time (each group's
+activations stay in the caches) and decodes the whole batch; bit for bit the same outputs.
+
+Returned logits are aligned with ``input_ids`` (decoder-only) or with ``labels`` (seq2seq):
+callers never see the P prompt positions in logits. Other outputs (hidden states, attentions,
+``past_key_values``, the seq2seq encoder states) keep them.
+
 This module runs past 500 lines because the cached layout must stay the prepend layout's twin:
-both are drawn here and built next to each other. Returned logits are aligned with ``input_ids`` (decoder-only) or with ``labels``
-(seq2seq): callers never see the P prompt positions in logits. Other outputs (hidden states,
-attentions, ``past_key_values``, the seq2seq encoder states) keep them.
+both are drawn here and built next to each other.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -262,6 +272,8 @@ class PromptedModel(nn.Module):
             inputs = self._cached_inputs(input_ids, attention_mask, task_ids, gen_kwargs)
         if inputs is None:
             inputs, _, _ = self._model_inputs(input_ids, attention_mask, task_ids)
+            if _encode_in_groups(self, inputs, gen_kwargs):
+                inputs = self._encoded_in_groups(inputs)
         out = self.model.generate(**inputs, **gen_kwargs)
         # Decoder-only generate from inputs_embeds alone already returns only the new tokens.
         start = 1 if self.is_encoder_decoder else 0
@@ -273,11 +285,13 @@ class PromptedModel(nn.Module):
     def _cached_inputs(
         self, input_ids: Tensor, attention_mask: Tensor, task_ids: Tensor | None, gen_kwargs: dict
     ) -> dict | None:
-        """``generate`` inputs with the prompts as a ready cache; None = use the prepend path.
+        """``generate`` inputs with a ready cache of the prompts and the text; None = use the
+        prepend path.
 
-        Layout: the cache holds each row's P prompt positions (zeros, masked, for -1 rows); the
-        text follows with its left padding. ``inputs_embeds`` covers the whole length as
-        ``generate`` expects when a cache is passed; it only reads the last L positions.
+        Layout: the cache holds, per row, the P prompt positions (zeros, masked, for -1 rows),
+        the text's left padding and every text token but the last; ``generate`` runs the last
+        column for the whole batch and decodes. ``inputs_embeds`` covers the whole length as
+        ``generate`` expects when a cache is passed; it only reads the uncached column.
         """
         embeds = self.model.get_input_embeddings()(input_ids)
         mask = attention_mask.long()
@@ -290,24 +304,50 @@ class PromptedModel(nn.Module):
         layers, cache_kwarg = self._prefixes.layers(self, task_ids.tolist(), embeds)
         if layers is None:
             return None
-        from transformers import DynamicCache  # deferred: transformers is heavy to import
-
+        mask = torch.cat([prompt_mask, mask], dim=1)
+        # The prepend path's positions: counted over unmasked positions only.
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        defaults = gen_kwargs.get("generation_config") or self.model.generation_config
+        room = int(gen_kwargs.get("max_new_tokens", defaults.max_new_tokens) or 0)
+        buffers = _prefill_text(
+            self.model, layers, embeds, mask, positions, cache_kwarg=cache_kwarg, room=room
+        )
         # generate expands the batch's tensors (per beam in beam search, else per returned
         # sequence) but not a cache object: expand it here by the same rule.
-        defaults = gen_kwargs.get("generation_config") or self.model.generation_config
         beams = int(gen_kwargs.get("num_beams", defaults.num_beams) or 1)
         copies = int(gen_kwargs.get("num_return_sequences", defaults.num_return_sequences) or 1)
         expand = beams if beams > 1 else copies
-        data = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in layers]
-        cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
+        cache = _grown_cache(self.model.config, buffers, mask.shape[1] - 1, expand=expand)
         placeholder = embeds.new_zeros(embeds.shape[0], prompt_mask.shape[1], embeds.shape[-1])
-        mask = torch.cat([prompt_mask, mask], dim=1)
         return {
             "inputs_embeds": torch.cat([placeholder, embeds], dim=1),
             "attention_mask": mask,
-            # The prepend path's positions: counted over unmasked positions only.
-            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0),
+            "position_ids": positions,
             cache_kwarg: cache,
+        }
+
+    def _encoded_in_groups(self, inputs: dict[str, Tensor]) -> dict:
+        """Seq2seq ``generate`` inputs with the encoder already run, a group of rows at a time.
+
+        ``generate`` would run the encoder on the whole batch at once; on a CPU, a batch of 32
+        rows of 150 positions makes activations that no longer fit the caches, and a row costs
+        up to 1.5x what it costs in a group of 4 (benchmarks/RESULTS.md, section 3). Decoding
+        still runs the whole batch, where large batches pay. Every group keeps the batch's
+        padded length and rows never see each other, so the states are bit for bit those of
+        the whole batch (tests/test_generation_groups.py).
+        """
+        from transformers.modeling_outputs import BaseModelOutput  # deferred: heavy import
+
+        embeds, mask = inputs["inputs_embeds"], inputs["attention_mask"]
+        rows = max(1, PREFILL_POSITIONS // embeds.shape[1])
+        encoder = self.model.get_encoder()
+        states = [
+            encoder(inputs_embeds=embeds[i : i + rows], attention_mask=mask[i : i + rows])[0]
+            for i in range(0, embeds.shape[0], rows)
+        ]
+        return {
+            "encoder_outputs": BaseModelOutput(last_hidden_state=torch.cat(states)),
+            "attention_mask": mask,
         }
 
     def _model_inputs(
@@ -383,6 +423,149 @@ class PromptedModel(nn.Module):
 def _cacheable(prompted: PromptedModel) -> bool:
     """False for a model sharded with FSDP2: its parameters are DTensors, unsharded per call."""
     return not any(hasattr(p, "_local_tensor") for p in prompted.parameters())
+
+
+# Positions (rows x padded length) per encoder or prefill call on a CPU: one call's activations
+# then stay in the caches (measured: benchmarks/RESULTS.md, section 3).
+PREFILL_POSITIONS = 1024
+
+
+def _encode_in_groups(prompted: PromptedModel, inputs: dict, gen_kwargs: dict) -> bool:
+    """Whether ``generate`` should get the seq2seq encoder states run a group of rows at a time:
+    on a CPU, for a batch larger than a group, when the output asks for no encoder internals."""
+    if not prompted.is_encoder_decoder or not _cacheable(prompted):
+        return False
+    embeds = inputs["inputs_embeds"]
+    if embeds.device.type != "cpu" or embeds.shape[0] * embeds.shape[1] <= PREFILL_POSITIONS:
+        return False
+    config = gen_kwargs.get("generation_config") or prompted.model.generation_config
+    internals = ("output_attentions", "output_hidden_states")
+    return not any(gen_kwargs.get(k, getattr(config, k, False)) for k in internals)
+
+
+def _row_groups(lengths: list[int], extra: int) -> list[tuple[list[int], int]]:
+    """Rows in groups of similar length, longest first: (row indices, the group's longest
+    length), each group within PREFILL_POSITIONS (``extra`` positions per row counted too)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, start = [], 0
+    while start < len(order):
+        width = lengths[order[start]]
+        count = max(1, PREFILL_POSITIONS // max(width + extra, 1))
+        groups.append((order[start : start + count], width))
+        start += count
+    return groups
+
+
+def _prefill_text(
+    model: nn.Module,
+    prefixes: list[tuple[Tensor, Tensor]],
+    embeds: Tensor,
+    mask: Tensor,
+    positions: Tensor,
+    *,
+    cache_kwarg: str,
+    room: int,
+) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, key and value buffers [B, H, P + L - 1 + room, hd] holding each row's prompt
+    prefix, then its text but the last token (left-padded to the batch's length, as in the
+    prepend layout), then ``room`` free positions for decoding.
+
+    The text runs in groups of rows of similar length (:func:`_row_groups`), each cut to its
+    longest row: a mixed batch sorted by characters still pads 8 short rows to the 256 tokens
+    of the long rows beside them; here they cost their own length. The padded slots in front of
+    a group's columns stay zero (masked). The values equal the whole batch's up to float
+    summation order (the tests compare tokens, and scores to 1e-5).
+    """
+    from transformers import DynamicCache  # deferred: transformers is heavy to import
+
+    batch, length = embeds.shape[:2]
+    num_prompt = mask.shape[1] - length
+    end = num_prompt + length - 1
+    out = []
+    for keys, values in prefixes:
+        full_k = keys.new_zeros(batch, keys.shape[1], end + room, keys.shape[3])
+        full_v = values.new_zeros(batch, values.shape[1], end + room, values.shape[3])
+        full_k[:, :, :num_prompt] = keys
+        full_v[:, :, :num_prompt] = values
+        out.append((full_k, full_v))
+    text = mask[:, num_prompt:].sum(dim=1).tolist()
+    for rows, width in _row_groups(text, num_prompt):
+        if width <= 1:
+            continue  # nothing before the last token: generate runs it
+        idx = torch.tensor(rows, device=embeds.device)
+        cut = length - width  # left padding every row of the group has
+        cache = DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in prefixes])
+        columns = torch.cat([mask[idx, :num_prompt], mask[idx, num_prompt + cut : -1]], dim=1)
+        model.base_model(
+            inputs_embeds=embeds[idx, cut:-1],
+            attention_mask=columns,
+            position_ids=positions[idx, num_prompt + cut : -1],
+            use_cache=True,
+            **{cache_kwarg: cache},
+        )
+        for (full_k, full_v), layer in zip(out, cache.layers, strict=True):
+            full_k[idx, :, num_prompt + cut : end] = layer.keys[:, :, num_prompt:]
+            full_v[idx, :, num_prompt + cut : end] = layer.values[:, :, num_prompt:]
+    return out
+
+
+def _grown_cache(config, buffers: list[tuple[Tensor, Tensor]], used: int, *, expand: int):
+    """A ``DynamicCache`` over the first ``used`` positions of each layer's buffers (rows
+    repeated ``expand`` times); a plain layer keeps the rest of its buffer as room to grow
+    (``RoomLayer``)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    for i, (keys, values) in enumerate(buffers):
+        if expand > 1:
+            keys, values = keys.repeat_interleave(expand, 0), values.repeat_interleave(expand, 0)
+        if type(cache.layers[i]) is DynamicLayer:
+            cache.layers[i] = _room_layer_class()(keys, values, used)
+        else:  # e.g. a sliding-window layer: its own rules
+            cache.layers[i].update(keys[:, :, :used], values[:, :, :used])
+    return cache
+
+
+@functools.cache
+def _room_layer_class():
+    """``RoomLayer``, a subclass of transformers' DynamicLayer, defined on first use (the
+    import is deferred)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values are views of buffers with room to grow.
+
+        DynamicLayer concatenates at every decoding step: a new [B, H, P + L + t, hd] tensor
+        per layer per step. Here a step writes its new position into the buffer instead. Any
+        other change (beam reordering, cropping, ...) reassigns ``keys``; the next step then
+        sees foreign tensors and falls back to concatenating.
+        """
+
+        def __init__(self, key_buffer: Tensor, value_buffer: Tensor, used: int):
+            super().__init__()
+            self._kbuf, self._vbuf = key_buffer, value_buffer
+            self.device, self.is_initialized = key_buffer.device, True
+            self._views(used)
+
+        def _views(self, used: int) -> None:
+            self._used = used
+            self.keys, self.values = self._kbuf[:, :, :used], self._vbuf[:, :, :used]
+            self._own = (self.keys, self.values)
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+            own = self._own
+            ours = own is not None and self.keys is own[0] and self.values is own[1]
+            end = self._used + key_states.shape[-2] if ours else 0
+            if not ours or end > self._kbuf.shape[-2]:
+                self._own = None
+                return super().update(key_states, value_states, *args, **kwargs)
+            self._kbuf[:, :, self._used : end] = key_states
+            self._vbuf[:, :, self._used : end] = value_states
+            self._views(end)
+            return self.keys, self.values
+
+    return RoomLayer
 
 
 class _PrefixStore:
