@@ -153,10 +153,9 @@ def _commands() -> Iterator[tuple[str, object, object]]:
     """(full name, command, context) of the root and every command, depth first."""
     import typer.main
 
-    import multipromot.cli  # noqa: F401  (registers every command)
-    from multipromot.cli.app import app
+    from multipromot.cli import full_app  # every command (a command loads when it runs)
 
-    root = typer.main.get_command(app)
+    root = typer.main.get_command(full_app())
 
     def walk(cmd, ctx, name):
         yield name, cmd, ctx

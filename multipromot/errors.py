@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["UserError", "BankError", "UnpinnedPromptWarning"]
+__all__ = ["UserError", "BankError", "UnpinnedPromptWarning", "reports_errors"]
 
 
 class UserError(Exception):
@@ -38,3 +38,15 @@ class BankError(UserError):
 class UnpinnedPromptWarning(UserWarning):
     """A trained model gets other prompts than the ones it was trained with (the bank's current
     versions, or versions asked for by hand): allowed, and said out loud."""
+
+
+def reports_errors() -> bool:
+    """True on the process that prints a command's error line: a plain run, or under torchrun
+    the first process of each node (``LOCAL_RANK`` 0; on one node that is rank 0).
+
+    Every rank meets the same bad input and raises the same error, so one line per node's log
+    is enough; a node-local problem (a file missing on one node) still reaches that node's
+    log. Read from the environment: the process group may be gone by the time the error
+    reaches the command line.
+    """
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")

@@ -29,7 +29,7 @@ from multipromot.data.mixtures import load_mixture
 from multipromot.errors import UserError
 from multipromot.eval.report import config_lines, read_statistics, terminal_summary, write_report
 from multipromot.eval.samples import SAMPLES_FILE, samples_digest, write_samples
-from multipromot.eval.suites import load_suite
+from multipromot.eval.suite_file import load_suite
 from multipromot.fsio import json_sha256
 from multipromot.method_eval import curve, evaluate_method, score_model
 from multipromot.methods import Method

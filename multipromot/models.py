@@ -19,13 +19,15 @@ import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from multipromot.errors import UserError
 from multipromot.fsio import publish_dir, temp_dir_for, write_atomic, write_durably
 from multipromot.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -90,6 +92,7 @@ def _byte_tokenizer():
 
 @register_builtin("tiny-t5")
 def _tiny_t5(seed: int):
+    import torch  # deferred: torch imports slowly (start-up of every command)
     from transformers import T5Config, T5ForConditionalGeneration
 
     tok = _byte_tokenizer()
@@ -112,6 +115,7 @@ def _tiny_t5(seed: int):
 
 @register_builtin("tiny-gpt2")
 def _tiny_gpt2(seed: int):
+    import torch  # deferred: torch imports slowly (start-up of every command)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = _byte_tokenizer()
@@ -134,6 +138,7 @@ def _tiny_gpt2(seed: int):
 
 @register_builtin("tiny-llama")
 def _tiny_llama(seed: int):
+    import torch  # deferred: torch imports slowly (start-up of every command)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _byte_tokenizer()
@@ -183,6 +188,8 @@ def model_fingerprint(model: nn.Module) -> str:
     model hashes in well under a second while any realistic change of weights, embedding size or
     vocabulary changes the fingerprint.
     """
+    import torch  # deferred: torch imports slowly (start-up of every command)
+
     h = hashlib.sha256()
     cfg = model.config
     for key in ("model_type", "vocab_size", "d_model", "hidden_size", "n_embd"):

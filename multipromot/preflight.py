@@ -19,7 +19,7 @@ from multipromot.data.collate import Collator
 from multipromot.data.exemplars import shots_kept
 from multipromot.data.mixtures import load_mixture
 from multipromot.errors import UserError
-from multipromot.eval.suites import EVAL_MAX_INPUT_LENGTH, load_suite
+from multipromot.eval.suite_file import EVAL_MAX_INPUT_LENGTH, load_suite
 from multipromot.methods import MIN_SHOTS_KEPT, method_kind
 from multipromot.train.common import check_trackers, use_data_mirror
 from multipromot.train.stage2 import resolve_shots

@@ -24,7 +24,7 @@ from multipromot.bank import PromptBank
 from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture, mixture_fingerprint, tasks_fingerprint
 from multipromot.errors import UserError
-from multipromot.eval.suites import load_suite
+from multipromot.eval.suite_file import load_suite
 from multipromot.fsio import write_json
 from multipromot.methods import Method
 from multipromot.train.stage2_model import kind_settings

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "multipromot"
 
 # Lower layers first; a module may import its own layer or lower ones, never a higher one.
 LAYERS = [
-    {"errors", "features", "fsio", "registry", "yamlio"},
+    {"errors", "features", "fsio", "lazy", "registry", "yamlio"},
     {"methods"},
     {"config"},
     {"data"},
@@ -35,8 +36,13 @@ def _modules() -> dict[str, Path]:
     return found
 
 
+# A deferred import (multipromot.lazy): "package.module" or "package.module:attribute"
+DEFERRED = re.compile(r"^(multipromot(?:\.\w+)+)(?::\w+)?$")
+
+
 def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package modules ``path`` imports anywhere in its code (type-checking blocks too)."""
+    """The package modules ``path`` imports anywhere in its code (type-checking blocks too),
+    and the ones it names for a deferred import (a ``"multipromot.x:y"`` string)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         names = []
@@ -44,6 +50,9 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names = [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            match = DEFERRED.match(node.value)  # ("multipromot.json" is a file name)
+            names = [match.group(1)] if match and match.group(1) in modules else []
         for name in names:
             while name and name not in modules:
                 name = name.rpartition(".")[0]
@@ -116,3 +125,31 @@ def test_function_local_imports_are_only_for_heavy_third_party_packages():
                 ):
                     local.append(module)
     assert local == []
+
+
+def test_deferred_imports_go_through_multipromot_lazy():
+    """Our modules are imported at module level, or named for multipromot.lazy (whose strings
+    the graph above reads as imports); nothing else imports by name at run time."""
+    found = []
+    for module, path in _modules().items():
+        if module == "multipromot.lazy":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            by_attribute = isinstance(node, ast.Attribute) and node.attr == "import_module"
+            by_name = isinstance(node, ast.Name) and node.id in ("__import__", "import_module")
+            if by_attribute or by_name:
+                found.append(module)
+    assert found == []
+
+
+def test_every_deferred_name_is_a_module_of_the_package():
+    """A typo in a deferred import would fail only when the command runs."""
+    modules = _modules()
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                match = DEFERRED.match(node.value)
+                if match and ":" in node.value:
+                    assert match.group(1) in modules, (module, node.value)
+                    name = node.value.partition(":")[2]
+                    assert name in modules[match.group(1)].read_text(), (module, node.value)

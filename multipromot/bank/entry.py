@@ -11,20 +11,22 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from multipromot.data.sources import source_fingerprint
 from multipromot.data.templates import FormatSignature
 from multipromot.errors import BankError
 from multipromot.fsio import content_sha256, json_sha256
 from multipromot.models import load_model, model_fingerprint, read_lineage
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "BankEntry",
@@ -385,7 +387,8 @@ def jsonable(value: Any, *, key: str) -> Any:
         return [jsonable(v, key=key) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    torch = sys.modules.get("torch")  # a tensor exists only once torch was imported
+    if torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None  # NaN/inf are not JSON; a score that was never measured is null
@@ -465,6 +468,8 @@ def validate_base_model(base_model: dict, *, key: str) -> dict:
 
 
 def validate_prompt(prompt: torch.Tensor, *, key: str) -> torch.Tensor:
+    import torch  # deferred: torch imports slowly (listing a bank needs none)
+
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or 0 in prompt.shape:
         shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
         raise BankError(f"prompt must be a non-empty tensor [P, d], got {shape}", key=key)

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors
 
 from multipromot.bank.entry import (
     PEFT_CONFIG_FILE,
@@ -86,6 +84,8 @@ def export_peft(
     try:
         config.save_pretrained(os.fspath(tmp))
         # bytes written through fsio (save_file makes the file 0600, whatever the umask)
+        from safetensors.torch import save as save_safetensors  # deferred: imports torch
+
         weights = save_safetensors({PEFT_TENSOR_KEY: prompt}, metadata={"format": "pt"})
         write_durably(tmp / PEFT_WEIGHTS_FILE, weights)
         meta = json.dumps({**entry.meta, "exported_from": entry.ref}, indent=2)
@@ -156,6 +156,8 @@ def import_peft(
         )
         raise BankError(f"no adapter_model.safetensors{pickled}", file=src)
     try:
+        from safetensors.torch import load as load_safetensors_bytes  # deferred: imports torch
+
         tensors = load_safetensors_bytes(weights.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise BankError(f"not a readable safetensors file ({e})", file=weights) from None

@@ -42,14 +42,12 @@ import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
-from torch import nn
+from safetensors.numpy import load as load_safetensors_bytes
 
 from multipromot.bank.entry import (
     INDEX_CHECKSUM_KEY,
@@ -86,6 +84,10 @@ from multipromot.bank.verify import verify_bank
 from multipromot.errors import BankError, UnpinnedPromptWarning
 from multipromot.fsio import TMP_MARK, content_sha256, sha256_bytes, write_atomic, write_durably
 from multipromot.models import model_fingerprint, read_lineage
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["PromptBank"]
 
@@ -480,8 +482,9 @@ class PromptBank:
         except FileNotFoundError:
             raise BankError("entry has no prompt.safetensors", file=path, key=entry.ref) from None
 
-    def _decode_prompt(self, entry: BankEntry, data: bytes) -> torch.Tensor:
-        """The tensor in ``data`` after checking checksum, keys, dtype and shape against meta."""
+    def _decode_prompt(self, entry: BankEntry, data: bytes) -> np.ndarray:
+        """The tensor in ``data`` after checking checksum, keys, dtype, shape and values
+        against meta (as a numpy array: listing and verifying a bank need no torch)."""
         path = entry.prompt_path
         actual = sha256_bytes(data)
         if actual != entry.meta["sha256"]:
@@ -503,13 +506,13 @@ class PromptBank:
             )
         prompt = tensors[TENSOR_KEY]
         expected = (entry.prompt_length, entry.dim)
-        if prompt.dtype != torch.float32 or tuple(prompt.shape) != expected:
+        if prompt.dtype != np.float32 or tuple(prompt.shape) != expected:
             raise BankError(
                 f"tensor is {prompt.dtype} {tuple(prompt.shape)}, meta.json says float32 {expected}",
                 file=path,
                 key=entry.ref,
             )
-        if not torch.isfinite(prompt).all():  # checksums only say the bytes are unchanged
+        if not np.isfinite(prompt).all():  # checksums only say the bytes are unchanged
             raise BankError("prompt has NaN or infinite values", file=path, key=entry.ref)
         return prompt
 
@@ -597,8 +600,10 @@ class PromptBank:
             BankError: naming the entry, for a missing entry, a checksum mismatch, a
                 fingerprint mismatch (both fingerprints named), or a shape mismatch.
         """
+        import torch  # deferred: torch imports slowly (listing a bank needs none)
+
         entry = ref if isinstance(ref, BankEntry) else self.get(ref)
-        prompt = self._decode_prompt(entry, self._read_prompt_bytes(entry))
+        prompt = torch.from_numpy(self._decode_prompt(entry, self._read_prompt_bytes(entry)))
         if model is not None or accept is not None:
             self._check_fingerprint(entry, model, accept)
         if model is not None:
@@ -650,6 +655,9 @@ class PromptBank:
         base_model = validate_base_model(base_model, key=task)
         format = jsonable(format, key=task) if format is not None else None
         stage1 = jsonable(stage1, key=task) if stage1 is not None else None
+        # deferred: torch imports slowly (listing a bank needs none)
+        from safetensors.torch import save as save_safetensors_bytes
+
         data = save_safetensors_bytes({TENSOR_KEY: prompt}, metadata={"format": "pt"})
         lock = self._locked(create=True)
         try:
@@ -869,18 +877,18 @@ class PromptBank:
             BankError: either entry is missing or fails its checksum.
         """
         ea, eb = self.get(a), self.get(b)
-        ta = self.load_prompt(ea).to(torch.float64)
-        tb = self.load_prompt(eb).to(torch.float64)
+        ta = self._decode_prompt(ea, self._read_prompt_bytes(ea)).astype(np.float64)
+        tb = self._decode_prompt(eb, self._read_prompt_bytes(eb)).astype(np.float64)
         same_shape = ta.shape == tb.shape
         result = {
             "a": ea.ref,
             "b": eb.ref,
             "shape_a": list(ta.shape),
             "shape_b": list(tb.shape),
-            "norm_a": float(ta.norm()),
-            "norm_b": float(tb.norm()),
-            "mean_row_norm_a": float(ta.norm(dim=1).mean()),
-            "mean_row_norm_b": float(tb.norm(dim=1).mean()),
+            "norm_a": float(np.linalg.norm(ta)),
+            "norm_b": float(np.linalg.norm(tb)),
+            "mean_row_norm_a": float(np.linalg.norm(ta, axis=1).mean()),
+            "mean_row_norm_b": float(np.linalg.norm(tb, axis=1).mean()),
             "cosine": None,
             "cosine_mean_per_position": None,
             "l2_distance": None,
@@ -889,8 +897,13 @@ class PromptBank:
             "same_base_model": ea.fingerprint == eb.fingerprint,
         }
         if same_shape:
-            cos = torch.nn.functional.cosine_similarity
-            result["cosine"] = float(cos(ta.reshape(1, -1), tb.reshape(1, -1)).item())
-            result["cosine_mean_per_position"] = float(cos(ta, tb, dim=1).mean())
-            result["l2_distance"] = float((ta - tb).norm())
+            result["cosine"] = float(_cosine(ta.reshape(1, -1), tb.reshape(1, -1))[0])
+            result["cosine_mean_per_position"] = float(_cosine(ta, tb).mean())
+            result["l2_distance"] = float(np.linalg.norm(ta - tb))
         return result
+
+
+def _cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """Row-wise cosine similarity (torch's ``cosine_similarity``: each norm clamped at eps)."""
+    norms = np.maximum(np.linalg.norm(a, axis=1), eps) * np.maximum(np.linalg.norm(b, axis=1), eps)
+    return (a * b).sum(axis=1) / norms

@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from multipromot.bank.entry import (
     INDEX_CHECKSUM_KEY,
@@ -27,6 +25,9 @@ from multipromot.bank.entry import (
 )
 from multipromot.errors import BankError
 from multipromot.models import read_lineage
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["verify_bank"]
 

@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from multipromot.bank.entry import export_dir
 from multipromot.errors import BankError
 from multipromot.fsio import publish_dir, sha256_bytes, temp_dir_for, write_durably, write_json
@@ -34,7 +32,7 @@ VLLM_TENSOR_FILE = "prompt_embeds.pt"
 VLLM_BASE64_FILE = "prompt_embeds.b64"
 VLLM_META_FILE = "vllm.json"
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes by name
 
 
 def export_vllm(
@@ -78,7 +76,9 @@ def export_vllm(
     if name not in _DTYPES:
         raise BankError(f"dtype {name!r}: use one of {', '.join(_DTYPES)}", key="dtype")
     out = export_dir(bank.root, out_dir, key=entry.ref)  # never into the bank's own folder
-    prompt = bank.load_prompt(entry).to(_DTYPES[name]).contiguous()
+    import torch  # deferred: torch imports slowly (listing a bank needs none)
+
+    prompt = bank.load_prompt(entry).to(getattr(torch, name)).contiguous()
     buffer = io.BytesIO()
     torch.save(prompt, buffer)
     data = buffer.getvalue()

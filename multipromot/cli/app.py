@@ -3,7 +3,7 @@
 Every command that reads user input lets :class:`~multipromot.errors.UserError` propagate to
 :func:`main`, which prints it on one line and exits with status 2 (a traceback only with
 ``--debug``). Under torchrun every rank exits with that status, and only the first process of
-each node prints (:func:`~multipromot.train.distributed.reports_errors`): one line, not one
+each node prints (:func:`~multipromot.errors.reports_errors`): one line, not one
 per rank. The commands themselves live one module per group and register on :data:`app`
 when :mod:`multipromot.cli` is imported.
 """
@@ -14,17 +14,25 @@ import sys
 
 import typer
 
-from multipromot.errors import UserError
-from multipromot.train.distributed import reports_errors
+from multipromot.errors import UserError, reports_errors
 
-__all__ = ["app", "main", "CONFIG_ARG", "OVERRIDES_ARG"]
+__all__ = ["app", "main", "CONFIG_ARG", "OVERRIDES_ARG", "HELP"]
 
+HELP = "Multi-task instruction tuning with a prompt bank (ProMoT)."
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Multi-task instruction tuning with a prompt bank (ProMoT).",
+    help=HELP,
 )
+
+
+@app.callback()
+def _root() -> None:
+    # A group, not a single command, whatever commands are loaded (a command's module is
+    # imported only when it runs: multipromot.cli).
+    pass
+
 
 CONFIG_ARG = typer.Argument(..., help="Run config (YAML).")
 OVERRIDES_ARG = typer.Argument(None, help="key=value overrides, e.g. stage2.mode=standard.")
@@ -35,15 +43,16 @@ def _error(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad input or usage)."""
+def main(argv: list[str] | None = None, *, command: typer.Typer | None = None) -> int:
+    """Run ``command`` (default: :data:`app`) on ``argv``; returns the exit status (2 for bad
+    input or usage). :func:`multipromot.cli.main` loads the command ``argv`` names first."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
     try:
         # Without standalone mode typer turns Ctrl-C into a *returned* 130 (not an exception).
-        status = app(args=argv, prog_name="multipromot", standalone_mode=False)
+        status = (command or app)(args=argv, prog_name="multipromot", standalone_mode=False)
     except KeyboardInterrupt:
         status = 130
     except UserError as e:

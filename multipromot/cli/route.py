@@ -13,7 +13,7 @@ from multipromot.cli.app import app
 from multipromot.data.mixtures import load_mixture
 from multipromot.data.tasks import get_task, list_tasks, local_tasks
 from multipromot.errors import UserError
-from multipromot.eval.suites import load_suite, routing_sets
+from multipromot.eval.suite_file import load_suite, routing_sets
 from multipromot.models import load_model
 from multipromot.router import calibrated_router, evaluate_routing, router_entries
 

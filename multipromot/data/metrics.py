@@ -27,8 +27,6 @@ import string
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-import sacrebleu
-from rouge_score import rouge_scorer
 
 from multipromot.errors import UserError
 from multipromot.features import SEPARATOR
@@ -361,12 +359,14 @@ def bleu(predictions: Sequence[str], references: Sequence[Reference]) -> float:
     streams = max(len(r) for r in refs)
     # sacrebleu wants one stream per reference index; None marks "no reference here".
     ref_streams = [[r[i] if i < len(r) else None for r in refs] for i in range(streams)]
+    import sacrebleu  # deferred: imports slowly (a mixture's tasks load without scoring)
+
     value = float(sacrebleu.corpus_bleu(list(predictions), ref_streams).score)
     # exp(mean log precision) of a perfect corpus can round to 100.00000000000004
     return min(value, 100.0)
 
 
-_ROUGE2: rouge_scorer.RougeScorer | None = None
+_ROUGE2 = None  # rouge_score's RougeScorer, built on first use
 
 
 def rouge2(predictions: Sequence[str], references: Sequence[Reference]) -> float:
@@ -388,6 +388,9 @@ def rouge2(predictions: Sequence[str], references: Sequence[Reference]) -> float
     global _ROUGE2
     _check_lengths(predictions, references)
     if _ROUGE2 is None:  # building the stemmer once keeps per-call cost low
+        # deferred: rouge_score imports nltk and scipy, seconds (a mixture loads without them)
+        from rouge_score import rouge_scorer
+
         _ROUGE2 = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
     total = 0.0
     for p, r in zip(predictions, references, strict=True):
@@ -501,6 +504,8 @@ def item_values(
     """
     check_metric(metric_name)
     if metric_name == "bleu":
+        import sacrebleu  # deferred: imports slowly (a mixture's tasks load without scoring)
+
         stats = sacrebleu.BLEU()._extract_corpus_statistics(
             list(predictions), _bleu_streams(references)
         )
@@ -517,6 +522,8 @@ def score_values(metric_name: str, values: np.ndarray) -> float:
     """The task's score (0-100) on a subset of items, from their :func:`item_values` rows; on
     all the items it equals :func:`score`."""
     if metric_name == "bleu":
+        import sacrebleu  # deferred: imports slowly (a mixture's tasks load without scoring)
+
         totals = [int(round(x)) for x in np.asarray(values).sum(axis=0)]
         return min(float(sacrebleu.BLEU()._compute_score_from_stats(totals).score), 100.0)
     return float(np.mean(values))

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from multipromot.errors import UserError
+from multipromot.errors import UserError, reports_errors  # (reports_errors: re-exported)
 
 __all__ = [
     "init_distributed",
@@ -107,18 +107,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0, the only rank that writes files and shows progress."""
     return rank() == 0
-
-
-def reports_errors() -> bool:
-    """True on the process that prints a command's error line: a plain run, or under torchrun
-    the first process of each node (``LOCAL_RANK`` 0; on one node that is rank 0).
-
-    Every rank meets the same bad input and raises the same error, so one line per node's log
-    is enough; a node-local problem (a file missing on one node) still reaches that node's
-    log. Read from the environment: the process group may be gone by the time the error
-    reaches the command line.
-    """
-    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
 
 
 def device() -> torch.device:
