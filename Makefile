@@ -53,6 +53,9 @@ format: $(STAMP)
 	$(BIN)/ruff format multipromot tests benchmarks
 	$(BIN)/ruff check --fix multipromot tests benchmarks
 
+# The CPU benchmarks, one after the other (~30 min on 2 quiet cores): each rewrites its section of
+# benchmarks/RESULTS.md; at the end every target's verdict from its 95% interval is printed.
+# Run it on an otherwise idle machine: each section records the CPU that other processes used.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 

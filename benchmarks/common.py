@@ -5,8 +5,12 @@ close to the real datasets' (in tokens of a word-level tokenizer, one word = one
 padding and sequence lengths behave like RTE, XSum, TriviaQA, ... without downloading them.
 The templates are the paper's (multipromot/catalogue/paper.yaml).
 
-Timing rule: arms are measured side by side in the same process, interleaved (A, B, A, B, ...),
-and compared by the ratio of their medians (the 2 shared cores make absolute times noisy).
+Timing rule: arms are measured side by side in the same process, interleaved (A, B, A, B, ...:
+whole runs, steps in lockstep, or batch by batch), many times over; a comparison is a ratio of
+summed times over the repeats (or pairs) with a 95% bootstrap interval over them
+(:func:`ratio`), and a target is judged from that interval (:class:`Target`). Each section
+records the CPU, the load average at its start and end, and the CPU that other processes used
+while it ran (:class:`Load`): a figure taken next to a busy job measures that job as well.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import platform
 import re
 import statistics  # noqa: F401  (scripts use C.statistics)
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +33,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from intervals import REFERENCE, Estimate, Target, mean, median, ratio  # noqa: E402, F401
 
 # One thread per process: on 2 cores shared with other jobs, a second OpenMP thread made every
 # kernel 2-5x slower (measured: fwd+bwd 0.7 s at 1 thread, 2.9-4.7 s at 2), and it is what
@@ -37,6 +42,7 @@ THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+TARGETS = Path(__file__).with_name("targets.json")
 
 # -- data ------------------------------------------------------------------------------------
 
@@ -67,8 +73,9 @@ class TextMaker:
         self.p = p / p.sum()
         self.rng = np.random.default_rng(seed)
 
-    def span(self, median: float, sigma: float = 0.4, lo: int = 1, hi: int = 1000) -> str:
-        n = int(np.clip(round(median * math.exp(sigma * self.rng.standard_normal())), lo, hi))
+    def span(self, typical: float, sigma: float = 0.4, lo: int = 1, hi: int = 1000) -> str:
+        """``typical`` words (the median length), lognormal spread ``sigma``, within lo..hi."""
+        n = int(np.clip(round(typical * math.exp(sigma * self.rng.standard_normal())), lo, hi))
         return " ".join(self.rng.choice(self.vocab, size=n, p=self.p))
 
     def pick(self, n: int) -> int:
@@ -150,6 +157,12 @@ TASKS = {
 PAPER8 = list(TASKS)
 
 
+def task_name(fmt: str, copy: int | None = None) -> str:
+    """The benchmark's name for a task of format ``fmt`` (``bench_rte``, or ``bench_rte_3`` for
+    a copy): inline tasks may not take a catalogue task's name (the bank keys prompts by name)."""
+    return f"bench_{fmt}" if copy is None else f"bench_{fmt}_{copy}"
+
+
 def write_mixture(
     root: Path,
     names: list[str],
@@ -163,13 +176,14 @@ def write_mixture(
     """JSON-lines data for ``names`` and a mixture YAML over them (equal rates); returns the YAML.
 
     The tasks are inline tasks with the paper's templates, read from local files: what a user
-    with their own data writes. ``copies`` > 1 makes that many tasks of each format
-    (``rte_0``, ``rte_1``, ...; each its own data and bank prompt): the many-tasks regime.
+    with their own data writes, named by :func:`task_name` (``bench_rte``). ``copies`` > 1 makes
+    that many tasks of each format (``bench_rte_0``, ``bench_rte_1``, ...; each its own data and
+    bank prompt): the many-tasks regime.
     """
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     tasks = [
-        (name if copies == 1 else f"{name}_{k}", name) for name in names for k in range(copies)
+        (task_name(fmt, None if copies == 1 else k), fmt) for fmt in names for k in range(copies)
     ]
     for i, (name, fmt) in enumerate(tasks):
         spec = TASKS[fmt]
@@ -374,24 +388,37 @@ def interleaved_batches(
 ) -> dict[str, list[dict]]:
     """Time generation arms batch by batch, arm after arm, so that they see the same machine
     load. ``arms``: name -> (run(rows) -> one output per row, that arm's batches of row ids);
-    every arm covers the same ``count`` rows. Per arm and repeat: ``ex_per_s``,
+    every arm covers the same ``count`` rows. The next batch is always the one of the arm
+    furthest behind (by rows done), so arms with few large batches and arms with many small
+    ones progress together; ties go to the arms in turn, their order reversed every other
+    repeat. Per arm and repeat: ``s`` and ``cpu`` (summed over its batches), ``ex_per_s``,
     ``ex_per_cpu_s`` and ``out`` (row id -> output), for the callers' identical-output checks.
     """
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     for r in range(repeats):
+        names = list(arms) if r % 2 == 0 else list(reversed(arms))
         wall, cpu = dict.fromkeys(arms, 0.0), dict.fromkeys(arms, 0.0)
         outs: dict[str, dict] = {a: {} for a in arms}
-        for j in range(max(len(b) for _, b in arms.values())):
-            for name, (run, batches) in arms.items():
-                if j < len(batches):
-                    with Clock() as c, torch.inference_mode():
-                        ids = run(batches[j])
-                    wall[name] += c.s
-                    cpu[name] += c.cpu
-                    outs[name].update(zip(batches[j], ids, strict=True))
+        done, nxt = dict.fromkeys(arms, 0), dict.fromkeys(arms, 0)
+        while True:
+            pending = [a for a in names if nxt[a] < len(arms[a][1])]
+            if not pending:
+                break
+            name = min(pending, key=lambda a: done[a])  # min keeps the first of equals
+            run, batches = arms[name]
+            rows = batches[nxt[name]]
+            with Clock() as c, torch.inference_mode():
+                ids = run(rows)
+            wall[name] += c.s
+            cpu[name] += c.cpu
+            outs[name].update(zip(rows, ids, strict=True))
+            done[name] += len(rows)
+            nxt[name] += 1
         for name in arms:
             runs[name].append(
                 {
+                    "s": wall[name],
+                    "cpu": cpu[name],
                     "ex_per_s": count / wall[name],
                     "ex_per_cpu_s": count / cpu[name],
                     "out": outs[name],
@@ -403,6 +430,28 @@ def interleaved_batches(
             flush=True,
         )
     return runs
+
+
+def speedups(runs: dict[str, list[dict]], base: str, key: str = "s") -> dict[str, Estimate]:
+    """Each arm's speed over ``base``'s on the same rows: base time / arm time summed over the
+    repeats (``key``: ``s`` wall, ``cpu`` CPU time), with 95% intervals over the repeats."""
+    ref = [r[key] for r in runs[base]]
+    return {
+        name: ratio(ref, [r[key] for r in res]) if name != base else REFERENCE
+        for name, res in runs.items()
+    }
+
+
+def assert_same_outputs(runs: dict[str, list[dict]], reference: str) -> int:
+    """Every arm's outputs equal ``reference``'s first repeat's, row by row, in every repeat;
+    returns the number of rows compared per repeat."""
+    ref = runs[reference][0]["out"]
+    for name, results in runs.items():
+        for i, res in enumerate(results):
+            assert res["out"].keys() == ref.keys(), f"{name}, repeat {i + 1}: other rows"
+            differ = sum(res["out"][k] != ref[k] for k in ref)
+            assert differ == 0, f"{name}, repeat {i + 1}: {differ} rows differ from {reference}"
+    return len(ref)
 
 
 def _short(v):
@@ -446,35 +495,124 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    import peft
-    import transformers
-
+def cpu_model() -> str:
+    """The CPU's model name, vector extensions and cache sizes: the ratios depend on them (a
+    batch that fits one machine's caches spills on another)."""
     cpu = platform.processor() or "cpu"
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    isa = [name for flag, name in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in flags]
+    if not isa and "avx2" in flags:
+        isa = ["AVX2"]
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if level in ("2", "3") and kind == "Unified":
+            caches.append(f"L{level} {size}")
+    extra = ", ".join(isa + caches)
+    return f"{cpu} ({extra})" if extra else cpu
+
+
+def machine() -> str:
+    import peft
+    import transformers
+
     return (
-        f"{datetime.date.today().isoformat()}, {cpu}, {os.cpu_count()} cores "
-        f"(torch threads {torch.get_num_threads()}, load avg {load:.1f} at the start: shared), "
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}"
+        f"{datetime.date.today().isoformat()}, {cpu_model()}, {os.cpu_count()} cores "
+        f"(torch threads {torch.get_num_threads()}), Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}"
     )
 
 
-def record(key: str, title: str, body: str, machine_line: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md and print it."""
+def _busy_ticks() -> int | None:
+    """All CPUs' busy time since boot, in clock ticks (/proc/stat); None where there is none."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+class Load:
+    """How busy the machine was while a benchmark ran: load averages at the start and the end,
+    and the CPU (in cores) that other processes used meanwhile (all CPUs' busy time from
+    /proc/stat, less this process's and its children's)."""
+
+    def __init__(self):
+        self.load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        self.t0, self.ticks0, self.own0 = time.perf_counter(), _busy_ticks(), self._own()
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        ticks = _busy_ticks()
+        others = float("nan")
+        if ticks is not None and self.ticks0 is not None and wall > 0:
+            busy = (ticks - self.ticks0) / os.sysconf("SC_CLK_TCK")
+            others = max(0.0, busy - (self._own() - self.own0)) / wall
+        self.result = {
+            "load_start": self.load_start,
+            "load_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+            "others_cores": others,
+            "minutes": wall / 60,
+        }
+        return self.result
+
+    def line(self) -> str:
+        r = getattr(self, "result", None) or self.stop()
+        quiet = "quiet" if r["others_cores"] < 0.25 else "shared"
+        return (
+            f"load avg {r['load_start']:.1f} at the start, {r['load_end']:.1f} at the end; other "
+            f"processes used {r['others_cores']:.2f} of {os.cpu_count()} cores on average "
+            f"({quiet}); {r['minutes']:.1f} min"
+        )
+
+
+def record(
+    key: str,
+    title: str,
+    body: str,
+    machine_line: str,
+    load: Load | None = None,
+    targets: Sequence[Target] = (),
+    command: str | None = None,
+) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, store its targets' verdicts
+    in targets.json, and print both (print only with BENCH_NO_RECORD=1 in the environment)."""
+    run = machine_line + (f"; {load.line()}" if load is not None else "")
+    command = command or f".venv/bin/python benchmarks/{key}.py"
+    verdicts = ""
+    if targets:
+        verdicts = "\n\nTargets (judged from the 95% interval):\n\n" + table(
+            ["target", "measured (95% CI)", "verdict"],
+            [[t.what, str(t.estimate), t.verdict()] for t in targets],
+        )
     section = (
         f"<!-- bench:{key} -->\n## {title}\n\n"
-        f"Run: {machine_line}. Command: `.venv/bin/python benchmarks/{key}.py`.\n\n"
-        f"{body.strip()}\n<!-- /bench:{key} -->\n"
+        f"Run: {run}. Command: `{command}`.\n\n"
+        f"{body.strip()}{verdicts}\n<!-- /bench:{key} -->\n"
     )
     print("\n" + section)
+    if os.environ.get("BENCH_NO_RECORD"):  # a trial run: print, leave the files alone
+        return
     text = RESULTS.read_text() if RESULTS.exists() else _RESULTS_HEAD
     pattern = re.compile(
         rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->\n", re.S
@@ -484,6 +622,16 @@ def record(key: str, title: str, body: str, machine_line: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text)
+    if targets:
+        stored = json.loads(TARGETS.read_text()) if TARGETS.exists() else {}
+        for t in targets:
+            stored[t.key] = {
+                **t.as_json(),
+                "script": key,
+                "run": run,
+                "load": getattr(load, "result", None),
+            }
+        TARGETS.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
 
 
 _RESULTS_HEAD = """# Benchmark results

@@ -16,7 +16,7 @@ Arms, each after one warm-up step, the same batches (same sampler, seed and coll
    <GPUs>`` of arm 1 with ``stage2.mixed_precision=bf16`` (bf16 parameters, fp32 reduction);
    the global batch is the same, so each GPU does 1/N of the work.
 
-Reported per arm: median step time, tokens/s (non-pad encoder + decoder positions, all GPUs),
+Reported per arm: median step time (with a 95% bootstrap interval over the steps), tokens/s (non-pad encoder + decoder positions, all GPUs),
 MFU (6 x parameters x tokens per step / step time / peak bf16 FLOP/s of the GPUs; the peak is
 looked up by device name, or taken from PEAK_TFLOPS) and peak allocated GPU memory (rank 0).
 """
@@ -40,7 +40,7 @@ TASKS = ["rte", "wmt14_en_fr"]
 P = 100
 # ~1.2B parameters: T5 with d_model 2048, 12 + 12 layers, vocabulary 32,128.
 C.T5_SHAPES["t5-1b"] = dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=12, num_heads=32)
-FULL = {"shape": "t5-1b", "batch": 16, "steps": 12, "max_in": 512, "max_tgt": 128}
+FULL = {"shape": "t5-1b", "batch": 16, "steps": 21, "max_in": 512, "max_tgt": 128}
 SMOKE = {"shape": "t5-tiny", "batch": 4, "steps": 3, "max_in": 64, "max_tgt": 16}
 # Dense bf16 peak per GPU (vendor data sheets), by a substring of the device name.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -100,7 +100,7 @@ def setup(tmp: Path, s: dict) -> tuple[Path, Path, int, object]:
     save_model(model, tok, model_dir, name=f"bench-{s['shape']}")
     del model
     mixture = C.write_mixture(tmp / "data", TASKS, train=400)
-    bank = C.make_bank(model_dir, TASKS, P, tmp / "bank")
+    bank = C.make_bank(model_dir, [C.task_name(t) for t in TASKS], P, tmp / "bank")
     config = C.stage2_config(
         tmp / "config.yaml",
         model=model_dir,
@@ -129,7 +129,7 @@ def run_multipromot(config: Path, overrides: list[str] = (), prompt_positions: i
     # The loop counts input and target positions; the P prompt positions per row that the
     # model also processes are added, so both arms count the same work.
     tokens = statistics.median(clock.tokens[1:]) + prompt_positions
-    return {"step_s": statistics.median(times), "tokens": tokens, "peak_gb": _peak_gb()}
+    return {"times": times, "tokens": tokens, "peak_gb": _peak_gb()}
 
 
 def run_plain(model_dir: Path, mixture: Path, tok, s: dict) -> dict:
@@ -182,11 +182,7 @@ def run_plain(model_dir: Path, mixture: Path, tok, s: dict) -> dict:
         _sync()
         times.append(time.perf_counter() - t0)
         tokens.append(int(mask.sum()) + int(labels.ne(-100).sum()))
-    return {
-        "step_s": statistics.median(times[1:]),
-        "tokens": statistics.median(tokens[1:]),
-        "peak_gb": _peak_gb(),
-    }
+    return {"times": times[1:], "tokens": statistics.median(tokens[1:]), "peak_gb": _peak_gb()}
 
 
 def run_fsdp(config: Path, gpus: int, tmp: Path) -> dict:
@@ -232,6 +228,7 @@ def main(argv: list[str]) -> int:
         return 2
     gpus = torch.cuda.device_count()
     peak = peak_flops()
+    load = C.Load()
     tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
         config, mixture, n_params, tok = setup(tmp, s)
@@ -243,12 +240,13 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     for name, (r, n) in arms.items():
-        mfu = 6 * n_params * r["tokens"] / r["step_s"] / (peak * n) if peak else float("nan")
+        step = C.median(r["times"])
+        mfu = 6 * n_params * r["tokens"] / step.point / (peak * n) if peak else float("nan")
         rows.append(
             [
                 name,
-                f"{r['step_s']:.3f}",
-                f"{r['tokens'] / r['step_s']:,.0f}",
+                str(step),
+                f"{r['tokens'] / step.point:,.0f}",
                 f"{100 * mfu:.1f}%",
                 f"{r['peak_gb']:.2f}",
             ]
@@ -258,7 +256,8 @@ def main(argv: list[str]) -> int:
         f"{s['shape']} ({n_params / 1e9:.2f}B parameters), batch {s['batch']}, P={P}, "
         f"input <= {s['max_in']}, target <= {s['max_tgt']}, bf16; device: {device} x {gpus}"
     )
-    print(C.table(["arm", "step s (median)", "tokens/s", "MFU", "peak GB (rank 0)"], rows))
+    print(f"{C.machine()}; {load.line()}")
+    print(C.table(["arm", "step s, median (95% CI)", "tokens/s", "MFU", "peak GB (rank 0)"], rows))
     return 0
 
 

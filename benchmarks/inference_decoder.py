@@ -1,29 +1,33 @@
-"""Decoder-only mixed-task generation: cached bank prompts vs prepending them vs PEFT.
+"""Decoder-only mixed-task generation: cached bank prompts vs prepending them vs one task at a time.
 
 A random-init Llama-shaped model and 8 bank prompts (the paper's 8 task formats, their input
-lengths) drive three arms over the same shuffled requests:
+lengths) drive these arms over the same shuffled requests:
 
-- ``peft``: PEFT 0.21.2 prompt tuning (the bank exported as CAUSAL_LM adapters), one adapter at a
-  time, so its batches hold one task each. Under transformers 5.24 its decoder-only generate is
-  not incremental: after the first step it feeds the whole input again every step (it detects
-  the prefill through ``cache_position``, which transformers 5.4+ no longer passes), so it is
-  slow and its tokens differ from the others' (counted in ``rows differ``);
-- ``per-task``: what one adapter at a time costs when it works: ``PromptedModel`` (prepend path)
-  on PEFT's per-task batches;
+- ``per-task``: one task at a time, as one adapter at a time serves it: ``PromptedModel``
+  (prepend path) on per-task batches. The fair stand-in for PEFT: PEFT 0.21.2's own
+  decoder-only generate under transformers 5.24 is not incremental (after the first step it
+  feeds the whole input again every step; it detects the prefill through ``cache_position``,
+  which transformers 5.4+ no longer passes), so it is slow and its tokens differ; it runs once,
+  untimed, to count the rows that differ;
 - ``prepend``: ``PromptedModel.generate`` on mixed batches in ``generation.predict``'s order
   (sorted by length), every row running its P prompt positions through the model;
-- ``cached``: the same batches with ``prefix_cache=True``: each task's prompt keys/values are
-  computed once and handed to ``generate`` as a cache (what ``predict`` now does by default).
+- ``cached``: the same batches with ``prefix_cache=True`` (what ``predict`` does): each task's
+  prompt keys/values computed once, the text prefilled in groups of rows of similar length,
+  decoding into a cache with room for the new tokens;
+- ``cached, before``: the cached path as it was before the row groups and the room: the whole
+  batch prefilled at once, a cache that concatenates at every step.
 
-The arms run batch by batch in turn, so they share the machine's load. Greedy, exactly
-``NEW_TOKENS`` new tokens per row; the token outputs of every arm are compared with the
-prepend arm's (mismatching rows are counted and reported, not hidden). Rerun at
-``NEW_TOKENS = 1`` (prefill only) as the profile: the cache removes prompt work from the
-prefill only; every decoding step still attends over the P prompt keys in all arms.
+The arms run batch by batch in turn (the arm furthest behind next), so they share the machine's
+load, ``--repeats`` times. Greedy, exactly ``NEW_TOKENS`` new tokens per row; every arm's tokens
+must equal the prepend arm's in every repeat (asserted). Rerun at ``NEW_TOKENS = 1`` (prefill
+only) as the profile.
+
+    .venv/bin/python benchmarks/inference_decoder.py [--repeats 8]
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -44,7 +48,8 @@ PER_TASK = 8
 BATCH = 16
 NEW_TOKENS = 16
 MAX_IN = 256
-REPEATS = 3
+REPEATS = 8
+ARMS = ("per-task", "prepend", "cached", "cached, before")
 
 
 def llama_model(tok, seed: int = 0):
@@ -64,17 +69,23 @@ def llama_model(tok, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    args = parser.parse_args(argv)
+
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import multipromot.soft_prompt as soft_prompt
     from multipromot.bank import PromptBank, describe_model
     from multipromot.data.collate import Collator
     from multipromot.features import item_chars
     from multipromot.models import load_model, save_model
     from multipromot.soft_prompt import PromptedModel, init_prompts
 
-    machine = C.machine()
+    machine, load = C.machine(), C.Load()
     tmp = Path(tempfile.mkdtemp(prefix="bench-decoder-"))
     sections = []
     try:
@@ -95,6 +106,7 @@ def main() -> None:
             for s in range(0, PER_TASK, BATCH)
         ]
         real = sum(int(collate([items[i] for i in rows])["attention_mask"].sum()) for rows in mixed)
+        padded = sum(collate([items[i] for i in rows])["attention_mask"].numel() for rows in mixed)
 
         for p in PROMPT_LENGTHS:
             bank = PromptBank(tmp / f"bank{p}")
@@ -130,76 +142,110 @@ def main() -> None:
                         **gen,
                     ).tolist()
 
-                def peft_batch(rows, gen=gen, peft=peft):
-                    peft.set_adapter(names[items[rows[0]].task_id])  # one task per batch
-                    b = collate([items[i] for i in rows])
-                    ids = peft.generate(
-                        input_ids=b["input_ids"], attention_mask=b["attention_mask"], **gen
-                    )
-                    return ids[:, b["input_ids"].shape[1] :].tolist()  # the new tokens only
+                def before(rows, prompted_batch=prompted_batch):
+                    """The cached path before the row groups and the room to grow."""
+                    real_prefill, budget = soft_prompt._prefill_text, soft_prompt.PREFILL_POSITIONS
+
+                    def no_room(*args, room, **kwargs):
+                        return real_prefill(*args, room=0, **kwargs)
+
+                    soft_prompt._prefill_text, soft_prompt.PREFILL_POSITIONS = no_room, 10**9
+                    try:
+                        return prompted_batch(rows, True)
+                    finally:
+                        soft_prompt._prefill_text = real_prefill
+                        soft_prompt.PREFILL_POSITIONS = budget
 
                 arms = {
-                    "peft": (peft_batch, per_task),
                     "per-task": (lambda rows: prompted_batch(rows, False), per_task),
                     "prepend": (lambda rows: prompted_batch(rows, False), mixed),
                     "cached": (lambda rows: prompted_batch(rows, True), mixed),
+                    "cached, before": (before, mixed),
                 }
-                runs = C.interleaved_batches(arms, len(items), REPEATS)
-                sections.append((p, new_tokens, runs, prompted._prefixes.builds))
+                runs = C.interleaved_batches(arms, len(items), args.repeats, label=f"P={p}, ")
+                C.assert_same_outputs(runs, "prepend")
+                peft_differ = None
+                if new_tokens == NEW_TOKENS:  # PEFT once, untimed: how many rows differ
+                    reference = runs["prepend"][0]["out"]
+                    peft_differ = 0
+                    for rows in per_task:
+                        peft.set_adapter(names[items[rows[0]].task_id])
+                        b = collate([items[i] for i in rows])
+                        with torch.inference_mode():
+                            ids = peft.generate(
+                                input_ids=b["input_ids"], attention_mask=b["attention_mask"], **gen
+                            )
+                        new = ids[:, b["input_ids"].shape[1] :].tolist()
+                        peft_differ += sum(
+                            reference[i] != o for i, o in zip(rows, new, strict=True)
+                        )
+                sections.append((p, new_tokens, runs, peft_differ, prompted._prefixes.builds))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    load.stop()
 
-    rows = []
-    for p, new_tokens, runs, builds in sections:
-        reference = runs["prepend"][0]["out"]
-        base = C.med(runs["prepend"], "ex_per_s")
-        peft_rate = C.med(runs["peft"], "ex_per_s")
-        per_task_rate = C.med(runs["per-task"], "ex_per_s")
-        for name in ("peft", "per-task", "prepend", "cached"):
-            differ = max(sum(r["out"][i] != reference[i] for i in reference) for r in runs[name])
-            rate = C.med(runs[name], "ex_per_s")
-            cpu = C.med(runs[name], "ex_per_cpu_s")
+    rows, targets, peft_notes = [], [], []
+    for p, new_tokens, runs, peft_differ, builds in sections:
+        assert builds >= 1, "the cached arm never built a prefix"
+        wall, cpu = C.speedups(runs, "per-task", "s"), C.speedups(runs, "per-task", "cpu")
+        prepend = C.speedups(runs, "prepend", "s")
+        for name in ARMS:
             rows.append(
                 [
                     p,
                     new_tokens,
                     name,
-                    rate,
-                    rate / peft_rate,
-                    rate / per_task_rate,
-                    rate / base,
-                    cpu,
-                    differ,
+                    C.median([r["ex_per_s"] for r in runs[name]]).point,
+                    str(wall[name]),
+                    str(cpu[name]),
+                    str(prepend[name]),
                 ]
             )
-        assert builds >= 1, "the cached arm never built a prefix"
+        if peft_differ is not None:
+            peft_notes.append(f"{peft_differ} of {len(items)} rows at P = {p}")
+        if p == 50 and new_tokens == NEW_TOKENS:
+            targets.append(
+                C.Target(
+                    "9.decoder-cached-vs-per-task",
+                    "9. decoder-only cached prompts vs one task at a time, P = 50 (wall)",
+                    ">=",
+                    1.5,
+                    wall["cached"],
+                )
+            )
     body = (
         f"Model: random-init Llama ({SHAPE}, vocab {len(tok):,}), 8 bank prompts "
         f"(P = {' and '.join(map(str, PROMPT_LENGTHS))}), {len(items)} requests ({PER_TASK} per "
         f"task, the paper's 8 task formats and input lengths, shuffled; {real:,} real input "
-        f"tokens), batch {BATCH} (PEFT: per-task batches of {min(PER_TASK, BATCH)}), max input "
-        f"{MAX_IN} tokens, greedy. `new tokens` = 1 is the prefill alone (the profile). "
-        f"Median of {REPEATS} repeats, batches interleaved across arms; `rows differ`: rows "
-        f"whose tokens differ from the prepend arm's (worst repeat).\n\n"
+        f"tokens, {padded:,} positions in the mixed batches), batch {BATCH} (one task at a "
+        f"time: per-task batches of {min(PER_TASK, BATCH)}), max input {MAX_IN} tokens, greedy. "
+        f"`new tokens` = 1 is the prefill alone (the profile). {args.repeats} repeats, batches "
+        f"interleaved across arms; speed-ups are the other arm's time / this arm's over all "
+        f"repeats, with 95% bootstrap intervals over the repeats. Every arm's tokens equal the "
+        f"prepend arm's in every repeat (asserted). PEFT's own generate (one untimed pass; see "
+        f"the module docstring) differs from them in {', '.join(peft_notes)}.\n\n"
         + C.table(
             [
                 "P",
                 "new tokens",
                 "arm",
-                "examples/s",
-                "vs PEFT",
-                "vs per-task",
-                "vs prepend",
-                "examples per CPU-s",
-                "rows differ",
+                "examples/s (median)",
+                "vs per-task, wall (95% CI)",
+                "vs per-task, CPU (95% CI)",
+                "vs prepend, wall (95% CI)",
             ],
             rows,
         )
     )
     C.record(
-        "inference_decoder", "9. Decoder-only generation with cached bank prompts", body, machine
+        "inference_decoder",
+        "9. Decoder-only generation with cached bank prompts",
+        body,
+        machine,
+        load,
+        targets,
     )
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

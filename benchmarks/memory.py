@@ -41,14 +41,14 @@ def worker(config: str, out: str) -> None:
     from multipromot.config import load_config
 
     captured = {}
-    make_optimizer = stage2._optimizer
+    make_optimizer = stage2.build_stage2_optimizer
 
-    def capture(prompted, s2):
-        captured["optimizer"] = make_optimizer(prompted, s2)
+    def capture(prompted, *args, **kwargs):
+        captured["optimizer"] = make_optimizer(prompted, *args, **kwargs)
         captured["model"] = prompted
         return captured["optimizer"]
 
-    stage2._optimizer = capture
+    stage2.build_stage2_optimizer = capture
     stage2.Throughput = C.StepClock
     C.StepClock.rss = True
     rank = int(os.environ.get("RANK", "0"))
@@ -96,7 +96,7 @@ def launch(n: int, config: Path, out: Path) -> list[dict]:
 def main() -> None:
     from multipromot.models import save_model
 
-    machine = C.machine()
+    machine, load = C.machine(), C.Load()
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     try:
         tok = C.tokenizer()
@@ -105,7 +105,7 @@ def main() -> None:
         n_params = C.params_m(model)
         del model
         mixture = C.write_mixture(tmp / "data", TASKS, train=200)
-        bank = C.make_bank(tmp / "model", TASKS, P, tmp / "bank")
+        bank = C.make_bank(tmp / "model", [C.task_name(t) for t in TASKS], P, tmp / "bank")
         results = {}
         for n in (1, 2):
             config = C.stage2_config(
@@ -124,6 +124,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    load.stop()
     one = results[1][0]
     rows = []
     for n, ranks in results.items():
@@ -143,7 +144,9 @@ def main() -> None:
     body = (
         f"Model: random-init T5 `{SHAPE}` shape ({n_params:.0f}M parameters, fp32), ProMoT "
         f"mode (P = {P}), AdamW, global batch 8 (4 per rank on 2 processes), {STEPS} steps, "
-        f"torch.distributed.run with gloo on CPU, one thread per process. MiB per rank.\n\n"
+        f"torch.distributed.run with gloo on CPU, one thread per process. MiB per rank. "
+        f"Parameters and optimizer state are counted bytes (exact: no interval); RSS is one "
+        f"run's reading.\n\n"
         + C.table(
             [
                 "run",
@@ -157,7 +160,7 @@ def main() -> None:
             rows,
         )
     )
-    C.record("memory", "7. Memory per rank: FSDP2 on 2 processes against 1", body, machine)
+    C.record("memory", "7. Memory per rank: FSDP2 on 2 processes against 1", body, machine, load)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ BANK = 100
 UNSIGNED = 10
 OTHER = 20
 TRAFFIC = 600
-REPEATS = 3
+REPEATS = 8
 
 _LITERALS = str.split(
     "question answer claim premise statement passage context article text summary translate "
@@ -101,7 +101,7 @@ def main() -> None:
     from multipromot.features import SEPARATOR
     from multipromot.router import Router, RouterEntry
 
-    machine = C.machine()
+    machine, load = C.machine(), C.Load()
     formats = templates(BANK + OTHER, seed=0)
     bank, other = formats[:BANK], formats[BANK:]
     text = C.TextMaker(7)
@@ -166,13 +166,14 @@ def main() -> None:
         )
         kinds[kind].append(r.task == want)
     lengths = [len(x.split()) for x in texts]
+    load.stop()
     rows = [
         [
             BANK,
-            C.med(runs["build"], "s") * 1e3,
-            C.med(runs["single"], "p50_ms"),
-            C.med(runs["single"], "p99_ms"),
-            C.med(runs["batch"], "per_s"),
+            str(C.median([r["s"] * 1e3 for r in runs["build"]])),
+            str(C.median([r["p50_ms"] for r in runs["single"]])),
+            str(C.median([r["p99_ms"] for r in runs["single"]])),
+            str(C.median([r["per_s"] for r in runs["batch"]])),
         ]
     ]
     body = (
@@ -180,7 +181,7 @@ def main() -> None:
         f"by the similarity fallback), traffic of {len(texts)} inputs (median "
         f"{int(np.median(lengths))} words, max {max(lengths)}): 0-shot and 1-shot inputs of "
         f"bank tasks and inputs of {OTHER} formats outside the bank. Median of {REPEATS} "
-        f"interleaved repeats; one Python thread.\n\n"
+        f"interleaved repeats with its 95% bootstrap interval; one Python thread.\n\n"
         + C.table(
             [
                 "bank entries",
@@ -194,7 +195,7 @@ def main() -> None:
         + f"\n\nRouting decisions (sanity, not a quality benchmark): {right}/{len(texts)} "
         f"as intended; " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in kinds.items()) + "."
     )
-    C.record("router", "6. Router latency and throughput (100-entry bank)", body, machine)
+    C.record("router", "6. Router latency and throughput (100-entry bank)", body, machine, load)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ MAX_IN, MAX_TGT = 256, 64
 LR = 0.3
 VAL = 8
 SHAPE = "t5-tiny"
-REPEATS = 2
+REPEATS = 6
 
 
 def run_multipromot(model_dir: Path, mixture: Path, work: Path, *, batching: str) -> dict:
@@ -76,6 +76,8 @@ stage1: {{mixture: {mixture}, prompt_length: {P}, init: random, optimizer: adafa
         "loop_s": loop,
         "ex_per_s": n / loop,
         "ex_per_cpu_s": n / loop_cpu,
+        "s_per_ex": loop / n,
+        "cpu_per_ex": loop_cpu / n,
     }
 
 
@@ -134,6 +136,8 @@ def run_peft(model_dir: Path, mixture: Path, work: Path) -> dict:
         "loop_s": loop,
         "ex_per_s": counted / loop,
         "ex_per_cpu_s": counted / loop_cpu,
+        "s_per_ex": loop / counted,
+        "cpu_per_ex": loop_cpu / counted,
     }
 
 
@@ -172,25 +176,30 @@ def padding(mix, steps: int) -> dict[str, float]:
     return out
 
 
-def load_seconds(shape: str, root: Path) -> float:
-    """Median time of `from_pretrained` for a model of ``shape`` (what each PEFT task pays)."""
+def load_seconds(shape: str, root: Path) -> C.Estimate:
+    """Time of `from_pretrained` for a model of ``shape`` (what each PEFT task pays)."""
     from transformers import AutoModelForSeq2SeqLM
 
     path = C.save_bench_model(shape, root / shape)
     times = []
-    for _ in range(3):
+    for _ in range(6):
         with C.Clock() as c:
             AutoModelForSeq2SeqLM.from_pretrained(path)
         times.append(c.s)
-    return C.statistics.median(times)
+    return C.median(times)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+
     import torch
 
     from multipromot.data.sampler import MixtureSampler
 
-    machine = C.machine()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    args = parser.parse_args(argv)
+    machine, load = C.machine(), C.Load()
     tmp = Path(tempfile.mkdtemp(prefix="bench-stage1-"))
     try:
         model_dir = C.save_bench_model(SHAPE, tmp / "model")
@@ -222,41 +231,64 @@ def main() -> None:
                 "peft": arm(run_peft),
                 "multipromot:mixed": arm(run_multipromot, batching="mixed"),
             },
-            REPEATS,
+            args.repeats,
         )
-        load = {shape: load_seconds(shape, tmp / "load") for shape in (SHAPE, "t5-small")}
+        loading = {shape: load_seconds(shape, tmp / "load") for shape in (SHAPE, "t5-small")}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    from transformers import AutoModelForSeq2SeqLM  # noqa: F401 (for the parameter count)
+    load.stop()
 
-    peft = {k: C.med(runs["peft"], k) for k in ("ex_per_s", "ex_per_cpu_s", "total_s")}
-    rows = []
+    def per_example(name: str, key: str) -> C.Estimate:  # PEFT's time per example / this arm's
+        if name == "peft":
+            return C.REFERENCE
+        return C.ratio([r[key] for r in runs["peft"]], [r[key] for r in runs[name]])
+
+    rows, estimates = [], {}
     for name, label in (
         ("peft", "PEFT, task by task"),
         ("multipromot:task", "multipromot, one run, stage1.batching=task (default)"),
         ("multipromot:mixed", "multipromot, one run, stage1.batching=mixed"),
     ):
-        m = {k: C.med(runs[name], k) for k in ("ex_per_s", "ex_per_cpu_s", "total_s")}
+        total = C.ratio([r["total_s"] for r in runs["peft"]], [r["total_s"] for r in runs[name]])
+        total = C.REFERENCE if name == "peft" else total
+        estimates[name] = (per_example(name, "s_per_ex"), total)
         rows.append(
             [
                 label,
                 f"{padded[name]:.0%}",
-                m["ex_per_s"],
-                m["ex_per_s"] / peft["ex_per_s"],
-                m["ex_per_cpu_s"],
-                m["ex_per_cpu_s"] / peft["ex_per_cpu_s"],
-                m["total_s"],
-                peft["total_s"] / m["total_s"],
+                C.median([r["ex_per_s"] for r in runs[name]]).point,
+                str(per_example(name, "s_per_ex")),
+                str(per_example(name, "cpu_per_ex")),
+                C.median([r["total_s"] for r in runs[name]]).point,
+                str(total),
             ]
         )
+    targets = [
+        C.Target(
+            "2.stage1-per-example",
+            "2. stage 1, 8 prompts in one run vs PEFT task by task: examples/s (wall)",
+            ">=",
+            1.0,
+            estimates["multipromot:task"][0],
+        ),
+        C.Target(
+            "2.stage1-total",
+            "2. stage 1, 8 prompts in one run vs PEFT task by task: total time (wall)",
+            ">=",
+            1.0,
+            estimates["multipromot:task"][1],
+        ),
+    ]
     body = (
         f"Model: random-init T5 `{SHAPE}` shape ({C.T5_SHAPES[SHAPE]}, vocab 32,128), "
         f"{N_TASKS} tasks with the paper's templates and realistic lengths (RTE, CB, SNLI, WiC, "
         f"TriviaQA, WebQuestions, WMT14 En-Fr, XSum), P = {P}, batch {BATCH}, "
         f"{PER_PROMPT} examples per prompt (mixed run: per-task draws {min(counts)}-"
         f"{max(counts)}), max input {MAX_IN} / target {MAX_TGT} tokens, Adafactor lr {LR}. "
-        f"Median of {REPEATS} interleaved repeats. Loop rates are steady state (a run's, or "
+        f"{args.repeats} interleaved repeats; vs PEFT: PEFT's time per example (or in total) / "
+        f"the arm's, summed over the repeats, with a 95% bootstrap interval over the repeats. "
+        f"Loop rates are steady state (a run's, or "
         f"for PEFT a task's, first step left out); totals hold everything: multipromot "
         f"validates every prompt before training and at the end, PEFT at the end only. "
         f"Padded positions: share of encoder (incl. "
@@ -267,24 +299,24 @@ def main() -> None:
             [
                 "arm",
                 "padded positions",
-                "loop examples/s",
-                "vs PEFT",
-                "examples per CPU-s",
-                "vs PEFT",
-                "total wall s",
-                "PEFT total / total",
+                "loop examples/s (median)",
+                "vs PEFT, wall (95% CI)",
+                "vs PEFT, CPU (95% CI)",
+                "total wall s (median)",
+                "PEFT total / total (95% CI)",
             ],
             rows,
         )
     )
     body += (
         f"\n\nPEFT's task-by-task runs load the base model once per task: `from_pretrained` "
-        f"took {load[SHAPE]:.2f} s for this `{SHAPE}` model and {load['t5-small']:.2f} s for a "
-        f"t5-small-shaped one (median of 3, same machine), so with a real model the per-task "
-        f"setup alone adds about (N - 1) x that to PEFT's total; one mixed run pays it once."
+        f"took {loading[SHAPE]} s for this `{SHAPE}` model and {loading['t5-small']} s for a "
+        f"t5-small-shaped one (median of 6 with its 95% interval, same machine), so with a "
+        f"real model the per-task setup alone adds about (N - 1) x that to PEFT's total; one "
+        f"mixed run pays it once."
     )
-    C.record("stage1_peft", "2. Stage 1 against PEFT (N = 8 tasks)", body, machine)
+    C.record("stage1_peft", "2. Stage 1 against PEFT (N = 8 tasks)", body, machine, load, targets)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
