@@ -111,8 +111,10 @@ def validate_tasks(
     task_ids: Sequence[int] | None = None,
     batch_size: int = 32,
     max_new_tokens: int = 32,
+    shots: int = 0,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Teacher-forced loss and (optionally) the task metric per task, 0-shot.
+    """Teacher-forced loss and (optionally) the task metric per task, k-shot as trained.
 
     Args:
         prompted: the model with its prompt table.
@@ -123,6 +125,8 @@ def validate_tasks(
         split: the split to score.
         with_metric: also generate and compute the task's metric (0-100).
         task_ids: prompt-table row per task (default: its position; -1 = no prompt).
+        shots: same-task exemplars in front of each input (what the model is trained with).
+        seed: the exemplar seed.
 
     Returns:
         ``{task: {"loss": float, "score": float (if with_metric), "n": int}}``
@@ -142,7 +146,10 @@ def validate_tasks(
     for i, task in enumerate(tasks):
         row = i if task_ids is None else task_ids[i]
         count = min(examples, len(task.examples(split)))  # never reads a whole hub split
-        items = [build_item(task, i, split=split, task_id=row) for i in range(count)]
+        items = [
+            build_item(task, i, split=split, task_id=row, shots=shots, seed=seed)
+            for i in range(count)
+        ]
         total, count = 0.0, 0
         for start in range(0, len(items), batch_size):
             batch = _to(collator(items[start : start + batch_size]), device)
