@@ -19,7 +19,7 @@ load; repeated `--repeats` times. Greedy decoding of exactly 16 new tokens per r
 random-init model has no meaningful EOS); the outputs of all arms must be identical, token for
 token, in every repeat (asserted).
 
-    .venv/bin/python benchmarks/inference_peft.py [--repeats 6]
+    .venv/bin/python benchmarks/inference_peft.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ SHAPE = "t5-mini"
 P = 100
 NEW_TOKENS = 16
 MAX_IN = 256
-REPEATS = 6
+REPEATS = 5
 # (label, copies of each of the paper's 8 formats, requests per task, batch, the extra arms):
 # the paper's 8 tasks with many requests each, and the many-tasks regime (64 tasks, 4 requests
 # each) where one adapter at a time leaves PEFT with batches of 4.

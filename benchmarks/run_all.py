@@ -36,6 +36,7 @@ SCRIPTS = [
     "mixed_prompts",
     "stage2_decoder",
 ]
+ARGS = {"stage2_decoder": ["--profile"]}  # extra arguments per script
 
 
 def targets_table(stored: dict, scripts: list[str] | None = None) -> str:
@@ -90,7 +91,7 @@ def main(names: list[str]) -> int:
     for name in chosen:
         print(f"\n=== {name} ===", flush=True)
         t0 = time.perf_counter()
-        result = subprocess.run([sys.executable, str(HERE / f"{name}.py")])
+        result = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *ARGS.get(name, [])])
         print(f"=== {name}: {time.perf_counter() - t0:.0f} s, exit {result.returncode}", flush=True)
         if result.returncode != 0:
             failed.append(name)

@@ -20,7 +20,7 @@ wall time counts. The first two pairs are warm-up and dropped. Reported: the med
 per-pair ratios and the ratio of the summed times, each with a 95% bootstrap interval over the
 pairs (scipy.stats.bootstrap, BCa); the target is judged on the summed CPU times.
 
-    .venv/bin/python benchmarks/stage2_overhead.py [--shape t5-mini] [--pairs 120] [--profile]
+    .venv/bin/python benchmarks/stage2_overhead.py [--shape t5-mini] [--pairs 100] [--profile]
 
 ``--profile`` runs cProfile over the multipromot steps only and prints where the time goes
 outside the model (what the framework adds per step).
@@ -223,7 +223,7 @@ def framework_profile(profile: cProfile.Profile, steps: int) -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="t5-mini", choices=sorted(C.T5_SHAPES))
-    parser.add_argument("--pairs", type=int, default=120, help="measured pairs (after warm-up)")
+    parser.add_argument("--pairs", type=int, default=100, help="measured pairs (after warm-up)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-record", action="store_true", help="print, leave RESULTS.md")
     args = parser.parse_args(argv)
