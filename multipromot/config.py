@@ -47,6 +47,13 @@ class BankConfig:
         default="prompt_bank",
         metadata={"help": "the prompt bank folder: stage 1 writes into it, stage 2 reads from it"},
     )
+    refs: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "task -> bank ref stage 2 uses instead of the task's current version (`run` "
+            "sets it to the prompts its own stage 1 tuned for the method)"
+        },
+    )
 
 
 @dataclass
@@ -55,6 +62,14 @@ class Stage1Config:
 
     mixture: str = field(
         default="", metadata={"help": "the mixture YAML whose tasks each get a soft prompt"}
+    )
+    shots: int = field(
+        default=0,
+        metadata={
+            "help": "same-task exemplars in front of every stage-1 example (and validation "
+            "input), as stage 2 puts them; `run` tunes one set of prompts per number of "
+            "exemplars its methods use (a prompt is tuned with the exemplars it is used with)"
+        },
     )
     prompt_length: int = field(
         default=100,
@@ -132,6 +147,21 @@ class Stage2Config:
     shots: int = field(
         default=-1,
         metadata={"help": "k-shot exemplars per example; -1 = the mixture's own setting"},
+    )
+    prompt_shots: int = field(
+        default=-1,
+        metadata={
+            "help": "the exemplars the bank prompts must have been tuned with (stage1.shots); "
+            "-1 = stage 2's own number; another number is the ablation of a prompt tuned and "
+            "used differently (a method's ~promptJshot)"
+        },
+    )
+    freeze_bottom: int = field(
+        default=0,
+        metadata={
+            "help": "keep the embeddings and the bottom K transformer blocks frozen (0: none; "
+            "a method's ~freezeK)"
+        },
     )
     optimizer: str = field(default="adafactor", metadata={"help": "adafactor | adamw"})
     lr: float = field(default=1e-3, metadata={"help": "the model's learning rate"})
@@ -595,6 +625,15 @@ def _validate_ranges(cfg: RunConfig, file: str) -> None:
     }.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
+    if not 0 <= s1.shots <= MAX_SHOTS:
+        fail("stage1.shots", f"must be in 0..{MAX_SHOTS}, got {s1.shots}")
+    if not -1 <= s2.prompt_shots <= MAX_SHOTS:
+        fail(
+            "stage2.prompt_shots",
+            f"must be -1 (stage 2's) or 0..{MAX_SHOTS}, got {s2.prompt_shots}",
+        )
+    if s2.freeze_bottom < 0:
+        fail("stage2.freeze_bottom", f"must be >= 0, got {s2.freeze_bottom}")
     if s2.shots < -1 or s2.shots > MAX_SHOTS:
         fail("stage2.shots", f"must be -1 (the mixture's) or 0..{MAX_SHOTS}, got {s2.shots}")
     for k in ev.shots:

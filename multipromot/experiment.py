@@ -31,7 +31,7 @@ from multipromot.eval.report import config_lines, read_statistics, terminal_summ
 from multipromot.eval.samples import SAMPLES_FILE, samples_digest, write_samples
 from multipromot.eval.suite_file import load_suite
 from multipromot.fsio import json_sha256
-from multipromot.method_eval import curve, evaluate_method, score_model
+from multipromot.method_eval import curve, evaluate_method, prompt_shots, score_model
 from multipromot.methods import Method
 from multipromot.models import is_encoder_decoder, load_model, read_lineage
 from multipromot.preflight import check_shots, preflight
@@ -46,9 +46,10 @@ from multipromot.reuse import (
 from multipromot.router import calibrated_router, router_entries
 from multipromot.soft_prompt import PromptedModel
 from multipromot.train import lora, stage1_lora, stage2
+from multipromot.train.freeze import frozen_names
 from multipromot.train.metrics_log import MetricsLog
 from multipromot.train.stage1 import made_from as stage1_made_from
-from multipromot.train.stage1 import train_prompts
+from multipromot.train.stage1 import stage1_folder, train_prompts
 from multipromot.train.stage2_export import Stage2Record
 from multipromot.trained import prompt_table, recorded_prompts
 
@@ -71,10 +72,27 @@ def run_experiment(cfg: RunConfig) -> Path:
             raise UserError(e.message, file=e.file or cfg.config_file or None, key=e.key) from None
     # k-shot inputs against their token budgets, before any training
     check_shots(cfg, methods, tokenizer, decoder_only=not is_encoder_decoder(base))
+    if cfg.stage2.freeze_bottom:  # per method in `run`: which methods would it mean?
+        raise UserError(
+            "is for the stage2 command; in `run`, freeze per method with a label's ~freezeK "
+            "(standard~freeze2)",
+            file=cfg.config_file or None,
+            key="stage2.freeze_bottom",
+        )
+    for method in methods:  # ~freezeK within the model's depth
+        try:
+            frozen_names(base, method.made.freeze)
+        except UserError as e:
+            raise UserError(
+                f"method {method.label!r}: stage2.freeze_bottom {e.message}",
+                file=cfg.config_file or None,
+                key="methods",
+            ) from None
     del base
-    stage1_refs: dict[str, str] = {}
-    if any(m.spec.stage1 == "prompts" for m in methods):
-        stage1_refs = _stage1(cfg, out)
+    # one set of stage-1 prompts per number of exemplars its methods use them with
+    stage1_refs: dict[int, dict[str, str]] = {}
+    for shots in sorted({prompt_shots(cfg, m) for m in methods if m.made.spec.stage1 == "prompts"}):
+        stage1_refs[shots] = _stage1(_with_stage1_shots(cfg, shots), out)
     adapters = None
     if any(m.spec.stage1 == "adapters" for m in methods):
         adapters = _stage1_lora(cfg, out)
@@ -83,14 +101,14 @@ def run_experiment(cfg: RunConfig) -> Path:
     status: dict[str, str] = {}
     # WiSE-FT rows come after the methods whose fine-tuned weights they interpolate
     for method in sorted(methods, key=lambda m: m.spec.weights == "interpolated"):
-        scored, status[method.label] = _run_method(
-            cfg, method, out, Path(base_dir), stage1_refs, adapters
-        )
+        refs = stage1_refs.get(prompt_shots(cfg, method), {})
+        scored, status[method.label] = _run_method(cfg, method, out, Path(base_dir), refs, adapters)
         records += scored
 
     stage1_losses = {}
-    if stage1_refs:
-        stage1_losses["prompts"] = MetricsLog(out / "stage1").losses()
+    for shots in stage1_refs:
+        label = "prompts" if shots == 0 else f"prompts ({shots}-shot)"
+        stage1_losses[label] = MetricsLog(out / stage1_folder(shots)).losses()
     if adapters:
         stage1_losses["promot_lora's adapters"] = MetricsLog(
             out / stage1_lora.ADAPTERS_FOLDER
@@ -173,10 +191,17 @@ def _run_method(
     return result, status
 
 
+def _with_stage1_shots(cfg: RunConfig, shots: int) -> RunConfig:
+    """The config whose stage 1 tunes prompts with ``shots`` exemplars."""
+    sub = copy.deepcopy(cfg)
+    sub.stage1.shots = shots
+    return sub
+
+
 def _stage1(cfg: RunConfig, out: Path) -> dict[str, str]:
-    """Prompt-tune the stage-1 mixture unless this run already did from the same settings;
-    returns task -> bank ref of this run's stage-1 prompts."""
-    done = out / "stage1.json"
+    """Prompt-tune the stage-1 mixture (with ``stage1.shots`` exemplars) unless this run
+    already did from the same settings; returns task -> bank ref of those prompts."""
+    done = out / f"{stage1_folder(cfg.stage1.shots)}.json"
     record = stage1_made_from(cfg)
     bank = PromptBank(bank_dir(cfg))
     if done.exists():
@@ -278,6 +303,9 @@ def _method_config(cfg: RunConfig, method: Method, method_dir: Path) -> RunConfi
         sub.lora.adapters = str(Path(cfg.out_dir) / stage1_lora.ADAPTERS_FOLDER / "adapters")
     if method.shots is not None:  # the label's +Kshot wins over stage2.shots and the mixture
         sub.stage2.shots = method.shots
+    if method.prompt_shots is not None:  # ~promptJshot: prompts tuned with other exemplars
+        sub.stage2.prompt_shots = method.prompt_shots
+    sub.stage2.freeze_bottom = method.made.freeze
     return sub
 
 
@@ -327,7 +355,10 @@ def _stage2(cfg: RunConfig, method: Method, method_dir: Path, record: dict) -> t
     write_record(made_from, record)
     print(f"stage 2: {method.label}")
     label = method.label if method.shots is not None else None  # what decided its shots
-    stage2.finetune(_method_config(cfg, method, method_dir), label=label)
+    sub = _method_config(cfg, method, method_dir)
+    # the prompts this run tuned for the method (with its exemplars), not the bank's newest
+    sub.bank.refs = {task: ref for task, ref in (record.get("bank_refs") or {}).items() if ref}
+    stage2.finetune(sub, label=label)
     return final, False
 
 

@@ -27,7 +27,14 @@ from multipromot.train.checkpoint import is_complete, load_checkpoint
 from multipromot.train.stage2_export import Stage2Record
 from multipromot.trained import prompt_table, recorded_prompts
 
-__all__ = ["evaluate_method", "score_model", "prompt_source", "curve"]
+__all__ = [
+    "method_shots",
+    "prompt_shots",
+    "evaluate_method",
+    "score_model",
+    "prompt_source",
+    "curve",
+]
 
 
 def prompt_source(
@@ -53,6 +60,27 @@ def prompt_source(
     return recorded_prompts(model_dir, tasks)
 
 
+def method_shots(cfg: RunConfig, method: Method, mixture=None) -> int:
+    """The exemplars in front of a method's fine-tuned examples, in stage 2 and when its
+    fine-tuned tasks are scored: the label's ``+Kshot``, else ``stage2.shots``, else its
+    mixture header's (WiSE-FT: its source's)."""
+    made = method.made
+    if made.shots is not None:
+        return made.shots
+    if cfg.stage2.shots >= 0:
+        return cfg.stage2.shots
+    return (mixture or load_mixture(made.mixture)).shots
+
+
+def prompt_shots(cfg: RunConfig, method: Method) -> int | None:
+    """The exemplars a method's bank prompts are tuned with: its own (:func:`method_shots`),
+    or the label's ``~promptJshot`` (the ablation); None for a kind without bank prompts."""
+    made = method.made
+    if made.spec.prompts != "bank":
+        return None
+    return made.prompt_shots if made.prompt_shots is not None else method_shots(cfg, made)
+
+
 def evaluate_method(
     cfg: RunConfig,
     method: Method,
@@ -63,7 +91,8 @@ def evaluate_method(
     selected: bool = True,
     stage1_refs: dict | None = None,
 ) -> list[dict]:
-    """Score one method: fine-tuned tasks 0-shot with their prompt, the suite k-shot with routing.
+    """Score one method: fine-tuned tasks with their prompt and the exemplars the method was
+    fine-tuned with, the suite k-shot with routing.
 
     Args:
         cfg: the run config (``eval.*``, ``bank.dir``).
@@ -72,7 +101,8 @@ def evaluate_method(
         step: the stage-2 step these weights come from.
         checkpoint: a stage-2 checkpoint whose weights (and prompts) replace ``model_dir``'s.
         selected: these are the weights the method reports (best-on-target), not a curve point.
-        stage1_refs: task -> ref of this run's stage-1 prompts (``prompt_tuning``).
+        stage1_refs: task -> ref of this run's stage-1 prompts tuned with the method's
+            exemplars (``prompt_tuning``).
 
     Returns:
         Flat records (see :mod:`multipromot.eval.report`) tagged with the method and step.
@@ -106,7 +136,14 @@ def evaluate_method(
     shots, kept = (record.shots, record.shots_kept) if record else (0, {})
     label = method.label if selected else f"{method.label} (step {step})"
     records = score_model(
-        cfg, prompted, tokenizer, mixture, rows=rows, router=router, progress=label
+        cfg,
+        prompted,
+        tokenizer,
+        mixture,
+        rows=rows,
+        router=router,
+        progress=label,
+        finetuned_shots=method_shots(cfg, method, mixture),
     )
     for r in records:
         r.update(
@@ -118,6 +155,7 @@ def evaluate_method(
             bank_dir=source[0] if source is not None else None,
             train_shots=shots,
             train_shots_kept=kept,
+            prompt_shots=prompt_shots(cfg, method),
         )
     return records
 
@@ -142,10 +180,12 @@ def score_model(
     rows: dict[str, int],
     router=None,
     progress: str = "",
+    finetuned_shots: int = 0,
 ) -> list[dict]:
-    """The scores of one model: ``mixture``'s tasks 0-shot (each with its row's prompt, if it
-    has one) and the suite ``eval.suite`` k-shot, each input routed by ``router`` (or given no
-    prompt). Records are tagged ``seen`` (a fine-tuned task) or not."""
+    """The scores of one model: ``mixture``'s tasks with ``finetuned_shots`` exemplars (each
+    with its row's prompt, if it has one) and the suite ``eval.suite`` k-shot, each input
+    routed by ``router`` (or given no prompt). Records are tagged ``seen`` (a fine-tuned
+    task) or not."""
     ev = cfg.eval
     suite = load_suite(resolve_path(cfg, ev.suite))
     # Format specialization: outputs that fall in a fine-tuned classification task's label set.
@@ -158,7 +198,14 @@ def score_model(
         progress=progress,
     )
     records = evaluate_finetuned(
-        prompted, tokenizer, mixture.tasks, rows, examples=ev.examples, **common
+        prompted,
+        tokenizer,
+        mixture.tasks,
+        rows,
+        examples=ev.examples,
+        shots=finetuned_shots,
+        seed=cfg.seed,
+        **common,
     )
     for r in records:
         r["seen"] = True

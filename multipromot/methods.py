@@ -5,9 +5,14 @@ entry (what stage 2 trains, where the prompts come from, which adapters, which s
 process or sharded, whether WiSE-FT may interpolate it); no other module compares a kind with a
 string. Adding a kind is one entry here plus its training code.
 
-A label in a config's ``methods`` is ``kind[+Kshot][@mixture]`` or ``wiseA:LABEL``:
+A label in a config's ``methods`` is ``kind[+Kshot][~modifier...][@mixture]`` or
+``wiseA:LABEL``:
 
-- ``+Kshot`` adds K same-task exemplars to every stage-2 example (``promot+1shot``);
+- ``+Kshot`` adds K same-task exemplars to every stage-2 example (``promot+1shot``); its bank
+  prompts are then tuned with K exemplars too, and its fine-tuned tasks scored K-shot;
+- ``~promptJshot`` uses prompts tuned with J exemplars instead (``promot+1shot~prompt0shot``:
+  the ablation of a prompt tuned 0-shot and used 1-shot); ``~freezeK`` keeps the embeddings
+  and the bottom K blocks frozen through stage 2 (``standard~freeze2``);
 - ``@name`` picks the stage-2 mixture from the config's ``mixtures`` (``standard@multi``);
   without it the method uses ``stage2.mixture``;
 - ``wiseA:LABEL`` is WiSE-FT: the weights ``(1 - A) * base + A * LABEL's`` fine-tuned weights,
@@ -206,6 +211,9 @@ class Method:
         mixture: the path of its stage-2 mixture.
         alpha: WiSE-FT: the fine-tuned weights' share.
         source: WiSE-FT: the method whose fine-tuned weights are interpolated.
+        prompt_shots: ``~promptJshot``: the exemplars its bank prompts were tuned with; None =
+            its own shots (a prompt is tuned with the exemplars it is used with).
+        freeze: ``~freezeK``: the embeddings and bottom K blocks stay frozen (0: none).
     """
 
     label: str
@@ -214,6 +222,8 @@ class Method:
     mixture: str
     alpha: float | None = None
     source: Method | None = None
+    prompt_shots: int | None = None
+    freeze: int = 0
 
     @property
     def spec(self) -> MethodKind:
@@ -235,7 +245,15 @@ class Method:
         """What makes two labels the same method (``wise0.5:standard`` and
         ``wise0.50:standard``; ``promot+1shot`` and ``promot+01shot``)."""
         source = self.source.identity if self.source is not None else None
-        return (self.kind, self.shots, self.mixture, self.alpha, source)
+        return (
+            self.kind,
+            self.shots,
+            self.mixture,
+            self.alpha,
+            source,
+            self.prompt_shots,
+            self.freeze,
+        )
 
     @property
     def uses_prompts(self) -> bool:
@@ -243,8 +261,11 @@ class Method:
 
 
 _METHOD = re.compile(
-    r"^(?P<kind>[a-z_]+)(?:\+(?P<shots>\d+)shot)?(?:@(?P<mixture>[A-Za-z0-9_.-]+))?$"
+    r"^(?P<kind>[a-z_]+)(?:\+(?P<shots>\d+)shot)?(?P<modifiers>(?:~[a-z0-9]+)*)"
+    r"(?:@(?P<mixture>[A-Za-z0-9_.-]+))?$"
 )
+_PROMPT_SHOTS = re.compile(r"^prompt(?P<shots>\d+)shot$")
+_FREEZE = re.compile(r"^freeze(?P<blocks>\d+)$")
 _WISE = re.compile(r"^wise(?P<alpha>\d+(?:\.\d+)?):(?P<source>.+)$")
 
 
@@ -304,8 +325,9 @@ def parse_method(
     if not m or m["kind"] not in KINDS or m["kind"] == "wise":
         kinds = ", ".join(name for name in KINDS if name != "wise")
         raise UserError(
-            f"unknown method {label!r}; use one of {kinds}, optionally with +Kshot and "
-            "@mixture (e.g. promot+1shot@multi), or wiseA:LABEL (e.g. wise0.5:standard)",
+            f"unknown method {label!r}; use one of {kinds}, optionally with +Kshot, "
+            "~promptJshot or ~freezeK and @mixture (e.g. promot+1shot@multi), or wiseA:LABEL "
+            "(e.g. wise0.5:standard)",
             **where,
         )
     alias = m["mixture"]
@@ -322,4 +344,36 @@ def parse_method(
         raise UserError(
             f"method {label!r}: +Kshot must be at most {MAX_SHOTS}, got {shots}", **where
         )
-    return Method(label, m["kind"], shots, mixture)
+    prompt_shots, freeze = _modifiers(label, KINDS[m["kind"]], m["modifiers"], where)
+    return Method(label, m["kind"], shots, mixture, prompt_shots=prompt_shots, freeze=freeze)
+
+
+def _modifiers(label: str, kind: MethodKind, text: str, where: dict) -> tuple[int | None, int]:
+    """``~promptJshot`` (a kind with bank prompts uses prompts tuned with J exemplars instead of
+    its own number: the ablation of tuning and using them differently) and ``~freezeK`` (the
+    embeddings and the bottom K blocks stay frozen through stage 2)."""
+    prompt_shots, freeze = None, 0
+    for modifier in [part for part in text.split("~") if part]:
+        shots, blocks = _PROMPT_SHOTS.match(modifier), _FREEZE.match(modifier)
+        if shots and kind.prompts == "bank":
+            prompt_shots = int(shots["shots"])
+            if prompt_shots > MAX_SHOTS:
+                raise UserError(
+                    f"method {label!r}: ~promptJshot must be at most {MAX_SHOTS}", **where
+                )
+        elif (
+            blocks and kind.trainable in ("model", "both") and not (kind.freezing or kind.adapters)
+        ):
+            freeze = int(blocks["blocks"])
+        elif shots or blocks:
+            what = "its bank prompts" if shots else "a full fine-tuning of the model"
+            raise UserError(
+                f"method {label!r}: ~{modifier} needs {what}, which {kind.name} does not have",
+                **where,
+            )
+        else:
+            raise UserError(
+                f"method {label!r}: unknown modifier ~{modifier}; use ~promptJshot or ~freezeK",
+                **where,
+            )
+    return prompt_shots, freeze

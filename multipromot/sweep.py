@@ -234,6 +234,7 @@ def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = 
     """
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    commit = _git_commit(Path(sweep.config).resolve().parent)  # the code the cells run with
     print(
         f"sweep: {len(sweep.cells)} cells ({' x '.join(_axis_text(sweep))}) under "
         f"{sweep.out_dir / CELLS_DIR}; {_base_model_text(sweep)}"
@@ -249,7 +250,7 @@ def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = 
     meta = {
         "command": sweep.command,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(Path(sweep.config).resolve().parent),
+        "git_commit": commit,
         "cells_seconds": round(time.monotonic() - started, 1),
     }
     return aggregate_sweep(

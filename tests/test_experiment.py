@@ -69,7 +69,8 @@ def test_run_writes_report_results_and_resumes_after_a_crash(
     monkeypatch.setattr(stage2, "finetune", real)
     report = experiment.run_experiment(cfg)
     assert done_first.stat().st_mtime_ns == stamp
-    assert PromptBank(tmp_path / "bank").versions("lab_rte") == [1]  # stage 1 ran once
+    # stage 1 ran once for each number of exemplars its methods use (0 and promot+1shot's 1)
+    assert PromptBank(tmp_path / "bank").versions("lab_rte") == [1, 2]
     assert report == run / "report.md"
 
     results = json.loads((run / "results.json").read_text())

@@ -72,7 +72,7 @@ def _metric_scores(runs: Sequence[RunData], method: str, pick, task: str, shots:
         record = pick(run, task, shots)
         if record is None:
             return None
-        items = run.items(method, record["step"], task, shots)
+        items = run.items(method, record["step"], task, record["shots"])
         if not items or any(item.get("value") is None for item in items):
             return None
         ids = [item["id"] for item in items]
@@ -107,9 +107,23 @@ def _selected_picker(method: str):
             if (
                 r["method"] == method
                 and r["selected"]
+                and not r["seen"]
                 and r["task"] == task
                 and r["shots"] == shots
             ):
+                return r
+        return None
+
+    return pick
+
+
+def _finetuned_picker(method: str):
+    """Picks each run's selected record of ``method`` on a fine-tuned task (one per task, at
+    the shots the method was fine-tuned with)."""
+
+    def pick(run: RunData, task: str, shots: int) -> dict | None:
+        for r in run.records:
+            if r["method"] == method and r["selected"] and r["seen"] and r["task"] == task:
                 return r
         return None
 
@@ -122,6 +136,7 @@ def _step_picker(method: str, step: int):
             if (
                 r["method"] == method
                 and r["step"] == step
+                and not r["seen"]
                 and r["task"] == task
                 and r["shots"] == shots
             ):
@@ -170,8 +185,8 @@ def statistics(runs: Sequence[RunData], compare: Sequence[str] = (), curves: boo
             ok = all(s is not None for s in special.values())
             row["specialization"] = _json(estimate(special, average="plain")) if ok else None
             row["finetuned"] = {}
-            for task in seen:
-                task_scores = _metric_scores(runs, method, pick, task, 0)
+            for task in seen:  # scored with the exemplars the method was fine-tuned with
+                task_scores = _metric_scores(runs, method, _finetuned_picker(method), task, 0)
                 row["finetuned"][task] = (
                     _json(estimate({task: task_scores})) if task_scores else None
                 )

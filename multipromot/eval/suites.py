@@ -296,8 +296,11 @@ def evaluate_finetuned(
     max_new_tokens: int = 32,
     max_input_length: int = EVAL_MAX_INPUT_LENGTH,
     progress: str | None = None,
+    shots: int = 0,
+    seed: int = 0,
 ) -> list[dict]:
-    """Zero-shot scores of the fine-tuned tasks, each with its own prompt.
+    """Scores of the fine-tuned tasks, each with its own prompt, with the exemplars the model
+    was fine-tuned with (``shots``, 0 by default).
 
     Args:
         prompted: a :class:`~multipromot.soft_prompt.PromptedModel`.
@@ -316,12 +319,12 @@ def evaluate_finetuned(
         progress: a label; one line per scored task (see :func:`evaluate_suite`).
 
     Returns:
-        One record per task, in order, with the fields of :func:`evaluate_suite`, ``shots`` 0,
-        ``random`` 0 and ``specialization`` None.
+        One record per task, in order, with the fields of :func:`evaluate_suite`, ``shots``
+        as given, ``random`` 0 and ``specialization`` None.
     """
     groups = []
     for task in map(resolve_task, tasks):
-        items = build_items(task, 0, examples=examples, split=split, seed=0)
+        items = build_items(task, shots, examples=examples, split=split, seed=seed)
         if router is not None:
             rows, names = _route_rows(router, items, prompt_rows)
         else:
@@ -340,12 +343,12 @@ def evaluate_finetuned(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         max_input_length=max_input_length,
-        progress=f"{progress} 0-shot" if progress else None,
+        progress=f"{progress} {shots}-shot" if progress else None,
     )
     records = []
     for (task, items, names), outs in zip(groups, outputs, strict=True):
         record = _record(
-            task, 0, items, outs, names, random=0.0, specialization_answers=None, split=split
+            task, shots, items, outs, names, random=0.0, specialization_answers=None, split=split
         )
         # the best stage-1 prompt and stage-2 step are picked on validation: the report says
         # so when these scores come from the same rows

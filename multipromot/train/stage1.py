@@ -56,6 +56,7 @@ from multipromot.train.metrics_log import MetricsLog
 
 __all__ = [
     "train_prompts",
+    "stage1_folder",
     "setup",
     "train",
     "Stage1Run",
@@ -133,6 +134,12 @@ class _Trained(nn.Module):
         self.register_buffer("best", prompts.detach().clone())
 
 
+def stage1_folder(shots: int) -> str:
+    """The folder under ``out_dir`` of stage 1 tuned with ``shots`` exemplars (checkpoints,
+    metrics.jsonl): ``stage1`` for 0-shot prompts, ``stage1_Kshot`` otherwise."""
+    return "stage1" if shots == 0 else f"stage1_{shots}shot"
+
+
 def train_prompts(cfg: RunConfig, *, progress: bool = True) -> list[BankEntry]:
     """Train one soft prompt per task of ``cfg.stage1.mixture`` and add them to the bank.
 
@@ -174,6 +181,8 @@ class Stage1Run:
     trained: _Trained | None = None  # checkpointed prompts (None: no checkpoints)
     record: dict | None = None  # what the checkpoints were made from
     model_path: str = ""
+    shots: int = 0  # exemplars in front of every example and validation input
+    exemplar_seed: int = 0
     start: int = 0
     best: dict[str, Best] = field(default_factory=dict)
 
@@ -215,12 +224,20 @@ def setup(cfg: RunConfig, *, progress: bool = True) -> Stage1Run:
         scheduler=lr_schedule(optimizer, warmup_steps=s1.warmup_steps, total_steps=s1.steps),
         collator=collator,
         batches=batch_stream(
-            tasks, sampler, collator, s1.batch_size, by_task=s1.batching == "task"
+            tasks,
+            sampler,
+            collator,
+            s1.batch_size,
+            by_task=s1.batching == "task",
+            shots=s1.shots,
+            seed=mixture.exemplar_seed,
         ),
         trained=_Trained(prompted.prompts),
         record=made_from(cfg, mixture),
-        out_dir=Path(cfg.out_dir) / "stage1",
+        out_dir=Path(cfg.out_dir) / stage1_folder(s1.shots),
         progress=progress,
+        shots=s1.shots,
+        exemplar_seed=mixture.exemplar_seed,
     )
     run.start = _resume(run)
     MetricsLog(run.out_dir).trim(run.start, stage=1)  # what it logs again (all, if it starts over)
@@ -285,6 +302,8 @@ def _validate(run: Stage1Run, step: int, logger: MetricsLogger) -> None:
         run.collator,
         examples=s1.eval_examples,
         with_metric=select == "score",
+        shots=run.shots,
+        seed=run.exemplar_seed,
     )
     logger.log({"stage": 1, "step": step, "validation": results})
     if step == 0:
@@ -353,9 +372,20 @@ class BatchStream:
     sampler state at the start of the current window of draws and how many of its batches were
     taken. Restoring redraws that window and skips the batches already trained on."""
 
-    def __init__(self, tasks, sampler, collator, batch_size: int, *, by_task: bool):
+    def __init__(
+        self,
+        tasks,
+        sampler,
+        collator,
+        batch_size: int,
+        *,
+        by_task: bool,
+        shots: int = 0,
+        seed: int = 0,
+    ):
         self.tasks, self.sampler, self.collator = tasks, sampler, collator
         self.batch_size, self.by_task = batch_size, by_task
+        self.shots, self.seed = shots, seed
         self._window: list[dict] = []
         self._window_start = sampler.state_dict()
         self._taken = 0
@@ -378,6 +408,8 @@ class BatchStream:
             self.sampler.take(rows),
             self.collator,
             batch_size=self.batch_size,
+            shots=self.shots,
+            seed=self.seed,
             order="task" if self.by_task else "drawn",
         )
 
@@ -393,12 +425,17 @@ class BatchStream:
         self._window = self._draw() if self._taken else []
 
 
-def batch_stream(tasks, sampler, collator, batch_size: int, *, by_task: bool) -> BatchStream:
-    """Endless stage-1 batches, 0-shot. With ``by_task``, 32 batches' worth of rows are drawn
-    at a time and cut into batches of one task and similar length (a frozen model's prompt gets
-    its gradient from its own rows whatever shares the batch; the rows and the rates are the
-    sampler's, only their order inside a window moves)."""
-    return BatchStream(tasks, sampler, collator, batch_size, by_task=by_task)
+def batch_stream(
+    tasks, sampler, collator, batch_size: int, *, by_task: bool, shots: int = 0, seed: int = 0
+) -> BatchStream:
+    """Endless stage-1 batches, each row with ``shots`` same-task exemplars (the exemplar rule
+    of stage 2, with the exemplar ``seed``). With ``by_task``, 32 batches' worth of rows are
+    drawn at a time and cut into batches of one task and similar length (a frozen model's
+    prompt gets its gradient from its own rows whatever shares the batch; the rows and the
+    rates are the sampler's, only their order inside a window moves)."""
+    return BatchStream(
+        tasks, sampler, collator, batch_size, by_task=by_task, shots=shots, seed=seed
+    )
 
 
 def _write_to_bank(run: Stage1Run) -> list[BankEntry]:
@@ -426,6 +463,7 @@ def _write_to_bank(run: Stage1Run) -> list[BankEntry]:
                     "metric": b.metric,
                     "value": b.value,
                     "loss": b.loss,
+                    "shots": run.shots,  # the exemplars it was tuned with (and may be used with)
                     "made_from": json_sha256(run.record),
                     "settings": settings,
                 },

@@ -109,6 +109,8 @@ RESUME_REFUSED = (
     "max_input_length",
     "max_target_length",
     "keep_best_by",
+    "prompt_shots",
+    "freeze_bottom",
     "lora",
     "hft",
 )
@@ -286,6 +288,12 @@ def setup(cfg: RunConfig, *, progress: bool = True, label: str | None = None) ->
     kind = method_kind(s2.mode, file=cfg.config_file or None)
     use_data_mirror(cfg)
     out = Path(cfg.out_dir)
+    full = kind.trainable in ("model", "both") and kind.adapters is None and kind.freezing is None
+    if s2.freeze_bottom and not full:
+        raise UserError(
+            f"freezes layers of a full fine-tuning; {kind.name} is not one",
+            key="stage2.freeze_bottom",
+        )
     if kind.single_process and (D.is_distributed() or s2.export_shard_size):
         raise UserError(
             f"{kind.name} trains in one process, without stage2.export_shard_size",
@@ -307,7 +315,12 @@ def setup(cfg: RunConfig, *, progress: bool = True, label: str | None = None) ->
     if saved is not None:  # refused before the model is even loaded
         _check_settings(saved.get("settings"), settings, resume_from, progress)
     prompted, tokenizer, build, record = load_prompted(
-        cfg, kind, mixture, saved and saved["bank_refs"], saved and saved.get("bank_sha256")
+        cfg,
+        kind,
+        mixture,
+        saved and saved["bank_refs"],
+        saved and saved.get("bank_sha256"),
+        prompt_shots=shots if s2.prompt_shots < 0 else s2.prompt_shots,
     )
     record.shots, record.shots_from = shots, shots_from
     if D.is_main() and progress:
@@ -487,9 +500,7 @@ def train(run: Stage2Run) -> None:
 def _validate_and_select(run: Stage2Run, step: int, logger: MetricsLogger) -> None:
     """Validate; when the step is the best so far, export it to ``best/``."""
     s2 = run.cfg.stage2
-    record = _validate(
-        run.prompted, run.tokenizer, run.mixture, run.collator, run.task_ids, s2, D.device()
-    )
+    record = _validate(run, s2, D.device())
     logger.log({"stage": 2, "step": step, **record}, step=step)
     best = run.best
     if _improved(best, record):
@@ -604,22 +615,25 @@ def _scalar(value) -> float:
 # -- validation and selection -----------------------------------------------------------------
 
 
-def _validate(prompted, tokenizer, mixture, collator, task_ids, s2, device) -> dict:
-    """Validation loss (and the task metric when selecting by it) on every fine-tuned task.
+def _validate(run: Stage2Run, s2, device) -> dict:
+    """Validation loss (and the task metric when selecting by it) on every fine-tuned task,
+    with the exemplars the model trains with.
 
     Every rank evaluates the same examples: FSDP needs all ranks in every forward, and the
     ranks then agree on the best step without another collective.
     """
     with _autocast(s2.bf16, device):
         results = validate_tasks(
-            prompted,
-            tokenizer,
-            mixture.tasks,
-            collator,
+            run.prompted,
+            run.tokenizer,
+            run.mixture.tasks,
+            run.collator,
             examples=s2.eval_examples,
             with_metric=s2.keep_best_by == "metric",
-            task_ids=task_ids,
+            task_ids=run.task_ids,
             max_new_tokens=s2.max_target_length,
+            shots=run.shots,
+            seed=run.mixture.exemplar_seed,
         )
     record: dict = {"validation": results}
     record["val_loss"] = sum(r["loss"] for r in results.values()) / len(results)

@@ -21,6 +21,7 @@ from multipromot.soft_prompt import PromptedModel, init_prompts
 from multipromot.train import distributed as D
 from multipromot.train import lora
 from multipromot.train.common import build_optimizer
+from multipromot.train.freeze import freeze_bottom
 from multipromot.train.stage2_export import Stage2Record
 
 __all__ = ["load_prompted", "build_stage2_optimizer", "kind_settings", "stage2_settings"]
@@ -49,6 +50,8 @@ def load_prompted(
     mixture: Mixture,
     refs: dict | None,
     sha256: dict | None = None,
+    *,
+    prompt_shots: int = 0,
 ):
     """The model for ``kind``, sharded when there are several ranks.
 
@@ -64,6 +67,7 @@ def load_prompted(
             bank's current entries.
         sha256: task -> the content those refs had (a recreated bank may reuse a ref for
             another prompt: refused).
+        prompt_shots: the exemplars the bank prompts must have been tuned with.
 
     Returns:
         (model on its device, tokenizer, a function that builds the same structure unsharded
@@ -83,9 +87,9 @@ def load_prompted(
             loaded["model"] = _adapted(cfg, kind, model, names)
         else:
             table, bank_dir, bank_refs, content = _prompt_table(
-                cfg, kind, mixture, model, tokenizer, refs, sha256
+                cfg, kind, mixture, model, tokenizer, refs, sha256, prompt_shots
             )
-            loaded["model"] = _wrap(model, table, names, kind)
+            loaded["model"] = _wrap(model, table, names, kind, cfg.stage2.freeze_bottom)
         loaded["tokenizer"] = tokenizer
         lineage = read_lineage(path) if Path(path).is_dir() else {}
         return Stage2Record(
@@ -121,7 +125,8 @@ def load_prompted(
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_config(config, dtype=getattr(torch, record.dtype))
         shape = record.prompt_shape
-        return _wrap(model, None if shape is None else torch.zeros(shape), names, kind)
+        table = None if shape is None else torch.zeros(shape)
+        return _wrap(model, table, names, kind, cfg.stage2.freeze_bottom)
 
     prompted = _place(loaded.pop("model", None), build, cfg)
     return prompted, tokenizer, build, record
@@ -162,14 +167,26 @@ def _adapted(cfg: RunConfig, kind: MethodKind, model, names: list[str]) -> lora.
     return adapted
 
 
-def _wrap(model, table: torch.Tensor | None, names: list[str], kind: MethodKind) -> PromptedModel:
+def _wrap(
+    model, table: torch.Tensor | None, names: list[str], kind: MethodKind, freeze: int = 0
+) -> PromptedModel:
+    """The model with its prompt table, trainable as the kind says, the bottom ``freeze``
+    layers frozen (train.freeze)."""
     prompted = PromptedModel(model, table, names if table is not None else None)
     prompted.set_trainable(kind.trainable)
+    freeze_bottom(model, freeze)
     return prompted
 
 
 def _prompt_table(
-    cfg: RunConfig, kind: MethodKind, mixture: Mixture, model, tokenizer, refs, sha256
+    cfg: RunConfig,
+    kind: MethodKind,
+    mixture: Mixture,
+    model,
+    tokenizer,
+    refs,
+    sha256,
+    prompt_shots: int = 0,
 ):
     """The prompt table [T, P, d] for the kind (None without prompts), and the bank folder,
     refs and their content (sha256) it came from (None, {}, {} when it is not the bank's).
@@ -177,6 +194,7 @@ def _prompt_table(
     Raises:
         BankError: a prompt tuned for another definition of its task, or a resumed run's ref
             whose content changed.
+        UserError: a prompt tuned with another number of exemplars than ``prompt_shots``.
     """
     names = mixture.task_names
     if kind.prompts == "none":
@@ -187,10 +205,22 @@ def _prompt_table(
         )
         return table, None, {}, {}
     bank = PromptBank(bank_dir(cfg))
-    entries = {name: bank.get((refs or {}).get(name, name)) for name in names}
+    # a resumed run's refs, else the ones the config pins, else each task's current version
+    pinned = refs or cfg.bank.refs or {}
+    entries = {name: bank.get(pinned.get(name, name)) for name in names}
     bank_refs = {name: entry.ref for name, entry in entries.items()}
     bank.check_content(bank_refs, sha256)
     bank.check_definitions(bank_refs, mixture.tasks)
+    for entry in entries.values():
+        tuned = int((entry.meta.get("stage1") or {}).get("shots", 0))  # older entries: 0-shot
+        if tuned != prompt_shots:
+            raise UserError(
+                f"{entry.ref} was tuned with {tuned}-shot inputs, but this stage 2 uses prompts "
+                f"tuned with {prompt_shots} (tune them with stage1.shots={prompt_shots}, or set "
+                f"stage2.prompt_shots={tuned} to use these: the ablation)",
+                file=bank.root,
+                key="stage2.prompt_shots",
+            )
     try:
         table = PromptedModel.from_bank(model, bank, names, refs=bank_refs).prompts.detach()
     except ValueError as e:  # prompts of different lengths cannot share one table
