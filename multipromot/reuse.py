@@ -26,6 +26,7 @@ from multipromot.data.mixtures import load_mixture, mixture_fingerprint, tasks_f
 from multipromot.errors import UserError
 from multipromot.eval.suite_file import load_suite
 from multipromot.fsio import write_json
+from multipromot.method_eval import method_shots
 from multipromot.methods import Method
 from multipromot.train.stage2_model import kind_settings
 
@@ -188,7 +189,10 @@ def eval_record(cfg: RunConfig, method: Method, trained: dict | None, stage1_ref
         "model": cfg.model,
         "seed": cfg.seed,
         "model_seed": model_seed(cfg),
-        "eval": asdict(cfg.eval),
+        # eval.compare only chooses which differences the report shows: not what was scored
+        "eval": {k: v for k, v in asdict(cfg.eval).items() if k != "compare"},
+        # the exemplars its fine-tuned tasks are scored with (stage2.shots, the label, the header)
+        "finetuned_shots": method_shots(cfg, method, mixture),
         "suite": {
             "file": str(Path(suite_path).resolve()),
             "shots": list(suite.shots),

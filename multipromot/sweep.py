@@ -221,16 +221,27 @@ def _product(counts) -> int:
     return total
 
 
-def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = None) -> Path:
+def run_sweep(
+    sweep: Sweep,
+    *,
+    slurm: dict | None = None,
+    cluster: str | None = None,
+    aggregate_only: bool = False,
+    compare: list[str] | None = None,
+) -> Path:
     """Run every cell not finished yet, then write the aggregate; returns ``sweep.md``.
 
     Args:
         sweep: from :func:`plan_sweep`.
         slurm: submitit's executor parameters (``timeout_min``, ``slurm_partition``, ...).
         cluster: submitit's cluster (None: SLURM when available; ``local`` in tests).
+        aggregate_only: run no cell; aggregate the finished ones again (e.g. with other
+            ``compare`` baselines, which only choose the differences shown).
+        compare: the baselines of the paired differences (default: ``eval.compare``).
 
     Raises:
-        UserError: a cell failed (its folder and log named).
+        UserError: a cell failed (its folder and log named), or, with ``aggregate_only``, a
+            cell has not finished.
     """
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -239,7 +250,14 @@ def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = 
         f"sweep: {len(sweep.cells)} cells ({' x '.join(_axis_text(sweep))}) under "
         f"{sweep.out_dir / CELLS_DIR}; {_base_model_text(sweep)}"
     )
-    if sweep.launcher == "slurm":
+    if aggregate_only:
+        for cell in sweep.cells:
+            if not (cell.folder(sweep.out_dir) / "results.json").is_file():
+                raise UserError(
+                    f"cell {cell.name} has not finished; run the sweep without --aggregate-only",
+                    file=cell.folder(sweep.out_dir),
+                )
+    elif sweep.launcher == "slurm":
         _run_submitit(sweep, slurm or {}, cluster)
     else:
         _run_local(sweep)
@@ -251,7 +269,7 @@ def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = 
         "command": sweep.command,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
-        "cells_seconds": round(time.monotonic() - started, 1),
+        "cells_seconds": None if aggregate_only else round(time.monotonic() - started, 1),
     }
     return aggregate_sweep(
         sweep.out_dir,
@@ -259,7 +277,7 @@ def run_sweep(sweep: Sweep, *, slurm: dict | None = None, cluster: str | None = 
         axes=sweep.axes,
         seeds=sweep.seeds,
         description=_base_model_text(sweep),
-        compare=sweep.cfg.eval.compare,
+        compare=compare if compare is not None else sweep.cfg.eval.compare,
         meta=meta,
     )
 

@@ -99,6 +99,23 @@ def test_a_rerun_reuses_finished_cells_and_a_changed_value_redoes_its_cell_only(
     assert [g["label"] for g in summary["groups"]] == ["eval.examples=2", "eval.examples=4"]
 
 
+def test_aggregate_only_runs_no_cell_and_takes_other_baselines(config, tmp_path):
+    path, overrides = config
+    plan = plan_sweep(path, [*overrides, "methods=[pretrained,standard]"])
+    with pytest.raises(UserError, match="has not finished"):
+        run_sweep(plan, aggregate_only=True)
+    run_sweep(plan)
+    log = tmp_path / "sweep" / CELLS_DIR / "seed=0" / "run.log"
+    stamp = log.stat().st_mtime_ns
+    run_sweep(plan, aggregate_only=True, compare=["standard"])
+    assert log.stat().st_mtime_ns == stamp  # no cell ran
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    pairs = {
+        (d["method"], d["baseline"]) for d in summary["groups"][0]["statistics"]["differences"]
+    }
+    assert pairs == {("pretrained", "standard")}
+
+
 @pytest.mark.slow  # five cell runs with training, in subprocesses
 def test_a_killed_sweep_resumes_and_a_changed_value_redoes_its_cell_only(config, tmp_path):
     path, overrides = config

@@ -46,6 +46,12 @@ def sweep(
     slurm: list[str] = typer.Option(
         None, "--slurm", help="submitit parameter, e.g. --slurm timeout_min=600 (repeatable)."
     ),
+    aggregate_only: bool = typer.Option(
+        False, "--aggregate-only", help="Run no cell: aggregate the finished ones again."
+    ),
+    compare: str = typer.Option(
+        None, "--compare", help="Methods the differences are taken against (default: eval.compare)."
+    ),
 ) -> None:
     """Run a grid of `run` cells (the swept values x the seeds), then write sweep.json,
     sweep.md and the plots: every score with its 95% interval over seeds and items, and the
@@ -59,4 +65,10 @@ def sweep(
         jobs=jobs,
         launcher=launcher,
     )
-    print(f"sweep: {run_sweep(planned, slurm=_parameters(slurm or []))}")
+    report = run_sweep(
+        planned,
+        slurm=_parameters(slurm or []),
+        aggregate_only=aggregate_only,
+        compare=[c.strip() for c in compare.split(",") if c.strip()] if compare else None,
+    )
+    print(f"sweep: {report}")
