@@ -12,10 +12,9 @@ lengths) drive these arms over the same shuffled requests:
 - ``prepend``: ``PromptedModel.generate`` on mixed batches in ``generation.predict``'s order
   (sorted by length), every row running its P prompt positions through the model;
 - ``cached``: the same batches with ``prefix_cache=True`` (what ``predict`` does): each task's
-  prompt keys/values computed once, the text prefilled in groups of rows of similar length,
-  decoding into a cache with room for the new tokens;
-- ``cached, before``: the cached path as it was before the row groups and the room: the whole
-  batch prefilled at once, a cache that concatenates at every step.
+  prompt keys/values computed once, the text prefilled in groups of rows of similar length;
+- ``cached, before``: the cached path as it was before the row groups: the whole batch
+  prefilled at once (``soft_prompt.PREFILL_POSITIONS`` large).
 
 The arms run batch by batch in turn (the arm furthest behind next), so they share the machine's
 load, ``--repeats`` times. Greedy, exactly ``NEW_TOKENS`` new tokens per row; every arm's tokens
@@ -143,17 +142,12 @@ def main(argv: list[str]) -> None:
                     ).tolist()
 
                 def before(rows, prompted_batch=prompted_batch):
-                    """The cached path before the row groups and the room to grow."""
-                    real_prefill, budget = soft_prompt._prefill_text, soft_prompt.PREFILL_POSITIONS
-
-                    def no_room(*args, room, **kwargs):
-                        return real_prefill(*args, room=0, **kwargs)
-
-                    soft_prompt._prefill_text, soft_prompt.PREFILL_POSITIONS = no_room, 10**9
+                    """The cached path before the row groups: one prefill for the batch."""
+                    budget = soft_prompt.PREFILL_POSITIONS
+                    soft_prompt.PREFILL_POSITIONS = 10**9
                     try:
                         return prompted_batch(rows, True)
                     finally:
-                        soft_prompt._prefill_text = real_prefill
                         soft_prompt.PREFILL_POSITIONS = budget
 
                 arms = {

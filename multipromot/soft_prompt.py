@@ -26,8 +26,7 @@ prepend layout, so the outputs are the prepend path's (up to float summation ord
 tokens and scores). The kept prefixes are dropped when a weight changes (data pointer or in-place
 version counter of any parameter or buffer) or a prompt row's values change (compared by value).
 The text but its last token also enters the cache before ``generate`` starts, run in groups of
-rows of similar length so that short rows do not pay for the padding of long ones; the cache's
-buffers leave room for the new tokens, so decoding writes in place instead of concatenating.
+rows of similar length so that short rows do not pay for the padding of long ones.
 
 Seq2seq ``generate`` on a CPU runs the encoder a group of rows at a time (each group's
 activations stay in the caches) and decodes the whole batch; bit for bit the same outputs.
@@ -42,7 +41,6 @@ both are drawn here and built next to each other.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -307,17 +305,17 @@ class PromptedModel(nn.Module):
         mask = torch.cat([prompt_mask, mask], dim=1)
         # The prepend path's positions: counted over unmasked positions only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        defaults = gen_kwargs.get("generation_config") or self.model.generation_config
-        room = int(gen_kwargs.get("max_new_tokens", defaults.max_new_tokens) or 0)
-        buffers = _prefill_text(
-            self.model, layers, embeds, mask, positions, cache_kwarg=cache_kwarg, room=room
-        )
+        layers = _prefill_text(self.model, layers, embeds, mask, positions, cache_kwarg)
+        from transformers import DynamicCache  # deferred: transformers is heavy to import
+
         # generate expands the batch's tensors (per beam in beam search, else per returned
         # sequence) but not a cache object: expand it here by the same rule.
+        defaults = gen_kwargs.get("generation_config") or self.model.generation_config
         beams = int(gen_kwargs.get("num_beams", defaults.num_beams) or 1)
         copies = int(gen_kwargs.get("num_return_sequences", defaults.num_return_sequences) or 1)
         expand = beams if beams > 1 else copies
-        cache = _grown_cache(self.model.config, buffers, mask.shape[1] - 1, expand=expand)
+        data = [(k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)) for k, v in layers]
+        cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
         placeholder = embeds.new_zeros(embeds.shape[0], prompt_mask.shape[1], embeds.shape[-1])
         return {
             "inputs_embeds": torch.cat([placeholder, embeds], dim=1),
@@ -462,13 +460,10 @@ def _prefill_text(
     embeds: Tensor,
     mask: Tensor,
     positions: Tensor,
-    *,
     cache_kwarg: str,
-    room: int,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per layer, key and value buffers [B, H, P + L - 1 + room, hd] holding each row's prompt
-    prefix, then its text but the last token (left-padded to the batch's length, as in the
-    prepend layout), then ``room`` free positions for decoding.
+    """Per layer, keys and values [B, H, P + L - 1, hd]: each row's prompt prefix, then its
+    text but the last token, left-padded to the batch's length as in the prepend layout.
 
     The text runs in groups of rows of similar length (:func:`_row_groups`), each cut to its
     longest row: a mixed batch sorted by characters still pads 8 short rows to the 256 tokens
@@ -480,11 +475,11 @@ def _prefill_text(
 
     batch, length = embeds.shape[:2]
     num_prompt = mask.shape[1] - length
-    end = num_prompt + length - 1
+    size = num_prompt + length - 1
     out = []
     for keys, values in prefixes:
-        full_k = keys.new_zeros(batch, keys.shape[1], end + room, keys.shape[3])
-        full_v = values.new_zeros(batch, values.shape[1], end + room, values.shape[3])
+        full_k = keys.new_zeros(batch, keys.shape[1], size, keys.shape[3])
+        full_v = values.new_zeros(batch, values.shape[1], size, values.shape[3])
         full_k[:, :, :num_prompt] = keys
         full_v[:, :, :num_prompt] = values
         out.append((full_k, full_v))
@@ -504,68 +499,9 @@ def _prefill_text(
             **{cache_kwarg: cache},
         )
         for (full_k, full_v), layer in zip(out, cache.layers, strict=True):
-            full_k[idx, :, num_prompt + cut : end] = layer.keys[:, :, num_prompt:]
-            full_v[idx, :, num_prompt + cut : end] = layer.values[:, :, num_prompt:]
+            full_k[idx, :, num_prompt + cut :] = layer.keys[:, :, num_prompt:]
+            full_v[idx, :, num_prompt + cut :] = layer.values[:, :, num_prompt:]
     return out
-
-
-def _grown_cache(config, buffers: list[tuple[Tensor, Tensor]], used: int, *, expand: int):
-    """A ``DynamicCache`` over the first ``used`` positions of each layer's buffers (rows
-    repeated ``expand`` times); a plain layer keeps the rest of its buffer as room to grow
-    (``RoomLayer``)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=config)
-    for i, (keys, values) in enumerate(buffers):
-        if expand > 1:
-            keys, values = keys.repeat_interleave(expand, 0), values.repeat_interleave(expand, 0)
-        if type(cache.layers[i]) is DynamicLayer:
-            cache.layers[i] = _room_layer_class()(keys, values, used)
-        else:  # e.g. a sliding-window layer: its own rules
-            cache.layers[i].update(keys[:, :, :used], values[:, :, :used])
-    return cache
-
-
-@functools.cache
-def _room_layer_class():
-    """``RoomLayer``, a subclass of transformers' DynamicLayer, defined on first use (the
-    import is deferred)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class RoomLayer(DynamicLayer):
-        """A DynamicLayer whose keys and values are views of buffers with room to grow.
-
-        DynamicLayer concatenates at every decoding step: a new [B, H, P + L + t, hd] tensor
-        per layer per step. Here a step writes its new position into the buffer instead. Any
-        other change (beam reordering, cropping, ...) reassigns ``keys``; the next step then
-        sees foreign tensors and falls back to concatenating.
-        """
-
-        def __init__(self, key_buffer: Tensor, value_buffer: Tensor, used: int):
-            super().__init__()
-            self._kbuf, self._vbuf = key_buffer, value_buffer
-            self.device, self.is_initialized = key_buffer.device, True
-            self._views(used)
-
-        def _views(self, used: int) -> None:
-            self._used = used
-            self.keys, self.values = self._kbuf[:, :, :used], self._vbuf[:, :, :used]
-            self._own = (self.keys, self.values)
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-            own = self._own
-            ours = own is not None and self.keys is own[0] and self.values is own[1]
-            end = self._used + key_states.shape[-2] if ours else 0
-            if not ours or end > self._kbuf.shape[-2]:
-                self._own = None
-                return super().update(key_states, value_states, *args, **kwargs)
-            self._kbuf[:, :, self._used : end] = key_states
-            self._vbuf[:, :, self._used : end] = value_states
-            self._views(end)
-            return self.keys, self.values
-
-    return RoomLayer
 
 
 class _PrefixStore:

@@ -3,8 +3,8 @@
 Seq2seq: the encoder runs in groups of rows that keep the batch's padded length, so the outputs
 must be bit for bit those of the whole batch at once. Decoder-only with cached prompts: the text
 runs in groups of rows of similar length, each cut to its longest row, then the whole batch
-decodes from one cache with room to grow; the tokens must be the prepend path's (scores to
-float summation order), and the room must change nothing at all.
+decodes from one cache; the tokens must be the prepend path's (scores to float summation
+order).
 """
 
 from __future__ import annotations
@@ -117,47 +117,6 @@ def test_row_groups_follow_length_and_budget(monkeypatch):
     assert groups == [([1], 10), ([0, 3, 4], 4), ([2, 5], 1)]
     monkeypatch.setattr(sp, "PREFILL_POSITIONS", 1)
     assert sp._row_groups([2, 5], 0) == [([1], 5), ([0], 2)]  # at least one row per group
-
-
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_room_to_grow_changes_nothing(monkeypatch, name):
-    """The cache with room allocated behind its keys gives the very scores of one that
-    concatenates at every step; when the room runs out it concatenates."""
-    pm, tok = _prompted(name)
-    batch = _batch(tok, TEXTS, decoder_only=True)
-    rooms = []
-    real = sp._prefill_text
-
-    def with_room(*args, room, **kwargs):
-        rooms.append(room)
-        return real(*args, room=room if forced is None else forced, **kwargs)
-
-    monkeypatch.setattr(sp, "_prefill_text", with_room)
-    forced = None
-    grown = _generate(pm, batch, cached=True)
-    assert rooms == [5]  # max_new_tokens
-    forced = 0  # every step concatenates, as DynamicLayer does
-    plain = _generate(pm, batch, cached=True)
-    forced = 2  # two steps in place, then concatenating
-    short = _generate(pm, batch, cached=True)
-    for out in (grown, short):
-        assert torch.equal(out.sequences, plain.sequences)
-        for a, b in zip(out.scores, plain.scores, strict=True):
-            assert torch.equal(a, b)
-
-
-def test_room_layer_writes_in_place_then_falls_back():
-    keys = torch.zeros(1, 2, 5, 4)
-    keys[:, :, :3] = torch.arange(24.0).reshape(1, 2, 3, 4)
-    layer = sp._room_layer_class()(keys, -keys, 3)
-    new = torch.full((1, 2, 1, 4), 7.0)
-    k, v = layer.update(new, -new)
-    assert k.shape == (1, 2, 4, 4) and k.data_ptr() == keys.data_ptr()
-    assert torch.equal(k[:, :, 3:], new) and torch.equal(v, -k)
-    layer.reorder_cache(torch.tensor([0]))  # beam search reassigns keys: no longer ours
-    k, _ = layer.update(new, -new)
-    assert k.shape == (1, 2, 5, 4) and k.data_ptr() != keys.data_ptr()
-    assert torch.equal(k[:, :, 3:], torch.cat([new, new], 2))
 
 
 def test_cached_several_returned_sequences_in_groups(monkeypatch):
