@@ -441,14 +441,17 @@ def _encode_in_groups(prompted: PromptedModel, inputs: dict, gen_kwargs: dict) -
     return not any(gen_kwargs.get(k, getattr(config, k, False)) for k in internals)
 
 
-def _row_groups(lengths: list[int], extra: int) -> list[tuple[list[int], int]]:
+def _row_groups(lengths: list[int], extra: int, budget: int | None) -> list[tuple[list[int], int]]:
     """Rows in groups of similar length, longest first: (row indices, the group's longest
-    length), each group within PREFILL_POSITIONS (``extra`` positions per row counted too)."""
+    length), each group within ``budget`` positions (``extra`` per row counted too; None: one
+    group)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if budget is None:
+        return [(order, lengths[order[0]])] if order else []
     groups, start = [], 0
     while start < len(order):
         width = lengths[order[start]]
-        count = max(1, PREFILL_POSITIONS // max(width + extra, 1))
+        count = max(1, budget // max(width + extra, 1))
         groups.append((order[start : start + count], width))
         start += count
     return groups
@@ -465,9 +468,9 @@ def _prefill_text(
     """Per layer, keys and values [B, H, P + L - 1, hd]: each row's prompt prefix, then its
     text but the last token, left-padded to the batch's length as in the prepend layout.
 
-    The text runs in groups of rows of similar length (:func:`_row_groups`), each cut to its
-    longest row: a mixed batch sorted by characters still pads 8 short rows to the 256 tokens
-    of the long rows beside them; here they cost their own length. The padded slots in front of
+    On a CPU the text runs in groups of rows of similar length (:func:`_row_groups`), each cut
+    to its longest row: a mixed batch sorted by characters still pads 8 short rows to the 256
+    tokens of the long rows beside them; here they cost their own length. The padded slots in front of
     a group's columns stay zero (masked). The values equal the whole batch's up to float
     summation order (the tests compare tokens, and scores to 1e-5).
     """
@@ -484,7 +487,9 @@ def _prefill_text(
         full_v[:, :, :num_prompt] = values
         out.append((full_k, full_v))
     text = mask[:, num_prompt:].sum(dim=1).tolist()
-    for rows, width in _row_groups(text, num_prompt):
+    # On a GPU one call for the batch (cut to its longest row): launches cost more than padding.
+    budget = PREFILL_POSITIONS if embeds.device.type == "cpu" else None
+    for rows, width in _row_groups(text, num_prompt, budget):
         if width <= 1:
             continue  # nothing before the last token: generate runs it
         idx = torch.tensor(rows, device=embeds.device)

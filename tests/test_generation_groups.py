@@ -110,13 +110,13 @@ def test_cached_prefill_in_groups_equals_prepend(monkeypatch, name, num_beams, b
     assert len({tuple(r.tolist()) for r in ref.sequences}) > 2
 
 
-def test_row_groups_follow_length_and_budget(monkeypatch):
-    monkeypatch.setattr(sp, "PREFILL_POSITIONS", 20)
+def test_row_groups_follow_length_and_budget():
     # widths with 2 extra positions per row: 10 + 2 -> one row; 4 + 2 -> three rows; 1 + 2 ...
-    groups = sp._row_groups([4, 10, 1, 4, 3, 1], 2)
+    groups = sp._row_groups([4, 10, 1, 4, 3, 1], 2, 20)
     assert groups == [([1], 10), ([0, 3, 4], 4), ([2, 5], 1)]
-    monkeypatch.setattr(sp, "PREFILL_POSITIONS", 1)
-    assert sp._row_groups([2, 5], 0) == [([1], 5), ([0], 2)]  # at least one row per group
+    assert sp._row_groups([2, 5], 0, 1) == [([1], 5), ([0], 2)]  # at least one row per group
+    assert sp._row_groups([2, 5, 3], 0, None) == [([1, 2, 0], 5)]  # no budget: one group
+    assert sp._row_groups([], 0, None) == []
 
 
 def test_cached_several_returned_sequences_in_groups(monkeypatch):
