@@ -153,7 +153,26 @@ def part1(prompted, items, collate, repeats: int) -> str:
                     lambda bs=bs, new=new, budget=budget: generate(bs, new, budget),
                     64,
                 )
+    # The longest requests (the XSum-like ones, cut at MAX_IN): the encoder alone per batch.
+    longest = sorted(range(len(items)), key=lambda i: (-lengths[i], i))[:32]
+    long_sizes = (4, 8, 16, 32)
+    long_batches = {
+        bs: [collate([items[i] for i in longest[s : s + bs]]) for s in range(0, 32, bs)]
+        for bs in long_sizes
+    }
+
+    def encode_long(bs):
+        for b in long_batches[bs]:
+            inputs, _, _ = prompted._model_inputs(
+                b["input_ids"], b["attention_mask"], b["task_ids"]
+            )
+            encoder(**inputs)
+
+    for bs in long_sizes:
+        calls[("long encoder", bs)] = (lambda bs=bs: encode_long(bs), 32)
     est = cpu_per_row(calls, repeats)
+    long_rows = [[bs, str(est[("long encoder", bs)])] for bs in long_sizes]
+    long_width = max(int(b["attention_mask"].shape[1]) for b in long_batches[32]) + P_SEQ2SEQ
     table_rows = []
     for bs in BATCH_SIZES:
         for label in ("whole", "groups"):
@@ -186,6 +205,9 @@ def part1(prompted, items, collate, repeats: int) -> str:
             ],
             table_rows,
         )
+        + f"\n\nThe 32 longest requests ({long_width} positions with the prompt): the encoder "
+        f"alone, CPU ms per row, mean of {repeats} repeats (95% CI).\n\n"
+        + C.table(["batch", "encoder alone"], long_rows)
     )
 
 

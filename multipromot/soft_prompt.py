@@ -329,7 +329,7 @@ class PromptedModel(nn.Module):
 
         ``generate`` would run the encoder on the whole batch at once; on a CPU, a batch of 32
         rows of 150 positions makes activations that no longer fit the caches, and a row costs
-        up to 1.5x what it costs in a group of 4 (benchmarks/RESULTS.md, section 3). Decoding
+        up to 1.5x what it costs in a group of 4 (benchmarks/RESULTS.md, section 12). Decoding
         still runs the whole batch, where large batches pay. Every group keeps the batch's
         padded length and rows never see each other, so the states are bit for bit those of
         the whole batch (tests/test_generation_groups.py).
@@ -424,7 +424,7 @@ def _cacheable(prompted: PromptedModel) -> bool:
 
 
 # Positions (rows x padded length) per encoder or prefill call on a CPU: one call's activations
-# then stay in the caches (measured: benchmarks/RESULTS.md, section 3).
+# then stay in the caches (measured: benchmarks/RESULTS.md, sections 3 and 12).
 PREFILL_POSITIONS = 1024
 
 
