@@ -45,7 +45,7 @@ import string
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,10 @@ class LabConfig:
         max_input_length, max_target_length: collator budgets (tokens).
         eval_examples: test items per family in the 1-shot check (0 skips it).
         device: where to train ("cpu", "cuda"); the model is saved and checked on the CPU.
+        optimizer: ``adafactor`` (steps scaled by each weight's RMS, the T5's recipe) or
+            ``adamw``; ``weight_decay`` applies to AdamW.
+        family_weights: a family's share of the rows relative to the others (default 1 each:
+            uniform).
     """
 
     seed: int = 0
@@ -178,6 +182,9 @@ class LabConfig:
     max_target_length: int = 32
     eval_examples: int = 100
     device: str = "cpu"
+    optimizer: str = "adafactor"
+    weight_decay: float = 0.0
+    family_weights: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise :class:`UserError` naming the first bad field."""
@@ -197,6 +204,13 @@ class LabConfig:
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
             raise UserError(f"unknown or no lab families: {unknown}", key="families")
+        if self.optimizer not in ("adafactor", "adamw"):
+            raise UserError(f"must be adafactor or adamw, got {self.optimizer!r}", key="optimizer")
+        odd = {f: w for f, w in self.family_weights.items() if f not in self.families or w <= 0}
+        if odd:
+            raise UserError(
+                f"need positive weights of listed families, got {odd}", key="family_weights"
+            )
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -368,8 +382,10 @@ def _kshot_items(
     rng: np.random.Generator,
     count: int,
     shot_weights: np.ndarray,
+    task_weights: np.ndarray | None = None,
 ) -> list[Any]:
-    """``count`` random k-shot training rows: task uniform, example uniform, k by weight.
+    """``count`` random k-shot training rows: task uniform (or by ``task_weights``), example
+    uniform, k by weight.
 
     Rows come from the framework's one item builder (same task, train split, never the row
     itself) with a fresh exemplar seed per row, so one example is shown with many different
@@ -377,7 +393,12 @@ def _kshot_items(
     """
     items = []
     for _ in range(count):
-        t = int(rng.integers(len(tasks)))
+        # uniform draws as the T5's recipe was built with (the same stream of draws)
+        t = int(
+            rng.integers(len(tasks))
+            if task_weights is None
+            else rng.choice(len(tasks), p=task_weights)
+        )
         index = int(rng.integers(len(rendered[t].examples("train"))))
         k = int(rng.choice(len(shot_weights), p=shot_weights))
         seed = int(rng.integers(2**31))
@@ -391,6 +412,7 @@ def _batch_stream(
     rng: np.random.Generator,
     batch_size: int,
     shot_weights: np.ndarray,
+    task_weights: Sequence[float] | None = None,
     window: int = 16,
 ) -> Iterator[list[Any]]:
     """Endless batches of k-shot rows, grouped by length ``window`` batches at a time.
@@ -400,8 +422,11 @@ def _batch_stream(
     (:func:`~multipromot.data.collate.group_by_length`) and the batches of a window go out in random
     order.
     """
+    shares = None
+    if task_weights is not None and len(set(task_weights)) > 1:
+        shares = np.asarray(task_weights, dtype=float) / sum(task_weights)
     while True:
-        items = _kshot_items(tasks, rendered, rng, window * batch_size, shot_weights)
+        items = _kshot_items(tasks, rendered, rng, window * batch_size, shot_weights, shares)
         grouped = group_by_length(items, batch_size, window=window * batch_size)
         for i in rng.permutation(len(grouped)):
             yield grouped[i]
@@ -423,8 +448,12 @@ def pretrain(
     max_target_length: int,
     device: str | torch.device | None = None,
     progress: bool = True,
+    optimizer: str = "adafactor",
+    weight_decay: float = 0.0,
+    task_weights: Sequence[float] | None = None,
 ) -> list[float]:
-    """The lab pretraining loop: k-shot rows of ``tasks``, Adafactor, warmup + cosine.
+    """The lab pretraining loop: k-shot rows of ``tasks``, Adafactor (or AdamW), warmup +
+    cosine.
 
     Args:
         model: a T5 or a decoder-only model (trained in place).
@@ -436,6 +465,8 @@ def pretrain(
         max_input_length, max_target_length: collator budgets.
         device: where to train (default: where the model is); the model stays there.
         progress: show a tqdm bar with the loss and tokens/s.
+        optimizer, weight_decay: ``adafactor`` (RMS-scaled steps) or ``adamw``.
+        task_weights: each task's relative share of the rows (None: uniform).
 
     Returns:
         The loss of every step.
@@ -454,9 +485,12 @@ def pretrain(
     # Decoder-only: through PromptedModel (no prompts), which counts positions over real tokens
     # as generation and the stages do; left padding would otherwise shift every position.
     forward = PromptedModel(model, None) if decoder_only else model
-    optimizer = build_optimizer(model.parameters(), "adafactor", lr, scale_parameter=True)
+    if optimizer == "adafactor":
+        optim = build_optimizer(model.parameters(), "adafactor", lr, scale_parameter=True)
+    else:
+        optim = build_optimizer(model.parameters(), optimizer, lr, weight_decay)
     scheduler = lr_schedule(
-        optimizer,
+        optim,
         warmup_steps=warmup_steps,
         total_steps=steps,
         decay="cosine",
@@ -467,7 +501,7 @@ def pretrain(
     device = next(model.parameters()).device if device is None else torch.device(device)
     model.to(device)
     model.train()
-    stream = _batch_stream(tasks, rendered, rng, batch_size, weights)
+    stream = _batch_stream(tasks, rendered, rng, batch_size, weights, task_weights)
     bar = tqdm(range(steps), desc="lab pretrain", disable=not progress, mininterval=2.0)
     for step in bar:
         batch = {k: v.to(device) for k, v in collator(next(stream)).items()}
@@ -477,9 +511,9 @@ def pretrain(
             labels=batch["labels"],
         )
         out.loss.backward()
-        optimizer.step()
+        optim.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optim.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
         rate = throughput.update(tokens)
@@ -580,6 +614,9 @@ def train_lab_model(config: LabConfig, *, progress: bool = True) -> tuple[Any, A
         max_target_length=config.max_target_length,
         device=config.device,
         progress=progress,
+        optimizer=config.optimizer,
+        weight_decay=config.weight_decay,
+        task_weights=[config.family_weights.get(f, 1.0) for f in config.families],
     )
     model.cpu()
     tail = max(1, len(losses) // 20)
@@ -685,8 +722,10 @@ def ensure_lab_model(
 
 
 def _recipe(config: dict) -> dict:
-    """The fields of a :class:`LabConfig` that change the model (as JSON would store them)."""
-    fields = {k: v for k, v in config.items() if k not in ("eval_examples", "device")}
+    """The fields of a :class:`LabConfig` that change the model (as JSON would store them); a
+    record written before a field existed holds its default."""
+    fields = {**asdict(LabConfig()), **config}
+    fields = {k: v for k, v in fields.items() if k not in ("eval_examples", "device")}
     return json.loads(json.dumps(fields))
 
 
