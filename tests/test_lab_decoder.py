@@ -64,7 +64,10 @@ def test_lab_llama_is_a_registered_builtin_with_its_own_recipe(monkeypatch, tmp_
 
 
 def test_t5_lab_recipe_is_unchanged():
-    """The values the cached T5 lab model was built with (its cache key) stay as they were."""
+    """The values the cached T5 lab model was built with (its cache key) stay as they were.
+
+    A record written before a field existed reads as that field's default (``_recipe``), so a
+    model cached then still matches this recipe."""
     from multipromot.lab.model import LAB_SIZES, LAB_VERSION, LabConfig, _recipe
 
     assert LAB_VERSION == 4
@@ -88,7 +91,15 @@ def test_t5_lab_recipe_is_unchanged():
         "families": list(LabConfig().families),
         "max_input_length": 512,
         "max_target_length": 32,
+        # fields added later hold the defaults that reproduce the old recipe
+        "optimizer": "adafactor",
+        "weight_decay": 0.0,
+        "family_weights": {},
     }
+    written_before = {k: v for k, v in asdict(LabConfig()).items()}
+    for later_field in ("optimizer", "weight_decay", "family_weights"):
+        del written_before[later_field]
+    assert _recipe(written_before) == _recipe(asdict(LabConfig()))
 
 
 @pytest.mark.slow
