@@ -30,6 +30,7 @@ __all__ = [
     "DataConfig",
     "LoraConfig",
     "HftConfig",
+    "SdftConfig",
     "SweepConfig",
     "load_config",
     "resolve_path",
@@ -141,7 +142,7 @@ class Stage2Config:
         default="promot",
         metadata={
             "help": "the method kind stage 2 trains: promot | standard | random_prompt | joint "
-            "| lora | promot_lora | hft"
+            "| lora | promot_lora | hft | sdft"
         },
     )
     shots: int = field(
@@ -268,6 +269,15 @@ class EvalConfig:
         default=False,
         metadata={"help": "also evaluate every stage-2 checkpoint (curves over steps)"},
     )
+    drift_examples: int = field(
+        default=32,
+        metadata={
+            "help": "items per task and shots setting on which each evaluated model's drift "
+            "from the base model is measured: the mean KL(base || model) of the next-token "
+            "distributions, teacher-forced on the held-out inputs and their references "
+            "(results.json `drift`); 0 = not measured"
+        },
+    )
     compare: list[str] = field(
         default_factory=lambda: ["pretrained", "standard"],
         metadata={
@@ -338,6 +348,27 @@ class HftConfig:
     round_steps: int = field(
         default=50,
         metadata={"help": "a new random half of the parameter tensors is frozen every round"},
+    )
+
+
+@dataclass
+class SdftConfig:
+    """Self-distilled targets (method ``sdft``, train/sdft.py)."""
+
+    threshold: float = field(
+        default=100.0,
+        metadata={
+            "help": "a rewrite replaces its target when its per-item score against the "
+            "original target (the task's metric, 0-100) is at least this"
+        },
+    )
+    cache: str = field(
+        default="",
+        metadata={
+            "help": "the folder of rewritten target sets, one per provenance (base model, "
+            "rewrite prompt, data, rows); empty: <out_dir>/sdft_targets (`run`: its run "
+            "folder's, shared by its sdft methods)"
+        },
     )
 
 
@@ -436,6 +467,9 @@ class RunConfig:
         default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora.*)"}
     )
     hft: HftConfig = field(default_factory=HftConfig, metadata={"help": "Half Fine-Tuning (hft.*)"})
+    sdft: SdftConfig = field(
+        default_factory=SdftConfig, metadata={"help": "self-distilled targets (sdft.*)"}
+    )
     sweep: SweepConfig = field(
         default_factory=SweepConfig, metadata={"help": "`multipromot sweep`'s grid (sweep.*)"}
     )
@@ -541,6 +575,7 @@ PATH_KEYS = (
     "eval.suite",
     "data.mirror",
     "lora.adapters",
+    "sdft.cache",
 )
 
 
@@ -632,6 +667,10 @@ def _validate_ranges(cfg: RunConfig, file: str) -> None:
             "stage2.prompt_shots",
             f"must be -1 (stage 2's) or 0..{MAX_SHOTS}, got {s2.prompt_shots}",
         )
+    if not 0 <= cfg.sdft.threshold <= 100:
+        fail("sdft.threshold", f"must be a score in [0, 100], got {cfg.sdft.threshold}")
+    if ev.drift_examples < 0:
+        fail("eval.drift_examples", f"must be >= 0, got {ev.drift_examples}")
     if s2.freeze_bottom < 0:
         fail("stage2.freeze_bottom", f"must be >= 0, got {s2.freeze_bottom}")
     if s2.shots < -1 or s2.shots > MAX_SHOTS:

@@ -306,6 +306,8 @@ def _method_config(cfg: RunConfig, method: Method, method_dir: Path) -> RunConfi
     if method.prompt_shots is not None:  # ~promptJshot: prompts tuned with other exemplars
         sub.stage2.prompt_shots = method.prompt_shots
     sub.stage2.freeze_bottom = method.made.freeze
+    if not cfg.sdft.cache:  # sdft's rewritten targets: one cache for the run's sdft methods
+        sub.sdft.cache = str(Path(cfg.out_dir) / "sdft_targets")
     return sub
 
 
@@ -491,8 +493,14 @@ def run_eval(cfg: RunConfig) -> Path:
                 router_entries(bank, refs), mixture.tasks, negatives=others, seed=cfg.seed
             )
     label = Path(cfg.model).name or cfg.model
+    base = None
+    if cfg.eval.drift_examples:  # a stage-2 model drifts from the base its record names
+        base = PromptedModel(model)
+        if trained:
+            base_model, _, _ = load_model(Stage2Record.read(model_dir).base_model["name"])
+            base = PromptedModel(base_model.eval())
     records = score_model(
-        cfg, prompted, tokenizer, mixture, rows=rows, router=router, progress=label
+        cfg, prompted, tokenizer, mixture, rows=rows, router=router, progress=label, base=base
     )
     record = Stage2Record.read(model_dir) if trained else None
     shots, kept = (record.shots, record.shots_kept) if record else (0, {})

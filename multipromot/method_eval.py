@@ -16,7 +16,14 @@ from multipromot.bank import PromptBank
 from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture
 from multipromot.errors import UserError
-from multipromot.eval.suites import evaluate_finetuned, evaluate_suite, load_suite
+from multipromot.eval.drift import record_drift
+from multipromot.eval.suites import (
+    EVAL_MAX_INPUT_LENGTH,
+    build_items,
+    evaluate_finetuned,
+    evaluate_suite,
+    load_suite,
+)
 from multipromot.methods import Method
 from multipromot.models import load_model, model_fingerprint
 from multipromot.router import calibrated_router, router_entries
@@ -144,6 +151,7 @@ def evaluate_method(
         router=router,
         progress=label,
         finetuned_shots=method_shots(cfg, method, mixture),
+        base=_base(cfg, method, prompted) if cfg.eval.drift_examples else None,
     )
     for r in records:
         r.update(
@@ -157,7 +165,21 @@ def evaluate_method(
             train_shots_kept=kept,
             prompt_shots=prompt_shots(cfg, method),
         )
+        if record is not None and record.replay:  # general rows stage 2 mixed in
+            r["train_replay"] = record.replay
+        if record is not None and record.targets:  # sdft: what the rewrite did
+            r["train_targets"] = {k: v for k, v in record.targets.items() if k != "folder"}
     return records
+
+
+def _base(cfg: RunConfig, method: Method, prompted) -> PromptedModel:
+    """The base model drift is measured from, bare: the model ``run`` starts from (a method
+    that scores the base weights is compared with those same weights)."""
+    if method.made.spec.weights == "base":
+        return PromptedModel(prompted.model)
+    model, _, _ = load_model(cfg.model, seed=model_seed(cfg))
+    device = next(prompted.parameters()).device
+    return PromptedModel(model.eval()).to(device)
 
 
 def _router(cfg: RunConfig, mixture, source: tuple[str, dict] | None):
@@ -181,11 +203,14 @@ def score_model(
     router=None,
     progress: str = "",
     finetuned_shots: int = 0,
+    base=None,
 ) -> list[dict]:
     """The scores of one model: ``mixture``'s tasks with ``finetuned_shots`` exemplars (each
     with its row's prompt, if it has one) and the suite ``eval.suite`` k-shot, each input
     routed by ``router`` (or given no prompt). Records are tagged ``seen`` (a fine-tuned
-    task) or not."""
+    task) or not. With ``base`` (the base model, a PromptedModel) and ``eval.drift_examples``,
+    each record also gets its ``drift`` from the base model (:mod:`multipromot.eval.drift`).
+    Only the mixture's own tasks are scored as fine-tuned: its replay tasks are not."""
     ev = cfg.eval
     suite = load_suite(resolve_path(cfg, ev.suite))
     # Format specialization: outputs that fall in a fine-tuned classification task's label set.
@@ -223,6 +248,26 @@ def score_model(
     )
     for r in unseen:
         r["seen"] = False
+    if base is not None and ev.drift_examples:
+        count = min(ev.drift_examples, ev.examples)
+        fine_tuned = {t.name: t for t in mixture.tasks}
+        others = {t.name: t for t in suite.resolved_tasks()}
+        for r in records + unseen:
+            task = fine_tuned[r["task"]] if r["seen"] else others[r["task"]]
+            split = "test" if r["seen"] else suite.split  # as evaluate_finetuned / _suite
+            r["drift"] = record_drift(
+                r,
+                prompted,
+                base,
+                tokenizer,
+                items=build_items(task, r["shots"], examples=count, split=split, seed=cfg.seed),
+                rows=rows,
+                examples=count,
+                decoder_only=common["decoder_only"],
+                batch_size=ev.batch_size,
+                max_input_length=EVAL_MAX_INPUT_LENGTH,
+                max_target_length=cfg.stage2.max_target_length,
+            )
     return records + unseen
 
 

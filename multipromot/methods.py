@@ -66,6 +66,9 @@ class MethodKind:
             fine-tuning of the base model's own parameters).
         freezing: None, or ``half_per_round`` (Half Fine-Tuning: a random half of the
             parameter tensors frozen in each round of ``hft.round_steps`` steps).
+        targets: what stage 2 trains towards: ``data`` (each task's own targets) or
+            ``self_distilled`` (SDFT: the base model's rewrite of each target, kept where it
+            scores as correct against it; train/sdft.py).
         settings: the config sections besides ``stage2`` that shape its weights (recorded in
             ``stage2.json`` and in what ``run`` compares before reusing a model).
     """
@@ -80,6 +83,7 @@ class MethodKind:
     single_process: bool = False
     wise_source: bool = False
     freezing: str | None = None
+    targets: str = "data"
     settings: tuple[str, ...] = ()
 
     @property
@@ -165,6 +169,14 @@ _TABLE = (
         wise_source=True,
         freezing="half_per_round",
         settings=("hft",),
+    ),
+    MethodKind(
+        "sdft",
+        "Self-Distilled Fine-Tuning: standard on the base model's own rewrite of each target "
+        "(shown the example as a demonstration), kept where it scores as correct",
+        wise_source=True,
+        targets="self_distilled",
+        settings=("sdft",),
     ),
     MethodKind(
         "wise",

@@ -21,6 +21,7 @@ from multipromot.data.mixtures import load_mixture
 from multipromot.errors import UserError
 from multipromot.eval.suite_file import EVAL_MAX_INPUT_LENGTH, load_suite
 from multipromot.methods import MIN_SHOTS_KEPT, method_kind
+from multipromot.train import sdft
 from multipromot.train.common import check_trackers, use_data_mirror
 from multipromot.train.stage2 import resolve_shots
 
@@ -58,6 +59,9 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
         _check_mixture(cfg, cfg.stage2.mixture, ("train", "validation"))
         adapters = resolve_path(cfg, cfg.lora.adapters)
         kind = method_kind(cfg.stage2.mode, file=where)
+        if kind.targets == "self_distilled":
+            mixture = load_mixture(resolve_path(cfg, cfg.stage2.mixture))
+            _check_sdft(cfg, mixture, "stage 2", "stage2.mode")
         if kind.stage1 == "adapters" and not (adapters and Path(adapters).is_dir()):
             raise UserError(
                 f"must name the folder of the task adapters {kind.name}'s stage 2 starts from",
@@ -71,6 +75,8 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
     for method in methods:
         splits = ("train", "validation", "test") if method.trains else ("test",)
         _check_mixture(cfg, method.mixture, splits)
+        if method.spec.targets == "self_distilled":
+            _check_sdft(cfg, load_mixture(method.mixture), f"method {method.label!r}", "methods")
     if command == "eval":
         _check_mixture(cfg, cfg.stage2.mixture, ("test",))
     if command in ("run", "eval"):
@@ -78,8 +84,18 @@ def preflight(cfg: RunConfig, methods: list | None = None, *, command: str = "ru
     _check_definitions(cfg, methods, command)
 
 
+def _check_sdft(cfg: RunConfig, mixture, what: str, key: str) -> None:
+    """sdft judges each rewrite by its task's per-item score: every task needs one."""
+    try:
+        sdft.check_tasks(mixture.tasks)
+    except UserError as e:
+        raise UserError(f"{what}: {e.message}", file=cfg.config_file or None, key=key) from None
+
+
 def _check_mixture(cfg: RunConfig, value: str, splits) -> None:
     mixture = load_mixture(resolve_path(cfg, value))
+    for task in mixture.replayed:  # replay draws train rows only
+        _check_rows(task, "train", mixture.file)
     for task in mixture.tasks:
         try:
             validate_task_name(task.name)
@@ -218,20 +234,28 @@ def check_shots(cfg: RunConfig, methods: list, tokenizer, *, decoder_only: bool)
         asked = method.shots if method.shots is not None else s2.shots
         label = method.label if method.shots is not None else None
         shots, decided = resolve_shots(asked, mixture, label=label)
-        for task in mixture.tasks if shots else []:
-            kept = shots_kept(task, train, shots, seed=mixture.exemplar_seed, examples=_SHOTS_ROWS)
+        _, per_task = mixture.stream_rows([-1] * len(mixture.tasks), shots)
+        for i, (task, k) in enumerate(zip(mixture.stream().tasks, per_task, strict=True)):
+            if not k:
+                continue
+            replayed = i >= len(mixture.tasks)
+            kept = shots_kept(task, train, k, seed=mixture.exemplar_seed, examples=_SHOTS_ROWS)
             what = (
-                f"method {method.label!r} trains {shots}-shot ({decided}), but task "
-                f"{task.name!r}'s {shots}-shot inputs keep {kept:.2f} exemplars on average "
-                f"within stage2.max_input_length={s2.max_input_length} tokens"
+                f"method {method.label!r} trains {k}-shot "
+                f"({'replay.shots of ' + str(mixture.file) if replayed else decided}), but "
+                f"{'replay ' if replayed else ''}task {task.name!r}'s {k}-shot inputs keep "
+                f"{kept:.2f} exemplars on average within "
+                f"stage2.max_input_length={s2.max_input_length} tokens"
             )
-            if kept < MIN_SHOTS_KEPT * shots:
+            if kept < MIN_SHOTS_KEPT * k:
                 raise UserError(
                     f"{what}; ask for fewer shots or raise stage2.max_input_length",
                     file=where,
-                    key="methods" if method.shots is not None else "stage2.max_input_length",
+                    key="methods"
+                    if method.shots is not None and not replayed
+                    else "stage2.max_input_length",
                 )
-            if kept < shots:
+            if kept < k:
                 print(f"warning: {what}; the rest are dropped", file=sys.stderr)
     _warn_eval_shots(cfg, tokenizer, decoder_only)
 

@@ -22,6 +22,7 @@ ALLOWED = {
     "adapters": {None, "shared", "per_task"},
     "stage1": {None, "prompts", "adapters"},
     "freezing": {None, "half_per_round"},
+    "targets": {"data", "self_distilled"},
 }
 
 
@@ -36,13 +37,14 @@ def test_every_kind_has_one_entry_with_known_values():
         "promot_lora",
         "lora",
         "hft",
+        "sdft",
         "wise",
     }
     for name, kind in KINDS.items():
         assert isinstance(kind, MethodKind) and kind.name == name and kind.summary
         for field, allowed in ALLOWED.items():
             assert getattr(kind, field) in allowed, (name, field)
-        assert set(kind.settings) <= {"hft", "lora"}, name
+        assert set(kind.settings) <= {"hft", "lora", "sdft"}, name
         # a kind without stage 2 cannot need a one-process stage 2, or be interpolated
         if not kind.trains:
             assert not kind.single_process and not kind.wise_source, name
@@ -60,6 +62,10 @@ def test_the_table_says_what_each_paper_method_is():
     assert KINDS["prompt_tuning"].weights == "base" and KINDS["prompt_tuning"].stage1 == "prompts"
     assert KINDS["promot_lora"].routed and KINDS["promot_lora"].prompts == "none"
     assert KINDS["lora"].trainable == "adapters" and not KINDS["lora"].routed
+    # SDFT: a full fine-tuning without prompts on the base model's own (kept) rewrites
+    sdft = KINDS["sdft"]
+    assert (sdft.trainable, sdft.prompts, sdft.targets) == ("model", "none", "self_distilled")
+    assert sdft.wise_source and sdft.settings == ("sdft",)
     # the drift issue #24 found: plan budgeted a prompt for kinds that have none
     assert [k for k in STAGE2_MODES if KINDS[k].prompted] == ["promot", "joint", "random_prompt"]
 

@@ -46,28 +46,29 @@ def describe_mixture(mixture: Mixture) -> dict[str, Any]:
 
     Returns:
         ``{"name", "file", "version", "shots", "exemplar_seed", "tasks": [{"id", "name",
-        "rate", "train_examples", "train_error", "template", "metric", "origin"}]}``.
+        "rate", "train_examples", "train_error", "template", "metric", "origin"}],
+        "replay": None or {"share", "shots", "tasks": [rows as above, "id" -1]}}``; a rate
+        is the task's share of stage 2's rows (a replay task's within the replay share).
     """
-    rows = []
-    for i, (task, rate) in enumerate(zip(mixture.tasks, mixture.rates, strict=True)):
-        size, error = None, None
-        try:
-            size = task.num_examples("train")
-        except UserError as e:
-            error = str(e)
-        template = getattr(task, "template", None)
-        rows.append(
-            {
-                "id": i,
-                "name": task.name,
-                "rate": rate,
-                "train_examples": size,
-                "train_error": error,
-                "template": getattr(template, "id", None),
-                "metric": getattr(task, "metric", None),
-                "origin": mixture.origins[i] if i < len(mixture.origins) else None,
-            }
-        )
+    stream = mixture.stream()
+    rows = [
+        _task_row(task, i, rate, mixture.origins, i)
+        for i, (task, rate) in enumerate(zip(stream.tasks, stream.rates, strict=True))
+        if i < len(mixture.tasks)
+    ]
+    replay = None
+    if mixture.replay is not None:
+        share = mixture.replay.share
+        replay = {
+            "share": share,
+            "shots": mixture.replay.shots,
+            "tasks": [
+                _task_row(task, -1, rate * share, mixture.replay.origins, i)
+                for i, (task, rate) in enumerate(
+                    zip(mixture.replay.tasks, mixture.replay.rates, strict=True)
+                )
+            ],
+        }
     return {
         "name": mixture.name,
         "file": mixture.file,
@@ -75,6 +76,26 @@ def describe_mixture(mixture: Mixture) -> dict[str, Any]:
         "shots": mixture.shots,
         "exemplar_seed": mixture.exemplar_seed,
         "tasks": rows,
+        "replay": replay,
+    }
+
+
+def _task_row(task, task_id: int, rate: float, origins: list[str], i: int) -> dict[str, Any]:
+    size, error = None, None
+    try:
+        size = task.num_examples("train")
+    except UserError as e:
+        error = str(e)
+    template = getattr(task, "template", None)
+    return {
+        "id": task_id,
+        "name": task.name,
+        "rate": rate,
+        "train_examples": size,
+        "train_error": error,
+        "template": getattr(template, "id", None),
+        "metric": getattr(task, "metric", None),
+        "origin": origins[i] if i < len(origins) else None,
     }
 
 
@@ -91,24 +112,27 @@ def sample_mixture(
         shots: exemplars per example; default: the mixture's ``exemplars.shots``.
 
     Returns:
-        One dict per draw: ``task``, ``task_id``, ``split``, ``example_index``,
-        ``exemplar_indices``, ``input`` (the full k-shot input string), ``target``.
+        One dict per draw: ``task``, ``task_id`` (-1 for a replay row), ``split``,
+        ``example_index``, ``exemplar_indices``, ``input`` (the full k-shot input string),
+        ``target``. A replay row gets ``replay.shots`` exemplars, the others ``shots``.
     """
-    sampler = MixtureSampler(mixture, seed=seed, split=split)
+    stream = mixture.stream()  # with its replay tasks, as stage 2 draws them
+    sampler = MixtureSampler(stream, seed=seed, split=split)
     shots = mixture.shots if shots is None else shots
+    task_ids, per_task = mixture.stream_rows(list(range(len(mixture.tasks))), shots)
     out = []
     for draw in sampler.take(n):
-        task = mixture.tasks[draw.task_index]
+        task, k = stream.tasks[draw.task_index], per_task[draw.task_index]
         item = build_item(
             task,
             draw.example_index,
             split=split,
-            shots=shots,
+            shots=k,
             seed=mixture.exemplar_seed,
-            task_id=draw.task_index,
+            task_id=task_ids[draw.task_index],
         )
         exemplar_indices = choose_exemplars(
-            task, draw.example_index, shots, mixture.exemplar_seed, split
+            task, draw.example_index, k, mixture.exemplar_seed, split
         )
         out.append(
             {
@@ -149,10 +173,12 @@ def show(file: FileArg, json_out: JsonOpt = False) -> None:
     )
     for column in ("id", "task", "rate", "train", "template", "metric", "defined in"):
         table.add_column(column, justify="right" if column in ("id", "rate", "train") else "left")
-    for row in info["tasks"]:
+    replay = info["replay"]
+    replayed = replay["tasks"] if replay else []
+    for row in info["tasks"] + replayed:
         size = row["train_examples"]
         table.add_row(
-            str(row["id"]),
+            "replay" if row["id"] < 0 else str(row["id"]),
             escape(row["name"]),
             _percent(row["rate"]),
             "?" if size is None else f"{size:,}",
@@ -162,7 +188,15 @@ def show(file: FileArg, json_out: JsonOpt = False) -> None:
         )
     console = Console(highlight=False, soft_wrap=False, width=200)
     console.print(table)
-    for row in info["tasks"]:
+    if replay:
+        console.print(
+            escape(
+                f"replay: {_percent(replay['share'])} of stage 2's rows are {replay['shots']}-shot "
+                "train rows of the replay tasks, without a prompt; they are not fine-tuned tasks "
+                "(no prompt, no validation, not scored as seen)"
+            )
+        )
+    for row in info["tasks"] + replayed:
         if row["train_error"]:
             console.print(escape(f"{row['name']}: train size unknown: {row['train_error']}"))
 

@@ -62,7 +62,7 @@ def batches_from_draws(
     collator: Callable[[list[Item]], dict],
     *,
     batch_size: int,
-    shots: int = 0,
+    shots: int | Sequence[int] = 0,
     seed: int = 0,
     task_ids: Sequence[int] | None = None,
     split: str = "train",
@@ -75,7 +75,8 @@ def batches_from_draws(
         draws: sampler draws, in stream order.
         collator: turns a list of items into tensors.
         batch_size: rows per batch (the last may be short).
-        shots: exemplars per row.
+        shots: exemplars per row, or per task (a stage-2 stream's replay tasks have their own
+            number).
         seed: the exemplar seed.
         task_ids: the prompt-table row of each task (default: its index); -1 trains that task
             without a prompt.
@@ -89,12 +90,13 @@ def batches_from_draws(
         The collated batches.
     """
     rows = list(range(len(tasks))) if task_ids is None else task_ids
+    per_task = [shots] * len(tasks) if isinstance(shots, int) else list(shots)
     items = [
         build_item(
             tasks[d.task_index],
             d.example_index,
             split=split,
-            shots=shots,
+            shots=per_task[d.task_index],
             seed=seed,
             task_id=rows[d.task_index],
         )

@@ -74,6 +74,7 @@ def build_item(
     shots: int = 0,
     seed: int = 0,
     task_id: int = -1,
+    exemplar_indices: Sequence[int] | None = None,
 ) -> Item:
     """The row for example ``index`` of ``task``'s ``split``, with ``shots`` exemplars.
 
@@ -85,13 +86,19 @@ def build_item(
         shots: exemplars in front of the input (same task, train split, never the row itself).
         seed: the exemplar seed.
         task_id: the prompt-table row the row gets (-1 = no prompt).
+        exemplar_indices: these train rows as the exemplars instead of a seeded choice
+            (``shots`` and ``seed`` are then not used): SDFT's rewrite prompt shows an example
+            itself as its one demonstration (``[index]``), the one place a row sees itself.
 
     Returns:
         The :class:`~multipromot.features.Item`.
     """
     example = task.examples(split)[index]
     source, target = task.render(example)
-    picks = choose_exemplars(task, index, shots, seed, split)
+    if exemplar_indices is not None:
+        picks = [int(i) for i in exemplar_indices]
+    else:
+        picks = choose_exemplars(task, index, shots, seed, split)
     train = task.examples(EXEMPLAR_SPLIT) if picks else []
     exemplars = [render_exemplar(task, train[i]) for i in picks]
     # Tasks that name several acceptable answers give them for scoring ([]: only the target).

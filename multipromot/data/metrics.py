@@ -47,6 +47,8 @@ __all__ = [
     "rouge2",
     "score",
     "item_values",
+    "item_scores",
+    "scores_items",
     "score_values",
     "register_metric",
     "list_metrics",
@@ -399,17 +401,15 @@ def rouge2(predictions: Sequence[str], references: Sequence[Reference]) -> float
 
 
 Metric = Callable[[Sequence[str], Sequence[Reference]], float]
-_METRICS: Registry[Metric] = Registry(
-    "metric",
-    {
-        "accuracy": accuracy,
-        "exact_match": exact_match,
-        "triviaqa_exact_match": triviaqa_exact_match,
-        "bleu": bleu,
-        "rouge2": rouge2,
-    },
-    suggestions=1,
-)
+# The built-in metrics: each item has a score of its own (item_scores).
+_BUILTIN_METRICS: dict[str, Metric] = {
+    "accuracy": accuracy,
+    "exact_match": exact_match,
+    "triviaqa_exact_match": triviaqa_exact_match,
+    "bleu": bleu,
+    "rouge2": rouge2,
+}
+_METRICS: Registry[Metric] = Registry("metric", _BUILTIN_METRICS, suggestions=1)
 
 
 def register_metric(name: str, *, replace: bool = False) -> Callable[[Metric], Metric]:
@@ -516,6 +516,28 @@ def item_values(
     if abs(float(np.mean(values)) - whole) > 1e-6 * max(1.0, abs(whole)):
         return None
     return values
+
+
+def scores_items(metric_name: str) -> bool:
+    """Whether a metric gives every item a 0-100 score of its own, known before any output is
+    seen: the built-in ones (a registered metric may be a corpus statistic that is no mean of
+    per-item scores; :func:`item_values` can only tell once it has outputs)."""
+    return _METRICS.get(metric_name) is _BUILTIN_METRICS.get(metric_name, object())
+
+
+def item_scores(
+    metric_name: str, predictions: Sequence[str], references: Sequence[Reference]
+) -> list[float] | None:
+    """Each item's own score (0-100): its :func:`item_values` row scored alone (for BLEU the
+    sentence's BLEU from its statistics, the other built-in metrics' per-item value).
+
+    Returns:
+        One score per item, or None when the metric has no per-item values.
+    """
+    values = item_values(metric_name, predictions, references)
+    if values is None:
+        return None
+    return [score_values(metric_name, np.asarray([row], dtype=float)) for row in values]
 
 
 def score_values(metric_name: str, values: np.ndarray) -> float:

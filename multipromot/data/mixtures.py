@@ -20,6 +20,13 @@ A mixture YAML file (``mixtures/*.yaml``) is data, validated on load; every erro
         metric: accuracy
       - mixture: other.yaml                # a nested mixture, relative to this file
         rate: 0.5
+    replay:                                # optional, stage 2: general-purpose rows
+      share: 0.1                           # of the stage-2 rows, in [0, 1)
+      shots: 4                             # exemplars in front of each replay row
+      tasks:                               # entries of the forms of `tasks`
+        - task: lab_cb
+        - task: lab_sum
+          rate: 2.0
 
 Rates follow seqio: a rate is a number or ``examples_proportional`` (``min(n_train * scale,
 cap) ** (1 / temperature)``, seqio's ``mixing_rate_num_examples``); the top-level ``rate`` is
@@ -27,7 +34,18 @@ the default of every task entry that has none (1.0 if absent). A nested mixture'
 a number: its tasks get ``rate * (their rate in the nested mixture, normalised)``, in the same
 units as the other entries. A catalogue task reached twice through nesting gets the sum of its
 rates (seqio's rule); any other task name defined twice is an error. Only the top file's
-``exemplars`` apply. The final rates are normalised to sum to 1.
+``exemplars`` and ``replay`` apply. The final rates are normalised to sum to 1.
+
+Replay (the mitigation of mixing general data back in): ``replay.tasks`` are drawn into stage
+2's stream for a share ``replay.share`` of its rows (their rates, normalised among themselves,
+split that share; the mixture's own tasks split the rest), each row with ``replay.shots``
+same-task exemplars (default 0) from its train split, and no prompt (task id -1). They are not
+the mixture's tasks: ``Mixture.tasks`` holds the fine-tuned tasks only, so stage 1 tunes no
+prompt for a replay task, stage 2 does not validate or select on one, and ``run`` scores it
+only where the evaluation suite lists it (as an unseen task). Only train rows are replayed
+(the sampler draws train; exemplars come from train); a replay task whose train split is the
+same rows as its validation or test split, or that is also one of the mixture's tasks, is
+refused. :meth:`Mixture.stream` is the mixture stage 2 samples.
 
 Files are read with :func:`multipromot.yamlio.read_yaml` (safe and bounded).
 """
@@ -54,6 +72,7 @@ __all__ = [
     "SCHEMA_VERSIONS",
     "MAX_NESTING",
     "Mixture",
+    "Replay",
     "ExamplesProportional",
     "rate_examples_proportional",
     "load_mixture",
@@ -64,7 +83,8 @@ __all__ = [
 
 SCHEMA_VERSIONS = (1,)
 MAX_NESTING = 16
-_TOP_KEYS = ("name", "version", "description", "rate", "exemplars", "tasks")
+_TOP_KEYS = ("name", "version", "description", "rate", "exemplars", "tasks", "replay")
+_REPLAY_KEYS = ("share", "shots", "rate", "tasks")
 _EXEMPLAR_KEYS = ("shots", "seed")
 _CATALOGUE_KEYS = ("task", "rate", "template", "splits")
 _NESTED_KEYS = ("mixture", "rate")
@@ -72,6 +92,50 @@ _PROPORTIONAL_KEYS = ("cap", "temperature", "scale")
 
 
 MAX_RATE = 1e15  # the largest rate, explicit or examples-proportional
+
+
+@dataclass
+class Replay:
+    """General-purpose rows a stage-2 mixture mixes in (the mixture file's ``replay``).
+
+    Args:
+        tasks: the replayed tasks (never the mixture's own).
+        rates: one rate per task; normalised here to sum to 1.
+        share: the share of stage 2's rows that are replay rows, in [0, 1).
+        shots: exemplars in front of each replay row.
+        origins: where each task was defined (``file:key``).
+
+    Raises:
+        ValueError: lengths differ, no tasks, a share outside [0, 1), or a zero total rate.
+    """
+
+    tasks: list[Any]
+    rates: list[float]
+    share: float
+    shots: int = 0
+    origins: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.tasks or len(self.rates) != len(self.tasks):
+            raise ValueError(f"{len(self.tasks)} replay tasks but {len(self.rates)} rates")
+        if not 0 <= self.share < 1:
+            raise ValueError(f"the replay share must be in [0, 1), got {self.share}")
+        total = sum(float(r) for r in self.rates)
+        if not total > 0:
+            raise ValueError("the replay rates sum to zero")
+        self.rates = [float(r) / total for r in self.rates]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def record(self) -> dict:
+        """What the replay is, as JSON-able data (results, records, resume checks)."""
+        return {
+            "share": self.share,
+            "shots": self.shots,
+            "tasks": dict(zip(self.task_names, self.rates, strict=True)),
+        }
 
 
 @dataclass
@@ -87,6 +151,7 @@ class Mixture:
         version: schema version of the file it came from.
         file: the YAML file it came from, if any.
         origins: where each task was defined (``file:key``), for ``mixture show``.
+        replay: general-purpose rows stage 2 mixes in (:class:`Replay`), or None.
 
     Raises:
         ValueError: lengths differ, no tasks, a negative or non-finite rate, or a zero total.
@@ -101,6 +166,7 @@ class Mixture:
     version: int = 1
     file: str | None = None
     origins: list[str] = field(default_factory=list)
+    replay: Replay | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -131,6 +197,39 @@ class Mixture:
         if name not in names:
             raise UserError(f"no task {name!r} in mixture {self.name!r}; it has {names}")
         return names.index(name)
+
+    @property
+    def replayed(self) -> list[Any]:
+        """The replay tasks stage 2 draws from (none when there is no replay or its share is
+        0: the stream is then exactly the mixture's own)."""
+        return list(self.replay.tasks) if self.replay and self.replay.share > 0 else []
+
+    def stream(self) -> Mixture:
+        """The mixture stage 2 samples: its tasks at ``1 - share`` of the rows, then the replay
+        tasks at ``share`` (itself when nothing is replayed). Task ``i`` of the stream is task
+        ``i`` of the mixture for ``i < len(self.tasks)``; the rest are replay tasks."""
+        if not self.replayed:
+            return self
+        share = self.replay.share
+        return Mixture(
+            name=self.name,
+            tasks=[*self.tasks, *self.replay.tasks],
+            rates=[r * (1 - share) for r in self.rates] + [r * share for r in self.replay.rates],
+            shots=self.shots,
+            exemplar_seed=self.exemplar_seed,
+            version=self.version,
+            file=self.file,
+            origins=[*self.origins, *self.replay.origins],
+        )
+
+    def stream_rows(self, task_ids: list[int], shots: int) -> tuple[list[int], list[int]]:
+        """Per task of :meth:`stream`: its prompt-table row and its exemplars. The mixture's
+        tasks keep ``task_ids`` and ``shots`` (what the method trains with); a replay row has
+        no prompt (-1) and ``replay.shots`` exemplars."""
+        replayed = len(self.replayed)
+        rows = [*task_ids, *[-1] * replayed]
+        per_task = [shots] * len(self.tasks) + [self.replay.shots if replayed else 0] * replayed
+        return rows, per_task
 
 
 @dataclass(frozen=True)
@@ -336,14 +435,27 @@ def _load(file: Path, stack: tuple[Path, ...]) -> tuple[dict, list[_Entry]]:
 
     if "tasks" not in data:
         raise UserError("missing: a mixture lists its tasks", file=file, key="tasks")
-    tasks = data["tasks"]
-    if not isinstance(tasks, list) or not tasks:
-        raise UserError("must be a non-empty list of task entries", file=file, key="tasks")
+    entries = _task_entries(file, "tasks", data["tasks"], default_rate, stack)
+    header = {"name": name, "version": version, "shots": shots, "seed": seed}
+    if "replay" in data:
+        header["replay"] = data["replay"]
+    return header, entries
 
+
+def _task_entries(
+    file: Path,
+    where: str,
+    tasks: Any,
+    default_rate: float | ExamplesProportional,
+    stack: tuple[Path, ...],
+) -> list[_Entry]:
+    """The raw entries of one task list (``tasks`` or ``replay.tasks``)."""
+    if not isinstance(tasks, list) or not tasks:
+        raise UserError("must be a non-empty list of task entries", file=file, key=where)
     entries: list[_Entry] = []
     defined_here: dict[str, str] = {}
     for i, entry in enumerate(tasks):
-        key = f"tasks[{i}]"
+        key = f"{where}[{i}]"
         if not isinstance(entry, dict):
             raise UserError(
                 f"a task entry is a mapping (task: NAME, mixture: FILE, or an inline task with "
@@ -380,8 +492,61 @@ def _load(file: Path, stack: tuple[Path, ...]) -> tuple[dict, list[_Entry]]:
         defined_here[task.name] = key
         rate = _evaluate_rate(file, f"{key}.rate", rate_spec, task)
         entries.append(_Entry(task, rate, f"{file}:{key}", catalogue))
-    header = {"name": name, "version": version, "shots": shots, "seed": seed}
-    return header, entries
+    return entries
+
+
+def _replay(file: Path, spec: Any, targets: list[_Entry], stack: tuple[Path, ...]) -> Replay:
+    """The top file's ``replay``: ``{share, shots?, rate?, tasks}``.
+
+    Raises:
+        UserError: a share outside [0, 1), a bad shots or rate, a replay task that is also a
+            fine-tuned task, defined twice, or whose train rows are also its validation or
+            test rows.
+    """
+    if not isinstance(spec, dict):
+        raise UserError("must be a mapping {share, shots, tasks}", file=file, key="replay")
+    check_keys(file, "replay", spec, _REPLAY_KEYS)
+    for name in ("share", "tasks"):
+        if name not in spec:
+            raise UserError("missing", file=file, key=f"replay.{name}")
+    share = spec["share"]
+    if not _is_number(share) or not 0 <= share < 1:
+        raise UserError(
+            f"the share of stage-2 rows that are replay rows must be a number in [0, 1), got "
+            f"{share!r}",
+            file=file,
+            key="replay.share",
+        )
+    shots = _nonneg_int(file, "replay.shots", spec.get("shots", 0))
+    default_rate = _parse_rate(file, "replay.rate", spec["rate"]) if "rate" in spec else 1.0
+    entries = _merge(file, _task_entries(file, "replay.tasks", spec["tasks"], default_rate, stack))
+    fine_tuned = {e.task.name for e in targets}
+    for e in entries:
+        where, _, key = e.origin.rpartition(":")  # a nested file's entry: that file and key
+        if e.task.name in fine_tuned:
+            raise UserError(
+                f"task {e.task.name!r} is one of the mixture's fine-tuned tasks; a task is "
+                "either fine-tuned or replayed",
+                file=where,
+                key=key,
+            )
+        for split in ("validation", "test"):
+            if e.task.shares_rows("train", split):
+                raise UserError(
+                    f"task {e.task.name!r}'s train split is also its {split} split; replay "
+                    "draws only rows that are never evaluated",
+                    file=where,
+                    key=key,
+                )
+    if sum(e.rate for e in entries) <= 0:
+        raise UserError("all replay rates are zero", file=file, key="replay.tasks")
+    return Replay(
+        tasks=[e.task for e in entries],
+        rates=[e.rate for e in entries],
+        share=float(share),
+        shots=shots,
+        origins=[e.origin for e in entries],
+    )
 
 
 def _nested_entries(
@@ -463,6 +628,9 @@ def load_mixture(path: str | os.PathLike) -> Mixture:
     entries = _merge(file, entries)
     if sum(e.rate for e in entries) <= 0:
         raise UserError("all rates are zero: nothing to sample", file=file, key="tasks")
+    replay = None
+    if "replay" in header:
+        replay = _replay(file, header["replay"], entries, (file.resolve(),))
     return Mixture(
         name=header["name"],
         tasks=[e.task for e in entries],
@@ -472,6 +640,7 @@ def load_mixture(path: str | os.PathLike) -> Mixture:
         version=header["version"],
         file=os.fspath(file),
         origins=[e.origin for e in entries],
+        replay=replay,
     )
 
 
@@ -507,7 +676,7 @@ def tasks_fingerprint(tasks: list[Any]) -> list[dict]:
 
 def mixture_fingerprint(mixture: Mixture) -> str:
     """A sha256 of everything a mixture's rows are made from: its tasks
-    (:func:`tasks_fingerprint`), the rates and the exemplar settings. A run reuses a result only
+    (:func:`tasks_fingerprint`), the rates, the exemplar settings and its replay. A run reuses a result only
     when the fingerprint of its data is unchanged.
 
     Args:
@@ -522,4 +691,11 @@ def mixture_fingerprint(mixture: Mixture) -> str:
         "shots": mixture.shots,
         "exemplar_seed": mixture.exemplar_seed,
     }
+    if mixture.replay is not None:  # only then: the records of other mixtures stay as they were
+        record["replay"] = {
+            "tasks": tasks_fingerprint(mixture.replay.tasks),
+            "rates": mixture.replay.rates,
+            "share": mixture.replay.share,
+            "shots": mixture.replay.shots,
+        }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()

@@ -58,6 +58,8 @@ __all__ = [
     "task_from_spec",
     "check_inline_name",
     "with_splits",
+    "with_targets",
+    "RetargetedTask",
     "register_task",
     "get_task",
     "list_tasks",
@@ -318,6 +320,60 @@ class Task:
     def clear_cache(self) -> None:
         """Drop the loaded splits (they are loaded again on the next ``examples`` call)."""
         self._cache.clear()
+
+
+# The key under which a retargeted train row carries its replacement target (with_targets).
+_TARGET_KEY = "__multipromot_target__"
+
+
+class _Retargeted(Sequence[dict]):
+    """A split's rows, those named in ``targets`` carrying their replacement target."""
+
+    def __init__(self, rows: Sequence[dict], targets: Mapping[int, str]):
+        self._rows = rows
+        self._targets = targets
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self._rows[index]
+        target = self._targets.get(index % len(self._rows) if index < 0 else index)
+        return row if target is None else {**row, _TARGET_KEY: target}
+
+
+@dataclass(eq=False)
+class RetargetedTask(Task):
+    """A task whose train rows ``targets`` (index -> target) train on other targets than the
+    template renders (SDFT's self-distilled ones); every other split, the inputs, the metric
+    and the answer set stay the task's. Made by :func:`with_targets`."""
+
+    targets: Mapping[int, str] = field(default_factory=dict)
+
+    def examples(self, split: str) -> Sequence[dict]:
+        rows = super().examples(split)
+        return _Retargeted(rows, self.targets) if split == "train" and self.targets else rows
+
+    def render(self, example: Mapping[str, Any]) -> tuple[str, str]:
+        source, target = super().render(example)
+        return (source, example[_TARGET_KEY]) if _TARGET_KEY in example else (source, target)
+
+
+def with_targets(task: Task, targets: Mapping[int, str]) -> Task:
+    """``task`` with the train rows named in ``targets`` (index into its train split ->
+    target string) rendered with those targets instead of the template's.
+
+    Returns:
+        A new task of the same name and definition (it shares the loaded splits); ``task``
+        itself is unchanged.
+    """
+    given = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.init}
+    given.pop("targets", None)
+    retargeted = RetargetedTask(**given, targets=dict(targets))
+    retargeted._cache = task._cache  # the same rows: loaded once
+    return retargeted
 
 
 def _as_answers(value: Any) -> list:

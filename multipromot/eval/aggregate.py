@@ -320,6 +320,7 @@ def aggregate_sweep(
         )
     write_json(out_dir / "sweep.json", summary, indent=1)
     plots = _plot_sweep(out_dir, summary)
+    plots += plot_tradeoff(out_dir, groups)
     text = [f"# Sweep: {len(cells)} cells", "", f"Seeds {list(seeds)}; {description}.", ""]
     if meta and meta.get("command"):
         text += ["Made by:", "", "```", meta["command"], "```", ""]
@@ -431,4 +432,105 @@ def _plot_sweep(out_dir: Path, summary: dict) -> list[str]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize="x-small")
         save(fig, f"sweep_{key}.png")
+    return written
+
+
+# -- the trade-off of each method and seed: fine-tuned-task score, drift, kept Norm. Avg. --------
+
+
+def _selected_points(results: dict) -> dict[str, dict]:
+    """Per method of one run's results.json: the mean score of its fine-tuned tasks, its
+    unseen Norm. Avg. per shots, and its drift (KL(base || model), mean over the fine-tuned
+    tasks' target tokens), at the step it reports."""
+    records = [r for r in results["records"] if r.get("selected", True)]
+    points: dict[str, dict] = {}
+    for method in _ordered(r["method"] for r in records):
+        own = [r for r in records if r["method"] == method]
+        seen = [r for r in own if r["seen"]]
+        unseen: dict[int, list[float]] = {}
+        for r in own:
+            if not r["seen"]:
+                unseen.setdefault(r["shots"], []).append(float(r["score"]))
+        drift = [r["drift"] for r in seen if (r.get("drift") or {}).get("kl") is not None]
+        tokens = sum(d["tokens"] for d in drift)
+        points[method] = {
+            "target": float(np.mean([r["score"] for r in seen])) if seen else None,
+            "norm_avg": {k: float(np.mean(v)) for k, v in unseen.items()},
+            "kl": sum(d["kl"] * d["tokens"] for d in drift) / tokens if tokens else None,
+        }
+    return points
+
+
+def plot_tradeoff(out_dir: Path, groups: dict[str, list[dict]]) -> list[str]:
+    """``sweep_tradeoff.png``: per group (row) and shots setting (column), one point per method
+    and seed: the method's fine-tuned-task score (x; the mean over its fine-tuned tasks) against
+    its unseen Norm. Avg. minus pretrained's in the same cell (y; 0 = kept all of it). A method
+    only "keeps more" than another at equal target accuracy. ``sweep_drift.png``: the same y
+    against the drift from the base model on the fine-tuned tasks (KL(base || model), when the
+    runs measured it), with Spearman's rank correlation over the points in each panel's title.
+    Returns the files written."""
+    import io
+
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+    from scipy.stats import spearmanr
+
+    rows = []  # (group, seed, method, point, pretrained point)
+    for label, members in groups.items():
+        for cell in members:
+            folder = Path(cell["folder"])
+            if not (folder / "results.json").is_file():
+                continue
+            points = _selected_points(json.loads((folder / "results.json").read_text()))
+            base = points.get("pretrained")
+            for method, point in points.items():
+                rows.append((label, cell["seed"], method, point, base))
+    if not rows:
+        return []
+    labels = _ordered(r[0] for r in rows)
+    methods = _ordered(r[2] for r in rows)
+    shots = sorted({k for r in rows for k in r[3]["norm_avg"]})
+    written = []
+
+    def kept(point: dict, base: dict | None, k: int) -> float | None:
+        if k not in point["norm_avg"]:
+            return None
+        ref = base["norm_avg"].get(k) if base else None
+        return point["norm_avg"][k] - ref if ref is not None else point["norm_avg"][k]
+
+    for name, xkey, xlabel in (
+        ("sweep_tradeoff.png", "target", "fine-tuned-task score (mean over its tasks)"),
+        ("sweep_drift.png", "kl", "KL(base || model) on the fine-tuned tasks (nats/token)"),
+    ):
+        if not any(r[3][xkey] is not None for r in rows if r[2] != "pretrained"):
+            continue
+        fig = Figure(figsize=(4.8 * len(shots), 3.8 * len(labels)), layout="constrained")
+        for gi, label in enumerate(labels):
+            for si, k in enumerate(shots):
+                ax = fig.add_subplot(len(labels), len(shots), gi * len(shots) + si + 1)
+                xs_all, ys_all = [], []
+                for j, method in enumerate(methods):
+                    xs, ys = [], []
+                    for group, _, m, point, base in rows:
+                        y = kept(point, base, k)
+                        if (group, m) == (label, method) and None not in (point[xkey], y):
+                            xs.append(point[xkey])
+                            ys.append(y)
+                    if xs:
+                        ax.scatter(xs, ys, s=18, color=_COLORS[j % len(_COLORS)], label=method)
+                        xs_all += xs
+                        ys_all += ys
+                title = f"{label}, {k}-shot"
+                if xkey == "kl" and len(set(xs_all)) >= 3 and len(set(ys_all)) >= 2:
+                    rho = spearmanr(xs_all, ys_all).statistic
+                    title += f": Spearman {rho:+.2f} over {len(xs_all)} points"
+                ax.set_title(title, fontsize="small")
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel("unseen Norm. Avg. - pretrained's (same seed)")
+                ax.axhline(0.0, color="gray", linewidth=0.8)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize="x-small")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        write_atomic(out_dir / name, buf.getvalue())
+        written.append(name)
     return written

@@ -47,6 +47,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "final_records",
     "summary",
+    "drift_summary",
     "format_table",
     "terminal_summary",
     "plot_figures",
@@ -176,6 +177,7 @@ def summary(records: Iterable[dict], baseline: str = "pretrained") -> dict:
         ValueError: a record lacks a required key, two records share a cell, or a score is
             outside 0-100.
     """
+    records = list(records)
     final = final_records(records)
     methods = _methods(final, baseline)
     points = _unseen_points(final)
@@ -193,7 +195,7 @@ def summary(records: Iterable[dict], baseline: str = "pretrained") -> dict:
         for r in final
         if r["seen"] and r["method"] == method
     ]
-    return {
+    result = {
         "baseline": baseline,
         "methods": methods,
         "shots": sorted({r["shots"] for r in final if not r["seen"]}),
@@ -202,6 +204,57 @@ def summary(records: Iterable[dict], baseline: str = "pretrained") -> dict:
         "unseen": unseen,
         "finetuned": finetuned,
     }
+    drift = drift_summary(_normalize(records), methods)  # every evaluated step
+    if drift:  # only when measured: summaries of runs without it stay as they were
+        result["drift"] = drift
+    return result
+
+
+def _mean_kl(rows: list[dict]) -> float | None:
+    """The mean over tokens of the records' drift (each record's mean weighted by its tokens)."""
+    measured = [r["drift"] for r in rows if (r.get("drift") or {}).get("kl") is not None]
+    tokens = sum(d["tokens"] for d in measured)
+    return sum(d["kl"] * d["tokens"] for d in measured) / tokens if tokens else None
+
+
+def drift_summary(records: Iterable[dict], methods: list[str] | None = None) -> list[dict]:
+    """Per method and evaluated step, the drift from the base model (``drift`` of the records,
+    :mod:`multipromot.eval.drift`): the mean KL(base || model) over the target tokens of its
+    fine-tuned tasks (``finetuned``) and of the unseen tasks per shots setting (``unseen``).
+    [] when no record measured it.
+
+    Returns:
+        ``[{"method", "step", "selected" (the step the method reports), "finetuned",
+        "unseen": {shots: kl}, "direction"}]``.
+    """
+    records = list(records)
+    reported = {(r["method"], r["step"]) for r in final_records(records)}
+    records = [r for r in records if r.get("drift")]
+    if not records:
+        return []
+    order = methods or _ordered(r["method"] for r in records)
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], int(r.get("step") or 0)), []).append(r)
+    rows = []
+    for (method, step), members in sorted(
+        groups.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 0, kv[0])
+    ):
+        shots = sorted({r["shots"] for r in members if not r.get("seen")})
+        rows.append(
+            {
+                "method": method,
+                "step": step,
+                "selected": (method, step) in reported,
+                "finetuned": _mean_kl([r for r in members if r.get("seen")]),
+                "unseen": {
+                    k: _mean_kl([r for r in members if not r.get("seen") and r["shots"] == k])
+                    for k in shots
+                },
+                "direction": members[0]["drift"].get("direction"),
+            }
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,12 +814,56 @@ def _method_lines(records: list[dict], methods: dict[str, str] | None) -> list[s
                     else ""
                 )
             )
+        replay = r.get("train_replay")
+        if replay:
+            parts.append(
+                f"replay: {100 * replay['share']:g}% of stage 2's rows were "
+                f"{replay['shots']}-shot train rows of " + ", ".join(replay["tasks"])
+            )
+        targets = r.get("train_targets")
+        if targets:
+            shares = ", ".join(
+                f"{task} {t['rows']} rewritten, {t['share_kept']:.1f}% kept "
+                f"({t['share_changed']:.1f}% changed)"
+                for task, t in targets.get("tasks", {}).items()
+            )
+            made = "reused" if targets.get("reused") else f"{targets.get('seconds')} s"
+            parts.append(f"self-distilled targets (base model's rewrites, {made}): {shares}")
         refs = r.get("bank_refs") or {}
         parts.append("prompts " + ", ".join(sorted(refs.values())) if refs else "no prompts")
         if methods and label in methods:
             parts.append(methods[label])
         lines.append(f"- `{label}`: " + "; ".join(parts))
     return [*lines, ""]
+
+
+def _drift_lines(rows: list[dict]) -> list[str]:
+    """report.md's drift table: each method at its selected step."""
+    rows = [r for r in rows if r["selected"]]
+    if not rows:
+        return []
+    shots = sorted({k for r in rows for k in r["unseen"]})
+    header = ["method", "step", "fine-tuned tasks", *[f"unseen {k}-shot" for k in shots]]
+
+    def kl(value: float | None) -> str:
+        return _MISSING if value is None else f"{value:.4f}"
+
+    body = [
+        [r["method"], str(r["step"]), kl(r["finetuned"]), *[kl(r["unseen"].get(k)) for k in shots]]
+        for r in rows
+    ]
+    return [
+        "## Drift from the base model",
+        "",
+        f"Mean {rows[0]['direction']} per target token (nats) of the next-token distributions, "
+        "teacher-forced on the first eval.drift_examples held-out items of each task and their "
+        "references, each row with the prompt it was scored with; 0 = the base model's "
+        'distributions. The forward KL that "RL\'s Razor" relates to forgetting. Every '
+        "evaluated step is in results.json (summary.drift).",
+        "",
+        _markdown(header, body),
+        "",
+    ]
 
 
 def write_report(
@@ -833,6 +930,7 @@ def write_report(
         stats = statistics([RunData(records, items)], list(compare))
         lines += ["## Intervals and paired differences", "", statistics_markdown(stats)]
     lines += _method_lines(records, methods)
+    lines += _drift_lines(s.get("drift") or [])
     if plots:
         lines += [
             "## Plots",

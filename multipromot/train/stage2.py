@@ -62,7 +62,7 @@ from multipromot.eval.generation import validate_tasks
 from multipromot.features import IGNORE_INDEX
 from multipromot.methods import MIN_SHOTS_KEPT, MethodKind, method_kind
 from multipromot.train import distributed as D
-from multipromot.train import hft
+from multipromot.train import hft, sdft
 from multipromot.train.checkpoint import load_checkpoint, read_trainer_state
 from multipromot.train.common import (
     MetricsLogger,
@@ -113,6 +113,8 @@ RESUME_REFUSED = (
     "freeze_bottom",
     "lora",
     "hft",
+    "sdft",
+    "replay",
 )
 # Safe to change on resume (the gradient of a step is the same to float rounding, or only the
 # schedule's end moves): applied, and said so. The other keys (save_every, eval_every, ...)
@@ -215,7 +217,7 @@ class Stage2Run:
     @property
     def task_ids(self) -> list[int]:
         """Each mixture task's row in the prompt table (-1: no prompt; a ``shared`` adapter is
-        on every row)."""
+        on every row). Replay tasks are not the mixture's tasks: they have no row."""
         if not self.kind.prompted and self.kind.adapters != "per_task":
             return [-1] * len(self.mixture.tasks)
         return list(range(len(self.mixture.tasks)))
@@ -230,15 +232,17 @@ class Stage2Run:
 
     def batches(self) -> list[dict]:
         """This rank's micro-batches of the next step: its next ``rows * accum`` draws of the
-        one global stream."""
+        one global stream (the mixture's tasks, then its replay tasks: no prompt, their own
+        exemplars)."""
+        task_ids, shots = self.mixture.stream_rows(self.task_ids, self.shots)
         return batches_from_draws(
-            self.mixture.tasks,
+            self.mixture.stream().tasks,
             self.sampler.take(self.rows * self.accum),
             self.collator,
             batch_size=self.rows,
-            shots=self.shots,
+            shots=shots,
             seed=self.mixture.exemplar_seed,
-            task_ids=self.task_ids,
+            task_ids=task_ids,
             order=self.order,
         )
 
@@ -314,6 +318,9 @@ def setup(cfg: RunConfig, *, progress: bool = True, label: str | None = None) ->
     settings = _settings(cfg, kind, mixture, shots)
     if saved is not None:  # refused before the model is even loaded
         _check_settings(saved.get("settings"), settings, resume_from, progress)
+    targets = {}
+    if kind.targets == "self_distilled":  # the base model's rewrites, before the model loads
+        mixture, targets = sdft.distilled(cfg, mixture, shots, progress=progress and D.is_main())
     prompted, tokenizer, build, record = load_prompted(
         cfg,
         kind,
@@ -323,6 +330,8 @@ def setup(cfg: RunConfig, *, progress: bool = True, label: str | None = None) ->
         prompt_shots=shots if s2.prompt_shots < 0 else s2.prompt_shots,
     )
     record.shots, record.shots_from = shots, shots_from
+    record.targets = targets
+    record.replay = mixture.replay.record() if mixture.replayed else {}
     if D.is_main() and progress:
         print(f"stage 2 ({kind.name}, {mixture.name}): {shots}-shot examples ({shots_from})")
     optimizer = build_stage2_optimizer(prompted, kind, cfg)
@@ -340,7 +349,9 @@ def setup(cfg: RunConfig, *, progress: bool = True, label: str | None = None) ->
         scheduler=lr_schedule(
             optimizer, warmup_steps=s2.warmup_steps, total_steps=s2.steps, decay=s2.decay
         ),
-        sampler=MixtureSampler(mixture, seed=cfg.seed, rank=D.rank(), world_size=D.world_size()),
+        sampler=MixtureSampler(
+            mixture.stream(), seed=cfg.seed, rank=D.rank(), world_size=D.world_size()
+        ),
         collator=Collator(
             tokenizer,
             decoder_only=not prompted.is_encoder_decoder,
@@ -369,14 +380,16 @@ def _shots_kept(run: Stage2Run) -> dict[str, float]:
     Raises:
         UserError: a task keeps fewer than ``MIN_SHOTS_KEPT`` of the shots asked.
     """
-    if not run.shots:
-        return {}
+    _, shots = run.mixture.stream_rows(run.task_ids, run.shots)
     kept = {}
-    for task in run.mixture.tasks:
-        kept[task.name] = shots_kept(task, run.collator, run.shots, seed=run.mixture.exemplar_seed)
-        if kept[task.name] < MIN_SHOTS_KEPT * run.shots:
+    for i, (task, k) in enumerate(zip(run.mixture.stream().tasks, shots, strict=True)):
+        if not k:
+            continue
+        kept[task.name] = shots_kept(task, run.collator, k, seed=run.mixture.exemplar_seed)
+        if kept[task.name] < MIN_SHOTS_KEPT * k:
+            what = run.record.shots_from if i < len(run.mixture.tasks) else "replay.shots"
             raise UserError(
-                f"{run.shots}-shot training ({run.record.shots_from}), but task {task.name!r}'s "
+                f"{k}-shot training ({what}), but task {task.name!r}'s "
                 f"inputs keep {kept[task.name]:.2f} exemplars on average within "
                 f"stage2.max_input_length={run.cfg.stage2.max_input_length} tokens; ask for "
                 "fewer shots or raise stage2.max_input_length",
@@ -671,6 +684,8 @@ def _settings(cfg: RunConfig, kind: MethodKind, mixture: Mixture, shots: int) ->
         "tasks": mixture.task_names,
         "shots": shots,
         **stage2_settings(cfg, kind),
+        # only with a replay: older checkpoints' settings stay comparable
+        **({"replay": mixture.replay.record()} if mixture.replayed else {}),
     }
 
 

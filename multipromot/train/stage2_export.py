@@ -68,7 +68,12 @@ class Stage2Record:
         step: the stage-2 step of these weights; ``selected_by`` (``metric``, ``loss`` or
             ``last``) and ``value`` say why that step.
         settings: the config sections that shape the kind (``MethodKind.settings``: ``hft``,
-            ``lora``), stored as top-level keys.
+            ``lora``, ``sdft``), stored as top-level keys.
+        replay: the stage-2 mixture's replay (``Replay.record()``: share, shots, task rates);
+            {} without one. Written only when set.
+        targets: ``sdft``: what the base model's rewrite did (``train.sdft.distilled``: rows
+            rewritten, kept and changed per task, seconds, the cache folder); {} for the other
+            kinds. Written only when set.
     """
 
     base_model: dict
@@ -88,10 +93,14 @@ class Stage2Record:
     value: float | None = None
     bank_sha256: dict[str, str] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    replay: dict = field(default_factory=dict)
+    targets: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
-        return {**{k: v for k, v in data.items() if k != "settings"}, **self.settings}
+        optional = ("replay", "targets")  # absent when empty: other records stay as they were
+        data = {k: v for k, v in data.items() if k != "settings" and (k not in optional or v)}
+        return {**data, **self.settings}
 
     def write(self, folder: str | Path) -> None:
         """Write ``folder/stage2.json`` (atomically)."""

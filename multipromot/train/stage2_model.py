@@ -22,6 +22,7 @@ from multipromot.train import distributed as D
 from multipromot.train import lora
 from multipromot.train.common import build_optimizer
 from multipromot.train.freeze import freeze_bottom
+from multipromot.train.sdft import settings as sdft_settings
 from multipromot.train.stage2_export import Stage2Record
 
 __all__ = ["load_prompted", "build_stage2_optimizer", "kind_settings", "stage2_settings"]
@@ -30,8 +31,12 @@ __all__ = ["load_prompted", "build_stage2_optimizer", "kind_settings", "stage2_s
 def kind_settings(cfg: RunConfig, kind: MethodKind) -> dict:
     """The config sections besides ``stage2`` that shape a kind's weights
     (``MethodKind.settings``), as ``run`` compares them before reusing a model: ``hft.*``,
-    and the ``lora.*`` keys that shape an adapter."""
-    sections = {"hft": lambda: asdict(cfg.hft), "lora": lambda: lora.settings(cfg.lora)}
+    the ``lora.*`` keys that shape an adapter, ``sdft.threshold``."""
+    sections = {
+        "hft": lambda: asdict(cfg.hft),
+        "lora": lambda: lora.settings(cfg.lora),
+        "sdft": lambda: sdft_settings(cfg),
+    }
     return {section: sections[section]() for section in kind.settings}
 
 

@@ -425,6 +425,25 @@ CASES: list[Case] = [
         ("mix.yaml", "exemplars.shots"),
     ),
     Case(
+        "mixture-replay-share",
+        "mixture",
+        "a replay share of 1 (all of stage 2's rows replayed: nothing fine-tuned)",
+        ["mixture", "show", "mix.yaml"],
+        {"mix.yaml": "tasks: [{task: lab_rte}]\nreplay: {share: 1, tasks: [{task: lab_cb}]}\n"},
+        ("mix.yaml", "replay.share", "[0, 1)"),
+    ),
+    Case(
+        "mixture-replay-fine-tuned",
+        "mixture",
+        "a replay task that is also one of the fine-tuned tasks",
+        ["mixture", "show", "mix.yaml"],
+        {
+            "mix.yaml": "tasks: [{task: lab_rte}, {task: lab_cb}]\n"
+            "replay: {share: 0.1, tasks: [{task: lab_cb}]}\n"
+        },
+        ("mix.yaml", "replay.tasks[0]", "lab_cb"),
+    ),
+    Case(
         "mixture-not-given",
         "config",
         "stage 1 with no stage1.mixture in the config",
@@ -805,6 +824,20 @@ CASES: list[Case] = [
                 "stage2",
                 "stage2: {label_smoothing: 2.5}\n",
                 "stage2.label_smoothing",
+            ),
+            (
+                "sdft-threshold",
+                "sdft.threshold: 150 (a per-item score is at most 100)",
+                "run",
+                "sdft: {threshold: 150}\n",
+                "sdft.threshold",
+            ),
+            (
+                "drift-examples-negative",
+                "eval.drift_examples: -1",
+                "run",
+                "eval: {drift_examples: -1}\n",
+                "eval.drift_examples",
             ),
             ("huge-seed", "a seed beyond 32 bits", "run", "seed: 99999999999999999999\n", "seed"),
             (
