@@ -11,7 +11,10 @@ between the markers is replaced, the prose around it is kept by hand. Views:
   with its 95% interval, then the paired differences (what ``sweep.md`` shows);
 - ``regime``: one row per value of the swept key: the fine-tuned task's score of prompt tuning,
   standard fine-tuning and ProMoT, and their unseen Norm. Avg. at the first shots setting, with
-  the paired difference ProMoT - standard.
+  the paired difference ProMoT - standard;
+- ``tradeoff``: per method, its fine-tuned-task score, the unseen Norm. Avg. it kept and its
+  drift from the base model (mean and range over seeds), and Spearman's rank correlation of the
+  drift with what is kept.
 
 Every table opens with the command that made the data, its date and commit, and the counts
 behind each figure; tests/test_docs.py fails when a page's table and its data disagree.
@@ -39,10 +42,11 @@ def import_sweep(name: str, sweep_dir: str) -> Path:
     DATA.mkdir(parents=True, exist_ok=True)
     path = DATA / f"{name}.json"
     path.write_text(json.dumps(summary, indent=1) + "\n")
-    curves = Path(sweep_dir) / "sweep_curves.png"
-    if curves.is_file():
-        IMAGES.mkdir(parents=True, exist_ok=True)
-        shutil.copy(curves, IMAGES / f"{name}_curves.png")
+    for plot in ("curves", "tradeoff", "drift"):
+        picture = Path(sweep_dir) / f"sweep_{plot}.png"
+        if picture.is_file():
+            IMAGES.mkdir(parents=True, exist_ok=True)
+            shutil.copy(picture, IMAGES / f"{name}_{plot}.png")
     return path
 
 
@@ -126,7 +130,48 @@ def _regime(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-VIEWS = {"main": _main, "regime": _regime}
+def _tradeoff(summary: dict) -> str:
+    """Per method: its fine-tuned-task score, its unseen Norm. Avg. minus pretrained's in the
+    same cell, and its drift from the base model, each the mean over the seeds with the range;
+    then how well the drift ranks what is kept (Spearman over every method and seed)."""
+    trade = summary["tradeoff"]
+    lines = _header(summary)
+    shots = sorted({k for p in trade["points"] for k in p["kept"]}, key=int)
+    header = ["method", "seeds", "target"] + [f"kept, {k}-shot" for k in shots] + ["KL"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def spread(values: list) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "—"
+        mean = sum(values) / len(values)
+        digits = 3 if max(abs(v) for v in values) < 10 else 1
+        return f"{mean:.{digits}f} ({min(values):.{digits}f} to {max(values):.{digits}f})"
+
+    methods = list(dict.fromkeys(p["method"] for p in trade["points"]))
+    for method in methods:
+        mine = [p for p in trade["points"] if p["method"] == method]
+        cells = [method, str(len(mine)), spread([p["target"] for p in mine])]
+        cells += [spread([p["kept"].get(k) for p in mine]) for k in shots]
+        cells.append(spread([p["kl"] for p in mine]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "target: the mean score of the method's fine-tuned tasks; kept: its unseen Norm. Avg. "
+        "minus the pretrained model's in the same cell (0 = kept all); KL: KL(base || model) "
+        "per target token on the fine-tuned tasks' test inputs; each a mean over the seeds "
+        "(min to max).",
+    ]
+    for label, per_shots in trade["spearman_kl_kept"].items():
+        for k, rho in per_shots.items():
+            lines.append(
+                f"Spearman rank correlation of KL with kept ({label}, {k}-shot): "
+                f"{rho['rho']:+.2f} over {rho['points']} method-seed points."
+            )
+    return "\n".join(lines) + "\n"
+
+
+VIEWS = {"main": _main, "regime": _regime, "tradeoff": _tradeoff}
 
 
 def render(page: Path) -> str:

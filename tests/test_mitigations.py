@@ -384,3 +384,62 @@ def test_the_mitigations_run_under_sweep_and_run(tmp_path):
     assert (cell / "sdft_targets").is_dir()
     assert (report.parent / "sweep_tradeoff.png").is_file()
     assert (report.parent / "sweep_drift.png").is_file()
+
+
+def _results(folder, methods):
+    """A run folder whose results.json holds, per method, (target score, unseen scores per
+    shots, kl): the fields :func:`tradeoff` reads."""
+    records = []
+    for method, (target, unseen, kl) in methods.items():
+        drift = {"kl": kl, "tokens": 10}
+        records.append(
+            {
+                "method": method,
+                "task": "t",
+                "seen": True,
+                "shots": 0,
+                "score": target,
+                "drift": drift,
+            }
+        )
+        for shots, scores in unseen.items():
+            for i, score in enumerate(scores):
+                records.append(
+                    {
+                        "method": method,
+                        "task": f"u{i}",
+                        "seen": False,
+                        "shots": shots,
+                        "score": score,
+                    }
+                )
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"records": records}))
+    return {"folder": str(folder), "seed": int(folder.name[-1]), "values": {}}
+
+
+def test_tradeoff_points_and_their_rank_correlation_by_hand(tmp_path):
+    from multipromot.eval.aggregate import tradeoff
+
+    cells = []
+    for seed in (0, 1):
+        cells.append(
+            _results(
+                tmp_path / f"seed{seed}",
+                {
+                    "pretrained": (10.0, {1: [90.0, 100.0]}, 0.0),
+                    "standard": (100.0, {1: [10.0, 20.0 + seed]}, 2.0 + seed),
+                    "promot": (98.0, {1: [80.0, 90.0 + seed]}, 0.5 + seed / 10),
+                },
+            )
+        )
+    trade = tradeoff({"all cells": cells})
+    points = {(p["seed"], p["method"]): p for p in trade["points"]}
+    assert points[(0, "pretrained")]["kept"] == {"1": 0.0}
+    assert points[(0, "standard")]["kept"] == {"1": 15.0 - 95.0}
+    assert points[(1, "promot")]["kept"] == {"1": 85.5 - 95.0}
+    assert points[(1, "standard")]["target"] == 100.0 and points[(1, "standard")]["kl"] == 3.0
+    # kl 0.5, 0.6, 2, 3 rank 1-4; their kept -10, -9.5, -80, -79.5 rank 3, 4, 1, 2: the rank
+    # differences are 2 each, so rho = 1 - 6 x 16 / (4 x 15) = -0.6 (pretrained left out)
+    rho = trade["spearman_kl_kept"]["all cells"]["1"]
+    assert rho["points"] == 4 and rho["rho"] == pytest.approx(-0.6)

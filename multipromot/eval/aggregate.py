@@ -318,9 +318,10 @@ def aggregate_sweep(
                 "statistics": stats,
             }
         )
+    summary["tradeoff"] = tradeoff(groups)
     write_json(out_dir / "sweep.json", summary, indent=1)
     plots = _plot_sweep(out_dir, summary)
-    plots += plot_tradeoff(out_dir, groups)
+    plots += plot_tradeoff(out_dir, summary["tradeoff"])
     text = [f"# Sweep: {len(cells)} cells", "", f"Seeds {list(seeds)}; {description}.", ""]
     if meta and meta.get("command"):
         text += ["Made by:", "", "```", meta["command"], "```", ""]
@@ -461,68 +462,105 @@ def _selected_points(results: dict) -> dict[str, dict]:
     return points
 
 
-def plot_tradeoff(out_dir: Path, groups: dict[str, list[dict]]) -> list[str]:
-    """``sweep_tradeoff.png``: per group (row) and shots setting (column), one point per method
-    and seed: the method's fine-tuned-task score (x; the mean over its fine-tuned tasks) against
-    its unseen Norm. Avg. minus pretrained's in the same cell (y; 0 = kept all of it). A method
-    only "keeps more" than another at equal target accuracy. ``sweep_drift.png``: the same y
-    against the drift from the base model on the fine-tuned tasks (KL(base || model), when the
-    runs measured it), with Spearman's rank correlation over the points in each panel's title.
-    Returns the files written."""
-    import io
+def tradeoff(groups: dict[str, list[dict]]) -> dict:
+    """The trade-off of every method and seed, as ``sweep.json`` keeps it: per cell and method,
+    its fine-tuned-task score (``target``, the mean over its fine-tuned tasks), its unseen Norm.
+    Avg. minus pretrained's in the same cell per shots (``kept``: 0 = kept all of it), and its
+    drift from the base model on the fine-tuned tasks (``kl``, KL(base || model) per target
+    token, when the runs measured it); and per group and shots, Spearman's rank correlation of
+    ``kl`` with ``kept`` over the points that have both (``{"rho", "points"}``; the pretrained
+    model's own points, 0 and 0 by construction, are left out)."""
+    from scipy.stats import spearmanr  # scipy is heavy: only an aggregate needs it
 
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-    from scipy.stats import spearmanr
-
-    rows = []  # (group, seed, method, point, pretrained point)
+    points = []
     for label, members in groups.items():
         for cell in members:
             folder = Path(cell["folder"])
             if not (folder / "results.json").is_file():
                 continue
-            points = _selected_points(json.loads((folder / "results.json").read_text()))
-            base = points.get("pretrained")
-            for method, point in points.items():
-                rows.append((label, cell["seed"], method, point, base))
+            per_method = _selected_points(json.loads((folder / "results.json").read_text()))
+            base = per_method.get("pretrained")
+            for method, point in per_method.items():
+                kept = {}
+                for k, value in point["norm_avg"].items():
+                    ref = base["norm_avg"].get(k) if base else None
+                    kept[str(k)] = value - ref if ref is not None else None
+                points.append(
+                    {
+                        "group": label,
+                        "seed": cell["seed"],
+                        "method": method,
+                        "target": point["target"],
+                        "kept": kept,
+                        "kl": point["kl"],
+                    }
+                )
+    correlation: dict[str, dict] = {}
+    for label in groups:
+        shots = sorted({k for p in points if p["group"] == label for k in p["kept"]}, key=int)
+        for k in shots:
+            pairs = [
+                (p["kl"], p["kept"][k])
+                for p in points
+                if p["group"] == label
+                and p["method"] != "pretrained"
+                and p["kl"] is not None
+                and p["kept"].get(k) is not None
+            ]
+            if len({x for x, _ in pairs}) >= 3 and len({y for _, y in pairs}) >= 2:
+                rho = float(spearmanr([x for x, _ in pairs], [y for _, y in pairs]).statistic)
+                correlation.setdefault(label, {})[k] = {"rho": rho, "points": len(pairs)}
+    return {"points": points, "spearman_kl_kept": correlation}
+
+
+def plot_tradeoff(out_dir: Path, trade: dict) -> list[str]:
+    """``sweep_tradeoff.png``: per group (row) and shots setting (column), one point per method
+    and seed of :func:`tradeoff`: its fine-tuned-task score (x) against its unseen Norm. Avg.
+    minus pretrained's in the same cell (y). A method only "keeps more" than another at equal
+    target accuracy. ``sweep_drift.png``: the same y against the drift from the base model on
+    the fine-tuned tasks (when the runs measured it), with Spearman's rank correlation in each
+    panel's title. Returns the files written."""
+    import io
+
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    rows = trade["points"]
     if not rows:
         return []
-    labels = _ordered(r[0] for r in rows)
-    methods = _ordered(r[2] for r in rows)
-    shots = sorted({k for r in rows for k in r[3]["norm_avg"]})
+    labels = _ordered(r["group"] for r in rows)
+    methods = _ordered(r["method"] for r in rows)
+    shots = sorted({k for r in rows for k in r["kept"]}, key=int)
     written = []
-
-    def kept(point: dict, base: dict | None, k: int) -> float | None:
-        if k not in point["norm_avg"]:
-            return None
-        ref = base["norm_avg"].get(k) if base else None
-        return point["norm_avg"][k] - ref if ref is not None else point["norm_avg"][k]
-
     for name, xkey, xlabel in (
         ("sweep_tradeoff.png", "target", "fine-tuned-task score (mean over its tasks)"),
         ("sweep_drift.png", "kl", "KL(base || model) on the fine-tuned tasks (nats/token)"),
     ):
-        if not any(r[3][xkey] is not None for r in rows if r[2] != "pretrained"):
+        if not any(r[xkey] is not None for r in rows if r["method"] != "pretrained"):
             continue
         fig = Figure(figsize=(4.8 * len(shots), 3.8 * len(labels)), layout="constrained")
         for gi, label in enumerate(labels):
             for si, k in enumerate(shots):
                 ax = fig.add_subplot(len(labels), len(shots), gi * len(shots) + si + 1)
-                xs_all, ys_all = [], []
                 for j, method in enumerate(methods):
-                    xs, ys = [], []
-                    for group, _, m, point, base in rows:
-                        y = kept(point, base, k)
-                        if (group, m) == (label, method) and None not in (point[xkey], y):
-                            xs.append(point[xkey])
-                            ys.append(y)
-                    if xs:
-                        ax.scatter(xs, ys, s=18, color=_COLORS[j % len(_COLORS)], label=method)
-                        xs_all += xs
-                        ys_all += ys
+                    mine = [
+                        r
+                        for r in rows
+                        if (r["group"], r["method"]) == (label, method)
+                        and r[xkey] is not None
+                        and r["kept"].get(k) is not None
+                    ]
+                    if mine:
+                        ax.scatter(
+                            [r[xkey] for r in mine],
+                            [r["kept"][k] for r in mine],
+                            s=18,
+                            color=_COLORS[j % len(_COLORS)],
+                            label=method,
+                        )
                 title = f"{label}, {k}-shot"
-                if xkey == "kl" and len(set(xs_all)) >= 3 and len(set(ys_all)) >= 2:
-                    rho = spearmanr(xs_all, ys_all).statistic
-                    title += f": Spearman {rho:+.2f} over {len(xs_all)} points"
+                rho = trade["spearman_kl_kept"].get(label, {}).get(k)
+                if xkey == "kl" and rho:
+                    title += f": Spearman {rho['rho']:+.2f} over {rho['points']} points"
                 ax.set_title(title, fontsize="small")
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel("unseen Norm. Avg. - pretrained's (same seed)")
