@@ -17,6 +17,7 @@ from multipromot.config import RunConfig, bank_dir, model_seed, resolve_path
 from multipromot.data.mixtures import load_mixture
 from multipromot.errors import UserError
 from multipromot.eval.drift import record_drift
+from multipromot.eval.specialization import language_words
 from multipromot.eval.suites import (
     EVAL_MAX_INPUT_LENGTH,
     build_items,
@@ -215,6 +216,8 @@ def score_model(
     suite = load_suite(resolve_path(cfg, ev.suite))
     # Format specialization: outputs that fall in a fine-tuned classification task's label set.
     answers = sorted({a for t in mixture.tasks for a in (t.answers or [])})
+    # ... and, after a generation task, outputs in its output language (eval/specialization.py)
+    language = language_words(mixture.tasks) or None
     common = dict(
         decoder_only=not prompted.is_encoder_decoder,
         num_beams=ev.num_beams,
@@ -243,6 +246,7 @@ def score_model(
         router=router,
         prompt_rows=rows,
         specialization_answers=answers or None,
+        language=language,
         seed=cfg.seed,
         **common,
     )

@@ -44,6 +44,8 @@ RECORD_KEYS = {
     "n",
     "random",
     "specialization",
+    "target_language",
+    "input_copy",
     "prompt",
     "prompted",
     "split",
@@ -59,6 +61,8 @@ ITEM_KEYS = {
     "prompt",
     "value",
     "specialized",
+    "target_language",
+    "input_copy",
 }
 
 
@@ -290,6 +294,36 @@ def test_scores_and_specialization_from_the_outputs(tiny_t5, fixed_predict):
         assert {i.task_id for i in items} == {-1}
     without = evaluate_suite(prompted, tok, suite, decoder_only=False, shots=[1])
     assert {r["specialization"] for r in without} == {None}
+    assert {r["target_language"] for r in without} == {None}  # no generation task fine-tuned
+    # "True", "False. The" (half its words), "Neither", "zzz": 2 of 4 in a language of
+    # {true, false}; on lab_qa "True" and "false" are, "neri" (cut at the separator) and "x" not
+    measured = evaluate_suite(
+        prompted, tok, suite, decoder_only=False, shots=[1], language=frozenset({"true", "false"})
+    )
+    assert [r["target_language"] for r in measured] == [50.0, 50.0]
+    assert [i["target_language"] for i in measured[0]["items"]] == [True, True, False, False]
+    assert {r["input_copy"] for r in measured} == {0.0}  # no output repeats its input
+
+
+def test_outputs_in_the_fine_tuned_tasks_language_and_copies_of_the_input():
+    """After a generation task (issue 27, item 3): an output counts as in its language when half
+    its words are the task's target words absent from its inputs; as a copy when 3+ words of it
+    stand verbatim in the item's input."""
+    from multipromot.eval.specialization import copies_input, in_language, language_words
+
+    fr, de, cb = get_task("lab_trans_fr"), get_task("lab_trans_de"), get_task("lab_cb")
+    words = language_words([fr, cb])  # a classification task adds no words
+    assert words == language_words([fr]) and not language_words([cb])
+    text, target = fr.render(fr.examples("test")[0])
+    assert in_language(target, words)  # a French-like sentence (test split: same vocabulary)
+    assert not in_language(text, words)  # its English-like input
+    assert not in_language(de.render(de.examples("test")[0])[1], words)  # German-like
+    assert not in_language("", words) and not in_language("42 !", words)
+    half = " ".join(target.split()[:2] + ["the", "nose"])
+    assert in_language(half, words)  # two of four words: half counts
+    assert copies_input("The  kozo nose", "translate: the kozo NOSE the nodok")
+    assert not copies_input("kozo nose", "the kozo nose the nodok")  # two words: too short
+    assert not copies_input("the nodok nose", "the kozo nose the nodok")  # not contiguous
 
 
 def test_router_decisions_map_to_prompt_rows(tiny_t5, fixed_predict):

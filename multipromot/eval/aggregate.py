@@ -9,6 +9,8 @@ into :class:`~multipromot.eval.stats.TaskScores` and gives, per method and shots
 - ``tasks``: every unseen task's score with its interval;
 - ``finetuned``: each fine-tuned task's 0-shot score with its interval;
 - ``specialization``: the share of unseen-task outputs in the fine-tuned tasks' answer set;
+- ``target_language`` and ``input_copy``: the shares of unseen-task outputs in a fine-tuned
+  generation task's output language and that repeat their input (:mod:`.specialization`);
 - ``differences``: each method minus each of ``eval.compare`` (Norm. Avg.), paired on the same
   seeds and items;
 - ``curves`` (sweeps): Norm. Avg. per stage-2 step with its interval.
@@ -84,14 +86,23 @@ def _metric_scores(runs: Sequence[RunData], method: str, pick, task: str, shots:
     return TaskScores(values, lambda rows, m=metric: score_values(m, rows), random)
 
 
-def _specialization_scores(runs: Sequence[RunData], method: str, pick, task: str, shots: int):
+# Per-item flags of the unseen tasks' outputs, as rows of the statistics: row key -> item key.
+FLAGS = {
+    "specialization": "specialized",
+    "target_language": "target_language",
+    "input_copy": "input_copy",
+}
+
+
+def _flag_scores(runs: Sequence[RunData], method: str, pick, task: str, shots: int, flag: str):
+    """A per-item flag (``FLAGS``) as 0/100 scores; None when an item lacks it."""
     per_seed = []
     for run in runs:
         record = pick(run, task, shots)
         items = run.items(method, record["step"], task, shots) if record else []
-        if not items or any(item.get("specialized") is None for item in items):
+        if not items or any(item.get(flag) is None for item in items):
             return None
-        per_seed.append([[100.0 * bool(item["specialized"])] for item in items])
+        per_seed.append([[100.0 * bool(item[flag])] for item in items])
     return TaskScores(np.asarray(per_seed, dtype=float), lambda rows: float(np.mean(rows)))
 
 
@@ -181,9 +192,10 @@ def statistics(runs: Sequence[RunData], compare: Sequence[str] = (), curves: boo
                 _json(estimate(scores, average="above_random")) if with_random else None
             )
             row["tasks"] = {t: _json(estimate({t: s})) for t, s in (scores or {}).items()}
-            special = {t: _specialization_scores(runs, method, pick, t, shots) for t in unseen}
-            ok = all(s is not None for s in special.values())
-            row["specialization"] = _json(estimate(special, average="plain")) if ok else None
+            for name, flag in FLAGS.items():
+                flags = {t: _flag_scores(runs, method, pick, t, shots, flag) for t in unseen}
+                ok = all(s is not None for s in flags.values())
+                row[name] = _json(estimate(flags, average="plain")) if ok else None
             row["finetuned"] = {}
             for task in seen:  # scored with the exemplars the method was fine-tuned with
                 task_scores = _metric_scores(runs, method, _finetuned_picker(method), task, 0)
@@ -245,7 +257,10 @@ def statistics_markdown(stats: dict) -> str:
         return ""
     finetuned = _ordered(t for r in rows for t in r["finetuned"])
     counts = next((Estimate(**r["norm_avg"]).counts() for r in rows if r["norm_avg"]), "")
-    header = ["method", "shots", "Norm. Avg.", *finetuned, "spec.%"]
+    # the generation-task measures only where a run measured them (after a generation task)
+    extra = [f for f in ("target_language", "input_copy") if any(r.get(f) for r in rows)]
+    names = {"target_language": "target lang.%", "input_copy": "input copy%"}
+    header = ["method", "shots", "Norm. Avg.", *finetuned, "spec.%", *[names[f] for f in extra]]
     lines = [
         f"95% intervals ({stats['interval']}, {stats['resamples']} resamples); Norm. Avg. over "
         f"{counts} per method and shots.",
@@ -257,6 +272,7 @@ def statistics_markdown(stats: dict) -> str:
         cells = [r["method"], str(r["shots"]), _cell(r["norm_avg"])]
         cells += [_cell(r["finetuned"].get(t)) for t in finetuned]
         cells.append(_cell(r["specialization"]))
+        cells += [_cell(r.get(f)) for f in extra]
         lines.append("| " + " | ".join(cells) + " |")
     if stats["differences"]:
         lines += ["", "Paired differences of Norm. Avg. (same seeds and items):", ""]

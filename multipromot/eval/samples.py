@@ -8,7 +8,9 @@ A line::
      "input_sha256" (of the k-shot input as the model read it), "output" (raw), "prediction"
      (post-processed), "references", "prompt" (the bank task whose prompt the row got, or null),
      "value" (the item's contribution to the task's score: [score] for a per-item mean such as
-     accuracy, BLEU's n-gram counts for corpus BLEU; see data.metrics.ItemScores)}
+     accuracy, BLEU's n-gram counts for corpus BLEU; see data.metrics.ItemScores),
+     "specialized", "target_language", "input_copy" (unseen tasks' per-item flags, or null
+     where not measured; eval.specialization)}
 
 Evaluation records carry their items under ``items`` until :func:`write_samples` moves them
 here; :func:`read_samples` gives them back grouped by (method, step, task, shots).

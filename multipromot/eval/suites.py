@@ -16,9 +16,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from multipromot.data.collate import Collator
-from multipromot.data.metrics import item_values, postprocess, score, specialization_rate
+from multipromot.data.metrics import (
+    first_line,
+    item_values,
+    postprocess,
+    score,
+    specialization_rate,
+)
 from multipromot.eval import generation
 from multipromot.eval.samples import input_digest
+from multipromot.eval.specialization import copies_input, in_language
 from multipromot.eval.suite_file import (
     DEFAULT_SHOTS,
     EVAL_MAX_INPUT_LENGTH,
@@ -83,6 +90,7 @@ def _record(
     specialization_answers: Sequence[str] | None,
     split: str,
     kept: list[int] | None = None,
+    language: frozenset[str] | None = None,
 ) -> dict:
     """Score one task's outputs: a flat summary record, with every scored item under ``items``
     (written to samples.jsonl by :func:`multipromot.eval.samples.write_samples`)."""
@@ -95,6 +103,11 @@ def _record(
         # rule itself, whatever post-processing the evaluated task uses.
         special = specialization_rate(outputs, specialization_answers)
         specialized = [specialization_rate([o], specialization_answers) > 0 for o in outputs]
+    answers = [first_line(text) for text in outputs]  # before the model opens another example
+    copies = [copies_input(answer, item.input) for answer, item in zip(answers, items, strict=True)]
+    in_target_language = [None] * len(items)
+    if language:
+        in_target_language = [in_language(answer, language) for answer in answers]
     values = item_values(task.metric, preds, golds) or [None] * len(items)
     scored = []
     for index, item in enumerate(items):
@@ -108,6 +121,8 @@ def _record(
                 "prompt": names[index],
                 "value": values[index],
                 "specialized": specialized[index],
+                "target_language": in_target_language[index],
+                "input_copy": copies[index],
             }
         )
     return {
@@ -118,6 +133,8 @@ def _record(
         "n": len(items),
         "random": random,
         "specialization": special,
+        "target_language": _share(in_target_language),
+        "input_copy": _share(copies),
         "prompt": _majority(names),
         "prompted": 100.0 * sum(name is not None for name in names) / len(names),
         # Where the scored rows come from (a split held out from train says so).
@@ -126,6 +143,13 @@ def _record(
         "exemplars_kept": sum(kept) / len(kept) if kept and shots else None,
         "items": scored,
     }
+
+
+def _share(flags: list[bool | None]) -> float | None:
+    """The percentage of True flags; None when not measured (or no items)."""
+    if not flags or flags[0] is None:
+        return None
+    return 100.0 * sum(flags) / len(flags)
 
 
 def _run(
@@ -188,6 +212,7 @@ def evaluate_suite(
     router: Any = None,
     prompt_rows: dict[str, int] | None = None,
     specialization_answers: list[str] | None = None,
+    language: frozenset[str] | None = None,
     num_beams: int = 1,
     batch_size: int = 32,
     max_new_tokens: int = 32,
@@ -210,6 +235,10 @@ def evaluate_suite(
             ``task_names`` order).
         specialization_answers: the fine-tuned task's answer set (e.g. ``["True", "False"]``);
             each record then carries the share of its outputs that fall in it.
+        language: the fine-tuned generation tasks' output words
+            (:func:`multipromot.eval.specialization.language_words`); each record then carries
+            the share of its outputs in that language (``target_language``). Every record
+            carries the share of outputs that repeat their input (``input_copy``).
         num_beams: beam width (1 = greedy; the paper uses 4).
         batch_size: rows per generate call.
         max_new_tokens: generation budget per row.
@@ -223,7 +252,8 @@ def evaluate_suite(
         One record per (task, shots), tasks in suite order within each shots setting::
 
             {"task", "shots", "metric", "score" (0-100), "n" (items), "random" (0-100),
-             "specialization" (0-100 or None), "prompt" (majority routed task or None),
+             "specialization" (0-100 or None), "target_language" (0-100 or None),
+             "input_copy" (0-100), "prompt" (majority routed task or None),
              "prompted" (share of rows that got a prompt, 0-100), "split" (where the rows come from)}
 
     Raises:
@@ -273,6 +303,7 @@ def evaluate_suite(
                         names,
                         random=random[task.name],
                         specialization_answers=specialization_answers,
+                        language=language,
                         split=suite.split,
                         kept=fits,
                     ),
