@@ -8,7 +8,9 @@ A page holds a table between ``<!-- table: NAME VIEW -->`` and ``<!-- end table 
 between the markers is replaced, the prose around it is kept by hand. Views:
 
 - ``main``: per method and shots, Norm. Avg., the fine-tuned tasks and the specialization, each
-  with its 95% interval, then the paired differences (what ``sweep.md`` shows);
+  with its 95% interval, then the paired differences (what ``sweep.md`` shows); ``rows``: the
+  same without the differences; ``differences:METHOD/BASELINE,...`` (or
+  ``differences:BASELINE,...``: every method against each): those paired differences only;
 - ``regime``: one row per value of the swept key: the fine-tuned task's score of prompt tuning,
   standard fine-tuning and ProMoT, and their unseen Norm. Avg. at the first shots setting, with
   the paired difference ProMoT - standard;
@@ -52,7 +54,7 @@ def import_sweep(name: str, sweep_dir: str) -> Path:
 
 def _header(summary: dict) -> list[str]:
     commit = summary.get("git_commit") or "unknown"
-    return [
+    lines = [
         "```",
         summary.get("command", "(command not recorded)"),
         "```",
@@ -61,6 +63,19 @@ def _header(summary: dict) -> list[str]:
         f"{summary['seeds']} ({summary['base_model']}).",
         "",
     ]
+    if summary.get("cells_seconds"):
+        lines[-2] += f" The cells ran in {summary['cells_seconds'] / 60:.0f} min."
+    again = summary.get("aggregated")
+    if again:  # the same cells, aggregated again (other baselines for the differences)
+        lines += [
+            f"Aggregated again {again['date']} at commit `{again['git_commit']}`:",
+            "",
+            "```",
+            again["command"],
+            "```",
+            "",
+        ]
+    return lines
 
 
 def _estimate(value: dict | None, signed: bool = False) -> str:
@@ -70,14 +85,40 @@ def _estimate(value: dict | None, signed: bool = False) -> str:
     return f"{value['value']:{sign}.1f} [{value['low']:{sign}.1f}, {value['high']:{sign}.1f}]"
 
 
-def _main(summary: dict) -> str:
+def _main(summary: dict, differences=None) -> str:
+    """The intervals table and the paired differences (those ``differences`` keeps: a
+    predicate on one, or all), per group."""
     from multipromot.eval.aggregate import statistics_markdown
 
     lines = _header(summary)
     for group in summary["groups"]:
         if len(summary["groups"]) > 1:
             lines += [f"**{group['label']}**", ""]
-        lines.append(statistics_markdown(group["statistics"]).rstrip())
+        stats = dict(group["statistics"])
+        if differences is not None:
+            stats["differences"] = [d for d in stats["differences"] if differences(d)]
+        lines.append(statistics_markdown(stats).rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _differences(summary: dict, which: str) -> str:
+    """Only the paired differences: ``which`` is ``METHOD/BASELINE,...`` pairs, or baselines
+    (every method against each)."""
+    from multipromot.eval.aggregate import statistics_markdown
+
+    wanted = which.split(",")
+    pairs = {tuple(w.split("/", 1)) for w in wanted if "/" in w}
+    baselines = {w for w in wanted if "/" not in w}
+    lines = []
+    for group in summary["groups"]:
+        kept = [
+            d
+            for d in group["statistics"]["differences"]
+            if (d["method"], d["baseline"]) in pairs or d["baseline"] in baselines
+        ]
+        table = statistics_markdown({**group["statistics"], "differences": kept})
+        lines.append(table[table.index("Paired differences") :].rstrip())
         lines.append("")
     return "\n".join(lines)
 
@@ -171,7 +212,20 @@ def _tradeoff(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-VIEWS = {"main": _main, "regime": _regime, "tradeoff": _tradeoff}
+VIEWS = {
+    "main": lambda summary: _main(summary),
+    "rows": lambda summary: _main(summary, differences=lambda d: False),
+    "regime": _regime,
+    "tradeoff": _tradeoff,
+}
+# ``differences:METHOD/BASELINE,...`` or ``differences:BASELINE,...``: the paired differences only
+
+
+def _view(summary: dict, view: str) -> str:
+    name, _, argument = view.partition(":")
+    if name == "differences":
+        return _differences(summary, argument)
+    return VIEWS[view](summary)
 
 
 def render(page: Path) -> str:
@@ -180,7 +234,7 @@ def render(page: Path) -> str:
     def table(match: re.Match) -> str:
         name, view = match.group(2), match.group(3)
         summary = json.loads((DATA / f"{name}.json").read_text())
-        return match.group(1) + VIEWS[view](summary).rstrip() + "\n" + match.group(5)
+        return match.group(1) + _view(summary, view).rstrip() + "\n" + match.group(5)
 
     return _TABLE.sub(table, page.read_text())
 

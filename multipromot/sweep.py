@@ -24,6 +24,7 @@ that cannot be swept, more cells than ``--max-cells``) is refused before any cel
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shlex
 import subprocess
@@ -199,6 +200,15 @@ def plan_sweep(
     return sweep
 
 
+def _made_by(summary: Path) -> dict:
+    """The record of the run that made a sweep's cells, from its ``sweep.json`` (empty when
+    there is none)."""
+    if not summary.is_file():
+        return {}
+    made = json.loads(summary.read_text())
+    return {k: made.get(k) for k in ("command", "finished", "git_commit", "cells_seconds")}
+
+
 def _as_typed(sweep: Sweep, arguments: list[str], model_seed_value, max_cells) -> str:
     """The command that runs this sweep again, from the folder it was run in."""
     parts = ["multipromot", "sweep", sweep.config, *arguments]
@@ -265,12 +275,21 @@ def run_sweep(
         {"name": c.name, "values": c.values, "seed": c.seed, "folder": c.folder(sweep.out_dir)}
         for c in sweep.cells
     ]
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = {
         "command": sweep.command,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": now,
         "git_commit": commit,
-        "cells_seconds": None if aggregate_only else round(time.monotonic() - started, 1),
+        "cells_seconds": round(time.monotonic() - started, 1),
     }
+    if aggregate_only:
+        # The cells were made by the command that ran them: keep its record (command, commit,
+        # wall time) and say what aggregated them again.
+        meta = {
+            **{k: None for k in meta},
+            **_made_by(sweep.out_dir / "sweep.json"),
+            "aggregated": {"command": sweep.command, "date": now, "git_commit": commit},
+        }
     return aggregate_sweep(
         sweep.out_dir,
         cells,
