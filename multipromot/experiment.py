@@ -375,7 +375,17 @@ def _command(cfg: RunConfig, command: str) -> str:
 def _run_settings(cfg: RunConfig) -> list[tuple[str, object]]:
     """``run``'s settings worth a line: the config's keys, the bank as resolved."""
     settings = [(k, v) for k, v in config_lines(asdict(cfg)) if k != "prompt bank"]
-    return [*settings, ("prompt bank", bank_dir(cfg))]
+    # CPU kernels sum in an order that depends on the thread count, so training is repeatable
+    # to the bit only at the same count (a sweep's --jobs N gives each cell cores / N)
+    threads = f"{torch_threads()} (this command; a reused piece records none)"
+    return [*settings, ("prompt bank", bank_dir(cfg)), ("torch threads", threads)]
+
+
+def torch_threads() -> int:
+    """The threads torch's CPU kernels use in this process."""
+    import torch  # heavy: only a run that trains or scores gets here
+
+    return torch.get_num_threads()
 
 
 def _eval_settings(cfg: RunConfig, model_dir, bank) -> list[tuple[str, object]]:

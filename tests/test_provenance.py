@@ -240,6 +240,9 @@ def test_reports_state_the_command_as_typed_and_what_was_actually_used(tiny, tmp
     assert command.startswith(f"cd {shlex.quote(str(tmp_path))} && multipromot run ")
     assert shlex.split(command.split(" && ", 1)[1])[1:] == argv  # pasting runs the same
     assert f"- prompt bank: `{tmp_path / 'bank'}`" in produced
+    import torch
+
+    assert f"- torch threads: `{torch.get_num_threads()} (this command" in produced
     assert "`lab_rte@v0001` (sha256 `" in produced and "stage1.lr=0.3" in produced
 
     # `eval` of the stage-2 model with a config that says other things
