@@ -200,6 +200,15 @@ def plan_sweep(
     return sweep
 
 
+def _aggregate_command(command: str, compare: list[str] | None) -> str:
+    """The command that aggregated a sweep again: its cells' command with the options that made
+    it an aggregation."""
+    parts = [command, "--aggregate-only"]
+    if compare is not None:
+        parts += ["--compare", shlex.quote(",".join(compare))]
+    return " ".join(parts)
+
+
 def _made_by(summary: Path) -> dict:
     """The record of the run that made a sweep's cells, from its ``sweep.json`` (empty when
     there is none)."""
@@ -288,7 +297,11 @@ def run_sweep(
         meta = {
             **{k: None for k in meta},
             **_made_by(sweep.out_dir / "sweep.json"),
-            "aggregated": {"command": sweep.command, "date": now, "git_commit": commit},
+            "aggregated": {
+                "command": _aggregate_command(sweep.command, compare),
+                "date": now,
+                "git_commit": commit,
+            },
         }
     return aggregate_sweep(
         sweep.out_dir,

@@ -108,7 +108,6 @@ def test_aggregate_only_runs_no_cell_and_takes_other_baselines(config, tmp_path)
     made = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     log = tmp_path / "sweep" / CELLS_DIR / "seed=0" / "run.log"
     stamp = log.stat().st_mtime_ns
-    plan.command = "multipromot sweep ... --aggregate-only --compare standard"
     run_sweep(plan, aggregate_only=True, compare=["standard"])
     assert log.stat().st_mtime_ns == stamp  # no cell ran
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -116,7 +115,7 @@ def test_aggregate_only_runs_no_cell_and_takes_other_baselines(config, tmp_path)
     for key in ("command", "finished", "git_commit", "cells_seconds"):
         assert summary[key] == made[key]
     assert made["cells_seconds"] > 0
-    assert summary["aggregated"]["command"] == plan.command
+    assert summary["aggregated"]["command"] == plan.command + " --aggregate-only --compare standard"
     pairs = {
         (d["method"], d["baseline"]) for d in summary["groups"][0]["statistics"]["differences"]
     }
