@@ -181,12 +181,11 @@ def _tradeoff(summary: dict) -> str:
     header = ["method", "seeds", "target"] + [f"kept, {k}-shot" for k in shots] + ["KL"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
-    def spread(values: list) -> str:
+    def spread(values: list, digits: int = 1) -> str:
         values = [v for v in values if v is not None]
         if not values:
             return "—"
         mean = sum(values) / len(values)
-        digits = 3 if max(abs(v) for v in values) < 10 else 1
         return f"{mean:.{digits}f} ({min(values):.{digits}f} to {max(values):.{digits}f})"
 
     methods = list(dict.fromkeys(p["method"] for p in trade["points"]))
@@ -194,7 +193,7 @@ def _tradeoff(summary: dict) -> str:
         mine = [p for p in trade["points"] if p["method"] == method]
         cells = [method, str(len(mine)), spread([p["target"] for p in mine])]
         cells += [spread([p["kept"].get(k) for p in mine]) for k in shots]
-        cells.append(spread([p["kl"] for p in mine]))
+        cells.append(spread([p["kl"] for p in mine], digits=2))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -553,7 +553,7 @@ def plot_tradeoff(out_dir: Path, trade: dict) -> list[str]:
     ):
         if not any(r[xkey] is not None for r in rows if r["method"] != "pretrained"):
             continue
-        fig = Figure(figsize=(4.8 * len(shots), 3.8 * len(labels)), layout="constrained")
+        fig = Figure(figsize=(4.8 * len(shots) + 2, 3.8 * len(labels)), layout="constrained")
         for gi, label in enumerate(labels):
             for si, k in enumerate(shots):
                 ax = fig.add_subplot(len(labels), len(shots), gi * len(shots) + si + 1)
@@ -569,8 +569,10 @@ def plot_tradeoff(out_dir: Path, trade: dict) -> list[str]:
                         ax.scatter(
                             [r[xkey] for r in mine],
                             [r["kept"][k] for r in mine],
-                            s=18,
+                            s=22,
                             color=_COLORS[j % len(_COLORS)],
+                            # past the colours, a new marker: every method stays distinct
+                            marker="o^sD"[j // len(_COLORS) % 4],
                             label=method,
                         )
                 title = f"{label}, {k}-shot"
@@ -582,7 +584,8 @@ def plot_tradeoff(out_dir: Path, trade: dict) -> list[str]:
                 ax.set_ylabel("unseen Norm. Avg. - pretrained's (same seed)")
                 ax.axhline(0.0, color="gray", linewidth=0.8)
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize="x-small")
+                if si == len(shots) - 1:  # one legend per row, beside the points
+                    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         write_atomic(out_dir / name, buf.getvalue())
