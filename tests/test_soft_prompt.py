@@ -416,3 +416,18 @@ def test_from_bank_stacks_current_or_pinned_prompts():
     assert pinned.prompts[:, 0, 0].tolist() == [1.0, 3.0]
     with pytest.raises(ValueError, match="differ in shape"):
         PromptedModel.from_bank(model, bank, ["rte", "short"])
+
+
+def test_zero_length_prompt_equals_bare_model(tiny):
+    """Decoder parity (issue 27): a prompt of length 0 adds nothing, so every row, prompted or
+    not, sees exactly the bare model."""
+    name, model, tok = tiny
+    decoder_only = name != "tiny-t5"
+    dim = model.get_input_embeddings().weight.shape[-1]
+    pm = PromptedModel(model, torch.zeros(2, 0, dim), ["t0", "t1"])
+    batch = make_batch(tok, ROWS, decoder_only)
+    with torch.no_grad():
+        out = pm(**batch, task_ids=torch.tensor(MIXED_IDS))
+        for i, row in enumerate(ROWS):
+            bare = model(**make_batch(tok, [row], decoder_only)).logits[0]
+            assert (row_logits(out.logits, batch, i, decoder_only) - bare).abs().max() < ATOL
