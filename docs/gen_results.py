@@ -65,6 +65,11 @@ def _header(summary: dict) -> list[str]:
     ]
     if summary.get("cells_seconds"):
         lines[-2] += f" The cells ran in {summary['cells_seconds'] / 60:.0f} min."
+    if summary.get("threads_per_cell"):
+        lines[-2] += (
+            f" Each cell ran with {summary['threads_per_cell']} torch thread(s) (CPU training"
+            " repeats to the bit only at the same count)."
+        )
     again = summary.get("aggregated")
     if again:  # the same cells, aggregated again (other baselines for the differences)
         lines += [

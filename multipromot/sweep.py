@@ -215,7 +215,8 @@ def _made_by(summary: Path) -> dict:
     if not summary.is_file():
         return {}
     made = json.loads(summary.read_text())
-    return {k: made.get(k) for k in ("command", "finished", "git_commit", "cells_seconds")}
+    keys = ("command", "finished", "git_commit", "cells_seconds", "threads_per_cell")
+    return {k: made.get(k) for k in keys}
 
 
 def _as_typed(sweep: Sweep, arguments: list[str], model_seed_value, max_cells) -> str:
@@ -290,6 +291,8 @@ def run_sweep(
         "finished": now,
         "git_commit": commit,
         "cells_seconds": round(time.monotonic() - started, 1),
+        # CPU training repeats to the bit only at the same thread count: say what cells ran with
+        "threads_per_cell": _threads_per_cell(sweep),
     }
     if aggregate_only:
         # The cells were made by the command that ran them: keep its record (command, commit,
@@ -346,11 +349,28 @@ def _base_model_text(sweep: Sweep) -> str:
     return "base model and training both vary with the seed"
 
 
+def _threads_per_cell(sweep: Sweep) -> int | None:
+    """The torch threads each cell ran with: this process's for in-process cells, the budget
+    of ``--jobs N``; None on a cluster (the scheduler's)."""
+    if sweep.launcher != "local":
+        return None
+    if sweep.jobs == 1:
+        import torch  # heavy: the cells that ran here have imported it already
+
+        return torch.get_num_threads()
+    return _thread_budget(sweep)
+
+
+def _thread_budget(sweep: Sweep) -> int:
+    """Each of ``jobs`` local processes' threads: the cores this process may use, shared."""
+    return max(1, len(os.sched_getaffinity(0)) // sweep.jobs)
+
+
 def _run_local(sweep: Sweep) -> None:
     """Cells as ``multipromot run`` processes, ``jobs`` at a time; with several jobs, the base
     models are built first and the first cell of each stage-1 setting runs before the cells
     that can reuse its prompts."""
-    threads = max(1, len(os.sched_getaffinity(0)) // sweep.jobs)
+    threads = _thread_budget(sweep)
     if sweep.jobs == 1:  # in this process: no start-up per cell
         for cell in sweep.cells:
             _run_cell_here(sweep, cell)

@@ -112,9 +112,14 @@ def test_aggregate_only_runs_no_cell_and_takes_other_baselines(config, tmp_path)
     assert log.stat().st_mtime_ns == stamp  # no cell ran
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     # what made the cells stays on record; what aggregated them again is said beside it
-    for key in ("command", "finished", "git_commit", "cells_seconds"):
+    for key in ("command", "finished", "git_commit", "cells_seconds", "threads_per_cell"):
         assert summary[key] == made[key]
     assert made["cells_seconds"] > 0
+    import torch
+
+    assert made["threads_per_cell"] == torch.get_num_threads()  # in-process cells'
+    sweep_md = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert f"each cell ran with {torch.get_num_threads()} torch thread(s)" in sweep_md
     assert summary["aggregated"]["command"] == plan.command + " --aggregate-only --compare standard"
     pairs = {
         (d["method"], d["baseline"]) for d in summary["groups"][0]["statistics"]["differences"]
@@ -182,3 +187,5 @@ def test_the_slurm_launcher_runs_cells_as_submitit_jobs(config, tmp_path):
     assert (tmp_path / "sweep" / CELLS_DIR / "seed=0" / "results.json").is_file()
     assert list((tmp_path / "sweep" / "submitit").iterdir())  # the jobs' own folder
     assert "pretrained" in report.read_text()
+    # the scheduler's threads, not ours: not claimed
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["threads_per_cell"] is None

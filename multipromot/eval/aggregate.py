@@ -338,7 +338,9 @@ def aggregate_sweep(
     write_json(out_dir / "sweep.json", summary, indent=1)
     plots = _plot_sweep(out_dir, summary)
     plots += plot_tradeoff(out_dir, summary["tradeoff"])
-    text = [f"# Sweep: {len(cells)} cells", "", f"Seeds {list(seeds)}; {description}.", ""]
+    threads = (meta or {}).get("threads_per_cell")
+    ran = f"; each cell ran with {threads} torch thread(s)" if threads else ""
+    text = [f"# Sweep: {len(cells)} cells", "", f"Seeds {list(seeds)}; {description}{ran}.", ""]
     if meta and meta.get("command"):
         text += ["Made by:", "", "```", meta["command"], "```", ""]
     text += [f"![{name[:-4]}]({name})" for name in plots] + [""]
