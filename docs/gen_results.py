@@ -217,7 +217,7 @@ def _tradeoff(summary: dict) -> str:
 
 
 VIEWS = {
-    "main": lambda summary: _main(summary),
+    "main": _main,
     "rows": lambda summary: _main(summary, differences=lambda d: False),
     "regime": _regime,
     "tradeoff": _tradeoff,
