@@ -25,6 +25,7 @@ from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.eval.drift import kl_from_base
 from multipromot.eval.suite_file import load_suite
+from multipromot.lab.tasks import PRETRAIN_FAMILIES
 from multipromot.models import load_model
 from multipromot.soft_prompt import PromptedModel
 from multipromot.sweep import plan_sweep, run_sweep
@@ -61,19 +62,7 @@ def _stream(tmp_path, mixture: str, steps: int, **stage2_keys) -> tuple[object, 
 @pytest.mark.parametrize(
     "mixture, replayed",
     [
-        (
-            "lab_rte_replay_all.yaml",
-            {
-                "lab_cb",
-                "lab_wic",
-                "lab_sentiment",
-                "lab_qa",
-                "lab_trans_fr",
-                "lab_trans_de",
-                "lab_trans_ro",
-                "lab_sum",
-            },
-        ),
+        ("lab_rte_replay_all.yaml", set(PRETRAIN_FAMILIES)),  # every pretraining family
         ("lab_rte_replay_outside.yaml", {"lab_sentiment", "lab_trans_fr"}),
     ],
 )

@@ -211,15 +211,12 @@ class Mixture:
         if not self.replayed:
             return self
         share = self.replay.share
-        return Mixture(
-            name=self.name,
+        return dataclasses.replace(
+            self,
             tasks=[*self.tasks, *self.replay.tasks],
             rates=[r * (1 - share) for r in self.rates] + [r * share for r in self.replay.rates],
-            shots=self.shots,
-            exemplar_seed=self.exemplar_seed,
-            version=self.version,
-            file=self.file,
             origins=[*self.origins, *self.replay.origins],
+            replay=None,
         )
 
     def stream_rows(self, task_ids: list[int], shots: int) -> tuple[list[int], list[int]]:

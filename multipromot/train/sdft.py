@@ -33,6 +33,7 @@ set are the task's own, so selection and scoring see the original data.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -147,17 +148,7 @@ def distilled(
     folder, stats = D.on_rank0(_made, cfg, mixture, rows, progress)
     targets = _read_targets(Path(folder), mixture)
     tasks = [with_targets(task, targets[task.name]) for task in mixture.tasks]
-    retargeted = Mixture(
-        name=mixture.name,
-        tasks=tasks,
-        rates=mixture.rates,
-        shots=mixture.shots,
-        exemplar_seed=mixture.exemplar_seed,
-        version=mixture.version,
-        file=mixture.file,
-        origins=mixture.origins,
-        replay=mixture.replay,
-    )
+    retargeted = dataclasses.replace(mixture, tasks=tasks)
     return retargeted, stats
 
 
