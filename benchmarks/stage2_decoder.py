@@ -1,9 +1,10 @@
 """ProMoT's stage-2 step against standard fine-tuning's on the decoder-only lab model.
 
-Issue 25, item 7: the decoder demo (``configs/demo_decoder.yaml``) took 1.7x standard
-fine-tuning's time for ProMoT's stage 2 with a 20-position prompt. What a step should cost more
-is the share of extra positions the prompt adds (each row runs P more positions through every
-layer); this measures the step against that and profiles where the time goes.
+Issue 25, item 7: the RTE-like decoder demo (``configs/demo_decoder_rte.yaml``; then named
+demo_decoder.yaml) took 1.7x standard fine-tuning's time for ProMoT's stage 2 with a
+20-position prompt. What a step should cost more is the share of extra positions the prompt
+adds (each row runs P more positions through every layer); this measures the step against that
+and profiles where the time goes.
 
 Both arms are ``stage2.setup`` runs of the demo's stage-2 settings on the lab's RTE-like task
 (``mixtures/lab_rte.yaml``, 0-shot, batch 32, AdamW lr 3e-4, no label smoothing, max input 512,
@@ -45,7 +46,8 @@ MIXTURE = Path(__file__).resolve().parents[1] / "mixtures" / "lab_rte.yaml"
 
 
 def config(path: Path, *, mode: str, model: Path, bank: Path, out: Path, steps: int) -> Path:
-    """The demo's stage-2 settings (configs/demo_decoder.yaml) without validation or saves."""
+    """The RTE-like decoder demo's stage-2 settings (configs/demo_decoder_rte.yaml) without
+    validation or saves."""
     cfg = {
         "seed": 0,
         "out_dir": str(out),

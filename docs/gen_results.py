@@ -2,6 +2,9 @@
 
     python docs/gen_results.py import NAME SWEEP_DIR   # keep SWEEP_DIR/sweep.json as data/NAME.json
                                                       # (and its curves as img/NAME_curves.png)
+    python docs/gen_results.py import-lab NAME "COMMAND" MODEL_DIR...
+                                                      # keep lab models' lab_pretrain.json records
+                                                      # (how they were built, their 1-shot scores)
     python docs/gen_results.py                         # rewrite every table from its data file
 
 A page holds a table between ``<!-- table: NAME VIEW -->`` and ``<!-- end table -->``; the text
@@ -16,7 +19,10 @@ between the markers is replaced, the prose around it is kept by hand. Views:
   the paired difference ProMoT - standard;
 - ``tradeoff``: per method, its fine-tuned-task score, the unseen Norm. Avg. it kept and its
   drift from the base model (mean and range over seeds), and Spearman's rank correlation of the
-  drift with what is kept.
+  drift with what is kept;
+- ``lab``: (an ``import-lab`` file) one row per lab model: seed, steps, first and last loss,
+  training time and threads, its 1-shot test score on every family, and the lowest score among
+  the pretraining families.
 
 Every table opens with the command that made the data, its date and commit, and the counts
 behind each figure; tests/test_docs.py fails when a page's table and its data disagree.
@@ -49,6 +55,24 @@ def import_sweep(name: str, sweep_dir: str) -> Path:
         if picture.is_file():
             IMAGES.mkdir(parents=True, exist_ok=True)
             shutil.copy(picture, IMAGES / f"{name}_{plot}.png")
+    return path
+
+
+def import_lab(name: str, command: str, model_dirs: list[str]) -> Path:
+    """Keep the ``lab_pretrain.json`` of lab models built by ``command`` (the recipe, losses,
+    times and 1-shot scores :func:`~multipromot.lab.model.ensure_lab_model` recorded)."""
+    from multipromot.lab.model import read_pretrain_record
+
+    records = []
+    for model_dir in model_dirs:
+        record = read_pretrain_record(model_dir)
+        if not record.get("one_shot_test_scores"):
+            raise SystemExit(f"{model_dir}: no lab_pretrain.json with 1-shot scores")
+        records.append(record)
+    kept = {"command": command, "models": records}
+    DATA.mkdir(parents=True, exist_ok=True)
+    path = DATA / f"{name}.json"
+    path.write_text(json.dumps(kept, indent=1) + "\n")
     return path
 
 
@@ -216,11 +240,43 @@ def _tradeoff(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lab(kept: dict) -> str:
+    """One row per lab model: how it was built and its 1-shot test scores."""
+    models = kept["models"]
+    families = list(models[0]["one_shot_test_scores"])
+    unseen = set(models[0]["unseen_in_pretraining"])
+    recipe = {k: v for k, v in models[0]["config"].items() if k not in ("seed", "shot_weights")}
+    lines = ["```", kept["command"], "```", ""]
+    lines += [f"Lab version {models[0]['lab_version']}; recipe: `{json.dumps(recipe)}`.", ""]
+    header = ["seed", "steps", "loss", "train s (threads)"] + families + ["lowest pretrained"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in models:
+        scores = model["one_shot_test_scores"]
+        cells = [
+            str(model["config"]["seed"]),
+            str(model["config"]["steps"]),
+            f"{model['loss_first']:.2f} -> {model['loss_last']:.3f}",
+            f"{model['train_seconds']:.0f} ({model.get('torch_threads', '?')})",
+        ]
+        cells += [f"{scores[f]:.1f}" for f in families]
+        cells.append(f"{min(v for f, v in scores.items() if f not in unseen):.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    examples = models[0]["config"]["eval_examples"]
+    lines += [
+        "",
+        f"1-shot scores on {examples} test items per family (accuracy, exact match, BLEU or "
+        f"ROUGE-2, 0-100); {', '.join(sorted(unseen))} was left out of pretraining. Loss: the "
+        "mean of the first and last 5% of steps.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 VIEWS = {
     "main": _main,
     "rows": lambda summary: _main(summary, differences=lambda d: False),
     "regime": _regime,
     "tradeoff": _tradeoff,
+    "lab": _lab,
 }
 # ``differences:METHOD/BASELINE,...`` or ``differences:BASELINE,...``: the paired differences only
 
@@ -250,6 +306,8 @@ def pages() -> list[Path]:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["import"] and len(argv) == 3:
         print(f"kept {import_sweep(argv[1], argv[2])}")
+    elif argv[:1] == ["import-lab"] and len(argv) >= 4:
+        print(f"kept {import_lab(argv[1], argv[2], argv[3:])}")
     elif argv:
         print(__doc__)
         return 2

@@ -1,5 +1,7 @@
 """Config loading: defaults, YAML + overrides, and one-line errors naming file and key."""
 
+from pathlib import Path
+
 import pytest
 
 from multipromot.config import load_config
@@ -63,3 +65,32 @@ def test_paths_in_a_config_resolve_against_its_folder_overrides_against_the_cwd(
     assert cfg.out_dir == str(root / "runs" / "tiny")
     assert cfg.stage2.mixture == "mine.yaml"  # the command line is relative to the cwd
     assert cfg.model == "tiny-t5"  # not a path: a built-in model name stays as it is
+
+
+_SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _SHIPPED, ids=[p.name for p in _SHIPPED])
+def test_every_shipped_offline_config_loads_with_its_mixtures_and_methods(path):
+    """A config under configs/ that runs offline (a built-in model) loads, and so do its
+    mixtures and every method label, as `multipromot run` would check them before training.
+    The paper's configs need hub data, so only their YAML is checked."""
+    import multipromot.lab  # noqa: F401  (registers the lab's built-in models)
+    from multipromot.data.mixtures import load_mixture
+    from multipromot.methods import parse_method
+    from multipromot.models import BUILTIN_MODELS
+
+    cfg = load_config(path)
+    if cfg.model not in BUILTIN_MODELS:
+        return
+    for mixture in (cfg.stage1.mixture, cfg.stage2.mixture, *cfg.mixtures.values()):
+        assert load_mixture(mixture).tasks
+    for label in cfg.methods:
+        method = parse_method(
+            label,
+            mixtures=cfg.mixtures,
+            default_mixture=cfg.stage2.mixture,
+            listed=cfg.methods,
+            file=str(path),
+        )
+        assert method.label == label

@@ -63,6 +63,33 @@ def test_a_results_table_that_disagrees_with_its_data_is_found(tmp_path, monkeyp
     assert rendered.startswith("before\n<!-- table: t main -->\n```\nmultipromot sweep c.yaml")
 
 
+def test_the_lab_models_table_takes_its_lowest_score_over_pretrained_families_only(tmp_path):
+    """`import-lab` keeps lab_pretrain.json records; the table's last column is the check the
+    converged-model target is read from, so lab_rte (never pretrained on) must not count."""
+    import json
+
+    record = {
+        "lab_version": 4,
+        "config": {"seed": 1, "steps": 10, "eval_examples": 30, "shot_weights": [1.0]},
+        "loss_first": 6.0,
+        "loss_last": 0.02,
+        "train_seconds": 100.0,
+        "torch_threads": 1,
+        "unseen_in_pretraining": ["lab_rte"],
+        "one_shot_test_scores": {"lab_cb": 100.0, "lab_qa": 96.7, "lab_rte": 50.0},
+    }
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "lab_pretrain.json").write_text(json.dumps(record))
+    (tmp_path / "empty").mkdir()
+    kept = {"command": "multipromot lab pretrain --seed 1", "models": [record]}
+    table = RESULTS.VIEWS["lab"](kept)
+    assert table.splitlines()[-3].endswith("| 100.0 | 96.7 | 50.0 | 96.7 |")
+    assert "multipromot lab pretrain --seed 1" in table and "30 test items" in table
+    with pytest.raises(SystemExit, match="empty"):  # a model without scores is not kept
+        RESULTS.import_lab("x", "cmd", [str(model), str(tmp_path / "empty")])
+
+
 @pytest.mark.parametrize("name", sorted(GEN.PAGES))
 def test_generated_reference_page_is_current(name):
     committed = DOCS / "reference" / name

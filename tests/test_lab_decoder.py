@@ -63,6 +63,31 @@ def test_lab_llama_is_a_registered_builtin_with_its_own_recipe(monkeypatch, tmp_
     assert calls[1] == (tmp_path / "y", {"seed": 0})  # the T5 lab model: default recipe
 
 
+def test_lab_pretrain_cli_builds_lab_llama_as_the_builtin_does(monkeypatch, tmp_path):
+    """`multipromot lab pretrain --size llama-small` trains what `model: lab-llama` loads: the
+    same directory and the same recipe (else the CLI would build a model the runs never use)."""
+    from multipromot.cli import main
+    from multipromot.lab import model as lab_model
+    from multipromot.models import BUILTIN_MODELS
+
+    monkeypatch.setenv("MULTIPROMOT_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(
+        "multipromot.cli.lab.ensure_lab_model", lambda path, **kw: calls.append((path, kw))
+    )
+    monkeypatch.setattr(
+        "multipromot.lab.ensure_lab_model", lambda path, **kw: calls.append((path, kw))
+    )
+    assert main(["lab", "pretrain", "--size", "llama-small", "--seed", "2", "--json"]) == 0
+    BUILTIN_MODELS.lookup("lab-llama")(tmp_path / "models" / "lab-llama-seed2", 2)
+    (cli_path, cli_kw), (builtin_path, builtin_kw) = calls
+    assert cli_path == builtin_path
+    cli_kw = {k: v for k, v in cli_kw.items() if k not in ("device", "rebuild", "progress")}
+    assert (
+        cli_kw == builtin_kw == {"seed": 2, "size": "llama-small", **lab_model.LAB_DECODER_RECIPE}
+    )
+
+
 def test_t5_lab_recipe_is_unchanged():
     """The values the cached T5 lab model was built with (its cache key) stay as they were.
 
@@ -103,8 +128,13 @@ def test_t5_lab_recipe_is_unchanged():
 
 
 @pytest.mark.slow
-def test_micro_lab_llama_runs_the_decoder_demo_config_end_to_end(tmp_path, capsys):
-    """`make demo-decoder` in miniature: configs/demo_decoder.yaml with every stage cut short."""
+@pytest.mark.parametrize(
+    "config, method",
+    [("demo_decoder.yaml", "promot+1shot"), ("demo_decoder_rte.yaml", "promot@multi")],
+)
+def test_micro_lab_llama_runs_the_decoder_demo_configs_end_to_end(tmp_path, capsys, config, method):
+    """`make demo-decoder` (the En-Fr-like setting) and the RTE-like decoder config in
+    miniature, with every stage cut short."""
     from multipromot.cli import main
     from multipromot.lab.model import ensure_lab_model
 
@@ -114,7 +144,7 @@ def test_micro_lab_llama_runs_the_decoder_demo_config_end_to_end(tmp_path, capsy
         f"model={model}",
         f"out_dir={tmp_path / 'run'}",
         f"bank.dir={tmp_path / 'bank'}",
-        "methods=[pretrained,promot@multi]",
+        f"methods=[pretrained,{method}]",
         "stage1.steps=2",
         "stage1.eval_every=2",
         "stage1.eval_examples=2",
@@ -127,7 +157,7 @@ def test_micro_lab_llama_runs_the_decoder_demo_config_end_to_end(tmp_path, capsy
         "eval.max_new_tokens=3",
         "eval.shots=[1]",
     ]
-    assert main(["run", str(root / "configs" / "demo_decoder.yaml"), *overrides]) == 0
-    assert "promot@multi" in capsys.readouterr().out
+    assert main(["run", str(root / "configs" / config), *overrides]) == 0
+    assert method in capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert {r["method"] for r in results["records"]} == {"pretrained", "promot@multi"}
+    assert {r["method"] for r in results["records"]} == {"pretrained", method}

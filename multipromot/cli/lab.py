@@ -21,6 +21,8 @@ from multipromot.data.tasks import get_task
 from multipromot.errors import UserError
 from multipromot.lab import FAMILIES, PRETRAIN_FAMILIES, SPLITS
 from multipromot.lab.model import (
+    LAB_DECODER_RECIPE,
+    LAB_DECODER_SIZES,
     PRETRAIN_RECORD,
     ensure_lab_model,
     evaluate_lab_model,
@@ -41,9 +43,11 @@ app = typer.Typer(
 SeedOpt = Annotated[int, typer.Option("--seed", help="Model init, batch order and task seed.")]
 
 
-def default_lab_path(seed: int = 0) -> Path:
-    """Where ``model: lab`` is cached: ``<cache>/models/lab-seed<seed>`` (as ``load_model``)."""
-    return default_cache_dir() / "models" / f"lab-seed{seed}"
+def default_lab_path(seed: int = 0, size: str = "small") -> Path:
+    """Where ``model: lab`` (or ``lab-llama`` for a decoder size) is cached:
+    ``<cache>/models/lab-seed<seed>``, as ``load_model`` finds it."""
+    name = "lab-llama" if size in LAB_DECODER_SIZES else "lab"
+    return default_cache_dir() / "models" / f"{name}-seed{seed}"
 
 
 def describe_lab_tasks() -> list[dict[str, Any]]:
@@ -101,7 +105,12 @@ def pretrain_cmd(
         int | None, typer.Option("--steps", help="Optimizer steps (default: the recipe's).")
     ] = None,
     seed: SeedOpt = 0,
-    size: Annotated[str, typer.Option("--size", help="small (the demo's) or micro.")] = "small",
+    size: Annotated[
+        str,
+        typer.Option(
+            "--size", help="small (the demo's), llama-small (`lab-llama`'s) or a micro one."
+        ),
+    ] = "small",
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch CPU threads (default: torch's).")
     ] = None,
@@ -116,17 +125,21 @@ def pretrain_cmd(
         if threads < 1:
             raise UserError(f"must be >= 1, got {threads}", key="--threads")
         torch.set_num_threads(threads)
-    path = Path(out) if out is not None else default_lab_path(seed)
+    path = Path(out) if out is not None else default_lab_path(seed, size)
+    # the decoder lab model's own recipe, as `model: lab-llama` builds it
+    recipe = LAB_DECODER_RECIPE if size in LAB_DECODER_SIZES else {}
+    if steps is not None:
+        recipe = {**recipe, "steps": steps}
     record_file = path / PRETRAIN_RECORD
     before = record_file.stat().st_mtime_ns if record_file.is_file() else None
     ensure_lab_model(
         path,
         seed=seed,
-        steps=steps,
         size=size,
         device=device,
         rebuild=rebuild,
         progress=not as_json,
+        **recipe,
     )
     reused = before is not None and record_file.stat().st_mtime_ns == before
     record = read_pretrain_record(path)
