@@ -88,6 +88,30 @@ def test_lab_pretrain_cli_builds_lab_llama_as_the_builtin_does(monkeypatch, tmp_
     )
 
 
+def test_lab_pretrain_hold_out_leaves_a_family_out_in_a_directory_of_its_own(
+    monkeypatch, tmp_path, capsys
+):
+    from multipromot.cli import main
+    from multipromot.lab import PRETRAIN_FAMILIES
+
+    calls = []
+    monkeypatch.setattr(
+        "multipromot.cli.lab.ensure_lab_model", lambda path, **kw: calls.append((path, kw))
+    )
+    # without --out it would rebuild the cached built-in under another recipe: refused
+    assert main(["lab", "pretrain", "--size", "llama-small", "--hold-out", "lab_trans_fr"]) == 2
+    assert "--hold-out" in capsys.readouterr().err and calls == []
+    assert main(["lab", "pretrain", "--hold-out", "lab_nope", "--out", str(tmp_path)]) == 2
+    assert "lab_nope" in capsys.readouterr().err and calls == []
+
+    args = ["lab", "pretrain", "--size", "llama-small", "--hold-out", "lab_trans_fr"]
+    assert main([*args, "--out", str(tmp_path / "m"), "--json"]) == 0
+    ((path, kw),) = calls
+    assert path == tmp_path / "m"
+    assert kw["families"] == tuple(f for f in PRETRAIN_FAMILIES if f != "lab_trans_fr")
+    assert kw["optimizer"] == "adamw"  # the rest of the decoder recipe stays
+
+
 def test_t5_lab_recipe_is_unchanged():
     """The values the cached T5 lab model was built with (its cache key) stay as they were.
 

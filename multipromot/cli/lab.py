@@ -118,6 +118,14 @@ def pretrain_cmd(
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Build even if the directory holds a model.")
     ] = False,
+    hold_out: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hold-out",
+            help="Also leave this family out of pretraining, as lab_rte is (repeatable; "
+            "needs --out: the cached built-in keeps its recipe).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pretrain the lab model (about 10 minutes on 2 cores) and print its 1-shot scores."""
@@ -127,9 +135,18 @@ def pretrain_cmd(
         torch.set_num_threads(threads)
     path = Path(out) if out is not None else default_lab_path(seed, size)
     # the decoder lab model's own recipe, as `model: lab-llama` builds it
-    recipe = LAB_DECODER_RECIPE if size in LAB_DECODER_SIZES else {}
+    recipe = dict(LAB_DECODER_RECIPE) if size in LAB_DECODER_SIZES else {}
     if steps is not None:
-        recipe = {**recipe, "steps": steps}
+        recipe["steps"] = steps
+    if hold_out:
+        if out is None:  # else the built-in's cache would be rebuilt without the family
+            raise UserError("needs --out (a directory of its own)", key="--hold-out")
+        unknown = sorted(set(hold_out) - set(PRETRAIN_FAMILIES))
+        if unknown:
+            raise UserError(f"not a pretraining family: {unknown[0]}", key="--hold-out")
+        recipe["families"] = tuple(f for f in PRETRAIN_FAMILIES if f not in hold_out)
+        weights = recipe.get("family_weights", {})
+        recipe["family_weights"] = {f: w for f, w in weights.items() if f not in hold_out}
     record_file = path / PRETRAIN_RECORD
     before = record_file.stat().st_mtime_ns if record_file.is_file() else None
     ensure_lab_model(
