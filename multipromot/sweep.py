@@ -41,7 +41,7 @@ from multipromot.config import RunConfig, load_config, model_seed
 from multipromot.errors import UserError
 from multipromot.eval.aggregate import aggregate_sweep
 from multipromot.experiment import run_experiment
-from multipromot.models import load_model
+from multipromot.models import BUILTIN_MODELS, load_model
 from multipromot.train.stage1 import made_from as stage1_made_from
 
 __all__ = ["Cell", "Sweep", "plan_sweep", "run_sweep", "parse_axis", "CELLS_DIR"]
@@ -344,6 +344,8 @@ def _axis_text(sweep: Sweep) -> list[str]:
 
 
 def _base_model_text(sweep: Sweep) -> str:
+    if sweep.cfg.model not in BUILTIN_MODELS:  # a hub id or a folder: the seed builds nothing
+        return f"base model fixed ({sweep.cfg.model}), training seed varies"
     if sweep.cfg.model_seed >= 0:
         return f"base model fixed (model_seed {sweep.cfg.model_seed}), training seed varies"
     return "base model and training both vary with the seed"

@@ -160,6 +160,19 @@ def test_a_killed_sweep_resumes_and_a_changed_value_redoes_its_cell_only(config,
     assert "stage 2: standard" in new_log and "standard: reusing" not in new_log
 
 
+def test_a_base_model_from_a_folder_is_called_fixed(config, tmp_path):
+    """Only a built-in model is built from the seed: a sweep over a folder (or hub id) holds the
+    base model fixed whatever --model-seed says, and its report must not claim otherwise."""
+    from multipromot.sweep import _base_model_text
+
+    path, overrides = config
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert "both vary" in _base_model_text(plan_sweep(path, overrides, seeds=[0, 1]))
+    text = _base_model_text(plan_sweep(path, [*overrides, f"model={folder}"], seeds=[0, 1]))
+    assert text == f"base model fixed ({folder}), training seed varies"
+
+
 def test_seeds_and_items_are_counted_in_the_aggregate(config, tmp_path):
     path, overrides = config
     sweep = plan_sweep(path, overrides, seeds=[0, 1])
