@@ -26,11 +26,10 @@ Why the recipe is what it is, with the figures that decided it: docs/results/lab
 The decoder-only lab model (``lab-llama``, sizes ``llama-small`` / ``llama-micro``) is the same
 recipe with a Llama (2 layers, d 128, tied embeddings) in place of the T5: same tokenizer,
 families and k-shot rows, trained by AdamW with QA and summary rows upweighted
-(``LAB_DECODER_RECIPE``); the
-collator concatenates input and target (left padding) and the loss covers the target only. It
-goes through ``PromptedModel`` (without prompts) so positions are counted over real tokens, as
-in every later stage. The T5 recipe and its cache key are untouched: the family is part of the
-size name.
+(``LAB_DECODER_RECIPE``); the collator concatenates input and target (left padding) and the
+loss covers the target only. It goes through ``PromptedModel`` (without prompts) so positions
+are counted over real tokens, as in every later stage. The T5 recipe and its cache key are
+untouched: the family is part of the size name.
 
 Why one module of this size: the lab model's tokenizer, recipe, pretraining loop, quick
 evaluation and cache are one recipe; the cache key is the recipe, so they change together.
@@ -324,10 +323,10 @@ def build_lab_model(tokenizer, size: str = "small", seed: int = 0):
 
 
 # The decoder-only recipe's departures from LabConfig's defaults. Adafactor (the T5's recipe)
-# left the 2-layer Llama far from converged (loss 0.45 after 1,500 steps, QA 19-26); AdamW with
-# a fixed lr converges, and upweighting the two families that copy spans or compress a passage
-# (QA x3, summaries x2) brings them up with the rest. 4,500 steps put every family at 95 or more
-# 1-shot (the trials and the seeds: docs/results/lab-notes.md).
+# left the 2-layer Llama far from converged (loss 0.45 after 1,500 steps, QA 19-26); AdamW's
+# absolute steps converge, and upweighting the two families that copy spans or compress a
+# passage (QA x3, summaries x2) brings them up with the rest. The trials, and each seed's 1-shot
+# scores: docs/results/lab-notes.md and docs/results/decoder.md.
 LAB_DECODER_RECIPE: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 3e-3,
