@@ -265,7 +265,7 @@ def _lab(kept: dict) -> str:
     lines += [
         "",
         f"1-shot scores on {examples} test items per family (accuracy, exact match, BLEU or "
-        f"ROUGE-2, 0-100); {', '.join(sorted(unseen))} was left out of pretraining. Loss: the "
+        f"ROUGE-2, 0-100); left out of pretraining: {', '.join(sorted(unseen))}. Loss: the "
         "mean of the first and last 5% of steps.",
     ]
     return "\n".join(lines) + "\n"
