@@ -53,7 +53,7 @@ from multipromot.train.stage1 import stage1_folder, train_prompts
 from multipromot.train.stage2_export import Stage2Record
 from multipromot.trained import prompt_table, recorded_prompts
 
-__all__ = ["run_experiment", "run_eval", "evaluate_method"]
+__all__ = ["run_experiment", "run_eval", "evaluate_method", "torch_threads"]
 
 
 def run_experiment(cfg: RunConfig) -> Path:
@@ -377,11 +377,11 @@ def _run_settings(cfg: RunConfig) -> list[tuple[str, object]]:
     settings = [(k, v) for k, v in config_lines(asdict(cfg)) if k != "prompt bank"]
     # CPU kernels sum in an order that depends on the thread count, so training is repeatable
     # to the bit only at the same count (a sweep's --jobs N gives each cell cores / N)
-    threads = f"{_torch_threads()} (this command; a reused piece records none)"
+    threads = f"{torch_threads()} (this command; a reused piece records none)"
     return [*settings, ("prompt bank", bank_dir(cfg)), ("torch threads", threads)]
 
 
-def _torch_threads() -> int:
+def torch_threads() -> int:
     """The threads torch's CPU kernels use in this process."""
     import torch  # heavy: only a run that trains or scores gets here
 

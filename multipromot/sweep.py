@@ -40,7 +40,7 @@ from pathlib import Path
 from multipromot.config import RunConfig, load_config, model_seed
 from multipromot.errors import UserError
 from multipromot.eval.aggregate import aggregate_sweep
-from multipromot.experiment import run_experiment
+from multipromot.experiment import run_experiment, torch_threads
 from multipromot.models import BUILTIN_MODELS, load_model
 from multipromot.train.stage1 import made_from as stage1_made_from
 
@@ -356,10 +356,8 @@ def _threads_per_cell(sweep: Sweep) -> int | None:
     of ``--jobs N``; None on a cluster (the scheduler's)."""
     if sweep.launcher != "local":
         return None
-    if sweep.jobs == 1:
-        import torch  # heavy: the cells that ran here have imported it already
-
-        return torch.get_num_threads()
+    if sweep.jobs == 1:  # the cells ran in this process
+        return torch_threads()
     return _thread_budget(sweep)
 
 
